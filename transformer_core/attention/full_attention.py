@@ -1,0 +1,103 @@
+"""Softmax attention on PyTorch's fused kernel, with a lazily computed matrix."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..events import AttentionEvent, EventDispatcher
+from ..masking import BaseMask
+from ._masks import apply_masks, sdpa_mask, select
+
+# nanoGPT-style feature detection: torch >= 2.0 has the fused kernel.
+HAS_SDPA = hasattr(F, "scaled_dot_product_attention")
+
+
+def softmax_logits(queries, keys, scale, attn_mask, key_lengths, samples, heads) -> torch.Tensor:
+    """Scaled, masked dot products (n, h, L, S) for the selected samples and heads."""
+    q = select(queries, samples, heads)  # (n, L, h, E)
+    k = select(keys, samples, heads)  # (n, S, h, E)
+    logits = torch.einsum("nlhe,nshe->nhls", q, k) * scale  # (n, h, L, S)
+    return apply_masks(logits, attn_mask, key_lengths, samples)
+
+
+class FullAttention(nn.Module):
+    """softmax(Q K^T * scale) V, computed by ``scaled_dot_product_attention``.
+
+    Arguments
+    ---------
+    softmax_temp: the scale of the dot products; None means 1/sqrt(E) (as in
+        fast-transformers and the original Transformer).
+    attention_dropout: dropout on the attention weights while training
+        (0.1, fast-transformers' default).
+    event_dispatcher: a dispatcher key or instance. With no listener the L x S
+        matrix is never built; with one, an :class:`AttentionEvent` that can
+        build it on demand is dispatched.
+
+    ``use_fused`` (default: whether this torch has the fused kernel) may be set
+    to False to take the explicit path instead: build the (N, H, L, S) matrix,
+    as fast-transformers always does. Tests compare both paths; the benchmark
+    uses the explicit one as the reference it beats.
+    """
+
+    attention_type = "full"
+
+    def __init__(self, softmax_temp=None, attention_dropout=0.1, event_dispatcher=""):
+        super().__init__()
+        self.softmax_temp = softmax_temp
+        self.dropout_p = attention_dropout
+        self.role = "self"  # set to "cross" by decoder layers
+        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
+        self.use_fused = HAS_SDPA
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attn_mask: BaseMask | None = None,
+        query_lengths: BaseMask | None = None,
+        key_lengths: BaseMask | None = None,
+    ) -> torch.Tensor:
+        """queries (N, L, H, E), keys (N, S, H, E), values (N, S, H, D) -> (N, L, H, D)."""
+        N, L, H, E = queries.shape
+        S = keys.shape[1]
+        scale = self.softmax_temp if self.softmax_temp is not None else 1.0 / math.sqrt(E)
+        matrix = None
+        if self.use_fused:
+            mask, is_causal = sdpa_mask(attn_mask, key_lengths, L, S)
+            out = F.scaled_dot_product_attention(
+                queries.transpose(1, 2),  # (N, H, L, E)
+                keys.transpose(1, 2),  # (N, H, S, E)
+                values.transpose(1, 2),  # (N, H, S, D)
+                attn_mask=mask,
+                dropout_p=self.dropout_p if self.training else 0.0,
+                is_causal=is_causal,
+                scale=scale,
+            )  # (N, H, L, D)
+        else:
+            all_ = slice(None)
+            logits = softmax_logits(queries, keys, scale, attn_mask, key_lengths, all_, all_)
+            matrix = torch.softmax(logits, dim=-1)  # (N, H, L, S)
+            weights = F.dropout(matrix, self.dropout_p, self.training)
+            out = torch.einsum("nhls,nshd->nhld", weights, values)  # (N, H, L, D)
+        if self.event_dispatcher.has_listeners:
+            self.event_dispatcher.dispatch(
+                AttentionEvent(
+                    self,
+                    (N, H, L, S),
+                    lambda n, h: softmax_logits(queries, keys, scale, attn_mask, key_lengths, n, h),
+                    queries=queries,
+                    keys=keys,
+                    attn_mask=attn_mask,
+                    key_lengths=key_lengths,
+                    softmax_temp=scale,
+                    role=self.role,
+                    attention_type=self.attention_type,
+                    matrix=matrix,
+                )
+            )
+        return out.transpose(1, 2)  # (N, L, H, D)

@@ -1,0 +1,164 @@
+"""Linear attention (Katharopoulos et al., 2020) and the matrix it implies."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..events import AttentionEvent, EventDispatcher
+from ..feature_maps import elu_feature_map
+from ..masking import BaseMask
+from ._masks import select
+
+
+def kernel_matrix(phi_q, phi_k, eps, samples, heads, causal=False):
+    """The implied attention (n, h, L, S): phi(q).phi(k) normalised over keys.
+
+    ``phi_k`` already has masked keys zeroed. Rows sum to 1 (up to ``eps``, the
+    same stabiliser the output computation uses).
+    """
+    q = select(phi_q, samples, heads)  # (n, L, h, E')
+    k = select(phi_k, samples, heads)  # (n, S, h, E')
+    scores = torch.einsum("nlhe,nshe->nhls", q, k)  # (n, h, L, S)
+    if causal:
+        scores = scores.tril()
+    return scores / (scores.sum(-1, keepdim=True) + eps)
+
+
+def kernel_logits(phi_q, phi_k, samples, heads, causal=False):
+    """log(phi(q).phi(k)) (n, h, L, S); masked and (if causal) future keys are -inf."""
+    q = select(phi_q, samples, heads)
+    k = select(phi_k, samples, heads)
+    logits = torch.einsum("nlhe,nshe->nhls", q, k).log()  # (n, h, L, S)
+    if causal:
+        L, S = logits.shape[-2:]
+        future = torch.ones(L, S, dtype=torch.bool, device=logits.device).triu(1)
+        logits = logits.masked_fill(future, float("-inf"))
+    return logits
+
+
+class LinearAttention(nn.Module):
+    """phi(Q) (phi(K)^T V) normalised by phi(Q) sum(phi(K)): O(L) time and memory.
+
+    Arguments
+    ---------
+    query_dimensions: E, used to build the feature map.
+    feature_map: a factory ``E -> FeatureMap``; None means elu(x) + 1.
+    eps: added to the normaliser so an all-masked row cannot divide by zero.
+    event_dispatcher: dispatcher key or instance; listeners get an
+        AttentionEvent whose matrix is the one implied by the feature map.
+
+    Arbitrary attention masks cannot be expressed in linear form: only an
+    all-ones ``attn_mask`` is accepted; padded keys go through ``key_lengths``.
+    """
+
+    attention_type = "linear"
+
+    def __init__(self, query_dimensions, feature_map=None, eps=1e-6, event_dispatcher=""):
+        super().__init__()
+        self.feature_map = (feature_map or elu_feature_map)(query_dimensions)
+        self.eps = eps
+        self.role = "self"
+        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
+
+    def _features(self, queries, keys, key_lengths):
+        self.feature_map.new_feature_map(queries.device)
+        phi_q = self.feature_map.forward_queries(queries)  # (N, L, H, E')
+        phi_k = self.feature_map.forward_keys(keys)  # (N, S, H, E')
+        if key_lengths is not None and not key_lengths.all_ones:
+            phi_k = phi_k * key_lengths.float_matrix[:, : keys.shape[1], None, None]
+        return phi_q, phi_k
+
+    def _dispatch(self, phi_q, phi_k, key_lengths, shape, causal):
+        eps = self.eps
+        self.event_dispatcher.dispatch(
+            AttentionEvent(
+                self,
+                shape,
+                lambda n, h: kernel_logits(phi_q, phi_k, n, h, causal),
+                lambda n, h: kernel_matrix(phi_q, phi_k, eps, n, h, causal),
+                key_lengths=key_lengths,
+                role=self.role,
+                attention_type=self.attention_type,
+            )
+        )
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attn_mask: BaseMask | None = None,
+        query_lengths: BaseMask | None = None,
+        key_lengths: BaseMask | None = None,
+    ) -> torch.Tensor:
+        """queries (N, L, H, E), keys (N, S, H, E), values (N, S, H, D) -> (N, L, H, D)."""
+        if attn_mask is not None and not attn_mask.all_ones:
+            raise ValueError(
+                "attn_mask: linear attention supports only an all-ones attention mask; "
+                "use attention_type='causal-linear' for causal masking or key lengths for padding"
+            )
+        phi_q, phi_k = self._features(queries, keys, key_lengths)
+        kv = torch.einsum("nshe,nshd->nhed", phi_k, values)  # (N, H, E', D)
+        z = 1.0 / (torch.einsum("nlhe,nhe->nlh", phi_q, phi_k.sum(1)) + self.eps)  # (N, L, H)
+        out = torch.einsum("nlhe,nhed,nlh->nlhd", phi_q, kv, z)  # (N, L, H, D)
+        if self.event_dispatcher.has_listeners:
+            N, L, H, _ = queries.shape
+            self._dispatch(phi_q, phi_k, key_lengths, (N, H, L, keys.shape[1]), causal=False)
+        return out
+
+
+class CausalLinearAttention(LinearAttention):
+    """Linear attention where query i sees keys j <= i, computed chunk by chunk.
+
+    Within a chunk of ``chunk_size`` positions the (causal) products are
+    explicit; across chunks a running sum of phi(k) v^T carries the past, so
+    time is O(L * chunk_size) and memory O(chunk_size^2) per head.
+    Requires L == S and a causal (or all-ones, treated as causal) ``attn_mask``.
+    """
+
+    attention_type = "causal-linear"
+
+    def __init__(
+        self, query_dimensions, feature_map=None, eps=1e-6, chunk_size=64, event_dispatcher=""
+    ):
+        super().__init__(query_dimensions, feature_map, eps, event_dispatcher)
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attn_mask: BaseMask | None = None,
+        query_lengths: BaseMask | None = None,
+        key_lengths: BaseMask | None = None,
+    ) -> torch.Tensor:
+        """queries (N, L, H, E), keys (N, L, H, E), values (N, L, H, D) -> (N, L, H, D)."""
+        N, L, H, _ = queries.shape
+        if keys.shape[1] != L:
+            raise ValueError(
+                f"keys: causal-linear attention needs as many keys as queries (L={L}), "
+                f"got S={keys.shape[1]}"
+            )
+        if attn_mask is not None and not (attn_mask.lower_triangular or attn_mask.all_ones):
+            raise ValueError("attn_mask: causal-linear attention supports only a causal mask")
+        phi_q, phi_k = self._features(queries, keys, key_lengths)
+        outputs = []
+        kv_state = phi_q.new_zeros(N, H, phi_q.shape[-1], values.shape[-1])  # (N, H, E', D)
+        k_state = phi_q.new_zeros(N, H, phi_q.shape[-1])  # (N, H, E')
+        for start in range(0, L, self.chunk_size):
+            q = phi_q[:, start : start + self.chunk_size]  # (N, C, H, E')
+            k = phi_k[:, start : start + self.chunk_size]
+            v = values[:, start : start + self.chunk_size]  # (N, C, H, D)
+            local = torch.einsum("nlhe,nshe->nhls", q, k).tril()  # (N, H, C, C)
+            num = torch.einsum("nhls,nshd->nlhd", local, v)
+            num = num + torch.einsum("nlhe,nhed->nlhd", q, kv_state)
+            den = local.sum(-1).transpose(1, 2) + torch.einsum("nlhe,nhe->nlh", q, k_state)
+            outputs.append(num / (den + self.eps)[..., None])
+            kv_state = kv_state + torch.einsum("nshe,nshd->nhed", k, v)
+            k_state = k_state + k.sum(1)
+        out = torch.cat(outputs, dim=1)  # (N, L, H, D)
+        if self.event_dispatcher.has_listeners:
+            self._dispatch(phi_q, phi_k, key_lengths, (N, H, L, L), causal=True)
+        return out

@@ -1,0 +1,6 @@
+"""The event system: payload classes, the dispatcher and composable filters."""
+
+from .dispatcher import EventDispatcher
+from .event import AttentionEvent, Event, IntermediateOutput, QKVEvent
+
+__all__ = ["AttentionEvent", "Event", "EventDispatcher", "IntermediateOutput", "QKVEvent"]

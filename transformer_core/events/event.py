@@ -1,0 +1,164 @@
+"""Event payloads. Each event carries the module that emitted it as ``source``.
+
+Shape legend: N batch, L queries, S keys, H heads, E query/key dimension per
+head, D value dimension per head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+Index = int | Sequence[int] | slice | torch.Tensor | None
+# (samples, heads) -> (n, h, L, S); samples/heads are a slice or a 1-D LongTensor.
+SliceFn = Callable[[Any, Any], torch.Tensor]
+
+
+class Event:
+    """Base class of every event: ``source`` is the module that dispatched it."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+
+class QKVEvent(Event):
+    """Queries (N, L, H, E), keys (N, S, H, E) and values (N, S, H, D) after projection.
+
+    Dispatched by :class:`~transformer_core.attention.AttentionLayer`.
+    """
+
+    def __init__(self, source: Any, queries: Any, keys: Any, values: Any) -> None:
+        super().__init__(source)
+        self.queries = queries
+        self.keys = keys
+        self.values = values
+
+
+class IntermediateOutput(Event):
+    """The output ``x`` (N, L, D_model) of one transformer layer (its ``source``)."""
+
+    def __init__(self, source: Any, x: torch.Tensor) -> None:
+        super().__init__(source)
+        self.x = x
+
+
+def _as_indexer(index: Index, size: int, name: str) -> tuple[Any, bool]:
+    """Turn a user index into (indexer keeping the dim, whether to squeeze that dim)."""
+    if index is None:
+        return slice(None), False
+    if isinstance(index, slice):
+        return index, False
+    if isinstance(index, int) or (isinstance(index, torch.Tensor) and index.ndim == 0):
+        i = int(index)
+        if not -size <= i < size:
+            raise IndexError(f"{name}={i} is out of range for {size} {name}s")
+        return slice(i % size, i % size + 1), True
+    idx = torch.as_tensor(list(index) if not isinstance(index, torch.Tensor) else index)
+    if idx.dtype == torch.bool:
+        idx = idx.nonzero().flatten()
+    if idx.numel() and (idx.max() >= size or idx.min() < -size):
+        raise IndexError(f"{name}s={idx.tolist()} out of range for {size} {name}s")
+    return idx.long() % size, False
+
+
+class AttentionEvent(Event):
+    """The attention of one inner-attention module, computed only when read.
+
+    The module that dispatches this event has already produced its output on a
+    fused kernel without building the attention matrix. The event keeps what
+    is needed to build it (queries, keys, masks, scale) and does so on demand:
+
+    * :attr:`attention_matrix` (N, H, L, S) is computed on first access and cached;
+    * :meth:`attention` ``(sample, heads)`` computes only the requested slice
+      and equals ``attention_matrix[sample][heads]`` (or slices the cache);
+    * :meth:`logits` gives the pre-normalisation scores of the same slice.
+
+    The matrix is the normalised attention *before* dropout (dropout only acts
+    on the output computation). Read under autograd, gradients flow from the
+    matrix back to the queries and keys.
+
+    ``matrix`` may pass a matrix the emitter already built (it is then the cache).
+    ``role`` is ``"self"`` or ``"cross"`` (decoder cross-attention);
+    ``attention_type`` names the inner attention (``"full"``, ``"linear"``...).
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        shape: tuple[int, int, int, int],
+        logits_fn: SliceFn,
+        matrix_fn: SliceFn | None = None,
+        *,
+        queries: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
+        attn_mask: Any = None,
+        key_lengths: Any = None,
+        softmax_temp: float | None = None,
+        role: str = "self",
+        attention_type: str = "full",
+        matrix: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(source)
+        self.shape = tuple(shape)
+        self.queries = queries
+        self.keys = keys
+        self.attn_mask = attn_mask
+        self.key_lengths = key_lengths
+        self.softmax_temp = softmax_temp
+        self.role = role
+        self.attention_type = attention_type
+        self._logits_fn = logits_fn
+        self._matrix_fn = matrix_fn or (lambda n, h: torch.softmax(logits_fn(n, h), dim=-1))
+        self._matrix = matrix  # (N, H, L, S) when the emitter already built it
+
+    @property
+    def is_cross(self) -> bool:
+        """True for decoder cross-attention (queries from the target, keys from memory)."""
+        return self.role == "cross"
+
+    @property
+    def attention_matrix(self) -> torch.Tensor:
+        """The full attention matrix (N, H, L, S); computed once, then cached."""
+        if self._matrix is None:
+            self._matrix = self._matrix_fn(slice(None), slice(None))
+        return self._matrix
+
+    def attention(self, sample: Index = None, heads: Index = None) -> torch.Tensor:
+        """``attention_matrix[sample][heads]``, computing only that slice.
+
+        ``sample`` and ``heads`` are each an int (that dimension is dropped), a
+        list or 1-D tensor of indices, a slice, or None (all). Examples:
+        ``attention(sample=0)`` is (H, L, S); ``attention(0, [1, 3])`` is
+        (2, L, S); ``attention(heads=2)`` is (N, L, S).
+        """
+        return self._sliced(self._matrix_fn, sample, heads, cache=self._matrix)
+
+    def logits(self, sample: Index = None, heads: Index = None) -> torch.Tensor:
+        """Pre-normalisation scores of the same slice as :meth:`attention`.
+
+        For softmax attentions these are the scaled dot products with masked
+        positions at ``-inf``; for linear attentions the log of the feature-map
+        dot products. In both cases ``softmax(logits, -1)`` is the matrix.
+        """
+        return self._sliced(self._logits_fn, sample, heads, cache=None)
+
+    def _sliced(self, fn: SliceFn, sample: Index, heads: Index, cache: torch.Tensor | None):
+        n_idx, drop_n = _as_indexer(sample, self.shape[0], "sample")
+        h_idx, drop_h = _as_indexer(heads, self.shape[1], "head")
+        if cache is not None:
+            out = cache[n_idx][:, h_idx]
+        else:
+            out = fn(n_idx, h_idx)  # (n, h, L, S)
+        if drop_h:
+            out = out[:, 0]
+        if drop_n:
+            out = out[0]
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"AttentionEvent(type={self.attention_type!r}, role={self.role!r}, "
+            f"shape={self.shape}, computed={self._matrix is not None})"
+        )
