@@ -74,7 +74,9 @@ class FullMask(BaseMask):
             if mask.dtype != torch.bool:
                 raise ValueError(f"FullMask: mask must be a bool tensor, got dtype {mask.dtype}")
             if mask.ndim != 2:
-                raise ValueError(f"FullMask: mask must be 2-D (L, S), got shape {tuple(mask.shape)}")
+                raise ValueError(
+                    f"FullMask: mask must be 2-D (L, S), got shape {tuple(mask.shape)}"
+                )
             self._mask = mask
             return
         if mask is not None:  # FullMask(N[, M]) positional form, as in fast-transformers
@@ -108,7 +110,9 @@ class LengthMask(BaseMask):
     def __init__(self, lengths: torch.Tensor, max_len: int | None = None, device=None):
         lengths = torch.as_tensor(lengths, device=device)
         if lengths.ndim != 1:
-            raise ValueError(f"LengthMask: lengths must be 1-D (N,), got shape {tuple(lengths.shape)}")
+            raise ValueError(
+                f"LengthMask: lengths must be 1-D (N,), got shape {tuple(lengths.shape)}"
+            )
         self.lengths = lengths.long()
         self.max_len = int(max_len if max_len is not None else self.lengths.max())
         if bool((self.lengths > self.max_len).any()) or bool((self.lengths < 0).any()):

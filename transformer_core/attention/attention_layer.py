@@ -26,7 +26,8 @@ class AttentionLayer(nn.Module):
         dispatched when someone listens.
     """
 
-    def __init__(self, attention, d_model, n_heads, d_keys=None, d_values=None, event_dispatcher=""):
+    def __init__(self, attention, d_model, n_heads, d_keys=None, d_values=None,
+                 event_dispatcher=""):
         super().__init__()
         if d_model <= 0 or n_heads <= 0:
             raise ValueError(f"d_model and n_heads must be positive, got {d_model} and {n_heads}")
@@ -56,7 +57,8 @@ class AttentionLayer(nn.Module):
             sizes = [self.query_projection.out_features, self.key_projection.out_features,
                      self.value_projection.out_features]
             return qkv.split(sizes, dim=-1)
-        return self.query_projection(queries), self.key_projection(keys), self.value_projection(values)
+        return (self.query_projection(queries), self.key_projection(keys),
+                self.value_projection(values))
 
     def forward(
         self,

@@ -24,6 +24,25 @@ def softmax_logits(queries, keys, scale, attn_mask, key_lengths, samples, heads)
     return apply_masks(logits, attn_mask, key_lengths, samples)
 
 
+def masked_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """softmax over keys of ``logits`` (n, h, L, S); a query whose keys are all masked
+    gets an all-zero row (not NaN), as ``scaled_dot_product_attention`` gives it a
+    zero output. This keeps a padded query from poisoning later layers with NaN.
+    """
+    matrix = torch.softmax(logits, dim=-1)  # (n, h, L, S)
+    empty = torch.isneginf(logits).all(dim=-1, keepdim=True)  # (n, h, L, 1)
+    return matrix.masked_fill(empty, 0.0)
+
+
+def softmax_matrix(queries, keys, scale, attn_mask, key_lengths, samples, heads) -> torch.Tensor:
+    """The attention matrix (n, h, L, S) for the selected samples and heads."""
+    logits = softmax_logits(queries, keys, scale, attn_mask, key_lengths, samples, heads)
+    masked = (attn_mask is not None and not attn_mask.all_ones) or (
+        key_lengths is not None and not key_lengths.all_ones
+    )
+    return masked_softmax(logits) if masked else torch.softmax(logits, dim=-1)
+
+
 class FullAttention(nn.Module):
     """softmax(Q K^T * scale) V, computed by ``scaled_dot_product_attention``.
 
@@ -80,8 +99,7 @@ class FullAttention(nn.Module):
             )  # (N, H, L, D)
         else:
             all_ = slice(None)
-            logits = softmax_logits(queries, keys, scale, attn_mask, key_lengths, all_, all_)
-            matrix = torch.softmax(logits, dim=-1)  # (N, H, L, S)
+            matrix = softmax_matrix(queries, keys, scale, attn_mask, key_lengths, all_, all_)
             weights = F.dropout(matrix, self.dropout_p, self.training)
             out = torch.einsum("nhls,nshd->nhld", weights, values)  # (N, H, L, D)
         if self.event_dispatcher.has_listeners:
@@ -90,6 +108,7 @@ class FullAttention(nn.Module):
                     self,
                     (N, H, L, S),
                     lambda n, h: softmax_logits(queries, keys, scale, attn_mask, key_lengths, n, h),
+                    lambda n, h: softmax_matrix(queries, keys, scale, attn_mask, key_lengths, n, h),
                     queries=queries,
                     keys=keys,
                     attn_mask=attn_mask,

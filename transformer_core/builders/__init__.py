@@ -5,10 +5,10 @@
 ...     query_dimensions=8, value_dimensions=8, feed_forward_dimensions=32).get()
 >>> len(net.layers), type(net.layers[0].attention.inner_attention).__name__
 (2, 'FullAttention')
->>> TransformerEncoderBuilder.from_kwargs(n_layer=2)
+>>> TransformerEncoderBuilder.from_kwargs(n_layer=2)  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-ValueError: unknown builder argument 'n_layer'; allowed: activation, attention_dropout, attention_type, dropout, event_dispatcher, feature_map, feed_forward_dimensions, final_normalization, local_context, n_heads, n_layers, query_dimensions, softmax_temp, value_dimensions
+ValueError: unknown builder argument 'n_layer'; allowed: activation, ..., value_dimensions
 """
 
 from .transformer_builders import (

@@ -90,7 +90,8 @@ class EventDispatcher:
             return key
         if not isinstance(key, str):
             raise TypeError(
-                f"event_dispatcher must be a str key or an EventDispatcher, got {type(key).__name__}"
+                "event_dispatcher must be a str key or an EventDispatcher, "
+                f"got {type(key).__name__}"
             )
         with cls._registry_lock:
             if key not in cls._dispatchers:

@@ -140,17 +140,17 @@ class AttentionEvent(Event):
 
         For softmax attentions these are the scaled dot products with masked
         positions at ``-inf``; for linear attentions the log of the feature-map
-        dot products. In both cases ``softmax(logits, -1)`` is the matrix.
+        dot products. In both cases ``softmax(logits, -1)`` is the matrix, except
+        for a query whose keys are all masked: its logits are all ``-inf`` and its
+        matrix row is all zeros (the fused kernel's zero output), not NaN.
         """
         return self._sliced(self._logits_fn, sample, heads, cache=None)
 
     def _sliced(self, fn: SliceFn, sample: Index, heads: Index, cache: torch.Tensor | None):
         n_idx, drop_n = _as_indexer(sample, self.shape[0], "sample")
         h_idx, drop_h = _as_indexer(heads, self.shape[1], "head")
-        if cache is not None:
-            out = cache[n_idx][:, h_idx]
-        else:
-            out = fn(n_idx, h_idx)  # (n, h, L, S)
+        # (n, h, L, S): a slice of the cache when there is one, else computed
+        out = cache[n_idx][:, h_idx] if cache is not None else fn(n_idx, h_idx)
         if drop_h:
             out = out[:, 0]
         if drop_n:

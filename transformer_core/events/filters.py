@@ -81,8 +81,10 @@ def to_event_filter(obj: Any) -> EventFilter:
 
     if isinstance(obj, EventFilter):
         return obj
-    if isinstance(obj, type) and issubclass(obj, Event):
-        return event_class(obj)
+    if isinstance(obj, type):
+        # A class that is not an Event (``int``, ``torch.Tensor``) is callable but
+        # is never a predicate: reject it now rather than fail inside dispatch.
+        return event_class(obj) if issubclass(obj, Event) else NotImplemented
     if callable(obj):
         return CallableEventFilter(obj)
     return NotImplemented

@@ -1,0 +1,141 @@
+// Network: REST calls and the websocket connection (auto-reconnect with backoff).
+// Messages are decoded here; callers get parsed JSON objects and decoded frames.
+
+import { parseFrame } from "./decode.js";
+
+const API = "/api/v1";
+
+/** Error from a REST call; `message` is what the server said, `status` the HTTP status. */
+export class ApiError extends Error {
+  constructor(message, status) {
+    super(message);
+    this.status = status;
+  }
+}
+
+/** FastAPI error details are a string or a list of {loc, msg}: make one readable line. */
+function describe(detail) {
+  if (typeof detail === "string") return detail;
+  if (Array.isArray(detail)) {
+    return detail.map((d) => (d && d.msg ? `${(d.loc || []).join(".")}: ${d.msg}` : JSON.stringify(d))).join("; ");
+  }
+  return JSON.stringify(detail);
+}
+
+async function request(method, path, body = undefined) {
+  const headers = { Accept: "application/json" };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(API + path, {
+    method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  let payload = null;
+  try {
+    payload = await response.json();
+  } catch {
+    payload = null;
+  }
+  if (!response.ok) {
+    const detail = payload && (payload.detail ?? payload.message);
+    const text = describe(detail ?? response.statusText);
+    throw new ApiError(`${method} ${API}${path} failed (${response.status}): ${text}`, response.status);
+  }
+  return payload;
+}
+
+export const api = {
+  runs: () => request("GET", "/runs"),
+  run: (id) => request("GET", `/runs/${encodeURIComponent(id)}`),
+  control: (id, action) => request("POST", `/runs/${encodeURIComponent(id)}/${encodeURIComponent(action)}`),
+  /** POST /api/v1/captures (docs/captures.md); resolves to the capture's metadata. */
+  capture: (body) => request("POST", "/captures", body),
+};
+
+/** Websocket URL of the page's own server. */
+export function socketUrl(location = window.location) {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${location.host}/ws`;
+}
+
+/**
+ * One websocket that re-opens itself with exponential backoff (250 ms .. 5 s, jittered).
+ * Handlers: onState(state, detail) with state "connecting" | "open" | "reconnecting";
+ * onJson(message); onFrame({header, data, shape}); onDecodeError(error).
+ */
+export class Connection {
+  constructor(url, handlers) {
+    this.url = url;
+    this.handlers = handlers;
+    this.attempt = 0;
+    this.socket = null;
+    this.timer = null;
+    this.closed = false;
+  }
+
+  open() {
+    this.closed = false;
+    clearTimeout(this.timer);
+    this.handlers.onState("connecting");
+    const socket = new WebSocket(this.url);
+    socket.binaryType = "arraybuffer";
+    socket.onopen = () => {
+      this.attempt = 0;
+      this.handlers.onState("open");
+    };
+    socket.onmessage = (event) => this.receive(event.data);
+    socket.onclose = () => {
+      if (this.socket !== socket) return;
+      this.socket = null;
+      if (!this.closed) this.scheduleReconnect();
+    };
+    this.socket = socket;
+  }
+
+  scheduleReconnect() {
+    const base = Math.min(5000, 250 * 2 ** this.attempt);
+    const delay = Math.round(base * (0.75 + 0.5 * Math.random()));
+    this.attempt += 1;
+    this.handlers.onState("reconnecting", delay);
+    this.timer = setTimeout(() => this.open(), delay);
+  }
+
+  /** Feed one websocket message (string or ArrayBuffer) through decoding and the handlers. */
+  receive(data) {
+    if (typeof data === "string") {
+      let message;
+      try {
+        message = JSON.parse(data);
+      } catch (err) {
+        this.handlers.onDecodeError(err);
+        return;
+      }
+      this.handlers.onJson(message);
+      return;
+    }
+    let frame;
+    try {
+      frame = parseFrame(data);
+    } catch (err) {
+      this.handlers.onDecodeError(err);
+      return;
+    }
+    this.handlers.onFrame(frame);
+  }
+
+  get isOpen() {
+    return this.socket !== null && this.socket.readyState === WebSocket.OPEN;
+  }
+
+  /** Send a JSON message; returns false (and sends nothing) while disconnected. */
+  send(message) {
+    if (!this.isOpen) return false;
+    this.socket.send(JSON.stringify(message));
+    return true;
+  }
+
+  close() {
+    this.closed = true;
+    clearTimeout(this.timer);
+    if (this.socket) this.socket.close(1000);
+    this.socket = null;
+  }
+}

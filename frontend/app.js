@@ -1,0 +1,473 @@
+// Wiring: connection -> state -> drawing. Frames are kept in latest-value slots and drawn
+// once per animation frame, so a burst of frames never queues up work in the page.
+
+import { api, Connection, socketUrl } from "./api.js";
+import { exportFocus, exportGridPng, exportGridSvg, exportNpz, fileStem } from "./export.js";
+import { Grid } from "./grid.js";
+import { drawFocusMatrix, drawFocusNorms, drawSeries, plotlyReady, purge } from "./heatmaps.js";
+import { classifyHead, RunHistory } from "./store.js";
+import * as view from "./view.js";
+
+const { els } = view;
+const OVERVIEW_MAX_SIDE = 64; // thumbnails are small: 64 keeps 144 cells cheap to ship and paint
+const FOCUS_MAX_SIDE = 512;
+const CHART_INTERVAL_MS = 500;
+const HEADER_INTERVAL_MS = 250;
+const PLOTLY_URL = "/vendor/plotly.min.js";
+const PLOTLY_FALLBACK_MS = 1500; // load plotly anyway if no heatmap came by then
+
+const state = {
+  runs: [],
+  runId: null,
+  kind: els.kind.value,
+  normStyle: els.normStyle.value,
+  sample: 0,
+  fps: Number(els.fps.value),
+  focus: null, // {layer, head} while the focus view is open
+  viewPaused: false,
+  healthLayer: 0,
+  history: new RunHistory(),
+  pending: new Map(), // "kind:layer" -> latest undrawn frame
+  lastFrames: new Map(), // "kind:layer" -> latest drawn frame (to open the focus view instantly)
+  focusFrame: null,
+  chartsDirty: false,
+  healthDirty: new Set(),
+  lastChartDraw: 0,
+  lastHeaderDraw: 0,
+  shownError: null,
+  gridHasData: false,
+  plotlyLoaded: false,
+  plotlyRequested: false,
+};
+
+/** Test and benchmark hook: counters, plus inject() feeding the socket's own decode path. */
+const debug = {
+  framesReceived: 0,
+  framesDrawn: 0,
+  focusDrawn: 0,
+  firstHeatmapMs: null,
+  marks: {}, // first time (ms since navigation) of: socketOpen, hello, frame, plotly
+  subscription: null,
+  subscribed: null,
+  decodeErrors: [],
+  lastCapture: null,
+  inject: (data) => connection.receive(data),
+  state,
+};
+window.__attnscope = debug;
+
+/** Add plotly.js to the page once (after the first heatmap, on opening the focus view, or late). */
+function loadPlotly() {
+  if (state.plotlyRequested) return;
+  state.plotlyRequested = true;
+  const script = document.createElement("script");
+  script.src = PLOTLY_URL;
+  script.async = true;
+  script.onerror = () => view.showBanner(`could not load ${PLOTLY_URL}: the focus view and charts need it`);
+  document.head.append(script);
+}
+
+function mark(name) {
+  if (debug.marks[name] === undefined) debug.marks[name] = performance.now();
+}
+
+const grid = new Grid(els.grid, (layer, head) => openFocus(layer, head));
+
+const connection = new Connection(socketUrl(), {
+  onState: (s, delay) => {
+    if (s === "open") mark("socketOpen");
+    view.setConnection(s, delay);
+  },
+  onJson: handleJson,
+  onFrame: handleFrame,
+  onDecodeError: (err) => {
+    debug.decodeErrors.push(String(err.message));
+    console.error("attnscope: dropped a message:", err.message);
+  },
+});
+
+// ---------------------------------------------------------------- subscription
+
+function subscription() {
+  if (!state.runId) return null;
+  const overview = state.focus === null;
+  return {
+    type: "subscribe",
+    run: state.runId,
+    kinds: [state.kind, "head_stats", "scalars"],
+    layers: overview ? null : [state.focus.layer],
+    heads: overview ? null : [state.focus.head],
+    sample: state.sample,
+    max_fps: state.fps,
+    max_side: overview ? OVERVIEW_MAX_SIDE : FOCUS_MAX_SIDE,
+    dtype: "float16",
+  };
+}
+
+function resubscribe() {
+  state.pending.clear();
+  if (state.viewPaused) {
+    connection.send({ type: "unsubscribe" });
+    return;
+  }
+  const message = subscription();
+  debug.subscription = message;
+  if (message) connection.send(message);
+}
+
+// ---------------------------------------------------------------- messages
+
+function handleJson(message) {
+  switch (message.type) {
+    case "hello":
+      mark("hello");
+      setRuns(message.runs || [], true);
+      break;
+    case "runs":
+      setRuns(message.runs || [], false);
+      break;
+    case "subscribed":
+      debug.subscribed = message;
+      break;
+    case "error":
+      view.showBanner(`server rejected ${message.field ? `'${message.field}'` : "a request"}: ${message.message}`);
+      // The previous subscription stays in force on the server: show what it delivers.
+      if (message.field === "sample" && debug.subscribed) {
+        state.sample = debug.subscribed.sample;
+        els.sample.value = String(state.sample);
+      }
+      break;
+    case "scalars":
+      if (message.run !== state.runId || state.viewPaused) return;
+      state.history.addScalars(message);
+      state.chartsDirty = true;
+      break;
+    case "head_stats":
+      if (message.run !== state.runId || state.viewPaused) return;
+      state.history.addHeadStats(message);
+      state.healthDirty.add(message.layer);
+      state.chartsDirty = true;
+      break;
+    default:
+      break; // pong and future message types
+  }
+}
+
+function handleFrame(frame) {
+  const { header } = frame;
+  debug.framesReceived += 1;
+  mark("frame");
+  if (header.run !== state.runId || header.kind !== state.kind || header.sample !== state.sample) return;
+  if (state.viewPaused) return;
+  state.history.observeStep(header.step);
+  state.pending.set(`${header.kind}:${header.layer}`, frame);
+}
+
+function setRuns(runs, fromHello) {
+  state.runs = runs;
+  const params = new URLSearchParams(window.location.search);
+  const keep = runs.find((r) => r.id === state.runId);
+  const wanted = keep || runs.find((r) => r.id === params.get("run"))
+    || runs.find((r) => r.status === "live") || runs[0] || null;
+  const previous = state.runId;
+  const before = keep ? state.run : null;
+  state.run = wanted;
+  state.runId = wanted ? wanted.id : null;
+  view.renderRunOptions(runs, state.runId);
+  view.renderRunControls(state.run);
+  if (!wanted) {
+    grid.build(0, 0);
+    view.setWaiting("no runs yet — start one with Dashboard.start(model) or `attnscope demo`");
+    return;
+  }
+  const dims = (r) => (r && r.model ? `${r.model.layers}x${r.model.heads}` : "");
+  if (wanted.id !== previous) {
+    selectRun();
+  } else if (dims(before) !== dims(wanted)) {
+    buildGrid();
+    resubscribe();
+  } else if (fromHello) {
+    resubscribe();
+  }
+  if (wanted.error && state.shownError !== `${wanted.id}:${wanted.error}`) {
+    state.shownError = `${wanted.id}:${wanted.error}`;
+    view.showBanner(`run '${wanted.name || wanted.id}' ended with an error: ${wanted.error}`);
+  }
+  drawHeader(true);
+}
+
+function selectRun() {
+  state.history = new RunHistory();
+  purge(els.entropyPlot);
+  purge(els.curvesPlot);
+  view.renderHealthList([], false);
+  state.lastFrames.clear();
+  state.focusFrame = null;
+  if (state.focus) closeFocus(false);
+  buildGrid();
+  resubscribe();
+  state.chartsDirty = true;
+}
+
+function buildGrid() {
+  const model = state.run && state.run.model;
+  const layers = model ? model.layers : 0;
+  const heads = model ? model.heads : 0;
+  grid.build(layers, heads);
+  state.gridHasData = false;
+  state.healthLayer = Math.min(state.healthLayer, Math.max(0, layers - 1));
+  view.renderLayerOptions(layers, state.healthLayer);
+  view.setWaiting(layers ? "waiting for the first step…" : "this run reports no attention layers");
+}
+
+// ---------------------------------------------------------------- drawing
+
+function drawPending() {
+  for (const frame of state.pending.values()) {
+    const key = `${frame.header.kind}:${frame.header.layer}`;
+    state.lastFrames.set(key, frame);
+    if (state.focus) {
+      if (frame.header.layer === state.focus.layer) drawFocus(frame);
+    } else {
+      grid.draw(frame);
+      debug.framesDrawn += 1;
+      if (debug.firstHeatmapMs === null) debug.firstHeatmapMs = performance.now();
+      if (!state.gridHasData) {
+        state.gridHasData = true;
+        view.setWaiting("");
+        setTimeout(loadPlotly, 50); // after this frame is on screen
+      }
+    }
+  }
+  state.pending.clear();
+}
+
+function drawFocus(frame) {
+  const index = frame.header.heads.indexOf(state.focus.head);
+  if (index < 0) return;
+  state.focusFrame = frame;
+  if (!plotlyReady()) return; // drawn by tick() once plotly.js has loaded
+  const rev = `${state.runId}:${state.focus.layer}:${state.focus.head}:${frame.header.kind}`;
+  if (frame.header.kind === "qkv_norms") drawFocusNorms(els.focusPlot, frame, index, state.normStyle, rev);
+  else drawFocusMatrix(els.focusPlot, frame, index, rev);
+  view.setFocusEmpty(false);
+  debug.focusDrawn += 1;
+}
+
+function drawHealth() {
+  for (const layer of state.healthDirty) {
+    const stats = state.history.latestStats.get(layer);
+    if (stats && !state.focus) grid.setHealth(stats);
+  }
+  state.healthDirty.clear();
+  const flagged = [];
+  for (const [layer, stats] of [...state.history.latestStats].sort((a, b) => a[0] - b[0])) {
+    stats.heads.forEach((head, i) => {
+      const { level, reasons } = classifyHead({
+        entropy: stats.entropy[i], first_token: stats.first_token?.[i], nan: stats.nan[i], inf: stats.inf[i],
+      });
+      if (level !== "ok") flagged.push({ layer, head, level, reasons });
+    });
+  }
+  flagged.sort((a, b) => (a.level === b.level ? 0 : a.level === "bad" ? -1 : 1));
+  view.renderHealthList(flagged.slice(0, 50), state.history.latestStats.size > 0);
+}
+
+function drawCharts() {
+  if (!plotlyReady()) return;
+  const series = state.history.entropy.get(state.healthLayer);
+  if (!series) purge(els.entropyPlot);
+  else {
+    drawSeries(els.entropyPlot, series, {
+      yTitle: `entropy (layer ${state.healthLayer})`, yRange: [0, 1.02], uirevision: `entropy:${state.healthLayer}`,
+    });
+  }
+  if (state.history.scalars.steps.length) {
+    drawSeries(els.curvesPlot, state.history.scalars, {
+      yTitle: "loss", rightAxis: (name) => name !== "loss", uirevision: `curves:${state.runId}`,
+    });
+  }
+}
+
+function drawHeader(force = false) {
+  const now = performance.now();
+  if (!force && now - state.lastHeaderDraw < HEADER_INTERVAL_MS) return;
+  state.lastHeaderDraw = now;
+  const step = state.history.step ?? (state.run ? state.run.step : null);
+  view.renderHeader(state.run, step, state.history.rate.rate(now));
+}
+
+function tick() {
+  requestAnimationFrame(tick);
+  if (!state.plotlyLoaded && plotlyReady()) {
+    state.plotlyLoaded = true;
+    mark("plotly");
+    state.chartsDirty = true;
+    if (state.focus && state.focusFrame) drawFocus(state.focusFrame);
+  }
+  if (state.viewPaused) return;
+  if (state.pending.size) drawPending();
+  drawHeader();
+  const now = performance.now();
+  if (state.chartsDirty && now - state.lastChartDraw > CHART_INTERVAL_MS) {
+    state.chartsDirty = false;
+    state.lastChartDraw = now;
+    drawHealth();
+    drawCharts();
+  }
+}
+
+// ---------------------------------------------------------------- focus view
+
+function openFocus(layer, head) {
+  const model = state.run && state.run.model;
+  if (!model) return;
+  layer = Math.max(0, Math.min(model.layers - 1, layer));
+  head = Math.max(0, Math.min(model.heads - 1, head));
+  state.focus = { layer, head };
+  state.focusFrame = null;
+  loadPlotly();
+  view.showFocus(layer, head, state.kind);
+  view.setFocusEmpty(true);
+  state.healthLayer = layer;
+  els.healthLayer.value = String(layer);
+  state.chartsDirty = true;
+  const cached = state.lastFrames.get(`${state.kind}:${layer}`);
+  if (cached && cached.header.heads.includes(head)) drawFocus(cached);
+  resubscribe();
+}
+
+function closeFocus(subscribe = true) {
+  state.focus = null;
+  state.focusFrame = null;
+  purge(els.focusPlot);
+  view.showOverview();
+  if (subscribe) resubscribe();
+  for (const layer of state.history.latestStats.keys()) state.healthDirty.add(layer);
+  state.chartsDirty = true;
+}
+
+function onKey(event) {
+  if (!state.focus || event.target.closest("input, select, textarea")) return;
+  const moves = { ArrowLeft: [0, -1], ArrowRight: [0, 1], ArrowUp: [-1, 0], ArrowDown: [1, 0] };
+  if (event.key === "Escape") {
+    closeFocus();
+  } else if (moves[event.key]) {
+    const [dl, dh] = moves[event.key];
+    openFocus(state.focus.layer + dl, state.focus.head + dh);
+  } else {
+    return;
+  }
+  event.preventDefault();
+}
+
+// ---------------------------------------------------------------- controls
+
+function setKind(kind) {
+  state.kind = kind;
+  view.setNormStyleVisible(kind === "qkv_norms");
+  state.lastFrames.clear();
+  buildGrid();
+  for (const layer of state.history.latestStats.keys()) state.healthDirty.add(layer);
+  state.chartsDirty = true;
+  if (state.focus) {
+    view.showFocus(state.focus.layer, state.focus.head, kind);
+    view.setFocusEmpty(true);
+    purge(els.focusPlot);
+  }
+  resubscribe();
+}
+
+async function runControl(action) {
+  if (!state.runId) return;
+  try {
+    const result = await api.control(state.runId, action);
+    if (result && result.id === state.runId && result.status) {
+      state.run = { ...state.run, ...result };
+      view.renderRunControls(state.run);
+      drawHeader(true);
+    }
+  } catch (err) {
+    view.showBanner(err.message);
+  }
+}
+
+function exportView(format) {
+  const step = state.history.step ?? "na";
+  if (state.focus) {
+    if (!plotlyReady()) return;
+    const stem = fileStem("attnscope", state.runId, `L${state.focus.layer}H${state.focus.head}`, state.kind, `step${step}`);
+    exportFocus(els.focusPlot, format, stem).catch((err) => view.showBanner(`export failed: ${err.message}`));
+  } else {
+    const stem = fileStem("attnscope", state.runId, "overview", state.kind, `step${step}`);
+    const title = `${state.run ? state.run.name || state.runId : ""} · ${state.kind} · step ${step}`;
+    if (format === "png") exportGridPng(grid, stem);
+    else exportGridSvg(grid, title, stem);
+  }
+}
+
+async function exportMatrices() {
+  const step = state.history.step ?? "na";
+  const focus = state.focus;
+  const frame = focus ? state.focusFrame : state.lastFrames.values().next().value;
+  const where = focus ? `L${focus.layer}H${focus.head}` : "all";
+  try {
+    debug.lastCapture = await exportNpz({
+      run: state.runId, frame, kind: state.kind,
+      layers: focus ? [focus.layer] : null, heads: focus ? [focus.head] : null,
+      stem: fileStem("attnscope", state.runId, where, state.kind, `step${step}`),
+    });
+  } catch (err) {
+    const missing = err.status === 404 || err.status === 405;
+    view.showBanner(missing ? "npz export needs the capture API (POST /api/v1/captures), which this server does not offer"
+      : `npz export failed: ${err.message}`);
+  }
+}
+
+els.kind.addEventListener("change", () => setKind(els.kind.value));
+els.normStyle.addEventListener("change", () => {
+  state.normStyle = els.normStyle.value;
+  if (state.focus && state.focusFrame) drawFocus(state.focusFrame);
+});
+els.sample.addEventListener("change", () => {
+  const sample = Number.parseInt(els.sample.value, 10);
+  state.sample = Number.isInteger(sample) && sample >= 0 ? sample : 0;
+  els.sample.value = String(state.sample);
+  state.lastFrames.clear();
+  buildGrid();
+  resubscribe();
+});
+els.fps.addEventListener("change", () => {
+  state.fps = Number(els.fps.value);
+  resubscribe();
+});
+els.pauseView.addEventListener("click", () => {
+  state.viewPaused = !state.viewPaused;
+  view.setViewPaused(state.viewPaused);
+  resubscribe();
+});
+els.runPause.addEventListener("click", () => runControl("pause"));
+els.runResume.addEventListener("click", () => runControl("resume"));
+els.runRestart.addEventListener("click", () => runControl("restart"));
+els.runSelect.addEventListener("change", () => {
+  state.runId = els.runSelect.value;
+  state.run = state.runs.find((r) => r.id === state.runId) || null;
+  view.renderRunControls(state.run);
+  selectRun();
+  drawHeader(true);
+});
+els.healthLayer.addEventListener("change", () => {
+  state.healthLayer = Number(els.healthLayer.value);
+  state.chartsDirty = true;
+});
+els.focusBack.addEventListener("click", () => closeFocus());
+els.exportPng.addEventListener("click", () => exportView("png"));
+els.exportSvg.addEventListener("click", () => exportView("svg"));
+els.exportNpz.addEventListener("click", () => exportMatrices());
+els.bannerClose.addEventListener("click", () => view.hideBanner());
+document.addEventListener("keydown", onKey);
+
+view.setNormStyleVisible(state.kind === "qkv_norms");
+connection.open();
+requestAnimationFrame(tick);
+setTimeout(loadPlotly, PLOTLY_FALLBACK_MS);

@@ -1,0 +1,80 @@
+// One colour scale for the canvas thumbnails and the plotly focus view.
+// VIRIDIS is plotly's own "Viridis" colorscale (same stops); both sides interpolate
+// linearly in RGB between them, so a value gets the same colour in the grid and in plotly.
+
+export const VIRIDIS = [
+  [0, "#440154"], [0.06274509803921569, "#48186a"], [0.12549019607843137, "#472d7b"],
+  [0.18823529411764706, "#424086"], [0.25098039215686274, "#3b528b"], [0.3137254901960784, "#33638d"],
+  [0.3764705882352941, "#2c728e"], [0.4392156862745098, "#26828e"], [0.5019607843137255, "#21918c"],
+  [0.5647058823529412, "#1fa088"], [0.6274509803921569, "#28ae80"], [0.6901960784313725, "#3fbc73"],
+  [0.7529411764705882, "#5ec962"], [0.8156862745098039, "#84d44b"], [0.8784313725490196, "#addc30"],
+  [0.9411764705882353, "#d8e219"], [1, "#fde725"],
+];
+
+const LUT_SIZE = 256;
+
+function hexToRgb(hex) {
+  const v = parseInt(hex.slice(1), 16);
+  return [(v >> 16) & 255, (v >> 8) & 255, v & 255];
+}
+
+/** 256 RGBA entries (Uint32 in platform byte order, ready for an ImageData Uint32Array view). */
+export const LUT32 = (() => {
+  const bytes = new Uint8ClampedArray(LUT_SIZE * 4);
+  const stops = VIRIDIS.map(([t, hex]) => [t, hexToRgb(hex)]);
+  for (let i = 0; i < LUT_SIZE; i++) {
+    const t = i / (LUT_SIZE - 1);
+    let j = 1;
+    while (j < stops.length - 1 && stops[j][0] < t) j++;
+    const [t0, c0] = stops[j - 1];
+    const [t1, c1] = stops[j];
+    const u = t1 > t0 ? (t - t0) / (t1 - t0) : 0;
+    for (let c = 0; c < 3; c++) bytes[4 * i + c] = Math.round(c0[c] + u * (c1[c] - c0[c]));
+    bytes[4 * i + 3] = 255;
+  }
+  return new Uint32Array(bytes.buffer);
+})();
+
+/**
+ * Colour range of one matrix, shared by grid and focus view.
+ * attention: [0, max] (weights are >= 0; 0 anchors "no attention"); other kinds: [min, max].
+ * Non-finite values are ignored; a constant or empty matrix gets a non-empty range.
+ */
+export function valueRange(kind, data, start = 0, end = data.length) {
+  let lo = Infinity;
+  let hi = -Infinity;
+  for (let i = start; i < end; i++) {
+    const v = data[i];
+    if (v < lo) lo = v; // NaN compares false; +-Infinity filtered below
+    if (v > hi) hi = v;
+  }
+  if (lo === -Infinity || hi === Infinity) {
+    lo = Infinity; hi = -Infinity;
+    for (let i = start; i < end; i++) {
+      const v = data[i];
+      if (!Number.isFinite(v)) continue;
+      if (v < lo) lo = v;
+      if (v > hi) hi = v;
+    }
+  }
+  if (!(lo <= hi)) return [0, 1];
+  if (kind === "attention") lo = 0;
+  if (hi - lo < 1e-9) hi = lo + 1e-6;
+  return [lo, hi];
+}
+
+/**
+ * Paint rows x cols values (data[start ...], C order) into a Uint32Array of pixels.
+ * Non-finite values become transparent, as plotly draws them as gaps.
+ */
+export function paintMatrix(pixels, data, start, rows, cols, zmin, zmax) {
+  const n = rows * cols;
+  const k = (LUT_SIZE - 1) / (zmax - zmin);
+  for (let i = 0; i < n; i++) {
+    const v = data[start + i];
+    if (v !== v || v === Infinity || v === -Infinity) { pixels[i] = 0; continue; }
+    let idx = ((v - zmin) * k + 0.5) | 0;
+    if (idx < 0) idx = 0; else if (idx > 255) idx = 255;
+    pixels[i] = LUT32[idx];
+  }
+}

@@ -1,0 +1,207 @@
+// Overview grid: one small canvas per (layer, head), painted straight from the decoded
+// bytes with the same colour scale as plotly. No plotly here: 144 plotly heatmaps would
+// freeze a browser, 144 putImageData calls do not.
+
+import { paintMatrix, valueRange } from "./colormap.js";
+import { classifyHead, HEALTH } from "./store.js";
+
+const NORM_COLOURS = ["#4cc9f0", "#f72585", "#ffd166"]; // q, k, v
+const LINE_CANVAS = 128; // drawn smooth, not pixelated
+
+export class Grid {
+  /**
+   * @param {HTMLElement} container element that receives the grid
+   * @param {(layer: number, head: number) => void} onOpen called when a cell is clicked
+   */
+  constructor(container, onOpen) {
+    this.container = container;
+    this.onOpen = onOpen;
+    this.cells = new Map(); // "layer:head" -> cell record
+    this.layers = 0;
+    this.heads = 0;
+    container.addEventListener("click", (event) => {
+      const cell = event.target.closest(".cell");
+      if (cell) this.onOpen(Number(cell.dataset.layer), Number(cell.dataset.head));
+    });
+    new ResizeObserver(() => this.fit()).observe(container);
+    window.addEventListener("resize", () => this.fit());
+  }
+
+  /** (Re)build an empty layers x heads grid. */
+  build(layers, heads) {
+    this.layers = layers;
+    this.heads = heads;
+    this.cells.clear();
+    const root = this.container;
+    root.replaceChildren();
+    root.style.setProperty("--heads", String(heads));
+    root.append(label("div", "corner", "layer \\ head"));
+    for (let h = 0; h < heads; h++) root.append(label("div", "col-label", `H${h}`));
+    for (let l = 0; l < layers; l++) {
+      root.append(label("div", "row-label", `L${l}`));
+      for (let h = 0; h < heads; h++) root.append(this.makeCell(l, h));
+    }
+    this.fit();
+  }
+
+  makeCell(layer, head) {
+    const button = document.createElement("button");
+    button.className = "cell empty";
+    button.type = "button";
+    button.dataset.layer = String(layer);
+    button.dataset.head = String(head);
+    const canvas = document.createElement("canvas");
+    canvas.width = 1;
+    canvas.height = 1;
+    button.append(canvas);
+    const base = `Layer ${layer} · head ${head} — click to open`;
+    button.title = base;
+    button.setAttribute("aria-label", base);
+    const ctx = canvas.getContext("2d", { alpha: true });
+    this.cells.set(`${layer}:${head}`, { button, canvas, ctx, image: null, pixels: null, base, kind: null });
+    return button;
+  }
+
+  /** Size cells so the whole grid fits the container's width and the window's height. */
+  fit() {
+    if (!this.heads) return;
+    const byWidth = Math.floor((this.container.clientWidth - 44) / this.heads) - 4;
+    const top = this.container.getBoundingClientRect().top + window.scrollY;
+    const byHeight = Math.floor((window.innerHeight - top - 24) / Math.max(1, this.layers)) - 4;
+    const size = Math.max(32, Math.min(240, byWidth, Math.max(byHeight, 48)));
+    this.container.style.setProperty("--cell", `${size}px`);
+  }
+
+  cell(layer, head) {
+    return this.cells.get(`${layer}:${head}`);
+  }
+
+  /** Draw every head of one decoded frame (attention / qk_logits: (h, L, S); qkv_norms: (3, h, P)). */
+  draw(frame) {
+    const { header, data, shape } = frame;
+    const heads = header.heads;
+    for (let i = 0; i < heads.length; i++) {
+      const cell = this.cell(header.layer, heads[i]);
+      if (!cell) continue;
+      if (header.kind === "qkv_norms") drawNorms(cell, data, shape, i);
+      else drawMatrix(cell, header.kind, data, shape, i);
+      if (cell.kind === null) cell.button.classList.remove("empty");
+      cell.kind = header.kind;
+    }
+  }
+
+  /** Outline unhealthy heads of one layer and explain why in the tooltip. */
+  setHealth(stats) {
+    stats.heads.forEach((head, i) => {
+      const cell = this.cell(stats.layer, head);
+      if (!cell) return;
+      const values = {
+        entropy: stats.entropy[i], max_weight: stats.max_weight[i], first_token: stats.first_token?.[i],
+        nan: stats.nan[i], inf: stats.inf[i],
+      };
+      const { level, reasons } = classifyHead(values);
+      const b = cell.button;
+      b.classList.toggle("bad", level === "bad");
+      b.classList.toggle("warn", level === "warn");
+      const numbers = `entropy ${fmt(values.entropy)} · max weight ${fmt(values.max_weight)}`
+        + ` · first token ${fmt(values.first_token)} (step ${stats.step})`;
+      const why = reasons.map((r) => `⚠ ${r}`).join("\n");
+      b.title = [cell.base, numbers, why].filter(Boolean).join("\n");
+      b.dataset.health = level;
+    });
+  }
+
+  /** All cells composed into one canvas (for PNG export); labels drawn as text. */
+  composite(scale = 2) {
+    const size = 64 * scale;
+    const pad = 24 * scale;
+    const out = document.createElement("canvas");
+    out.width = pad + this.heads * (size + 4);
+    out.height = pad + this.layers * (size + 4);
+    const ctx = out.getContext("2d");
+    ctx.fillStyle = "#0f1117";
+    ctx.fillRect(0, 0, out.width, out.height);
+    ctx.fillStyle = "#d7dae0";
+    ctx.font = `${10 * scale}px sans-serif`;
+    ctx.imageSmoothingEnabled = false;
+    for (let h = 0; h < this.heads; h++) ctx.fillText(`H${h}`, pad + h * (size + 4) + size / 3, pad * 0.7);
+    for (let l = 0; l < this.layers; l++) {
+      ctx.fillText(`L${l}`, 4, pad + l * (size + 4) + size / 2);
+      for (let h = 0; h < this.heads; h++) {
+        const cell = this.cell(l, h);
+        if (cell) ctx.drawImage(cell.canvas, pad + h * (size + 4), pad + l * (size + 4), size, size);
+      }
+    }
+    return out;
+  }
+}
+
+function drawMatrix(cell, kind, data, shape, i) {
+  const rows = shape[1];
+  const cols = shape[2];
+  const start = i * rows * cols;
+  const { canvas } = cell;
+  if (canvas.width !== cols || canvas.height !== rows || !cell.image) {
+    canvas.classList.remove("lines");
+    canvas.width = cols;
+    canvas.height = rows;
+    cell.image = cell.ctx.createImageData(cols, rows);
+    cell.pixels = new Uint32Array(cell.image.data.buffer);
+  }
+  const [zmin, zmax] = valueRange(kind, data, start, start + rows * cols);
+  paintMatrix(cell.pixels, data, start, rows, cols, zmin, zmax);
+  cell.ctx.putImageData(cell.image, 0, 0);
+}
+
+function drawNorms(cell, data, shape, i) {
+  const [, heads, positions] = shape;
+  const { canvas, ctx } = cell;
+  if (canvas.width !== LINE_CANVAS || canvas.height !== LINE_CANVAS) {
+    canvas.width = LINE_CANVAS;
+    canvas.height = LINE_CANVAS;
+    canvas.classList.add("lines");
+    cell.image = null;
+  }
+  let max = 0;
+  for (let r = 0; r < 3; r++) {
+    const start = (r * heads + i) * positions;
+    for (let p = 0; p < positions; p++) {
+      const v = data[start + p];
+      if (Number.isFinite(v) && v > max) max = v;
+    }
+  }
+  ctx.fillStyle = "#11141b";
+  ctx.fillRect(0, 0, LINE_CANVAS, LINE_CANVAS);
+  if (max <= 0 || positions < 1) return;
+  const dx = positions > 1 ? (LINE_CANVAS - 4) / (positions - 1) : 0;
+  ctx.lineJoin = "round";
+  ctx.lineWidth = 2.5;
+  for (let r = 0; r < 3; r++) {
+    const start = (r * heads + i) * positions;
+    ctx.strokeStyle = NORM_COLOURS[r];
+    ctx.beginPath();
+    let pen = false;
+    for (let p = 0; p < positions; p++) {
+      const v = data[start + p];
+      if (!Number.isFinite(v)) { pen = false; continue; }
+      const x = 2 + p * dx;
+      const y = LINE_CANVAS - 2 - (v / max) * (LINE_CANVAS - 4);
+      if (pen) ctx.lineTo(x, y); else ctx.moveTo(x, y);
+      pen = true;
+    }
+    ctx.stroke();
+  }
+}
+
+function label(tag, className, text) {
+  const el = document.createElement(tag);
+  el.className = className;
+  el.textContent = text;
+  return el;
+}
+
+function fmt(v) {
+  return typeof v === "number" && Number.isFinite(v) ? v.toFixed(3) : "–";
+}
+
+export { HEALTH };

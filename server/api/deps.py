@@ -1,0 +1,38 @@
+"""Dependencies shared by the routers: the app's settings, run registry and hub."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, HTTPException
+from starlette.requests import HTTPConnection
+
+from ..runs import Run, RunRegistry, UnknownRunError
+from ..settings import Settings
+from ..stream import Hub
+
+
+def get_settings(conn: HTTPConnection) -> Settings:
+    return conn.app.state.settings
+
+
+def get_registry(conn: HTTPConnection) -> RunRegistry:
+    return conn.app.state.runs
+
+
+def get_hub(conn: HTTPConnection) -> Hub:
+    return conn.app.state.hub
+
+
+def get_run(run_id: str, registry: Annotated[RunRegistry, Depends(get_registry)]) -> Run:
+    """The run named in the path, or 404 naming the id."""
+    try:
+        return registry.get(run_id)
+    except UnknownRunError as exc:
+        raise HTTPException(404, detail=str(exc)) from None
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RegistryDep = Annotated[RunRegistry, Depends(get_registry)]
+HubDep = Annotated[Hub, Depends(get_hub)]
+RunDep = Annotated[Run, Depends(get_run)]

@@ -1,0 +1,16 @@
+"""``GET /api/v1/health``: liveness for compose healthchecks and test harnesses."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from .. import __version__
+from .deps import RegistryDep
+from .models import HealthPublic
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+def health(registry: RegistryDep) -> HealthPublic:
+    return HealthPublic(status="ok", version=__version__, runs=len(registry.ids()))

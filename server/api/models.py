@@ -1,0 +1,41 @@
+"""Response models of the REST API (the RunSummary of docs/protocol.md)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+
+class LayerPublic(BaseModel):
+    index: int
+    name: str
+    role: str
+    attention_type: str
+    heads: int | None
+
+
+class ModelPublic(BaseModel):
+    layers: int
+    heads: int | None
+    attention_type: str
+    d_model: int | None
+    seq_len: int | None
+    layer_details: list[LayerPublic]
+
+
+class RunPublic(BaseModel):
+    id: str
+    name: str
+    status: Literal["live", "paused", "ended"]
+    step: int | None
+    started: str
+    error: str | None
+    controls: list[str]
+    model: ModelPublic
+
+
+class HealthPublic(BaseModel):
+    status: Literal["ok"]
+    version: str
+    runs: int

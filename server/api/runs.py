@@ -1,0 +1,43 @@
+"""``/api/v1/runs``: list runs, read one, pause / resume / restart it."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from fastapi import APIRouter, HTTPException
+
+from ..runs import RunStateError
+from .deps import RegistryDep, RunDep
+from .models import RunPublic
+
+router = APIRouter(prefix="/runs", tags=["runs"])
+
+
+class RunAction(StrEnum):
+    pause = "pause"
+    resume = "resume"
+    restart = "restart"
+
+
+@router.get("")
+def list_runs(registry: RegistryDep) -> list[RunPublic]:
+    return [RunPublic.model_validate(run.summary()) for run in registry.list()]
+
+
+@router.get("/{run_id}", responses={404: {"description": "no run has this id"}})
+def get_run(run: RunDep) -> RunPublic:
+    return RunPublic.model_validate(run.summary())
+
+
+@router.post(
+    "/{run_id}/{action}",
+    responses={404: {"description": "no run has this id"},
+               409: {"description": "the run does not support this action now"}},
+)
+def control_run(run: RunDep, action: RunAction) -> RunPublic:
+    """Pause, resume or restart a run; 409 with the reason if it cannot."""
+    try:
+        getattr(run, action.value)()
+    except RunStateError as exc:
+        raise HTTPException(409, detail=str(exc)) from None
+    return RunPublic.model_validate(run.summary())

@@ -1,0 +1,75 @@
+"""``create_app(settings, registry)``: the FastAPI application.
+
+Routes: ``/api/v1/...`` (REST, see :mod:`server.api`), ``/ws`` (the stream,
+docs/protocol.md), ``/vendor/plotly.min.js`` (from the installed ``plotly``
+package: no CDN) and the page in ``frontend/`` at ``/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from . import __version__
+from .api import api_router
+from .runs import RunRegistry
+from .settings import Settings
+from .stream import Hub
+from .ws import router as ws_router
+
+logger = logging.getLogger(__name__)
+
+FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
+
+
+def plotly_js_path() -> Path | None:
+    """``plotly/package_data/plotly.min.js`` of the installed plotly, if present."""
+    try:
+        import plotly
+    except ImportError:  # pragma: no cover - plotly is a dependency
+        return None
+    path = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
+    return path if path.is_file() else None
+
+
+def create_app(settings: Settings | None = None, registry: RunRegistry | None = None) -> FastAPI:
+    """The app serving ``registry``'s runs (an empty registry if None)."""
+    settings = settings if settings is not None else Settings()
+    registry = registry if registry is not None else RunRegistry()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        hub = Hub(registry, settings)
+        await hub.start()
+        app.state.hub = hub
+        try:
+            yield
+        finally:
+            await hub.stop()
+
+    app = FastAPI(title="attnscope", version=__version__, lifespan=lifespan,
+                  summary="A live window into a transformer while it trains.")
+    app.state.settings = settings
+    app.state.runs = registry
+    app.include_router(api_router)
+    app.include_router(ws_router)
+
+    plotly_js = plotly_js_path()
+
+    @app.api_route("/vendor/plotly.min.js", methods=["GET", "HEAD"], include_in_schema=False)
+    def vendor_plotly() -> FileResponse:
+        if plotly_js is None:
+            raise HTTPException(404, detail="plotly.min.js not found in the installed plotly")
+        return FileResponse(plotly_js, media_type="text/javascript")
+
+    if FRONTEND_DIR.is_dir():
+        app.mount("/", StaticFiles(directory=FRONTEND_DIR, html=True), name="frontend")
+    else:  # pragma: no cover - a wheel without the page
+        logger.warning("frontend/ not found at %s; serving the API only", FRONTEND_DIR)
+    return app

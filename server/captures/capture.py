@@ -1,0 +1,304 @@
+"""One capture: a forward pass of a model with a private listener on its dispatchers.
+
+Independent of the run registry: :func:`run_capture` takes a model and an input
+tensor and returns named CPU tensors. The server calls it between training steps
+(in the training thread), but it is safe anywhere nobody else uses the model.
+
+"Layers" are the inner-attention modules of the model in ``named_modules()``
+order (the numbering the stream and the page use). For layer ``i``:
+
+* ``attention``: ``attention.i`` (N, h, L, S), the softmax before dropout;
+* ``qk_logits``: ``qk_logits.i`` (N, h, L, S), the pre-softmax scores
+  (masked positions are ``-inf``);
+* ``qkv``: ``queries.i`` (N, L, h, E), ``keys.i`` (N, S, h, E), ``values.i`` (N, S, h, D);
+* ``intermediate``: ``intermediate.i`` (N, L, d_model), the output of the
+  transformer layer that holds attention ``i`` (a decoder layer holds two
+  attentions, self and cross, which then share it).
+
+``h`` is the number of selected heads (all H by default), in the order asked.
+Shape legend: N batch, L queries, S keys, H heads, E query/key dim, D value dim.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from transformer_core.attention import ATTENTION_TYPES, AttentionLayer
+from transformer_core.events import AttentionEvent, IntermediateOutput, QKVEvent
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("attention", "qkv", "qk_logits", "intermediate")
+_INNER_TYPES = tuple(ATTENTION_TYPES.values())
+
+# One capture at a time per model: eval()/train() toggling must not interleave.
+_model_locks: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
+_model_locks_guard = threading.Lock()
+
+
+class CaptureError(ValueError):
+    """A capture request that cannot be served for this model; ``field`` names the culprit."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class CaptureTooLarge(CaptureError):
+    """The captured tensors would exceed the configured byte limit."""
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """Where layer ``index`` lives: its inner attention, AttentionLayer and transformer layer.
+
+    ``attention_layer`` (dispatches QKVEvents) and ``block`` (the encoder or
+    decoder layer, dispatches IntermediateOutput) are None when absent;
+    ``n_heads`` is None when there is no AttentionLayer to tell it.
+    """
+
+    index: int
+    name: str
+    inner: nn.Module
+    attention_layer: nn.Module | None
+    block: nn.Module | None
+    n_heads: int | None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a capture needs to know about a model.
+
+    ``vocab_size`` is the first ``nn.Embedding``'s size when the model reads
+    token ids (None otherwise: it reads features (N, L, d_model));
+    ``max_len`` the longest sequence it accepts, when known.
+    """
+
+    sites: tuple[AttentionSite, ...]
+    vocab_size: int | None
+    d_model: int | None
+    max_len: int | None
+    device: torch.device = field(default=torch.device("cpu"))
+    dtype: torch.dtype = torch.float32  # of the parameters: float inputs are cast to it
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.sites)
+
+    @property
+    def n_heads(self) -> int:
+        return max((s.n_heads or 0 for s in self.sites), default=0)
+
+
+def _ancestors(name: str):
+    """Names of the modules above ``name``, nearest first: "a.b.c" -> "a.b", "a", ""."""
+    while name:
+        name = name.rsplit(".", 1)[0] if "." in name else ""
+        yield name
+
+
+def describe_model(model: nn.Module) -> ModelInfo:
+    """Find the attention sites (numbered as the run registry does), input kind and limits."""
+    modules = dict(model.named_modules())
+    outers = {id(m.inner_attention): m for m in modules.values() if isinstance(m, AttentionLayer)}
+    sites: list[AttentionSite] = []
+    for name, inner in modules.items():
+        if not isinstance(inner, _INNER_TYPES):
+            continue
+        outer = outers.get(id(inner))
+        block = next((modules[a] for a in _ancestors(name)
+                      if not isinstance(modules[a], AttentionLayer)
+                      and hasattr(modules[a], "event_dispatcher")
+                      and hasattr(modules[a], "d_model")), None)
+        n_heads = getattr(outer, "n_heads", None)
+        sites.append(AttentionSite(len(sites), name, inner, outer, block, n_heads))
+    embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    d_model = next((int(s.attention_layer.d_model) for s in sites
+                    if getattr(s.attention_layer, "d_model", None)), None)
+    max_len = getattr(model, "seq_len", None)
+    max_len = int(max_len) if isinstance(max_len, int) and not isinstance(max_len, bool) else None
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    return ModelInfo(
+        sites=tuple(sites),
+        vocab_size=int(embedding.num_embeddings) if embedding is not None else None,
+        d_model=d_model,
+        max_len=max_len,
+        device=device,
+        dtype=dtype,
+    )
+
+
+def check_selection(info: ModelInfo, layers: Sequence[int] | None,
+                    heads: Sequence[int] | None) -> tuple[list[int], list[int] | None]:
+    """Resolve ``layers`` (None = all) and validate ``heads``; raise :class:`CaptureError`."""
+    if info.n_layers == 0:
+        raise CaptureError("run", "this run's model has no transformer_core attention layers")
+    if layers is None:
+        layers = list(range(info.n_layers))
+    for i in layers:
+        if not 0 <= i < info.n_layers:
+            raise CaptureError(
+                "layers", f"layer {i} out of range: the model has {info.n_layers} layers "
+                f"(0-{info.n_layers - 1})")
+    if heads is not None:
+        for layer in layers:
+            h = info.sites[layer].n_heads
+            for head in heads:
+                if h is not None and not 0 <= head < h:
+                    raise CaptureError("heads", f"head {head} out of range: layer {layer} "
+                                       f"has {h} heads (0-{h - 1})")
+    return list(dict.fromkeys(layers)), list(heads) if heads is not None else None
+
+
+def estimate_bytes(info: ModelInfo, n: int, length: int, kinds: Sequence[str],
+                   layers: Sequence[int], heads: Sequence[int] | None) -> int:
+    """Bytes of float32 tensors a capture will produce, taking S = L (self-attention)."""
+    total = 0
+    d_model = info.d_model or 0
+    for layer in layers:
+        site = info.sites[layer]
+        n_heads = site.n_heads or 1
+        h = len(heads) if heads is not None else n_heads
+        e = d_model // n_heads
+        if "attention" in kinds:
+            total += n * h * length * length
+        if "qk_logits" in kinds:
+            total += n * h * length * length
+        if "qkv" in kinds:
+            total += 3 * n * length * h * e
+        if "intermediate" in kinds:
+            total += n * length * d_model
+    return 4 * total
+
+
+def _model_lock(model: nn.Module) -> threading.Lock:
+    with _model_locks_guard:
+        lock = _model_locks.get(model)
+        if lock is None:
+            lock = _model_locks[model] = threading.Lock()
+        return lock
+
+
+def _to_cpu(t: torch.Tensor) -> torch.Tensor:
+    """A private CPU copy; floats as float32 (numpy has no bfloat16)."""
+    t = t.detach()
+    if t.is_floating_point():
+        t = t.float()
+    return t.to("cpu", copy=True).contiguous()
+
+
+class _Collector:
+    """The private handler: copies what was asked from each event it gets."""
+
+    def __init__(self, sites: Sequence[AttentionSite], kinds: Sequence[str],
+                 heads: Sequence[int] | None, max_bytes: int | None) -> None:
+        self.kinds = set(kinds)
+        self.heads = list(heads) if heads is not None else None
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.out: dict[str, torch.Tensor] = {}
+        self.inner = {id(s.inner): s.index for s in sites}
+        self.qkv = {id(s.attention_layer): s.index for s in sites if s.attention_layer is not None}
+        self.blocks: dict[int, list[int]] = {}
+        for s in sites:
+            if s.block is not None:
+                self.blocks.setdefault(id(s.block), []).append(s.index)
+
+    def accepts(self, event: Any) -> bool:
+        source = id(getattr(event, "source", None))
+        return source in self.inner or source in self.qkv or source in self.blocks
+
+    def _put(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.out:  # a model that runs a layer twice: keep the first call
+            return
+        tensor = _to_cpu(tensor)
+        self.size += tensor.numel() * tensor.element_size()
+        if self.max_bytes is not None and self.size > self.max_bytes:
+            raise CaptureTooLarge(
+                "tokens", f"the capture would exceed the limit of {self.max_bytes} bytes; "
+                "ask for fewer kinds, layers or heads, or a shorter input")
+        self.out[name] = tensor
+
+    def _heads(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        if self.heads is None:
+            return t
+        return t.index_select(dim, torch.tensor(self.heads, dtype=torch.long, device=t.device))
+
+    def __call__(self, event: Any) -> None:
+        source = id(getattr(event, "source", None))
+        if isinstance(event, AttentionEvent) and source in self.inner:
+            i = self.inner[source]
+            if "attention" in self.kinds:
+                self._put(f"attention.{i}", event.attention(heads=self.heads))  # (N, h, L, S)
+            if "qk_logits" in self.kinds:
+                self._put(f"qk_logits.{i}", event.logits(heads=self.heads))  # (N, h, L, S)
+        elif isinstance(event, QKVEvent) and source in self.qkv and "qkv" in self.kinds:
+            i = self.qkv[source]
+            self._put(f"queries.{i}", self._heads(event.queries, 2))  # (N, L, h, E)
+            self._put(f"keys.{i}", self._heads(event.keys, 2))  # (N, S, h, E)
+            self._put(f"values.{i}", self._heads(event.values, 2))  # (N, S, h, D)
+        elif isinstance(event, IntermediateOutput) and source in self.blocks \
+                and "intermediate" in self.kinds:
+            for i in self.blocks[source]:
+                self._put(f"intermediate.{i}", event.x)  # (N, L, d_model)
+
+
+def run_capture(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    kinds: Sequence[str],
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    max_bytes: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run ``model(inputs)`` once, in eval mode without grad, and return what was asked.
+
+    ``inputs`` is token ids (N, L) long or features (N, L, d_model); it is moved
+    to the model's device. Returns ``{"attention.0": (N, h, L, S), ...}`` (see
+    the module docstring for names and shapes), CPU tensors, float32 for floats.
+    Each module's training mode is restored afterwards and the private listener
+    removed, even when the forward pass fails. Raises :class:`CaptureError` for
+    a bad selection or when the output would exceed ``max_bytes``.
+    """
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        raise CaptureError("kinds", f"unknown kinds {unknown}; expected some of {list(KINDS)}")
+    info = describe_model(model)
+    layers, heads = check_selection(info, layers, heads)
+    sites = [info.sites[i] for i in layers]
+    collector = _Collector(sites, kinds, heads, max_bytes)
+    dispatchers = []
+    for site in sites:
+        for module in (site.inner, site.attention_layer, site.block):
+            dispatcher = getattr(module, "event_dispatcher", None)
+            if dispatcher is not None and all(dispatcher is not d for d in dispatchers):
+                dispatchers.append(dispatcher)
+    with _model_lock(model):
+        modes = {m: m.training for m in model.modules()}
+        try:
+            for dispatcher in dispatchers:
+                dispatcher.listen(collector.accepts, collector)
+            model.eval()
+            with torch.no_grad():
+                if inputs.is_floating_point():
+                    model(inputs.to(info.device, info.dtype))
+                else:
+                    model(inputs.to(info.device))
+        finally:
+            for dispatcher in dispatchers:
+                dispatcher.remove(collector)
+            for module, mode in modes.items():
+                module.training = mode
+    logger.debug("captured %d tensors, %d bytes", len(collector.out), collector.size)
+    return collector.out

@@ -1,0 +1,227 @@
+"""From a validated request to a stored capture: checks, input tensor, forward pass, store.
+
+Every client mistake becomes an :class:`fastapi.HTTPException` whose detail
+has the shape of FastAPI's validation errors (``[{"loc": ["body", field], "msg",
+"type"}]``), so a client finds the field and the limit in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import torch
+import torch.nn as nn
+from fastapi import HTTPException
+
+from .capture import CaptureError, ModelInfo, check_selection, describe_model, estimate_bytes
+from .capture import run_capture as _run_capture
+from .models import CaptureCreate
+from .store import CaptureRecord, CaptureStore
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+MiB = 1 << 20
+
+
+class CaptureRun(Protocol):
+    """What the captures API needs from a run of the registry."""
+
+    model: nn.Module
+
+    def call_between_steps(self, fn: Callable[[], T], timeout: float) -> T: ...
+
+
+@dataclass(frozen=True)
+class CaptureLimits:
+    """Limits of one capture request; each default carries its reason."""
+
+    # 64 sequences: a notebook's batch; larger batches belong in a training loop.
+    max_batch: int = 64
+    # 4096 positions: a 4096 x 4096 float32 matrix is 64 MiB per head, the most a
+    # download should reasonably carry; models may accept fewer (their seq_len).
+    max_length: int = 4096
+    # 1 GiB of tensors per capture: what the 12-layer, 12-head model at L=512
+    # needs for attention + qk_logits (~302 MiB) with room, far from filling a disk.
+    max_capture_bytes: int = 1024 * MiB
+    # 16 MiB request body: 4096 x 64 token ids as JSON is ~2 MiB; features at
+    # L=512, d_model=768 are ~4 MiB. Larger bodies get 413 before parsing.
+    max_body_bytes: int = 16 * MiB
+    # 32 MiB of tensors for format=json (~3x that as text): past it, npz is the answer.
+    max_json_bytes: int = 32 * MiB
+    # 60 s to wait for the training thread to reach a step boundary.
+    timeout_s: float = 60.0
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> CaptureLimits:
+        """Read ``captures_<field>`` attributes of the server settings where present."""
+        values = {f: getattr(settings, f"captures_{f}") for f in cls.__dataclass_fields__
+                  if hasattr(settings, f"captures_{f}")}
+        return cls(**values)
+
+
+def field_error(loc: Sequence[str | int], msg: str, status: int = 422) -> HTTPException:
+    """An HTTPException shaped like FastAPI's validation errors, at ``["body", *loc]``."""
+    detail = [{"loc": ["body", *loc], "msg": msg, "type": "value_error"}]
+    return HTTPException(status, detail=detail)
+
+
+def run_symbols(run: Any) -> list[str] | None:
+    """The run's token labels (its tokenizer): ``run.symbols`` or ``run.task.symbols``."""
+    for owner in (run, getattr(run, "task", None), getattr(run, "training", None),
+                  getattr(getattr(run, "training", None), "task", None)):
+        symbols = getattr(owner, "symbols", None) if owner is not None else None
+        if isinstance(symbols, list | tuple) and symbols:
+            return [str(s) for s in symbols]
+    return None
+
+
+def tokenize(text: str, symbols: Sequence[str], loc: Sequence[str | int]) -> list[int]:
+    """Text -> token ids: symbols separated by whitespace, else one symbol per character.
+
+    >>> tokenize("ABBA", ["A", "B"], ["text"]), tokenize("A #62", ["A", "#62"], ["text"])
+    ([0, 1, 1, 0], [0, 1])
+    """
+    index = {s: i for i, s in enumerate(symbols)}
+    parts = text.split() if any(c.isspace() for c in text.strip()) else list(text.strip())
+    ids = []
+    for part in parts:
+        if part not in index:
+            shown = " ".join(symbols[:40]) + (" ..." if len(symbols) > 40 else "")
+            raise field_error(loc, f"unknown symbol {part[:20]!r}; this run's symbols: {shown}")
+        ids.append(index[part])
+    return ids
+
+
+def _check_rows(rows: list[list], field: str, limits: CaptureLimits, info: ModelInfo) -> int:
+    """Check a batch is non-empty, rectangular and within limits; return L."""
+    if not rows:
+        raise field_error([field], "empty input: give at least one sequence")
+    if len(rows) > limits.max_batch:
+        raise field_error([field], f"batch of {len(rows)} is over the limit of "
+                          f"{limits.max_batch} sequences")
+    length = len(rows[0])
+    for i, row in enumerate(rows):
+        if not row:
+            raise field_error([field, i], "empty sequence: give at least one position")
+        if len(row) != length:
+            raise field_error([field, i], f"sequence {i} has length {len(row)}, sequence 0 "
+                              f"has {length}: all sequences must have one length")
+    max_len = min(limits.max_length, info.max_len or limits.max_length)
+    if length > max_len:
+        raise field_error([field], f"length {length} is over the limit of {max_len} positions")
+    return length
+
+
+def prepare_input(body: CaptureCreate, info: ModelInfo, symbols: list[str] | None,
+                  limits: CaptureLimits) -> tuple[torch.Tensor, str]:
+    """The input tensor (N, L) long or (N, L, d_model) float, and the body field it came from."""
+    if body.features is not None:
+        if info.vocab_size is not None:
+            raise field_error(["features"], "this run's model reads token ids "
+                              f"(vocabulary of {info.vocab_size}); send tokens instead")
+        _check_rows(body.features, "features", limits, info)
+        for i, row in enumerate(body.features):
+            for j, vec in enumerate(row):
+                if len(vec) != info.d_model:
+                    raise field_error(["features", i, j], f"feature vector of length {len(vec)}; "
+                                      f"the model's d_model is {info.d_model}")
+        return torch.tensor(body.features, dtype=torch.float32), "features"
+    field = "tokens" if body.tokens is not None else "text"
+    if info.vocab_size is None:
+        raise field_error([field], "this run's model does not read token ids (it has no "
+                          f"nn.Embedding); send features (N, L, {info.d_model}) instead")
+    if body.tokens is not None:
+        rows = body.tokens
+    elif symbols is None:
+        raise field_error(["text"], "this run has no tokenizer (no symbols); send tokens instead")
+    else:
+        texts = [body.text] if isinstance(body.text, str) else body.text
+        rows = [tokenize(t, symbols, ["text", i] if len(texts) > 1 else ["text"])
+                for i, t in enumerate(texts)]
+    _check_rows(rows, field, limits, info)
+    for i, row in enumerate(rows):
+        for j, token in enumerate(row):
+            if token >= info.vocab_size:
+                raise field_error([field, i, j], f"token id {token} is out of the vocabulary: "
+                                  f"ids must be in [0, {info.vocab_size - 1}]")
+    return torch.tensor(rows, dtype=torch.long), field
+
+
+def resolve_labels(body: CaptureCreate, shape: tuple[int, ...], tokens: torch.Tensor | None,
+                   symbols: list[str] | None) -> list[list[str]] | None:
+    """Position labels (N lists of L strings): the body's, else the run's symbols, else None."""
+    n, length = shape[0], shape[1]
+    labels = body.labels
+    if labels is None:
+        if tokens is None or symbols is None:
+            return None
+        return [[symbols[t] if t < len(symbols) else str(t) for t in row]
+                for row in tokens.tolist()]
+    if all(isinstance(x, str) for x in labels):
+        if len(labels) != length:
+            raise field_error(["labels"], f"{len(labels)} labels for {length} positions")
+        return [list(labels) for _ in range(n)]
+    if len(labels) != n or any(len(row) != length for row in labels):
+        raise field_error(["labels"], f"labels must be {length} strings or {n} lists of "
+                          f"{length} strings, one per position")
+    return [list(row) for row in labels]
+
+
+def create_capture(body: CaptureCreate, run: CaptureRun, store: CaptureStore,
+                   limits: CaptureLimits) -> CaptureRecord:
+    """Validate ``body`` against ``run``'s model, capture between steps, store the result."""
+    model = run.model
+    info = describe_model(model)
+    symbols = run_symbols(run)
+    x, field = prepare_input(body, info, symbols, limits)
+    tokens = x if x.dtype == torch.long else None
+    labels = resolve_labels(body, tuple(x.shape), tokens, symbols)
+    try:
+        layers, heads = check_selection(info, body.layers, body.heads)
+    except CaptureError as exc:
+        raise field_error([exc.field], exc.message) from None
+    kinds = list(dict.fromkeys(body.kinds))
+    expected = estimate_bytes(info, x.shape[0], x.shape[1], kinds, layers, heads)
+    if expected > limits.max_capture_bytes:
+        raise field_error([field], f"the capture would hold about {expected} bytes, over the "
+                          f"limit of {limits.max_capture_bytes}: ask for fewer kinds, layers, "
+                          "heads or positions")
+
+    def job() -> tuple[dict[str, torch.Tensor] | None, Exception | None]:
+        # Runs in the training thread: never let an exception escape into it.
+        try:
+            return _run_capture(model, x, kinds, layers, heads, limits.max_capture_bytes), None
+        except Exception as exc:  # noqa: BLE001 (handed back to the request thread)
+            return None, exc
+
+    try:
+        out, error = run.call_between_steps(job, timeout=limits.timeout_s)
+    except TimeoutError:
+        raise HTTPException(503, detail=f"run {body.run!r} did not reach a step boundary within "
+                            f"{limits.timeout_s:g} s; try again") from None
+    if isinstance(error, CaptureError):
+        raise field_error([error.field if error.field != "tokens" else field], error.message)
+    if isinstance(error, ValueError | IndexError):
+        raise field_error([field], f"the model rejected this input: {error}")
+    if error is not None:
+        raise error
+    assert out is not None
+    arrays = {k: v.numpy() for k, v in out.items()}
+    if tokens is not None:
+        arrays["tokens"] = tokens.numpy()  # (N, L)
+    meta = {
+        "step": _int_or_none(getattr(run, "step_index", None)),
+        "kinds": kinds,
+        "layers": layers,
+        "heads": heads,
+        "input": {"kind": "text" if body.text is not None else field, "shape": list(x.shape)},
+        "labels": labels,
+    }
+    return store.save(arrays, run=body.run, name=body.name, meta=meta)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

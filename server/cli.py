@@ -1,0 +1,168 @@
+"""``attnscope``: ``demo`` (server + demo training run) and ``serve`` (server alone).
+
+Runs in the foreground; Ctrl-C or SIGTERM stops the server and the demo cleanly.
+Also runnable as ``python -m server.cli ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import webbrowser
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
+from . import __version__
+from .settings import Settings
+
+if TYPE_CHECKING:  # heavy imports (torch, FastAPI) wait until a command runs: --help is instant
+    from .runs import Run, RunRegistry
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnscope", description=(
+        "A live window into a transformer while it trains. Settings also come from "
+        "ATTNSCOPE_* environment variables (ATTNSCOPE_PORT, ATTNSCOPE_DATA_DIR, ...)."))
+    parser.add_argument("--version", action="version", version=f"attnscope {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser("demo", help="train the demo model and serve the dashboard on it",
+                          description="Train a small transformer to reverse sequences of "
+                                      "symbols and watch its heads learn, live.")
+    serve = sub.add_parser("serve", help="serve the dashboard alone (for runs that connect later)",
+                           description="Serve the dashboard and its API without a run.")
+    for p in (demo, serve):
+        p.add_argument("--port", type=int, default=None, help="TCP port (default 8000; 0: any)")
+        p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    demo.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    demo.add_argument("--device", default=None, help="auto (default), cpu or cuda[:N]")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port),
+                                   ("device", getattr(args, "device", None))) if v is not None}
+    return Settings(**overrides)
+
+
+class _Progress:
+    """A progress line in the terminal while the demo trains (every second, until stopped)."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self._stop = threading.Event()
+        self._tty = sys.stderr.isatty()
+        self.thread = threading.Thread(target=self._loop, name="attnscope-progress", daemon=True)
+
+    def _loop(self) -> None:
+        last_step, period = None, 1.0 if self._tty else 10.0
+        while not self._stop.wait(period):
+            run = self.run
+            step = run.step_index
+            rate = "" if step is None or last_step is None \
+                else f"{(step - last_step) / period:6.1f} steps/s"
+            last_step = step
+            values = "  ".join(f"{k} {v:.4f}" for k, v in run.scalars.items())
+            line = f"{run.status:6s}  step {step if step is not None else '-':>6}  {values}  {rate}"
+            if run.error:
+                line += f"  error: {run.error}"
+            print(("\r" + line + "   ") if self._tty else line, end="" if self._tty else "\n",
+                  file=sys.stderr, flush=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(2.0)
+        if self._tty:
+            print(file=sys.stderr)
+
+
+class _Terminated(Exception):
+    """SIGTERM, re-raised by uvicorn after its graceful shutdown."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def _serve(settings: Settings, registry: RunRegistry, open_browser: bool,
+           progress: _Progress | None) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .serving import bind_socket, url_of, uvicorn_config
+
+    try:
+        sock = bind_socket(settings.host, settings.port)
+    except OSError as exc:
+        print(f"attnscope: cannot listen on {settings.host}:{settings.port}: {exc}",
+              file=sys.stderr)
+        return 1
+    url = url_of(sock)
+    server = uvicorn.Server(uvicorn_config(create_app(settings, registry), settings))
+    print(f"attnscope {__version__}: dashboard at {url}  (Ctrl-C to stop)", flush=True)
+    if open_browser:
+        threading.Timer(1.0, webbrowser.open, args=(url,)).start()
+    if progress is not None:
+        progress.start()
+    # uvicorn shuts down gracefully on SIGINT / SIGTERM, then re-raises the signal to
+    # the previous handler: KeyboardInterrupt for SIGINT, _Terminated (ours) for SIGTERM.
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        server.run(sockets=[sock])
+    except (KeyboardInterrupt, _Terminated):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if progress is not None:
+            progress.stop()
+        sock.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = _settings(args)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        print(f"attnscope: invalid setting {'.'.join(map(str, err['loc']))}: {err['msg']}",
+              file=sys.stderr)
+        return 2
+    from .runs import RunRegistry
+
+    registry = RunRegistry()
+    if args.command == "serve":
+        return _serve(settings, registry, open_browser=False, progress=None)
+    import torch
+
+    from .demo import DemoConfig
+    from .demo_run import DemoRun
+
+    torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
+
+    try:
+        demo = DemoRun(DemoConfig(device=settings.device))
+    except ValueError as exc:
+        print(f"attnscope: {exc}", file=sys.stderr)
+        return 2
+    registry.add(demo.run)
+    print(f"demo: reversing {demo.config.seq_len} symbols on {demo.training.device} "
+          f"({torch.get_num_threads()} torch threads)", flush=True)
+    demo.start()
+    try:
+        return _serve(settings, registry, not args.no_browser, _Progress(demo.run))
+    finally:
+        demo.close()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

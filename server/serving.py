@@ -1,0 +1,90 @@
+"""Running the app with uvicorn: in the foreground (CLI) or in a background thread (Dashboard).
+
+The listening socket is bound before uvicorn starts, so ``port=0`` picks a
+free port and the URL is known at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import uvicorn
+from fastapi import FastAPI
+
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Slack above the protocol's message limit: the app answers up to this with an
+# `error` message; beyond it uvicorn closes the socket with 1009.
+_WS_MAX_SIZE_FACTOR = 16
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on (host, port); port 0 picks a free one."""
+    if host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
+        logger.warning("serving on %s: anyone who can reach this address can watch and "
+                       "pause your runs (there is no authentication yet)", host)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        log_level=settings.log_level,
+        ws_max_size=settings.max_message_bytes * _WS_MAX_SIZE_FACTOR,
+        ws_per_message_deflate=settings.ws_compression,
+        timeout_graceful_shutdown=3,
+        lifespan="on",
+    )
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class BackgroundServer:
+    """uvicorn serving ``app`` from a daemon thread; :meth:`stop` shuts it down."""
+
+    def __init__(self, app: FastAPI, settings: Settings) -> None:
+        self.sock = bind_socket(settings.host, settings.port)
+        self.url = url_of(self.sock)
+        self.server = uvicorn.Server(uvicorn_config(app, settings))
+        self.thread = threading.Thread(target=self._serve, name="attnscope-server", daemon=True)
+        self._error: BaseException | None = None
+
+    def _serve(self) -> None:
+        try:
+            self.server.run(sockets=[self.sock])
+        except BaseException as exc:  # reported by start()
+            self._error = exc
+            logger.exception("dashboard server failed")
+
+    def start(self, timeout: float = 15.0) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.sock.close()
+                raise RuntimeError(f"the dashboard server did not start: {self._error!r}")
+            time.sleep(0.01)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+        self.sock.close()

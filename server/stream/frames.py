@@ -1,0 +1,126 @@
+"""Turning captures into protocol messages, once per (capture, view).
+
+Runs in the event loop; results are cached on the capture, so subscribers with
+the same view parameters share one encoding.
+
+>>> pool_labels(["a", "b", "c", "d", "e"], 2)
+['a…b', 'c…d', 'e']
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..protocol import encode_frame
+from .publisher import Capture
+from .stats import STAT_NAMES, head_stats, valid_key_counts
+
+
+def pool_factor(length: int, keys: int, max_side: int) -> int:
+    """The average-pooling factor that brings both sides to at most ``max_side``."""
+    return max(1, math.ceil(max(length, keys) / max_side))
+
+
+def pool_matrix(data: torch.Tensor, factor: int) -> torch.Tensor:
+    """(h, L, S) -> (h, ceil(L/f), ceil(S/f)) float32; edge groups average what they hold."""
+    data = data.float()
+    if factor == 1:
+        return data
+    return F.avg_pool2d(data[None], factor, factor, ceil_mode=True)[0]
+
+
+def pool_labels(labels: list[str] | None, factor: int) -> list[str] | None:
+    """Group labels by ``factor``: each group is its first and last label joined by ``…``."""
+    if labels is None or factor == 1:
+        return labels
+    groups = [labels[i : i + factor] for i in range(0, len(labels), factor)]
+    return [g[0] if len(g) == 1 else f"{g[0]}…{g[-1]}" for g in groups]
+
+
+def quantise(values: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """float -> (uint8, scale, offset) with ``value = offset + scale * byte``; non-finite -> 0."""
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(values.shape, np.uint8), 1.0, 0.0
+    lo = float(values[finite].min())
+    hi = float(values[finite].max())
+    scale = (hi - lo) / 255.0 or 1.0
+    q = np.where(finite, np.round((np.where(finite, values, lo) - lo) / scale), 0)
+    return q.clip(0, 255).astype(np.uint8), scale, lo
+
+
+def _select_heads(cap: Capture, heads: tuple[int, ...] | None, dim: int) -> tuple[
+        torch.Tensor, tuple[int, ...]]:
+    if heads is None or heads == cap.heads:
+        return cap.data, cap.heads
+    index = [cap.heads.index(h) for h in heads if h in cap.heads]
+    return cap.data.index_select(dim, torch.tensor(index, dtype=torch.long)), tuple(
+        cap.heads[i] for i in index)
+
+
+def _array(values: torch.Tensor, dtype: str) -> tuple[np.ndarray, float | None, float | None]:
+    if dtype == "uint8":
+        return quantise(values.float().numpy())
+    return values.to(torch.float16).numpy().astype("<f2", copy=False), None, None
+
+
+def encode_binary(run_id: str, cap: Capture, heads: tuple[int, ...] | None, max_side: int,
+                  dtype: str) -> bytes:
+    """The binary frame of an attention, qk_logits or qkv_norms capture for one view (cached)."""
+    key = (heads, max_side, dtype)
+    cached = cap.cache.get(key)
+    if cached is not None:
+        return cached
+    pool = 1
+    labels = cap.labels
+    if cap.kind == "qkv_norms":
+        values, used = _select_heads(cap, heads, 1)  # (3, h, P)
+    else:
+        values, used = _select_heads(cap, heads, 0)  # (h, L, S)
+        pool = pool_factor(values.shape[1], values.shape[2], max_side)
+        values = pool_matrix(values, pool)
+        if labels is not None:
+            labels = (pool_labels(labels[0], pool), pool_labels(labels[1], pool))
+    array, scale, offset = _array(values, dtype)
+    header = {
+        "type": "frame", "run": run_id, "step": cap.step, "kind": cap.kind, "layer": cap.layer,
+        "heads": list(used), "sample": cap.sample, "shape": list(array.shape), "dtype": dtype,
+        "scale": scale, "offset": offset, "pool": pool, "role": cap.role,
+        "labels": None if labels is None else {"queries": labels[0], "keys": labels[1]},
+        "time": cap.time,
+    }
+    frame = encode_frame(header, array)
+    cap.cache[key] = frame
+    return frame
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def encode_stats(run_id: str, cap: Capture) -> str:
+    """The ``head_stats`` JSON text of a head_stats capture (cached)."""
+    cached = cap.cache.get("json")
+    if cached is not None:
+        return cached
+    L, S = cap.data.shape[-2:]
+    valid = None if cap.masks is None else valid_key_counts(cap.masks, cap.sample, L, S)
+    rows = head_stats(cap.data, valid).tolist()  # (5, H)
+    message: dict[str, Any] = {
+        "type": "head_stats", "run": run_id, "step": cap.step, "layer": cap.layer,
+        "sample": cap.sample, "heads": list(cap.heads), "time": cap.time,
+    }
+    for name, row in zip(STAT_NAMES, rows, strict=True):
+        if name in ("nan", "inf"):
+            message[name] = [int(x) for x in row]
+        else:
+            message[name] = [_finite(x) for x in row]
+    text = json.dumps(message, separators=(",", ":"))
+    cap.cache["json"] = text
+    return text

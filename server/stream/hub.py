@@ -1,0 +1,385 @@
+"""The event-loop side of the stream: subscriptions, publishers and per-socket senders.
+
+One :class:`Hub` per app. Each websocket is a :class:`Connection` with one
+subscription and one sender task; the sender wakes when its run's publisher
+has new captures, and sends the latest value of each of its slots (so a slow
+client skips frames; nothing queues). Publishers exist only while a run has
+subscribers, and listen to exactly the union of what those ask for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from .. import __version__
+from ..protocol import KINDS, PROTOCOL_VERSION, ProtocolError, Subscribe
+from ..runs import Run, RunRegistry, UnknownRunError
+from ..settings import Settings
+from .frames import encode_binary, encode_stats
+from .publisher import EMPTY_PLAN, Plan, Publisher, SampleNeed, SlotKey
+
+logger = logging.getLogger(__name__)
+
+# A capture whose step is never marked (a loop that never calls step()) is
+# published anyway after this long.
+STALE_AFTER_S = 0.5
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A validated subscription with defaults and null lists resolved against its run."""
+
+    run: str
+    kinds: tuple[str, ...]
+    layers: tuple[int, ...]
+    heads: tuple[int, ...] | None  # None: all heads
+    all_heads: tuple[int, ...]
+    sample: int
+    max_fps: float
+    max_side: int
+    dtype: str
+
+    @property
+    def slot_keys(self) -> tuple[SlotKey, ...]:
+        return tuple((kind, layer, self.sample) for layer in self.layers
+                     for kind in self.kinds if kind != "scalars")
+
+    def to_message(self) -> dict[str, Any]:
+        return {
+            "type": "subscribed", "run": self.run, "kinds": list(self.kinds),
+            "layers": list(self.layers),
+            "heads": list(self.all_heads if self.heads is None else self.heads),
+            "sample": self.sample, "max_fps": self.max_fps, "max_side": self.max_side,
+            "dtype": self.dtype,
+        }
+
+
+def resolve(sub: Subscribe, run: Run, settings: Settings) -> Resolved:
+    """Check ``sub`` against ``run`` and the server limits; raise :class:`ProtocolError`."""
+    n_layers = len(run.sites)
+    layers = tuple(range(n_layers)) if sub.layers is None else tuple(sorted(set(sub.layers)))
+    for layer in layers:
+        if not 0 <= layer < n_layers:
+            raise ProtocolError("layers", f"layer {layer} out of range: run {run.id!r} has "
+                                          f"{n_layers} layers (0-{n_layers - 1})")
+    counts = [(run.sites[i].heads, i) for i in layers if run.sites[i].heads is not None]
+    n_heads, where = min(counts) if counts else (None, None)
+    heads = None if sub.heads is None else tuple(sorted(set(sub.heads)))
+    if heads is not None and n_heads is not None:
+        for head in heads:
+            if not 0 <= head < n_heads:
+                raise ProtocolError("heads", f"head {head} out of range: layer {where} of run "
+                                             f"{run.id!r} has {n_heads} heads (0-{n_heads - 1})")
+    if run.batch_size is not None and sub.sample >= run.batch_size:
+        raise ProtocolError("sample", f"sample {sub.sample} out of range: run {run.id!r} has "
+                                      f"batches of {run.batch_size} (0-{run.batch_size - 1})")
+    if sub.max_fps > settings.max_fps:
+        raise ProtocolError("max_fps", f"max_fps {sub.max_fps:g} is above this server's limit "
+                                       f"{settings.max_fps:g}")
+    if sub.max_side > settings.max_side:
+        raise ProtocolError("max_side", f"max_side {sub.max_side} is above this server's limit "
+                                        f"{settings.max_side}")
+    return Resolved(
+        run=run.id, kinds=tuple(dict.fromkeys(sub.kinds)), layers=layers, heads=heads,
+        all_heads=tuple(range(n_heads or 0)), sample=sub.sample, max_fps=sub.max_fps,
+        max_side=sub.max_side, dtype=sub.dtype,
+    )
+
+
+class _Heads:
+    """A union of head selections where None (all heads) absorbs everything."""
+
+    def __init__(self) -> None:
+        self.all = False
+        self.some: set[int] = set()
+
+    def add(self, heads: tuple[int, ...] | None) -> None:
+        if heads is None:
+            self.all = True
+        else:
+            self.some.update(heads)
+
+    def value(self) -> tuple[int, ...] | None:
+        return None if self.all else tuple(sorted(self.some))
+
+
+def build_plan(run: Run, subs: list[Resolved]) -> Plan:
+    """The union of ``subs`` (all for ``run``) as a :class:`Plan`."""
+    if not subs:
+        return EMPTY_PLAN
+    acc: dict[tuple[int, int], dict[str, Any]] = {}
+    for sub in subs:
+        for layer in sub.layers:
+            need = acc.setdefault((layer, sub.sample), {
+                "kinds": set(), "attention": _Heads(), "logits": _Heads(), "qkv": _Heads()})
+            for kind in sub.kinds:
+                need["kinds"].add(kind)
+                if kind == "attention":
+                    need["attention"].add(sub.heads)
+                elif kind == "qk_logits":
+                    need["logits"].add(sub.heads)
+                elif kind == "qkv_norms":
+                    need["qkv"].add(sub.heads)
+    needs: dict[int, list[SampleNeed]] = {}
+    sources: dict[int, tuple[str, int]] = {}
+    for (layer, sample), need in sorted(acc.items()):
+        kinds = need["kinds"]
+        stats = "head_stats" in kinds
+        sample_need = SampleNeed(
+            sample=sample,
+            attention="attention" in kinds,
+            attention_heads=None if stats else need["attention"].value(),
+            logits="qk_logits" in kinds, logits_heads=need["logits"].value(),
+            stats=stats,
+            qkv="qkv_norms" in kinds, qkv_heads=need["qkv"].value(),
+        )
+        site = run.sites[layer]
+        if sample_need.attention or sample_need.logits or stats:
+            sources[id(site.inner)] = ("attn", layer)
+        if sample_need.qkv and site.outer is not None:
+            sources[id(site.outer)] = ("qkv", layer)
+        needs.setdefault(layer, []).append(sample_need)
+    return Plan(
+        interval=1.0 / max(s.max_fps for s in subs), sources=sources,
+        needs={layer: tuple(v) for layer, v in needs.items()},
+        scalars=any("scalars" in s.kinds for s in subs),
+    )
+
+
+class Connection:
+    """One websocket: its subscription, what it was last sent, and its sender task."""
+
+    def __init__(self, websocket: WebSocket, hub: Hub) -> None:
+        self.websocket = websocket
+        self.hub = hub
+        self.sub: Resolved | None = None
+        self.wake = asyncio.Event()
+        self.runs_dirty = False
+        self.sent: dict[SlotKey, int] = {}
+        self.sent_scalars = -1
+        self.next_due = 0.0
+        self._send_lock = asyncio.Lock()
+        self.task: asyncio.Task | None = None
+
+    async def send_json(self, message: dict[str, Any]) -> None:
+        await self.send_text(json.dumps(message, separators=(",", ":")))
+
+    async def send_text(self, text: str) -> None:
+        async with self._send_lock:
+            await self.websocket.send_text(text)
+
+    async def send_bytes(self, data: bytes) -> None:
+        async with self._send_lock:
+            await self.websocket.send_bytes(data)
+
+    async def close(self, code: int, reason: str = "") -> None:
+        async with self._send_lock:
+            with contextlib.suppress(RuntimeError):
+                await self.websocket.close(code, reason)
+
+    async def run_sender(self) -> None:
+        """Send what is new whenever woken; ends quietly when the socket goes away."""
+        try:
+            await self._send_loop()
+        except (WebSocketDisconnect, OSError, RuntimeError):
+            return  # the client left mid-send; the receive loop cleans up
+        except Exception:
+            logger.exception("stream sender failed")
+            await self.close(1011, "internal error")
+
+    async def _send_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            if self.runs_dirty:
+                self.runs_dirty = False
+                await self.send_json(self.hub.runs_message())
+            if self.sub is None:
+                continue
+            delay = self.next_due - loop.time()
+            if delay > 0:  # this subscriber's max_fps: wait, then send the latest
+                await asyncio.sleep(delay)
+            sub = self.sub
+            if sub is None:
+                continue
+            started = loop.time()
+            if await self._send_updates(sub):
+                self.next_due = started + 1.0 / sub.max_fps
+
+    async def _send_updates(self, sub: Resolved) -> bool:
+        try:
+            run = self.hub.registry.get(sub.run)
+        except UnknownRunError:
+            return False
+        publisher = self.hub.publishers.get(sub.run)
+        sent = False
+        if publisher is not None:
+            for key in sub.slot_keys:
+                cap = publisher.slots.get(key)
+                if cap is None or cap.seq <= self.sent.get(key, 0):
+                    continue
+                self.sent[key] = cap.seq
+                if cap.kind == "head_stats":
+                    await self.send_text(encode_stats(run.id, cap))
+                else:
+                    await self.send_bytes(
+                        encode_binary(run.id, cap, sub.heads, sub.max_side, sub.dtype))
+                sent = True
+                if self.sub is not sub:  # resubscribed meanwhile: start over with the new one
+                    return sent
+        if "scalars" in sub.kinds and run.step_index is not None \
+                and run.scalars_seq != self.sent_scalars:
+            self.sent_scalars = run.scalars_seq
+            await self.send_json({
+                "type": "scalars", "run": run.id, "step": run.step_index,
+                "time": run.scalars_time, "values": dict(run.scalars),
+            })
+            sent = True
+        return sent
+
+
+class Hub:
+    """Connections, their subscriptions, and one publisher per watched run."""
+
+    def __init__(self, registry: RunRegistry, settings: Settings) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.connections: set[Connection] = set()
+        self.publishers: dict[str, Publisher] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending_wakes: set[str] = set()
+        self._housekeeping: asyncio.Task | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.registry.add_listener(self._registry_changed)
+        self._housekeeping = asyncio.create_task(self._flush_stale_loop())
+
+    async def stop(self) -> None:
+        self.registry.remove_listener(self._registry_changed)
+        tasks = [c.task for c in self.connections if c.task is not None]
+        if self._housekeeping is not None:
+            tasks.append(self._housekeeping)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for publisher in self.publishers.values():
+            publisher.close()
+        self.publishers.clear()
+        self.connections.clear()
+
+    @property
+    def full(self) -> bool:
+        return len(self.connections) >= self.settings.max_subscribers
+
+    def hello(self) -> dict[str, Any]:
+        return {"type": "hello", "protocol": PROTOCOL_VERSION, "server": f"attnscope {__version__}",
+                "kinds": list(KINDS), "runs": [r.summary() for r in self.registry.list()]}
+
+    def runs_message(self) -> dict[str, Any]:
+        return {"type": "runs", "runs": [r.summary() for r in self.registry.list()]}
+
+    # -- connections -----------------------------------------------------------
+
+    def connect(self, websocket: WebSocket) -> Connection:
+        conn = Connection(websocket, self)
+        self.connections.add(conn)
+        conn.task = asyncio.create_task(conn.run_sender())
+        return conn
+
+    async def disconnect(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        old = conn.sub
+        conn.sub = None
+        if conn.task is not None:
+            conn.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await conn.task
+            conn.task = None
+        if old is not None:
+            self._replan(old.run)
+
+    def subscribe(self, conn: Connection, sub: Subscribe) -> Resolved:
+        """Validate and install ``sub`` for ``conn`` (raises :class:`ProtocolError`)."""
+        try:
+            run = self.registry.get(sub.run)
+        except UnknownRunError as exc:
+            raise ProtocolError("run", str(exc)) from None
+        resolved = resolve(sub, run, self.settings)
+        old = conn.sub
+        conn.sub = resolved
+        conn.sent = {}
+        conn.sent_scalars = -1
+        conn.next_due = 0.0
+        if old is not None and old.run != resolved.run:
+            self._replan(old.run)
+        self._replan(resolved.run)
+        conn.wake.set()
+        return resolved
+
+    def unsubscribe(self, conn: Connection) -> None:
+        old, conn.sub = conn.sub, None
+        if old is not None:
+            self._replan(old.run)
+
+    def _replan(self, run_id: str) -> None:
+        subs = [c.sub for c in self.connections if c.sub is not None and c.sub.run == run_id]
+        publisher = self.publishers.get(run_id)
+        try:
+            run = self.registry.get(run_id)
+        except UnknownRunError:
+            run = None
+        if not subs or run is None:
+            if publisher is not None:
+                publisher.close()
+                del self.publishers[run_id]
+            return
+        if publisher is None or publisher.run is not run:
+            if publisher is not None:
+                publisher.close()
+            publisher = self.publishers[run_id] = Publisher(run, self._notify_threadsafe)
+        publisher.set_plan(build_plan(run, subs))
+
+    # -- wake-ups (from the training thread and registry listeners) --------------
+
+    def _notify_threadsafe(self, run_id: str) -> None:
+        if run_id in self._pending_wakes or self._loop is None:
+            return
+        self._pending_wakes.add(run_id)
+        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+            self._loop.call_soon_threadsafe(self._wake_run, run_id)
+
+    def _wake_run(self, run_id: str) -> None:
+        self._pending_wakes.discard(run_id)
+        for conn in self.connections:
+            if conn.sub is not None and conn.sub.run == run_id:
+                conn.wake.set()
+
+    def _registry_changed(self) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._broadcast_runs)
+
+    def _broadcast_runs(self) -> None:
+        for run_id in list(self.publishers):
+            if run_id not in self.registry.ids():
+                self._replan(run_id)
+        for conn in self.connections:
+            conn.runs_dirty = True
+            conn.wake.set()
+
+    async def _flush_stale_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STALE_AFTER_S / 2)
+            for publisher in list(self.publishers.values()):
+                publisher.flush_stale(STALE_AFTER_S)

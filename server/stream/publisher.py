@@ -1,0 +1,332 @@
+"""The training-thread side of the stream: one :class:`Publisher` per watched run.
+
+It listens on the run's dispatcher(s) only while someone subscribes, with a
+:class:`Plan` that is the union of the subscriptions. Its handler runs in the
+training thread and does as little as possible: a throttle check, the slices
+asked for (``event.attention(sample=..., heads=...)``), a detached CPU copy in
+reduced precision, and a store into a latest-value slot. Everything else
+(pooling, encoding, sending) happens in the server's event loop.
+
+Frames are tied to steps: captures made during a forward pass wait in
+``pending`` until :meth:`Run.step` marks the step (so they carry that step's
+number and token labels), then replace the previous value of their slot.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from transformer_core.events import AttentionEvent, QKVEvent
+
+from ..runs import Run
+from .stats import MaskInfo
+
+SlotKey = tuple[str, int, int]  # (kind, layer, sample)
+
+
+@dataclass(frozen=True)
+class SampleNeed:
+    """What the union of subscriptions wants from one layer for one sample.
+
+    ``*_heads`` are the heads to capture: a sorted tuple, or None for all heads.
+    ``attention_heads`` is None (all) whenever ``stats`` is set.
+    """
+
+    sample: int
+    attention: bool = False
+    attention_heads: tuple[int, ...] | None = None
+    logits: bool = False
+    logits_heads: tuple[int, ...] | None = None
+    stats: bool = False
+    qkv: bool = False
+    qkv_heads: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The union of a run's subscriptions, swapped atomically into the publisher.
+
+    ``sources`` maps ``id(module)`` to ``("attn" | "qkv", layer)`` for the
+    modules whose events are wanted; ``needs[layer]`` lists per-sample needs.
+    """
+
+    interval: float = 1.0
+    sources: dict[int, tuple[str, int]] = field(default_factory=dict)
+    needs: dict[int, tuple[SampleNeed, ...]] = field(default_factory=dict)
+    scalars: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not self.sources and not self.scalars
+
+
+EMPTY_PLAN = Plan()
+
+
+@dataclass(eq=False, slots=True)
+class Capture:
+    """One captured array, as put into a latest-value slot.
+
+    ``data`` is on the CPU: attention (h, L, S) float16, qk_logits (h, L, S)
+    float32, qkv_norms (3, h, P) float32, head_stats: the attention of all H
+    heads (H, L, S) float16 with ``masks``, from which the event loop computes
+    the statistics (in the training thread there is only the copy).
+    ``cache`` holds its encodings by view, filled lazily by the event loop.
+    """
+
+    kind: str
+    layer: int
+    sample: int
+    heads: tuple[int, ...]
+    data: torch.Tensor
+    role: str
+    time: float
+    step: int = 0
+    seq: int = 0
+    labels: tuple[list[str] | None, list[str] | None] | None = None
+    masks: MaskInfo | None = None
+    cache: dict[Any, Any] = field(default_factory=dict)
+
+
+def _kinds(need: SampleNeed) -> list[str]:
+    flags = (("attention", need.attention), ("qk_logits", need.logits),
+             ("head_stats", need.stats), ("qkv_norms", need.qkv))
+    return [kind for kind, wanted in flags if wanted]
+
+
+def _heads_arg(heads: tuple[int, ...] | None) -> list[int] | None:
+    return None if heads is None else list(heads)
+
+
+def _to_cpu_half(t: torch.Tensor) -> torch.Tensor:
+    """Detached float16 copy on the CPU (converted on the device first: less to move)."""
+    t = t.detach()
+    if t.dtype != torch.float16:
+        return t.to(torch.float16).cpu()
+    return t.to("cpu", copy=True)
+
+
+def _to_cpu_float(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().float()
+    return t.cpu() if t.device.type != "cpu" else t
+
+
+class Publisher:
+    """Captures what a run's subscribers want; the event loop reads :attr:`slots`.
+
+    ``notify(run_id)`` is called from the training thread when slots changed
+    (at most once per step); it must be cheap and thread-safe.
+    """
+
+    def __init__(self, run: Run, notify: Callable[[str], None]) -> None:
+        self.run = run
+        self.slots: dict[SlotKey, Capture] = {}
+        self._notify = notify
+        self._plan = EMPTY_PLAN
+        self._listening: dict[int, Any] = {}  # id(dispatcher) -> dispatcher
+        self._hooked = False
+        self._lock = threading.Lock()
+        self._pending: dict[SlotKey, Capture] = {}
+        self._window: set[tuple[str, int]] = set()
+        self._capturing = False
+        self._window_start = 0.0
+        self._next_due = 0.0
+        self._scalars_due = 0.0
+        self._seq = itertools.count(1)
+
+    @property
+    def plan(self) -> Plan:
+        return self._plan
+
+    # -- event loop ----------------------------------------------------------
+
+    def set_plan(self, plan: Plan) -> None:
+        """Install ``plan``; listen on exactly the dispatchers it needs (none if empty)."""
+        wanted: dict[int, Any] = {}
+        for kind, layer in plan.sources.values():
+            site = self.run.sites[layer]
+            d = site.dispatcher if kind == "attn" else site.qkv_dispatcher
+            if d is not None:
+                wanted[id(d)] = d
+        self._plan = plan
+        for key, d in wanted.items():
+            if key not in self._listening:
+                d.listen(self._accepts, self._handle)
+        for key, d in self._listening.items():
+            if key not in wanted:
+                d.remove(self._handle)
+        self._listening = wanted
+        if plan.empty and self._hooked:
+            self.run.remove_step_hook(self._on_step)
+            self._hooked = False
+        elif not plan.empty and not self._hooked:
+            self.run.add_step_hook(self._on_step)
+            self._hooked = True
+        # Slots nobody wants any more are dropped (bounded memory, nothing stale later).
+        keep = {(kind, layer, need.sample) for layer, needs in plan.needs.items()
+                for need in needs for kind in _kinds(need)}
+        for key in [k for k in self.slots if k not in keep]:
+            self.slots.pop(key, None)
+
+    def close(self) -> None:
+        self.set_plan(EMPTY_PLAN)
+        with self._lock:
+            self._pending = {}
+            self._window = set()
+            self._capturing = False
+
+    def flush_stale(self, max_age: float) -> None:
+        """Publish captures whose step was never marked (a loop that does not call step())."""
+        published = False
+        with self._lock:
+            if self._pending and time.monotonic() - self._window_start > max_age:
+                published = self._flush_locked()
+        if published:
+            self._notify(self.run.id)
+
+    # -- training thread -------------------------------------------------------
+
+    def _accepts(self, event: Any) -> bool:
+        return id(getattr(event, "source", None)) in self._plan.sources
+
+    def _handle(self, event: Any) -> None:
+        plan = self._plan
+        source = plan.sources.get(id(event.source))
+        if source is None:
+            return
+        what, layer = source
+        if what == "attn" and not isinstance(event, AttentionEvent):
+            return
+        if what == "qkv" and not isinstance(event, QKVEvent):
+            return
+        now = time.monotonic()
+        flushed = False
+        with self._lock:
+            if source in self._window:
+                # A second forward pass without step() in between: publish the first.
+                flushed = self._flush_locked()
+            if not self._capturing:
+                if now < self._next_due:
+                    capture = False
+                else:
+                    capture = self._capturing = True
+                    self._window_start = now
+                    self._next_due = now + plan.interval
+            else:
+                capture = True
+            if capture:
+                self._window.add(source)
+        if flushed:
+            self._notify(self.run.id)
+        if not capture:
+            return
+        needs = plan.needs.get(layer, ())
+        with torch.no_grad():
+            if what == "attn":
+                captures = self._capture_attention(event, layer, needs)
+            else:
+                captures = self._capture_qkv(event, layer, needs)
+        with self._lock:
+            for cap in captures:
+                self._pending[(cap.kind, cap.layer, cap.sample)] = cap
+
+    def _capture_attention(self, event: AttentionEvent, layer: int,
+                           needs: tuple[SampleNeed, ...]) -> list[Capture]:
+        n, h = event.shape[0], event.shape[1]
+        now = time.time()
+        out = []
+        for need in needs:
+            if need.sample >= n:
+                continue
+            if need.attention or need.stats:
+                a = event.attention(sample=need.sample, heads=_heads_arg(need.attention_heads))
+                heads = need.attention_heads or tuple(range(h))
+                a = _to_cpu_half(a)  # (h, L, S)
+                if need.stats:  # all heads (see build_plan)
+                    out.append(Capture("head_stats", layer, need.sample, heads, a, event.role,
+                                       now, masks=MaskInfo.of(event)))
+                if need.attention:
+                    out.append(Capture("attention", layer, need.sample, heads, a,
+                                       event.role, now))
+            if need.logits:
+                g = event.logits(sample=need.sample, heads=_heads_arg(need.logits_heads))
+                heads = need.logits_heads or tuple(range(h))
+                out.append(Capture("qk_logits", layer, need.sample, heads,
+                                   _to_cpu_float(g), event.role, now))
+        return out
+
+    def _capture_qkv(self, event: QKVEvent, layer: int,
+                     needs: tuple[SampleNeed, ...]) -> list[Capture]:
+        q, k, v = event.queries, event.keys, event.values  # (N, L|S, H, E|D)
+        now = time.time()
+        role = self.run.sites[layer].role
+        out = []
+        for need in needs:
+            if not need.qkv or need.sample >= q.shape[0]:
+                continue
+            heads = need.qkv_heads or tuple(range(q.shape[2]))
+            idx = list(heads)
+            norms = [t[need.sample][:, idx].float().norm(dim=-1).T for t in (q, k, v)]  # (h, P)
+            p = max(x.shape[1] for x in norms)
+            data = torch.full((3, len(heads), p), float("nan"), device=q.device)
+            for i, x in enumerate(norms):
+                data[i, :, : x.shape[1]] = x
+            out.append(Capture("qkv_norms", layer, need.sample, heads, _to_cpu_float(data),
+                               role, now))
+        return out
+
+    def _on_step(self, run: Run) -> None:
+        """Step hook: publish this step's captures with its number and token labels."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            self._window = set()
+            self._capturing = False
+        plan = self._plan
+        if pending:
+            self._publish(pending, run.step_index or 0)
+            self._notify(run.id)
+        elif plan.scalars:
+            now = time.monotonic()
+            if now >= self._scalars_due:
+                self._scalars_due = now + plan.interval
+                self._notify(run.id)
+
+    def _flush_locked(self) -> bool:
+        pending, self._pending = self._pending, {}
+        self._window = set()
+        self._capturing = False
+        if not pending:
+            return False
+        step = self.run.step_index
+        self._publish(pending, 0 if step is None else step + 1)
+        return True
+
+    def _publish(self, pending: dict[SlotKey, Capture], step: int) -> None:
+        labels: dict[int, list[str] | None] = {}
+        for key, cap in pending.items():
+            if cap.sample not in labels:
+                labels[cap.sample] = self.run.labels(cap.sample)
+            cap.step = step
+            cap.labels = _axis_labels(labels[cap.sample], cap)
+            cap.seq = next(self._seq)
+            self.slots[key] = cap
+
+
+def _axis_labels(tokens: list[str] | None, cap: Capture) -> tuple[list[str] | None,
+                                                                  list[str] | None] | None:
+    """(query labels, key labels) for a capture; an axis whose length differs gets None."""
+    if tokens is None or cap.kind == "head_stats":
+        return None
+    if cap.kind == "qkv_norms":
+        return (tokens, tokens if cap.role == "self" else None)
+    length, keys = cap.data.shape[-2], cap.data.shape[-1]
+    q = tokens if len(tokens) == length else None
+    k = tokens if cap.role == "self" and len(tokens) == keys else None
+    return None if q is None and k is None else (q, k)

@@ -1,0 +1,89 @@
+"""CUDA: fused vs explicit paths and reduced precision. Skipped without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from transformer_core.attention import ATTENTION_TYPES
+from transformer_core.builders import TransformerEncoderBuilder
+from transformer_core.events import AttentionEvent, EventDispatcher
+from transformer_core.masking import LengthMask, TriangularCausalMask
+
+from .helpers import Recorder, reference_softmax_attention
+
+pytestmark = pytest.mark.gpu
+
+
+def build(dispatcher, **kwargs):
+    options = dict(n_layers=2, n_heads=4, query_dimensions=16, value_dimensions=16,
+                   feed_forward_dimensions=128, event_dispatcher=dispatcher, local_context=8)
+    options.update(kwargs)
+    return TransformerEncoderBuilder.from_kwargs(**options).get().cuda().eval()
+
+
+def capture(net, dispatcher, x, **masks):
+    got = Recorder()
+    dispatcher.listen(AttentionEvent, got)
+    with torch.no_grad():
+        out = net(x, **masks)
+    dispatcher.remove(got)
+    return out, [ev.attention_matrix for ev in got.events]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_equals_explicit_on_cuda(causal):
+    dispatcher = EventDispatcher()
+    net = build(dispatcher)
+    x = torch.randn(3, 64, 64, device="cuda")
+    masks = dict(length_mask=LengthMask(torch.tensor([64, 40, 7], device="cuda"), 64))
+    if causal:
+        masks["attn_mask"] = TriangularCausalMask(64, device="cuda")
+    fused, fused_matrices = capture(net, dispatcher, x, **masks)
+    for layer in net.layers:
+        layer.attention.inner_attention.use_fused = False
+    explicit, explicit_matrices = capture(net, dispatcher, x, **masks)
+    torch.testing.assert_close(fused, explicit, rtol=1e-4, atol=1e-4)
+    for a, b in zip(fused_matrices, explicit_matrices, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("attention_type", list(ATTENTION_TYPES))
+def test_reduced_precision_on_cuda(dtype, attention_type):
+    dispatcher = EventDispatcher()
+    net = build(dispatcher, attention_type=attention_type)
+    x = torch.randn(2, 32, 64, device="cuda")
+    reference, _ = capture(net, dispatcher, x)
+    net = net.to(dtype)
+    out, matrices = capture(net, dispatcher, x.to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    tol = 0.03 if dtype == torch.float16 else 0.15  # bfloat16 keeps 8 mantissa bits
+    torch.testing.assert_close(out.float(), reference, rtol=tol, atol=tol)
+    for matrix in matrices:
+        assert matrix.dtype == dtype and matrix.device.type == "cuda"
+        torch.testing.assert_close(matrix.float().sum(-1), torch.ones(2, 4, 32, device="cuda"),
+                                   rtol=0.02, atol=0.02)
+
+
+def test_full_attention_matches_float64_reference_on_cuda():
+    dispatcher = EventDispatcher()
+    net = build(dispatcher, n_layers=1)
+    qkv = Recorder()
+    dispatcher.listen(lambda ev: hasattr(ev, "values"), qkv)
+    _, (matrix,) = capture(net, dispatcher, torch.randn(2, 48, 64, device="cuda"))
+    event = qkv.events[0]
+    _, ref = reference_softmax_attention(event.queries, event.keys, event.values)
+    torch.testing.assert_close(matrix.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_slices_stay_on_the_device():
+    dispatcher = EventDispatcher()
+    net = build(dispatcher)
+    got = Recorder()
+    dispatcher.listen(AttentionEvent, got)
+    with torch.no_grad():
+        net(torch.randn(2, 16, 64, device="cuda"))
+    part = got.events[0].attention(sample=1, heads=[0, 3])
+    assert part.device.type == "cuda" and part.shape == (2, 16, 16)
+    torch.testing.assert_close(part, got.events[0].attention_matrix[1][[0, 3]])
