@@ -29,7 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -105,10 +105,11 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f}"
 
 
-def bench_forward(lengths: list[int], batch: int, reps: int) -> list[str]:
+def bench_forward(lengths: list[int], batch: int, reps: int) -> Iterator[str]:
     ours, seed, ref = build_ours().eval(), build_ours(fused=False).eval(), build_torch().eval()
-    rows = ["| L | ours ms | torch fast path ms | torch no fast path ms | seed approach ms "
-            "| ours / best torch | seed / best torch |", "|---|---|---|---|---|---|---|"]
+    yield ("| L | ours ms | torch fast path ms | torch no fast path ms | seed approach ms "
+           "| ours / best torch | seed / best torch |")
+    yield "|---|---|---|---|---|---|---|"
     for L in lengths:
         x = torch.randn(batch, L, D_MODEL)
         with torch.no_grad():
@@ -119,34 +120,32 @@ def bench_forward(lengths: list[int], batch: int, reps: int) -> list[str]:
                 "seed": lambda x=x: seed(x),
             }, reps if L <= 1024 else 3)
         best = min(("fast", "slow"), key=t.median)
-        rows.append(f"| {L} | {ms(t.median('ours'))} | {ms(t.median('fast'))} | "
+        yield (f"| {L} | {ms(t.median('ours'))} | {ms(t.median('fast'))} | "
                     f"{ms(t.median('slow'))} | {ms(t.median('seed'))} | "
                     f"{t.ratio('ours', best):.2f}x | {t.ratio('seed', best):.2f}x |")
-    return rows
 
 
-def bench_backward(lengths: list[int], batch: int, reps: int) -> list[str]:
+def bench_backward(lengths: list[int], batch: int, reps: int) -> Iterator[str]:
     ours, seed, ref = build_ours().train(), build_ours(fused=False).train(), build_torch().train()
 
     def step(net, x):
         return lambda: net(x).sum().backward()
 
-    rows = ["| L | ours ms | torch ms | seed approach ms | ours / torch | seed / torch |",
-            "|---|---|---|---|---|---|"]
+    yield "| L | ours ms | torch ms | seed approach ms | ours / torch | seed / torch |"
+    yield "|---|---|---|---|---|---|"
     for L in lengths:
         x = torch.randn(batch, L, D_MODEL)
         t = interleaved({"ours": step(ours, x), "torch": step(ref, x), "seed": step(seed, x)},
                         reps)
-        rows.append(f"| {L} | {ms(t.median('ours'))} | {ms(t.median('torch'))} | "
+        yield (f"| {L} | {ms(t.median('ours'))} | {ms(t.median('torch'))} | "
                     f"{ms(t.median('seed'))} | {t.ratio('ours', 'torch'):.2f}x | "
                     f"{t.ratio('seed', 'torch'):.2f}x |")
-    return rows
 
 
-def bench_listener(L: int, batch: int, reps: int) -> list[str]:
+def bench_listener(L: int, batch: int, reps: int) -> Iterator[str]:
     """A dashboard-like listener: every layer's sample 0, all heads, copied out."""
-    rows = ["| model | no listener ms | listener ms | listener / no listener |",
-            "|---|---|---|---|"]
+    yield "| model | no listener ms | listener ms | listener / no listener |"
+    yield "|---|---|---|---|"
     x = torch.randn(batch, L, D_MODEL)
     kept: list[torch.Tensor] = []
 
@@ -176,9 +175,8 @@ def bench_listener(L: int, batch: int, reps: int) -> list[str]:
     assert len(kept) == LAYERS and kept[0].shape == (HEADS, L, L)
     for name in nets:
         quiet, loud = name + "|quiet", name + "|loud"
-        rows.append(f"| {name} | {ms(t.median(quiet))} | {ms(t.median(loud))} | "
+        yield (f"| {name} | {ms(t.median(quiet))} | {ms(t.median(loud))} | "
                     f"{t.ratio(loud, quiet):.2f}x |")
-    return rows
 
 
 def _status_mb(field: str) -> float:
@@ -209,7 +207,7 @@ def memory_child(impl: str, L: int) -> None:
     print(json.dumps({"impl": impl, "L": L, "growth_mb": peak - before, "peak_mb": peak}))
 
 
-def bench_memory(lengths: list[int], threads: int) -> list[str]:
+def bench_memory(lengths: list[int], threads: int) -> Iterator[str]:
     impls = ["ours", "torch", "seed"]
     results: dict[tuple[str, int], float] = {}
     for L in lengths:
@@ -219,13 +217,20 @@ def bench_memory(lengths: list[int], threads: int) -> list[str]:
                  str(threads)], capture_output=True, text=True, check=True, timeout=600,
             )
             results[impl, L] = json.loads(out.stdout.strip().splitlines()[-1])["growth_mb"]
-    rows = ["| L | ours MB | torch MB | seed approach MB |", "|---|---|---|---|"]
+    yield "| L | ours MB | torch MB | seed approach MB |"
+    yield "|---|---|---|---|"
     for L in lengths:
-        rows.append(f"| {L} | " + " | ".join(f"{results[i, L]:.0f}" for i in impls) + " |")
+        yield (f"| {L} | " + " | ".join(f"{results[i, L]:.0f}" for i in impls) + " |")
     first, last = lengths[0], lengths[-1]
     growth = " | ".join(f"{results[i, last] - results[i, first]:.0f}" for i in impls)
-    rows.append(f"| growth {first} -> {last} | {growth} |")
-    return rows
+    yield (f"| growth {first} -> {last} | {growth} |")
+
+
+def emit(rows: Iterator[str]) -> None:
+    """Print each table row as soon as it is measured."""
+    for row in rows:
+        print(row, flush=True)
+    print(flush=True)
 
 
 def main() -> None:
@@ -256,20 +261,20 @@ def main() -> None:
     if "forward" in sections:
         print(f"### forward, eval, no grad, no listener, batch 4 "
               f"(target ours <= {TARGETS['forward']:.2f}x at L=1024)\n")
-        print("\n".join(bench_forward(fwd_lengths, 4, reps)) + "\n")
+        emit(bench_forward(fwd_lengths, 4, reps))
     if "backward" in sections:
         print(f"### forward + backward, train mode, no listener, batch 4 "
               f"(target ours <= {TARGETS['backward']:.2f}x at L=1024)\n")
-        print("\n".join(bench_backward(bwd_lengths, 4, reps)) + "\n")
+        emit(bench_backward(bwd_lengths, 4, reps))
     if "listener" in sections:
         print(f"### listener reading event.attention(sample=0, heads=slice(None)) on every "
               f"layer, eval, no grad, batch 8, L=512 (target <= {TARGETS['listener']:.2f}x)\n")
-        print("\n".join(bench_listener(512, 8, reps)) + "\n")
+        emit(bench_listener(512, 8, reps))
     if "memory" in sections:
         print(f"### peak resident-set growth during one forward (VmHWM after - VmRSS before, "
               f"fresh process per cell), one layer, batch 1, eval, no grad, no listener "
               f"(target: growth from the first to the last L < {TARGETS['memory_mb']} MB)\n")
-        print("\n".join(bench_memory(mem_lengths, args.threads)) + "\n")
+        emit(bench_memory(mem_lengths, args.threads))
 
 
 if __name__ == "__main__":

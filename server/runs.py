@@ -124,6 +124,52 @@ def _scalar(name: str, value: Any) -> float:
                         f"got {type(value).__name__}") from exc
 
 
+class ScalarHistory:
+    """Every step's scalars, thinned to at most ``max_points`` (bounded memory).
+
+    When full, every other point is dropped and from then on only every
+    second (fourth, ...) step is kept, so the series always spans the whole run.
+
+    >>> h = ScalarHistory(max_points=4)
+    >>> for step in range(10):
+    ...     h.append(step, 0.0, {"loss": 1.0 / (step + 1)})
+    >>> h.steps
+    [0, 4, 8]
+    """
+
+    def __init__(self, max_points: int = 2048) -> None:
+        self.max_points = max_points
+        self.clear()
+
+    def clear(self) -> None:
+        self.steps: list[int] = []
+        self.times: list[float] = []
+        self.values: list[dict[str, float]] = []
+        self._stride = 1
+        self._seen = 0
+
+    def append(self, step: int, time_: float, values: dict[str, float]) -> None:
+        keep = self._seen % self._stride == 0
+        self._seen += 1
+        if not keep:
+            return
+        self.steps.append(step)
+        self.times.append(time_)
+        self.values.append(values)
+        if len(self.steps) > self.max_points:
+            self.steps, self.times, self.values = \
+                self.steps[::2], self.times[::2], self.values[::2]
+            self._stride *= 2
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"steps": [...], "time": [...], "values": {name: [value or None, ...]}}``."""
+        steps, times, values = list(self.steps), list(self.times), list(self.values)
+        names = sorted({name for v in values for name in v})
+        return {"steps": steps, "time": times,
+                "values": {n: [finite_or_none(v[n]) if n in v else None for v in values]
+                           for n in names}}
+
+
 class Run:
     """A model being trained, as the server sees it.
 
@@ -176,6 +222,7 @@ class Run:
         self.scalars: dict[str, float] = {}
         self.scalars_time = 0.0
         self.scalars_seq = 0  # bumped by every step(); senders compare it
+        self.history = ScalarHistory()
         self.seq_len: int | None = None
         self.batch_size: int | None = None
         self._tokens: Any = None
@@ -275,6 +322,8 @@ class Run:
         self.scalars = values
         self.scalars_time = time.time()
         self.scalars_seq += 1
+        if values:
+            self.history.append(self.step_index, self.scalars_time, values)
         for hook in self._step_hooks:
             hook(self)
         if self._jobs or self._paused:
@@ -368,6 +417,7 @@ class Run:
         self.step_index = None
         self.scalars = {}
         self.scalars_seq += 1
+        self.history.clear()
         self.error = None
         self._ended = False
         self._changed()

@@ -39,3 +39,12 @@ class HealthPublic(BaseModel):
     status: Literal["ok"]
     version: str
     runs: int
+
+
+class ScalarsPublic(BaseModel):
+    """A run's scalar history: one entry per kept step; a name missing at a step is null."""
+
+    run: str
+    steps: list[int]
+    time: list[float]
+    values: dict[str, list[float | None]]

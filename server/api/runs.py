@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException
 
 from ..runs import RunStateError
 from .deps import RegistryDep, RunDep
-from .models import RunPublic
+from .models import RunPublic, ScalarsPublic
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 
@@ -27,6 +27,12 @@ def list_runs(registry: RegistryDep) -> list[RunPublic]:
 @router.get("/{run_id}", responses={404: {"description": "no run has this id"}})
 def get_run(run: RunDep) -> RunPublic:
     return RunPublic.model_validate(run.summary())
+
+
+@router.get("/{run_id}/scalars", responses={404: {"description": "no run has this id"}})
+def get_scalars(run: RunDep) -> ScalarsPublic:
+    """Every step's scalars since the run started (thinned to at most 2048 points)."""
+    return ScalarsPublic(run=run.id, **run.history.to_dict())
 
 
 @router.post(

@@ -339,10 +339,14 @@ class Hub:
             run = self.registry.get(run_id)
         except UnknownRunError:
             run = None
-        if not subs or run is None:
+        if run is None:
             if publisher is not None:
                 publisher.close()
                 del self.publishers[run_id]
+            return
+        if not subs:
+            if publisher is not None:
+                publisher.set_plan(EMPTY_PLAN)  # stop listening; keep the last frames
             return
         if publisher is None or publisher.run is not run:
             if publisher is not None:

@@ -169,7 +169,15 @@ class Publisher:
         elif not plan.empty and not self._hooked:
             self.run.add_step_hook(self._on_step)
             self._hooked = True
-        # Slots nobody wants any more are dropped (bounded memory, nothing stale later).
+        if plan.empty:
+            # Nobody watches: forget half-made captures, but keep the slots, so a page
+            # reloaded while the run is paused shows the last frames at once.
+            with self._lock:
+                self._pending = {}
+                self._window = set()
+                self._capturing = False
+            return
+        # Slots the new plan cannot fill are dropped (bounded memory, nothing stale later).
         keep = {(kind, layer, need.sample) for layer, needs in plan.needs.items()
                 for need in needs for kind in _kinds(need)}
         for key in [k for k in self.slots if k not in keep]:
@@ -177,10 +185,7 @@ class Publisher:
 
     def close(self) -> None:
         self.set_plan(EMPTY_PLAN)
-        with self._lock:
-            self._pending = {}
-            self._window = set()
-            self._capturing = False
+        self.slots.clear()
 
     def flush_stale(self, max_age: float) -> None:
         """Publish captures whose step was never marked (a loop that does not call step())."""

@@ -52,6 +52,11 @@ def test_health_and_runs(toy):
             model_info["seq_len"], model_info["attention_type"]) == (2, 2, 8, 5, "full")
     assert summary["started"].endswith("Z")
     assert served.http.get("/api/v1/runs/toy").json()["id"] == "toy"
+    history = served.http.get("/api/v1/runs/toy/scalars").json()
+    n = len(history["steps"])
+    assert n >= 1 and history["steps"] == list(range(n)) and len(history["time"]) == n
+    assert history["values"]["loss"] == pytest.approx([1 / (i + 1) for i in range(n)])
+    assert served.http.get("/api/v1/runs/nope/scalars").status_code == 404
 
 
 def test_unknown_run_is_404_naming_the_id(toy):
@@ -120,6 +125,9 @@ def test_demo_run_trains_pauses_restarts_and_loss_falls():
             assert summary["controls"] == ["pause", "resume", "restart"]
             assert summary["model"]["seq_len"] == 8
             assert sum(losses[-20:]) / 20 < 0.8 * sum(losses[:20]) / 20
+            history = served.http.get("/api/v1/runs/demo/scalars").json()
+            assert len(history["steps"]) >= 150 and set(history["values"]) == {"loss", "accuracy"}
+            assert history["values"]["loss"][-1] < history["values"]["loss"][0]
             assert served.http.post("/api/v1/runs/demo/restart").status_code == 200
             assert wait_for(lambda: demo.run.step_index is not None
                             and demo.run.step_index < 20 and len(losses) > 160)

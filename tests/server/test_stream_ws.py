@@ -276,7 +276,7 @@ def test_listeners_only_while_someone_subscribes(setup):
                 break
             await asyncio.sleep(0.02)
         assert not dispatcher.has_listeners
-        assert not served.hub.connections and not served.hub.publishers
+        assert not served.hub.connections and served.hub.publishers["toy"].plan.empty
 
     with Trainer(run, model, x, tokens):
         run_async(body)
@@ -299,7 +299,8 @@ def test_disconnect_mid_stream_leaves_no_task_or_slot(setup):
             if not served.hub.connections:
                 break
             await asyncio.sleep(0.02)
-        assert not served.hub.connections and not served.hub.publishers
+        assert not served.hub.connections
+        assert served.hub.publishers["toy"].plan.empty
         assert not dispatcher.has_listeners
         assert not run._step_hooks
 
@@ -474,3 +475,27 @@ def test_stream_from_a_cuda_model_equals_direct_computation():
 
     with Served(registry) as served, Trainer(run, model, x):
         run_async(lambda: body(served))
+
+
+def test_a_page_reloaded_while_paused_gets_the_last_frames(setup):
+    served, run, model, dispatcher, x, tokens = setup
+    sub = json.dumps({"type": "subscribe", "run": "toy", "kinds": ["attention"], "layers": [0]})
+
+    async def body():
+        ws = await connect(served.ws_url)
+        await ws.send(sub)
+        await recv_frame(ws, "attention", min_step=3)
+        await asyncio.to_thread(served.http.post, "/api/v1/runs/toy/pause")
+        await asyncio.sleep(0.2)
+        last = run.step_index
+        await ws.close()
+        await asyncio.sleep(0.2)
+        ws = await connect(served.ws_url)  # the reload
+        await ws.send(sub)
+        header, _ = await recv_frame(ws, "attention", timeout=3)
+        assert header["step"] <= last and run.step_index == last  # still paused
+        await ws.close()
+        await asyncio.to_thread(served.http.post, "/api/v1/runs/toy/resume")
+
+    with Trainer(run, model, x, tokens):
+        run_async(body)
