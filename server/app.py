@@ -16,8 +16,10 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from . import __version__
+from . import __version__, captures, history
 from .api import api_router
+from .auth import AuthMiddleware
+from .remote.endpoint import router as publish_router
 from .runs import RunRegistry
 from .settings import Settings
 from .stream import Hub
@@ -38,6 +40,16 @@ def plotly_js_path() -> Path | None:
     return path if path.is_file() else None
 
 
+def _open_capture_store(settings: Settings) -> captures.CaptureStore | None:
+    """The capture store, or None (captures answer 503) when another process owns it."""
+    try:
+        return captures.open_store(settings)
+    except captures.StoreLocked as exc:
+        logger.warning("captures disabled: %s (set ATTNSCOPE_DATA_DIR to a folder of its own)",
+                       exc)
+        return None
+
+
 def create_app(settings: Settings | None = None, registry: RunRegistry | None = None) -> FastAPI:
     """The app serving ``registry``'s runs (an empty registry if None)."""
     settings = settings if settings is not None else Settings()
@@ -48,17 +60,29 @@ def create_app(settings: Settings | None = None, registry: RunRegistry | None = 
         hub = Hub(registry, settings)
         await hub.start()
         app.state.hub = hub
+        app.state.capture_store = _open_capture_store(settings)
+        app.state.history = history.start(settings, registry)  # None: off, or dir in use
         try:
             yield
         finally:
             await hub.stop()
+            if app.state.capture_store is not None:
+                app.state.capture_store.close()
+            if app.state.history is not None:
+                app.state.history.close()
 
     app = FastAPI(title="attnscope", version=__version__, lifespan=lifespan,
                   summary="A live window into a transformer while it trains.")
     app.state.settings = settings
     app.state.runs = registry
     app.include_router(api_router)
+    app.include_router(captures.build_router(captures.CaptureLimits.from_settings(settings)))
+    app.include_router(history.router)
     app.include_router(ws_router)
+    app.include_router(publish_router)  # /ws/publish: Dashboard.connect publishers
+    # Outermost: every route (REST, websockets, the page) needs the token but health.
+    app.add_middleware(AuthMiddleware, token=settings.token_value,
+                       allowed_origins=settings.allowed_origins)
 
     plotly_js = plotly_js_path()
 

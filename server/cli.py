@@ -1,4 +1,5 @@
-"""``attnscope``: ``demo`` (server + demo training run) and ``serve`` (server alone).
+"""``attnscope``: ``demo`` (server + demo training run), ``serve`` (server alone) and
+``capture`` (a REST capture saved to a file).
 
 Runs in the foreground; Ctrl-C or SIGTERM stops the server and the demo cleanly.
 Also runnable as ``python -m server.cli ...``.
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from . import __version__
+from .client import add_capture_arguments, capture_command
 from .settings import Settings
 
 if TYPE_CHECKING:  # heavy imports (torch, FastAPI) wait until a command runs: --help is instant
@@ -41,6 +43,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     demo.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     demo.add_argument("--device", default=None, help="auto (default), cpu or cuda[:N]")
+    demo.add_argument("--max-rate", type=float, default=8.0, metavar="STEPS_PER_S",
+                      help="pace training so the heads can be watched forming "
+                           "(default 8 steps/s; 0: as fast as possible)")
+    capture = sub.add_parser("capture", help="capture a run's attention into a file",
+                             description="Run one forward pass of a run's model on the given "
+                                         "tokens and save the tensors (npz or safetensors).")
+    add_capture_arguments(capture)
     return parser
 
 
@@ -107,6 +116,8 @@ def _serve(settings: Settings, registry: RunRegistry, open_browser: bool,
         return 1
     url = url_of(sock)
     server = uvicorn.Server(uvicorn_config(create_app(settings, registry), settings))
+    if settings.token_value is not None:  # as Jupyter does: the URL that logs you in
+        url = f"{url}/?token={settings.token_value}"
     print(f"attnscope {__version__}: dashboard at {url}  (Ctrl-C to stop)", flush=True)
     if open_browser:
         threading.Timer(1.0, webbrowser.open, args=(url,)).start()
@@ -130,6 +141,8 @@ def _serve(settings: Settings, registry: RunRegistry, open_browser: bool,
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "capture":
+        return capture_command(args)
     try:
         settings = _settings(args)
     except ValidationError as exc:
@@ -150,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
 
     try:
-        demo = DemoRun(DemoConfig(device=settings.device))
+        demo = DemoRun(DemoConfig(device=settings.device), max_rate=args.max_rate or None)
     except ValueError as exc:
         print(f"attnscope: {exc}", file=sys.stderr)
         return 2

@@ -12,7 +12,9 @@ Three lines in your loop::
 from __future__ import annotations
 
 import logging
+import os
 import webbrowser
+from collections.abc import Sequence
 from typing import Any
 
 import torch.nn as nn
@@ -57,13 +59,40 @@ class Dashboard:
         server.start()
         dash = cls(run, registry, server)
         if not quiet:
-            print(f"attnscope dashboard: {dash.url}", flush=True)  # the user needs the URL
+            token = settings.token_value
+            shown = dash.url if token is None else f"{dash.url}/?token={token}"
+            print(f"attnscope dashboard: {shown}", flush=True)  # the user needs the URL
         if open_browser:
             try:
                 webbrowser.open(dash.url)
             except Exception:  # no browser is not an error
                 logger.info("could not open a browser for %s", dash.url)
         return dash
+
+    @classmethod
+    def connect(cls, url: str, run: str, *, token: str | None = None, name: str | None = None,
+                config: dict[str, Any] | None = None, model: nn.Module | None = None,
+                ranks: int | Sequence[int] | str = 0, buffer_frames: int = 256) -> Any:
+        """Publish ``model`` to a running ``attnscope serve`` at ``url`` as run ``run``.
+
+        Same ``.step()`` / ``.close()`` API as :meth:`start`; the network is used from a
+        background thread only (see :mod:`server.remote.publisher`). ``token``: the
+        server's token (default: ``ATTNSCOPE_TOKEN``). Under torchrun / DDP only the
+        ranks in ``ranks`` publish (default rank 0); ``ranks="all"`` publishes every
+        rank as ``run/rank-N``. The others get a dashboard that does nothing.
+        """
+        from .remote.publisher import RemotePublisher, SilentDashboard, rank_run_id, select_rank
+
+        if model is None:
+            raise TypeError("Dashboard.connect: pass the model to publish (model=...)")
+        chosen, rank, world = select_rank(ranks)
+        if not chosen:
+            return SilentDashboard()
+        run_id = rank_run_id(run, ranks, rank, world)
+        token = token if token is not None else os.environ.get("ATTNSCOPE_TOKEN") or None
+        return RemotePublisher(model, url, run_id, name=name if name is None or run_id == run
+                               else f"{name} (rank {rank})", token=token, config=config,
+                               buffer_frames=buffer_frames)
 
     def step(self, step: int, loss: Any = None, tokens: Any = None, **scalars: Any) -> None:
         """Mark the end of training step ``step`` (see :meth:`server.runs.Run.step`).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from transformer_core.events import EventDispatcher
 
@@ -21,8 +22,16 @@ logger = logging.getLogger(__name__)
 class DemoRun:
     """Owns the demo's training, its thread and its :class:`Run` (``self.run``)."""
 
-    def __init__(self, config: DemoConfig | None = None, run_id: str = "demo") -> None:
+    def __init__(self, config: DemoConfig | None = None, run_id: str = "demo",
+                 max_rate: float | None = None) -> None:
+        """``max_rate``: at most this many steps per second (None: as fast as possible).
+
+        The demo converges in ~50 steps; paced, a viewer can watch the heads form.
+        """
+        if max_rate is not None and not max_rate > 0:
+            raise ValueError(f"max_rate must be None or a positive number, got {max_rate!r}")
         self.config = config if config is not None else DemoConfig()
+        self.period = 1.0 / max_rate if max_rate is not None else 0.0
         # A private dispatcher: nothing else in the process listens to the demo.
         self.dispatcher = EventDispatcher()
         self.training = DemoTraining(self.config, event_dispatcher=self.dispatcher)
@@ -72,7 +81,13 @@ class DemoRun:
     def _train(self) -> None:
         logger.info("demo training started on %s", self.training.device)
         try:
+            deadline = time.monotonic()  # when the next step may start
             while not self._stop.is_set():
+                if self.period:
+                    delay = deadline - time.monotonic()
+                    if delay > 0 and self._stop.wait(delay):
+                        break
+                    deadline = max(deadline, time.monotonic()) + self.period
                 if self._restart.is_set():
                     self._restart.clear()
                     self.training.reset()

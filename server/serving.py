@@ -26,8 +26,7 @@ _WS_MAX_SIZE_FACTOR = 16
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket on (host, port); port 0 picks a free one."""
     if host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
-        logger.warning("serving on %s: anyone who can reach this address can watch and "
-                       "pause your runs (there is no authentication yet)", host)
+        logger.info("serving on %s: every route but health needs the access token", host)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

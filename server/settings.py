@@ -13,21 +13,25 @@ max_fps
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import platformdirs
-from pydantic import Field, field_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Protocol ceilings (docs/protocol.md): settings may lower them, never raise them.
 PROTOCOL_MAX_FPS = 60.0
 PROTOCOL_MAX_SIDE = 1024
+# Shorter tokens can be guessed online; token_urlsafe(32) gives 43 characters.
+MIN_TOKEN_LENGTH = 16
 
 
 class Settings(BaseSettings):
     """Created once at start, validated there, and passed down (``app.state.settings``)."""
 
     model_config = SettingsConfigDict(env_prefix="ATTNSCOPE_", extra="forbid")
+    _token_generated: bool = PrivateAttr(False)
 
     # Loopback: a dashboard shows model internals, it is private unless asked otherwise.
     host: str = "127.0.0.1"
@@ -52,6 +56,66 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, le=1024)
     # uvicorn's log level for the server's own access and error logs.
     log_level: str = "warning"
+
+    # Captures (REST, docs/captures.md). 64 x 4096 tokens: far above a probe
+    # batch, well below what would stall a training run for long.
+    captures_max_batch: int = Field(64, ge=1)
+    captures_max_length: int = Field(4096, ge=1)
+    # 1 GiB per capture file: a 12-layer, 12-head L=512 attention capture is ~150 MiB.
+    captures_max_capture_bytes: int = Field(1 << 30, ge=1)
+    # 16 MiB request bodies: token lists and small feature tensors only.
+    captures_max_body_bytes: int = Field(16 << 20, ge=1)
+    # JSON downloads above 32 MiB are refused in favour of npz / safetensors.
+    captures_max_json_bytes: int = Field(32 << 20, ge=0)
+    # How long a capture waits for the training loop to reach a step boundary.
+    captures_timeout_s: float = Field(60.0, gt=0)
+
+    # History (server/history, docs/history.md): on, so the page can scrub back. Off:
+    # no listener at all while nobody watches (the model stays on the fused kernel).
+    history_enabled: bool = True
+    # A probe snapshot every 10 steps (one no-grad forward of 1 sample: < 1% of a step).
+    history_every: int = Field(10, ge=1)
+    # ~200 snapshots per run, older ones thinned logarithmically.
+    history_max_snapshots: int = Field(200, ge=3)
+    # 2 GiB of snapshot files over all runs; past it, other runs' oldest go first.
+    history_max_bytes: int = Field(2 << 30, ge=1)
+
+    # Access token (server/auth.py). None on loopback: no token needed. None on any other
+    # bind: one is generated at start and printed in the URL (as Jupyter does).
+    token: SecretStr | None = None
+    # Websocket origins accepted besides the server's own (e.g. a reverse proxy's URL).
+    allowed_origins: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_token(self) -> Settings:
+        token = None if self.token is None else self.token.get_secret_value()
+        if token is None:
+            if not self.is_loopback:
+                self.token = SecretStr(secrets.token_urlsafe(32))
+                self._token_generated = True
+            return self
+        if token == "":
+            if not self.is_loopback:
+                raise ValueError(f"token: an empty token is refused when bound to {self.host!r} "
+                                 "(not loopback); set ATTNSCOPE_TOKEN, or unset it to have one "
+                                 "generated")
+            self.token = None
+            return self
+        if len(token) < MIN_TOKEN_LENGTH or any(c.isspace() for c in token):
+            raise ValueError(f"token: must be at least {MIN_TOKEN_LENGTH} characters without "
+                             "spaces; make one with python -c 'import secrets; "
+                             "print(secrets.token_urlsafe(32))'")
+        return self
+
+    @property
+    def token_value(self) -> str | None:
+        """The token in clear (None: no token required)."""
+        return None if self.token is None else self.token.get_secret_value()
+
+    @property
+    def token_generated(self) -> bool:
+        """True when the token was generated at start (so it must be printed for the user)."""
+        return self._token_generated
 
     @field_validator("device")
     @classmethod

@@ -17,3 +17,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is false)")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep every server the tests start (in-process or subprocess) out of the
+    user's real data folder: captures and history go to a fresh temporary one."""
+    import os
+    import tempfile
+
+    if "ATTNSCOPE_DATA_DIR" not in os.environ:
+        os.environ["ATTNSCOPE_DATA_DIR"] = tempfile.mkdtemp(prefix="attnscope-test-data-")

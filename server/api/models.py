@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -33,6 +33,9 @@ class RunPublic(BaseModel):
     error: str | None
     controls: list[str]
     model: ModelPublic
+    # Remote runs (Dashboard.connect): the publisher's "hostname:pid" and its config.
+    host: str | None = None
+    config: dict[str, Any] | None = None
 
 
 class HealthPublic(BaseModel):

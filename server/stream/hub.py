@@ -351,7 +351,9 @@ class Hub:
         if publisher is None or publisher.run is not run:
             if publisher is not None:
                 publisher.close()
-            publisher = self.publishers[run_id] = Publisher(run, self._notify_threadsafe)
+            # A remote run (server/remote) brings its own: it forwards plans to its trainer.
+            factory = getattr(run, "publisher_factory", Publisher)
+            publisher = self.publishers[run_id] = factory(run, self._notify_threadsafe)
         publisher.set_plan(build_plan(run, subs))
 
     # -- wake-ups (from the training thread and registry listeners) --------------

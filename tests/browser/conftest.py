@@ -108,8 +108,11 @@ def demo() -> Iterator[ServerProcess]:
         server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    # Module scope: Playwright's sync API keeps an asyncio loop running in the
+    # main thread while it is open, which would break later tests that call
+    # asyncio.run() (the websocket tests); each browser module closes it.
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

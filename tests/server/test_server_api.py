@@ -168,3 +168,24 @@ def test_training_exception_ends_the_run_and_server_keeps_serving():
             assert served.http.get("/api/v1/runs/demo").json()["error"] is None
         finally:
             demo.close()
+
+
+def test_paced_demo_never_exceeds_its_rate_and_stops_promptly():
+    demo = DemoRun(TINY_DEMO, max_rate=20)
+    steps: list[float] = []
+    demo.run.add_step_hook(lambda run: steps.append(time.monotonic()))
+    demo.start()
+    try:
+        assert wait_for(lambda: len(steps) >= 5, timeout=30)
+        time.sleep(1.0)
+    finally:
+        started = time.monotonic()
+        demo.close()
+        assert time.monotonic() - started < 2.0  # a pacing wait does not delay close()
+    elapsed = steps[-1] - steps[0]
+    assert len(steps) - 1 <= 20 * elapsed + 1  # at most 20 steps per second
+
+
+def test_demo_rate_must_be_positive():
+    with pytest.raises(ValueError, match="max_rate"):
+        DemoRun(TINY_DEMO, max_rate=0)

@@ -41,7 +41,8 @@ def setup():
     tokens = [list("abcdef"), list("uvwxyz")]
     registry = RunRegistry()
     run = registry.add(Run(model, run_id="toy", name="toy run"))
-    with Served(registry) as served:
+    # History off: these tests check the stream's own listeners (history has its own tests).
+    with Served(registry, history_enabled=False) as served:
         yield served, run, model, dispatcher, x, tokens
 
 

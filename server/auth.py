@@ -1,0 +1,179 @@
+"""Access control, as Jupyter does it: a token for every route but health, checked in one place.
+
+:class:`AuthMiddleware` wraps the whole ASGI app, so every REST route, the
+websockets and the page are covered, including routes added later (see
+``tests/server/test_auth_routes.py``). A request is let in when it carries the
+token as
+
+- an ``Authorization: Bearer <token>`` header (scripts, publishers),
+- a ``?token=<token>`` query parameter (the printed URL): the response then
+  sets an HttpOnly, SameSite=Strict cookie, and the parameter is removed from
+  the request before anything downstream (access logs included) sees it,
+- that cookie (the page's own fetches and websocket, after the first visit).
+
+Without a token configured (the loopback default) every request is let in.
+Whatever the token, a websocket upgrade whose ``Origin`` is not the server's
+own (or one of ``allowed_origins``) is refused: a web page elsewhere cannot
+drive the server through the visitor's browser. Tokens are compared in
+constant time and never logged; a refusal says nothing about why.
+
+>>> cookie_value("secret-token-0123456789") == cookie_value("secret-token-0123456789")
+True
+>>> cookie_value("secret-token-0123456789") == "secret-token-0123456789"
+False
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+from collections.abc import Iterable
+from http.cookies import SimpleCookie
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger(__name__)
+
+COOKIE_NAME = "attnscope_token"
+# Paths reachable without a token: liveness for compose healthchecks and load balancers.
+PUBLIC_PATHS = frozenset({"/api/v1/health"})
+_UNAUTHORIZED = json.dumps({"detail": "authentication required"}).encode()
+
+
+def cookie_value(token: str) -> str:
+    """What the cookie holds: an HMAC of the token, so a leaked cookie is not the token."""
+    return hmac.new(token.encode(), b"attnscope-session-v1", hashlib.sha256).hexdigest()
+
+
+def _equal(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def _cookie(headers: dict[str, str]) -> str | None:
+    raw = headers.get("cookie")
+    if not raw:
+        return None
+    jar: SimpleCookie = SimpleCookie()
+    try:
+        jar.load(raw)
+    except Exception:  # a malformed Cookie header is just not a session
+        return None
+    morsel = jar.get(COOKIE_NAME)
+    return None if morsel is None else morsel.value
+
+
+def same_origin(origin: str, host: str | None, allowed: Iterable[str] = ()) -> bool:
+    """True when ``origin`` (an Origin header) names this server (its Host header) or is allowed.
+
+    >>> same_origin("http://10.0.0.5:8000", "10.0.0.5:8000")
+    True
+    >>> same_origin("https://evil.example", "10.0.0.5:8000")
+    False
+    """
+    if origin.rstrip("/") in {a.rstrip("/") for a in allowed}:
+        return True
+    parts = urlsplit(origin)
+    return bool(host) and parts.scheme in ("http", "https") and parts.netloc == host
+
+
+class AuthMiddleware:
+    """ASGI middleware: token check on HTTP and websocket scopes, Origin check on websockets.
+
+    ``token`` None lets every request in (the Origin check stays).
+    ``allowed_origins``: extra websocket origins, e.g. a reverse proxy's public URL.
+    """
+
+    def __init__(self, app: ASGIApp, token: str | None,
+                 allowed_origins: Iterable[str] = ()) -> None:
+        self.app = app
+        self.token = token
+        self.cookie = None if token is None else cookie_value(token)
+        self.allowed_origins = tuple(allowed_origins)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = _headers(scope)
+        if scope["type"] == "websocket":
+            origin = headers.get("origin")
+            if origin is not None and not same_origin(origin, headers.get("host"),
+                                                      self.allowed_origins):
+                logger.warning("refused a websocket from foreign origin %r", origin)
+                await _deny_websocket(scope, receive, send, 403)
+                return
+        if self.token is None or scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        verdict = self._check(scope, headers)
+        if verdict is None:
+            if scope["type"] == "websocket":
+                await _deny_websocket(scope, receive, send, 401)
+            else:
+                await _deny_http(send)
+            return
+        if verdict == "query" and scope["type"] == "http":
+            send = self._setting_cookie(scope, send)
+        await self.app(scope, receive, send)
+
+    def _check(self, scope: Scope, headers: dict[str, str]) -> str | None:
+        """How the request proved it has the token ("header", "query", "cookie"), or None."""
+        assert self.token is not None and self.cookie is not None
+        auth = headers.get("authorization", "")
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and _equal(value.strip(), self.token):
+            return "header"
+        query = scope.get("query_string", b"").decode("latin-1")
+        if "token=" in query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            given = [v for k, v in pairs if k == "token"]
+            # Downstream (routes, uvicorn's access log) never sees the token.
+            scope["query_string"] = urlencode([(k, v) for k, v in pairs if k != "token"]).encode()
+            if given and _equal(given[-1], self.token):
+                return "query"
+        cookie = _cookie(headers)
+        if cookie is not None and _equal(cookie, self.cookie):
+            return "cookie"
+        return None
+
+    def _setting_cookie(self, scope: Scope, send: Send) -> Send:
+        secure = "; Secure" if scope.get("scheme") == "https" else ""
+        header = (f"{COOKIE_NAME}={self.cookie}; Path=/; HttpOnly; SameSite=Strict"
+                  f"{secure}").encode("latin-1")
+
+        async def send_with_cookie(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"set-cookie", header)]}
+            await send(message)
+
+        return send_with_cookie
+
+
+async def _deny_http(send: Send) -> None:
+    await send({"type": "http.response.start", "status": 401, "headers": [
+        (b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
+        (b"content-length", str(len(_UNAUTHORIZED)).encode())]})
+    await send({"type": "http.response.body", "body": _UNAUTHORIZED})
+
+
+async def _deny_websocket(scope: Scope, receive: Receive, send: Send, status: int) -> None:
+    """Refuse an upgrade with an HTTP status where the server can, else close with 1008."""
+    await receive()  # websocket.connect
+    extensions: dict[str, Any] = scope.get("extensions") or {}
+    if "websocket.http.response" in extensions:
+        body = _UNAUTHORIZED if status == 401 else b'{"detail": "forbidden"}'
+        await send({"type": "websocket.http.response.start", "status": status, "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode())]})
+        await send({"type": "websocket.http.response.body", "body": body})
+        return
+    await send({"type": "websocket.close", "code": 1008, "reason": ""})

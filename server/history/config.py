@@ -1,0 +1,50 @@
+"""Settings of the history recorder (read from the server's :class:`Settings`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    """How often and how much of each run is recorded; ``validate`` names a bad field.
+
+    Read from ``Settings`` fields ``history_<name>`` when present
+    (``ATTNSCOPE_HISTORY_EVERY=...``), else these defaults.
+    """
+
+    # Record everything: a history is the point of the data dir.
+    enabled: bool = True
+    # A probe snapshot every 10 steps: one extra forward of the probe (1 sample, no
+    # grad) per 10 training steps costs well under 1% of a training step.
+    every: int = 10
+    # ~200 snapshots per run (the issue's figure); older ones are thinned logarithmically.
+    max_snapshots: int = 200
+    # 1 probe sample: the page shows one sample; scripts rarely need more.
+    probe_samples: int = 1
+    # Head statistics and scalars at every step, thinned by halving past this many points.
+    max_stat_points: int = 20_000
+    # 2 GiB of snapshot files over all runs; the fattest run is thinned first.
+    max_bytes: int = 2 * 1024**3
+    # Past runs kept (the oldest sessions are deleted first).
+    max_sessions: int = 100
+    # Items waiting for the writer thread; beyond this the training thread drops
+    # records (counted) rather than wait.
+    queue_size: int = 256
+
+    def validate(self) -> HistoryConfig:
+        for name, low in (("every", 1), ("max_snapshots", 3), ("probe_samples", 1),
+                          ("max_stat_points", 4), ("max_bytes", 1), ("max_sessions", 1),
+                          ("queue_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"history_{name} must be an int >= {low}, got {value!r}")
+        return self
+
+    @classmethod
+    def from_settings(cls, settings: Any, **overrides: Any) -> HistoryConfig:
+        """Defaults, overridden by ``settings.history_<field>`` and then ``overrides``."""
+        values = {f.name: getattr(settings, f"history_{f.name}") for f in fields(cls)
+                  if hasattr(settings, f"history_{f.name}")}
+        return cls(**{**values, **overrides}).validate()

@@ -1,0 +1,224 @@
+"""The history REST resource: ``/api/v1/history`` and ``/api/v1/runs/{id}/history``.
+
+Needs ``app.state.history`` (a :class:`HistoryService`). A run id that is not
+live any more (a past run, or the server restarted) is served from its newest
+stored session; ``session=`` picks another one (``GET /api/v1/history`` lists them).
+
+Shape legend: T snapshots, h selected heads, L queries, S keys.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+
+from ..protocol import encode_frame
+from ..stream.frames import pool_factor, pool_labels
+from .models import HistoryIndex, SessionPublic, StatsPublic
+from .recorder import HistoryService
+from .store import STAT_NAMES, Session
+
+router = APIRouter(prefix="/api/v1", tags=["history"])
+MAX_JSON_VALUES = 4_000_000  # json data over this many numbers: use npz
+
+
+def get_service(request: Request) -> HistoryService:
+    service = getattr(request.app.state, "history", None)
+    if service is None:
+        raise HTTPException(503, detail="history is not available: the server records none "
+                                        "(ATTNSCOPE_HISTORY_ENABLED=false?)")
+    return service
+
+
+ServiceDep = Annotated[HistoryService, Depends(get_service)]
+
+
+def _error(field: str, msg: str, status: int = 422) -> HTTPException:
+    return HTTPException(status, detail=[{"loc": ["query", field], "msg": msg,
+                                          "type": "value_error"}])
+
+
+def _session(service: HistoryService, run_id: str, session_id: str | None) -> Session:
+    sid = session_id or service.session_of(run_id)
+    session = None if sid is None else service.store.session(sid)
+    if session is None or session.run != run_id:
+        if session_id is not None:
+            raise _error("session", f"run {run_id!r} has no history session {session_id!r}", 404)
+        raise HTTPException(404, detail=f"no history recorded for run {run_id!r}")
+    return session
+
+
+def _layer(session: Session, layer: int) -> int:
+    layers = int(session.meta.get("layers", 0))
+    if not 0 <= layer < layers:
+        raise _error("layer", f"layer {layer} out of range: run {session.run!r} has "
+                              f"{layers} layers (0-{layers - 1})")
+    return layer
+
+
+def _heads(session: Session, layer: int, heads: str | None) -> list[int]:
+    per_layer = session.meta.get("layer_heads") or []
+    n = per_layer[layer] if layer < len(per_layer) and per_layer[layer] else \
+        int(session.meta.get("heads") or 0)
+    if heads is None or heads.strip() == "":
+        return list(range(n))
+    try:
+        chosen = [int(h) for h in heads.split(",")]
+    except ValueError:
+        raise _error("heads", f"heads must be comma-separated ints, got {heads!r}") from None
+    for h in chosen:
+        if not 0 <= h < n:
+            raise _error("heads", f"head {h} out of range: layer {layer} has {n} heads (0-{n - 1})")
+    return chosen
+
+
+def _finite(values: np.ndarray) -> list[float | None]:
+    return [float(v) if math.isfinite(v) else None for v in values.tolist()]
+
+
+Layer = Annotated[int, Query(description="layer index, 0-based")]
+Heads = Annotated[str | None, Query(description="comma-separated head indices (default all)")]
+From = Annotated[int | None, Query(alias="from", description="first step (inclusive)")]
+To = Annotated[int | None, Query(alias="to", description="last step (inclusive)")]
+SessionQ = Annotated[str | None, Query(description="a session id (default: the newest)")]
+
+
+@router.get("/history")
+def list_sessions(service: ServiceDep) -> list[SessionPublic]:
+    """Every recorded session (one per run start), newest first."""
+    live = {r.session for r in service.recorders.values() if r.session is not None}
+    return [SessionPublic(**s, live=s["session"] in live) for s in service.store.sessions()]
+
+
+@router.get("/runs/{run_id}/history", responses={404: {"description": "no history"}})
+def history_index(run_id: str, service: ServiceDep, layer: Layer = 0, heads: Heads = None,
+                  start: From = None, end: To = None, session: SessionQ = None) -> HistoryIndex:
+    """The snapshots kept (steps) and every recorded step's head statistics and scalars."""
+    s = _session(service, run_id, session)
+    layer = _layer(s, layer)
+    chosen = _heads(s, layer, heads)
+    snaps = service.store.snapshots(s.id, start, end)
+    rows = service.store.stats(s.id, start, end)
+    stats: dict[str, list[list[float | None]]] = {name: [] for name in STAT_NAMES}
+    for row in rows:
+        for i, name in enumerate(STAT_NAMES):
+            if row.heads is None or layer >= row.heads.shape[0]:
+                stats[name].append([None] * len(chosen))
+            else:
+                stats[name].append(_finite(row.heads[layer, i, chosen]))
+    names = sorted({k for row in rows for k in row.scalars})
+    base = f"/api/v1/runs/{run_id}/history"
+    return HistoryIndex(
+        run=s.run, session=s.id, name=s.name, started=s.started, layer=layer, heads=chosen,
+        layers=int(s.meta.get("layers", 0)), every=int(s.meta.get("every", 0)),
+        probe={"samples": s.meta.get("probe_samples"), "shape": s.meta.get("probe_shape"),
+               "labels": s.meta.get("probe_labels")},
+        snapshots=[{"step": step, "time": t} for step, t in snaps],
+        stats=StatsPublic(steps=[r.step for r in rows], time=[r.time for r in rows],
+                          scalars={n: [r.scalars.get(n) for r in rows] for n in names}, **stats),
+        urls={"data": f"{base}/data?session={s.id}&layer={layer}",
+              "frame": f"{base}/frame?session={s.id}&layer={layer}&step="},
+    )
+
+
+def _evolution(service: HistoryService, s: Session, layer: int, chosen: list[int],
+               start: int | None, end: int | None, sample: int) -> tuple[np.ndarray, np.ndarray]:
+    steps, arrays = [], []
+    for step, _ in service.store.snapshots(s.id, start, end):
+        data = service.store.load_snapshot(s.id, step, [f"attention.{layer}"])
+        if not data:
+            continue
+        a = data[f"attention.{layer}"]  # (P, H, L, S)
+        if sample >= a.shape[0]:
+            raise _error("sample", f"sample {sample} out of range: the probe has "
+                                   f"{a.shape[0]} samples")
+        steps.append(step)
+        arrays.append(a[sample, chosen].astype(np.float32))  # (h, L, S)
+    if not arrays:
+        return np.zeros(0, np.int64), np.zeros((0, len(chosen), 0, 0), np.float32)
+    return np.asarray(steps, np.int64), np.stack(arrays)  # (T,), (T, h, L, S)
+
+
+@router.get("/runs/{run_id}/history/data", responses={404: {"description": "no history"}})
+def history_data(run_id: str, service: ServiceDep, layer: Layer = 0, heads: Heads = None,
+                 start: From = None, end: To = None, session: SessionQ = None,
+                 sample: Annotated[int, Query(ge=0)] = 0,
+                 format: Literal["npz", "json"] = "npz") -> Response:
+    """The heads' evolution on the probe: ``steps`` (T,) and ``attention`` (T, h, L, S)."""
+    s = _session(service, run_id, session)
+    layer = _layer(s, layer)
+    chosen = _heads(s, layer, heads)
+    steps, attention = _evolution(service, s, layer, chosen, start, end, sample)
+    if format == "json":
+        if attention.size > MAX_JSON_VALUES:
+            raise _error("format", f"{attention.size} values are too many for json "
+                                   f"(limit {MAX_JSON_VALUES}): use format=npz or fewer steps")
+        return Response(
+            content=_json({"run": s.run, "session": s.id, "layer": layer, "heads": chosen,
+                           "steps": steps.tolist(), "shape": list(attention.shape),
+                           "attention": np.where(np.isfinite(attention), attention,
+                                                 np.nan).tolist()}),
+            media_type="application/json")
+    buf = io.BytesIO()
+    np.savez(buf, steps=steps, attention=attention, heads=np.asarray(chosen, np.int64))
+    name = f"{run_id.replace('/', '_')}-L{layer}-history.npz"
+    return Response(buf.getvalue(), media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+def _json(obj: Any) -> bytes:
+    import json
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps({k: clean(v) for k, v in obj.items()}, separators=(",", ":")).encode()
+
+
+@router.get("/runs/{run_id}/history/frame", responses={404: {"description": "no snapshot"}},
+            response_class=Response)
+def history_frame(run_id: str, service: ServiceDep, step: int, layer: Layer = 0,
+                  heads: Heads = None, session: SessionQ = None,
+                  sample: Annotated[int, Query(ge=0)] = 0,
+                  max_side: Annotated[int, Query(ge=4, le=1024)] = 128) -> Response:
+    """The snapshot at or before ``step`` as one binary frame of docs/protocol.md
+    (kind ``attention``, float16, pooled to ``max_side``)."""
+    import torch
+
+    from ..stream.frames import pool_matrix
+
+    s = _session(service, run_id, session)
+    layer = _layer(s, layer)
+    chosen = _heads(s, layer, heads)
+    at = service.store.snapshot_at(s.id, step)
+    data = None if at is None else service.store.load_snapshot(s.id, at, [f"attention.{layer}"])
+    if not data:
+        raise _error("step", f"run {run_id!r} has no snapshot at or before step {step}", 404)
+    a = data[f"attention.{layer}"]  # (P, H, L, S)
+    if sample >= a.shape[0]:
+        raise _error("sample", f"sample {sample} out of range: the probe has {a.shape[0]} samples")
+    values = torch.from_numpy(np.ascontiguousarray(a[sample, chosen]))  # (h, L, S)
+    pool = pool_factor(values.shape[1], values.shape[2], max_side)
+    values = pool_matrix(values, pool).to(torch.float16)
+    labels = s.meta.get("probe_labels") if sample == 0 else None
+    roles = s.meta.get("roles") or []
+    role = roles[layer] if layer < len(roles) else "self"
+    q = pool_labels(labels, pool) if labels and len(labels) == a.shape[2] else None
+    k = pool_labels(labels, pool) if labels and role == "self" and len(labels) == a.shape[3] \
+        else None
+    header = {"type": "frame", "run": s.run, "step": at, "kind": "attention", "layer": layer,
+              "heads": chosen, "sample": sample, "shape": list(values.shape),
+              "dtype": "float16", "scale": None, "offset": None, "pool": pool, "role": role,
+              "labels": None if q is None and k is None else {"queries": q, "keys": k},
+              "session": s.id, "history": True}
+    body = encode_frame(header, values.numpy().astype("<f2", copy=False))
+    return Response(body, media_type="application/octet-stream",
+                    headers={"Cache-Control": "no-store"})

@@ -1,0 +1,413 @@
+"""Where history lives: an SQLite index plus one safetensors file per probe snapshot.
+
+Layout under ``root`` (the settings' data dir + ``/history``)::
+
+    index.sqlite3                    sessions, snapshots (step -> file), stats (every step)
+    files/<session>/<step>.safetensors   ``attention.<layer>`` (P, H, L, S) float16
+    tmp/                             snapshots being written (emptied at start)
+    .lock                            held (flock) by the one process that owns the store
+
+A *session* is one run of one run id: a restarted run (or the same run id after
+a server restart) starts a new session, so steps never collide. Snapshot files
+are written like captures (temporary file, rename, then the index row), so a
+crashed or killed process leaves a listed, complete snapshot or none. The
+fsyncs that make this hold through a power loss too cost ~50 ms a snapshot on
+a slow disk; they are off unless ``durable=True`` (a lost tail of history after
+a power cut is acceptable, a writer that falls behind training is not).
+Stats rows (head statistics (layers, 5, H) float32 and the step's scalars) are
+appended in batches; past ``max_stat_points`` per session every other row goes
+and only every second (fourth, ...) step is kept from then on.
+
+Shape legend: P probe samples, H heads, L queries, S keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+
+from ..captures.store import _fsync_dir, read_safetensors
+from .thinning import thinning_victim
+
+logger = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    run TEXT NOT NULL,
+    name TEXT,
+    started TEXT NOT NULL,
+    meta TEXT NOT NULL,
+    stat_stride INTEGER NOT NULL DEFAULT 1,
+    stat_seen INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS sessions_run ON sessions (run, seq);
+CREATE TABLE IF NOT EXISTS snapshots (
+    session TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    time REAL NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (session, step)
+);
+CREATE TABLE IF NOT EXISTS stats (
+    session TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    time REAL NOT NULL,
+    scalars TEXT NOT NULL,
+    heads BLOB,
+    PRIMARY KEY (session, step)
+);
+"""
+STAT_NAMES = ("entropy", "max_weight", "first_token", "nan", "inf")
+
+
+class HistoryLocked(RuntimeError):
+    """Another process already owns this history store."""
+
+
+@dataclass(frozen=True)
+class Session:
+    """One recorded run: ``meta`` holds layers, heads, roles and the probe's description."""
+
+    id: str
+    run: str
+    name: str | None
+    started: str
+    meta: dict[str, Any]
+
+    @classmethod
+    def from_row(cls, row: tuple) -> Session:
+        id_, run, name, started, meta = row
+        return cls(id_, run, name, started, json.loads(meta))
+
+
+@dataclass(frozen=True)
+class StatRow:
+    """One step's record: head statistics (layers, 5, H) float32 (NaN padded) and scalars."""
+
+    step: int
+    time: float
+    scalars: dict[str, float]
+    heads: np.ndarray | None
+
+
+class HistoryStore:
+    """The history index and snapshot files under ``root``; safe to share between threads.
+
+    >>> import tempfile, numpy as np
+    >>> with tempfile.TemporaryDirectory() as d, HistoryStore(d, max_snapshots=3) as store:
+    ...     s = store.new_session("demo", "demo", {"layers": 1})
+    ...     eye = {"attention.0": np.eye(2, dtype=np.float16)}
+    ...     for step in (0, 10, 20, 30):
+    ...         _ = store.add_snapshot(s.id, step, 0.0, eye)
+    ...     [step for step, _ in store.snapshots(s.id)]
+    [0, 20, 30]
+    """
+
+    def __init__(self, root: str | os.PathLike, *, max_snapshots: int = 200,
+                 max_bytes: int = 2 * 1024**3, max_stat_points: int = 20_000,
+                 max_sessions: int = 100, durable: bool = False) -> None:
+        self.root = Path(root)
+        self.durable = durable
+        self.files = self.root / "files"
+        self.tmp = self.root / "tmp"
+        self.max_snapshots = max_snapshots
+        self.max_bytes = max_bytes
+        self.max_stat_points = max_stat_points
+        self.max_sessions = max_sessions
+        self.files.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(exist_ok=True)
+        self._lock_file = open(self.root / ".lock", "a+b")  # noqa: SIM115 (held until close)
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise HistoryLocked(f"history store {self.root} is in use by another process "
+                                "(set ATTNSCOPE_DATA_DIR to another directory)") from None
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.root / "index.sqlite3", check_same_thread=False,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # History may lose its last rows on power loss; each commit is not worth an fsync.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._recover()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Empty ``tmp/``; remove files without a row and rows without a file."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(exist_ok=True)
+        with self._lock:
+            rows = self._db.execute("SELECT session, step FROM snapshots").fetchall()
+            sessions = {r[0] for r in self._db.execute("SELECT id FROM sessions")}
+        wanted = {self._path(s, step) for s, step in rows}
+        for folder in self.files.iterdir():
+            if not folder.is_dir() or folder.name not in sessions:
+                shutil.rmtree(folder, ignore_errors=True) if folder.is_dir() else folder.unlink()
+                continue
+            for path in folder.iterdir():
+                if path not in wanted:
+                    path.unlink(missing_ok=True)
+        missing = [(s, step) for s, step in rows if not self._path(s, step).exists()]
+        if missing:
+            logger.warning("history store: %d snapshots had no file; dropped", len(missing))
+            with self._lock:
+                self._db.executemany("DELETE FROM snapshots WHERE session = ? AND step = ?",
+                                     missing)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+        self._lock_file.close()
+
+    def __enter__(self) -> HistoryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- sessions --------------------------------------------------------------
+
+    def new_session(self, run: str, name: str | None, meta: dict[str, Any]) -> Session:
+        """Start recording a run; the oldest sessions beyond ``max_sessions`` are deleted."""
+        session = Session(uuid.uuid4().hex[:16], run, name,
+                          datetime.now(UTC).isoformat().replace("+00:00", "Z"), dict(meta))
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO sessions (id, run, name, started, meta) VALUES (?, ?, ?, ?, ?)",
+                (session.id, run, name, session.started, json.dumps(session.meta)))
+            old = [r[0] for r in self._db.execute(
+                "SELECT id FROM sessions ORDER BY seq DESC LIMIT -1 OFFSET ?",
+                (self.max_sessions,))]
+        for session_id in old:
+            self.delete_session(session_id)
+        return session
+
+    def update_meta(self, session_id: str, **values: Any) -> None:
+        """Merge ``values`` into a session's meta (e.g. the probe's labels once known)."""
+        with self._lock:
+            session = self.session(session_id)
+            if session is None:
+                return
+            meta = {**session.meta, **values}
+            self._db.execute("UPDATE sessions SET meta = ? WHERE id = ?",
+                             (json.dumps(meta), session_id))
+
+    def session(self, session_id: str) -> Session | None:
+        with self._lock:
+            row = self._db.execute("SELECT id, run, name, started, meta FROM sessions "
+                                   "WHERE id = ?", (session_id,)).fetchone()
+        return Session.from_row(row) if row else None
+
+    def latest_session(self, run: str) -> Session | None:
+        """The newest session of run id ``run``, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT id, run, name, started, meta FROM sessions "
+                                   "WHERE run = ? ORDER BY seq DESC LIMIT 1", (run,)).fetchone()
+        return Session.from_row(row) if row else None
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """Every session, newest first, with its snapshot count, step range and bytes."""
+        with self._lock:
+            rows = self._db.execute("""
+                SELECT s.id, s.run, s.name, s.started, s.meta, COUNT(p.step), MIN(p.step),
+                       MAX(p.step), COALESCE(SUM(p.bytes), 0)
+                FROM sessions s LEFT JOIN snapshots p ON p.session = s.id
+                GROUP BY s.id ORDER BY s.seq DESC""").fetchall()
+        out = []
+        for row in rows:
+            session = Session.from_row(row[:5])
+            out.append({"session": session.id, "run": session.run, "name": session.name,
+                        "started": session.started, "snapshots": row[5], "first_step": row[6],
+                        "last_step": row[7], "bytes": row[8], "meta": session.meta})
+        return out
+
+    def delete_session(self, session_id: str) -> None:
+        with self._lock:
+            for table, column in (("snapshots", "session"), ("stats", "session"),
+                                  ("sessions", "id")):
+                self._db.execute(f"DELETE FROM {table} WHERE {column} = ?", (session_id,))
+        shutil.rmtree(self.files / session_id, ignore_errors=True)
+
+    # -- snapshots -------------------------------------------------------------
+
+    def _path(self, session_id: str, step: int) -> Path:
+        return self.files / session_id / f"{step}.safetensors"
+
+    def add_snapshot(self, session_id: str, step: int, time: float,
+                     tensors: dict[str, np.ndarray]) -> int:
+        """Write one snapshot durably, index it, then thin and cap; returns its file size."""
+        folder = self.files / session_id
+        folder.mkdir(exist_ok=True)
+        tmp = self.tmp / f"{session_id}-{step}.tmp"
+        final = self._path(session_id, step)
+        tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+        try:
+            safetensors.numpy.save_file(tensors, tmp, metadata={"session": session_id,
+                                                                "step": str(step)})
+            if self.durable:
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+            os.replace(tmp, final)
+            if self.durable:
+                _fsync_dir(folder)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            final.unlink(missing_ok=True)
+            raise
+        size = final.stat().st_size
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO snapshots (session, step, time, bytes) "
+                             "VALUES (?, ?, ?, ?)", (session_id, step, time, size))
+            self._thin(session_id)
+            self._enforce_cap(session_id)
+        return size
+
+    def _drop_snapshot(self, session_id: str, step: int) -> None:
+        self._db.execute("DELETE FROM snapshots WHERE session = ? AND step = ?",
+                         (session_id, step))
+        self._path(session_id, step).unlink(missing_ok=True)
+
+    def _steps(self, session_id: str) -> list[int]:
+        return [r[0] for r in self._db.execute(
+            "SELECT step FROM snapshots WHERE session = ? ORDER BY step", (session_id,))]
+
+    def _thin(self, session_id: str) -> None:
+        steps = self._steps(session_id)
+        while len(steps) > self.max_snapshots:
+            victim = thinning_victim(steps)
+            self._drop_snapshot(session_id, steps.pop(victim))
+
+    def total_bytes(self) -> int:
+        """Bytes of all snapshot files."""
+        with self._lock:
+            return self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM snapshots").fetchone()[0]
+
+    def _enforce_cap(self, current: str) -> None:
+        """Drop snapshots until the files fit ``max_bytes``: other sessions' oldest
+        first (whole sessions), then the current one thinned, its newest kept last."""
+        while self.total_bytes() > self.max_bytes:
+            other = self._db.execute(
+                "SELECT session, MIN(step) FROM snapshots WHERE session != ? GROUP BY session "
+                "ORDER BY SUM(bytes) DESC LIMIT 1", (current,)).fetchone()
+            if other is not None:
+                self._drop_snapshot(other[0], other[1])
+                continue
+            steps = self._steps(current)
+            if not steps:
+                return
+            if len(steps) >= 3:
+                self._drop_snapshot(current, steps[thinning_victim(steps)])
+            else:
+                if len(steps) == 1:
+                    logger.warning("history: one snapshot of session %s is over the cap of %d "
+                                   "bytes (history_max_bytes); it is not kept",
+                                   current, self.max_bytes)
+                self._drop_snapshot(current, steps[0])
+
+    def snapshots(self, session_id: str, start: int | None = None,
+                  end: int | None = None) -> list[tuple[int, float]]:
+        """(step, time) of the kept snapshots with ``start <= step <= end``, ascending."""
+        lo = start if start is not None else -(2**62)
+        hi = end if end is not None else 2**62
+        with self._lock:
+            return [(r[0], r[1]) for r in self._db.execute(
+                "SELECT step, time FROM snapshots WHERE session = ? AND step BETWEEN ? AND ? "
+                "ORDER BY step", (session_id, lo, hi))]
+
+    def snapshot_at(self, session_id: str, step: int) -> int | None:
+        """The step of the newest snapshot at or before ``step``, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MAX(step) FROM snapshots WHERE session = ? AND step <= ?",
+                (session_id, step)).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def load_snapshot(self, session_id: str, step: int,
+                      names: Iterable[str] | None = None) -> dict[str, np.ndarray] | None:
+        """The tensors of one snapshot (only ``names`` if given), or None if it is gone."""
+        wanted = None if names is None else set(names)
+        try:
+            with open(self._path(session_id, step), "rb") as f:
+                return {k: v for k, v in read_safetensors(f) if wanted is None or k in wanted}
+        except FileNotFoundError:
+            return None
+
+    # -- stats -----------------------------------------------------------------
+
+    def add_stats(self, session_id: str, rows: Sequence[StatRow]) -> None:
+        """Append per-step rows in one transaction, thinning past ``max_stat_points``."""
+        with self._lock:
+            found = self._db.execute("SELECT stat_stride, stat_seen FROM sessions WHERE id = ?",
+                                     (session_id,)).fetchone()
+            if found is None:
+                return
+            stride, seen = found
+            self._db.execute("BEGIN")
+            try:
+                for row in rows:
+                    keep = seen % stride == 0
+                    seen += 1
+                    if not keep:
+                        continue
+                    blob = None if row.heads is None else \
+                        np.ascontiguousarray(row.heads, "<f4").tobytes()
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO stats (session, step, time, scalars, heads) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (session_id, row.step, row.time, json.dumps(row.scalars), blob))
+                count = self._db.execute("SELECT COUNT(*) FROM stats WHERE session = ?",
+                                         (session_id,)).fetchone()[0]
+                if count > self.max_stat_points:
+                    self._db.execute("""
+                        DELETE FROM stats WHERE session = ?1 AND step IN (
+                            SELECT step FROM (SELECT step, ROW_NUMBER() OVER (ORDER BY step) AS n
+                                              FROM stats WHERE session = ?1) WHERE n % 2 = 0)""",
+                                     (session_id,))
+                    stride *= 2
+                self._db.execute("UPDATE sessions SET stat_stride = ?, stat_seen = ? WHERE id = ?",
+                                 (stride, seen, session_id))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def stats(self, session_id: str, start: int | None = None,
+              end: int | None = None) -> list[StatRow]:
+        """Stats rows with ``start <= step <= end``, ascending; ``heads`` (layers, 5, H)."""
+        session = self.session(session_id)
+        if session is None:
+            return []
+        layers = int(session.meta.get("layers", 0))
+        lo = start if start is not None else -(2**62)
+        hi = end if end is not None else 2**62
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT step, time, scalars, heads FROM stats WHERE session = ? AND step "
+                "BETWEEN ? AND ? ORDER BY step", (session_id, lo, hi)).fetchall()
+        out = []
+        for step, time_, scalars, blob in rows:
+            arr = None if blob is None else \
+                np.frombuffer(blob, "<f4").reshape(layers, len(STAT_NAMES), -1)
+            out.append(StatRow(step, time_, json.loads(scalars), arr))
+        return out

@@ -1,0 +1,224 @@
+"""The server side of a remote run: a :class:`~server.runs.Run` fed over ``/ws/publish``.
+
+A :class:`RemoteRun` has no model here: its layers, heads and roles come from the
+publisher's ``announce``; its steps, scalars and captures arrive over the network.
+When the hub plans what its viewers want, :class:`RemotePlanPublisher` (the hub's
+publisher for remote runs) forwards the plan to the training process instead of
+listening to a model, and fills the same latest-value slots with the captures
+that come back, so viewers cannot tell a remote run from a local one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+
+from transformer_core.masking import FullMask
+
+from ..runs import AttentionSite, Run, ScalarHistory
+from ..stream.publisher import EMPTY_PLAN, Capture, Plan, SlotKey
+from ..stream.stats import MaskInfo
+
+logger = logging.getLogger(__name__)
+
+
+class _Placeholder:
+    """Stands for a module of the remote model (the hub keys its plans by module identity)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _sites(layers: list[dict[str, Any]]) -> list[AttentionSite]:
+    sites = []
+    for index, layer in enumerate(layers):
+        name = str(layer.get("name", f"layer{index}"))
+        heads = layer.get("heads")
+        sites.append(AttentionSite(
+            index=index, name=name, inner=_Placeholder(name),  # type: ignore[arg-type]
+            outer=_Placeholder(name + ".outer") if layer.get("qkv", True) else None,
+            heads=None if heads is None else int(heads), d_model=layer.get("d_model"),
+            role=str(layer.get("role", "self")),
+            attention_type=str(layer.get("attention_type", "full"))))
+    return sites
+
+
+def history_from_dict(history: dict[str, Any], max_points: int = 2048) -> ScalarHistory:
+    """A :class:`ScalarHistory` from its ``to_dict()`` form (nulls dropped)."""
+    out = ScalarHistory(max_points)
+    values = history.get("values", {})
+    for i, (step, t) in enumerate(zip(history.get("steps", []), history.get("time", []),
+                                      strict=False)):
+        point = {name: float(v[i]) for name, v in values.items()
+                 if i < len(v) and v[i] is not None}
+        out.append(int(step), float(t), point)
+    return out
+
+
+class RemoteRun(Run):
+    """A run whose training loop is in another process (``Dashboard.connect``).
+
+    ``status`` is ``live`` while its publisher is connected and ``ended`` otherwise;
+    a publisher that reconnects under the same id continues the same run.
+    """
+
+    publisher_factory: Callable[..., Any]
+
+    def __init__(self, run_id: str, name: str, model: dict[str, Any], host: str,
+                 config: dict[str, Any] | None = None) -> None:
+        # No Run.__init__: there is no model to look into; set what Run's methods read.
+        layers = model.get("layer_details") or []
+        if not layers:
+            raise ValueError("model.layer_details: a remote run needs at least one layer")
+        self.sites = _sites(layers)
+        self.model = None
+        self.id, self.name = run_id, name
+        self.host, self.config = host, dict(config or {})
+        self.controls = ()
+        self.started = datetime.now(UTC)
+        self.error: str | None = None
+        self.step_index: int | None = None
+        self.scalars: dict[str, float] = {}
+        self.scalars_time = 0.0
+        self.scalars_seq = 0
+        self.history = ScalarHistory()
+        self.seq_len = model.get("seq_len")
+        self.batch_size: int | None = None
+        self._tokens = None
+        self.symbols = None
+        self._labeler = None
+        self._on_restart = None
+        self._model_info = dict(model)
+        self._ended = True  # until a publisher attaches
+        self._paused = False
+        self._cond = threading.Condition()
+        self._jobs: deque = deque()
+        self._step_hooks = ()
+        self._change_listeners = ()
+        self.plan: Plan = EMPTY_PLAN
+        self.link: Any = None  # the attached publisher connection (endpoint._Link)
+        self.proxy: RemotePlanPublisher | None = None
+        self.publisher_factory = RemotePlanPublisher
+
+    def model_summary(self) -> dict[str, Any]:
+        return {**super().model_summary(), "d_model": self._model_info.get("d_model")}
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "host": self.host, "config": self.config}
+
+    @property
+    def dispatchers(self) -> list[Any]:
+        """None here: the model and its dispatchers are in the publisher's process."""
+        return []
+
+    def detach(self) -> None:
+        """Nothing hooked here: the model is in the publisher's process."""
+
+    # -- from the publisher's connection (event loop) ---------------------------
+
+    def attach(self, link: Any, history: dict[str, Any] | None) -> None:
+        """A publisher (re)connected: it is live, and its history is the one it kept."""
+        self.link = link
+        if history is not None and history.get("steps"):
+            self.history = history_from_dict(history)
+            self.step_index = self.history.steps[-1]
+            self.scalars = dict(self.history.values[-1])
+            self.scalars_time = self.history.times[-1]
+            self.scalars_seq += 1
+        with self._cond:
+            self._ended = False
+        self.error = None
+        self._changed()
+
+    def detach_link(self, link: Any, ended: bool) -> None:
+        """The publisher left (``ended``: it said so; else its connection dropped)."""
+        if self.link is not link:
+            return  # a newer connection took over
+        self.link = None
+        if not ended:
+            self.error = "publisher disconnected"
+        with self._cond:
+            self._ended = True
+        self._changed()
+
+    def apply_steps(self, steps: list[list[Any]]) -> None:
+        """``[[step, time, {name: value}, batch_size, seq_len], ...]`` from the publisher."""
+        history = self.history
+        for step, t, values, batch, length in steps:
+            if history.times and float(t) <= history.times[-1]:
+                continue  # already in the history the publisher announced
+            values = {str(k): float(v) for k, v in values.items()}
+            self.step_index, self.scalars, self.scalars_time = int(step), values, float(t)
+            self.scalars_seq += 1
+            if batch is not None:
+                self.batch_size = int(batch)
+            if length is not None:
+                self.seq_len = int(length)
+            if values:
+                self.history.append(self.step_index, self.scalars_time, values)
+        if self.proxy is not None and steps:
+            self.proxy.notify()
+
+    def deliver(self, cap: Capture, valid: list[int] | None) -> None:
+        """A capture from the publisher: into the viewers' latest-value slot."""
+        if not 0 <= cap.layer < len(self.sites):
+            raise ValueError(f"layer: capture for layer {cap.layer}, run has {len(self.sites)}")
+        if cap.kind == "head_stats" and valid is not None:
+            cap.masks = _masks_from_counts(valid, cap.data.shape[-1])
+        if self.proxy is not None:
+            self.proxy.put(cap)
+
+
+def _masks_from_counts(valid: list[int], keys: int) -> MaskInfo:
+    """A mask with the same number of unmasked keys per query row as the publisher saw."""
+    counts = torch.tensor(valid, dtype=torch.long)  # (L,)
+    matrix = torch.arange(keys)[None, :] < counts[:, None]  # (L, S)
+    return MaskInfo(FullMask(matrix), None, "full")
+
+
+class RemotePlanPublisher:
+    """The hub's publisher for a :class:`RemoteRun`: forwards plans, holds the slots."""
+
+    def __init__(self, run: RemoteRun, notify: Callable[[str], None]) -> None:
+        self.run = run
+        self.slots: dict[SlotKey, Capture] = {}
+        self._notify = notify
+        self._plan = EMPTY_PLAN
+        self._seq = itertools.count(1)
+        run.proxy = self
+
+    @property
+    def plan(self) -> Plan:
+        return self._plan
+
+    def set_plan(self, plan: Plan) -> None:
+        self._plan = plan
+        self.run.plan = plan
+        link = self.run.link
+        if link is not None:
+            link.send_plan(plan)
+
+    def close(self) -> None:
+        self.set_plan(EMPTY_PLAN)
+        self.slots.clear()
+        if self.run.proxy is self:
+            self.run.proxy = None
+
+    def flush_stale(self, max_age: float) -> None:
+        """Nothing pending here: the publisher sends whole steps."""
+
+    def put(self, cap: Capture) -> None:
+        cap.seq = next(self._seq)
+        self.slots[(cap.kind, cap.layer, cap.sample)] = cap
+        self.notify()
+
+    def notify(self) -> None:
+        self._notify(self.run.id)
+

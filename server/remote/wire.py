@@ -1,0 +1,101 @@
+"""What publishers and the server say to each other on ``/ws/publish`` (docs/teams.md).
+
+Publisher -> server: a JSON ``announce`` (run id, name, host, model, history), JSON
+``steps`` batches, binary capture frames (:func:`encode_capture`), JSON ``close``.
+Server -> publisher: JSON ``welcome`` and ``plan`` (:func:`plan_to_message`): what the
+run's viewers subscribe to, so the publisher captures and sends only that.
+
+>>> plan = Plan(interval=0.1, sources={1: ("attn", 0)}, scalars=True,
+...             needs={0: (SampleNeed(sample=0, attention=True, attention_heads=(1,)),)})
+>>> back = plan_from_message(plan_to_message(plan), {("attn", 0): 7})
+>>> back.sources, back.needs[0][0].attention_heads, back.interval
+({7: ('attn', 0)}, (1,), 0.1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..stream.publisher import EMPTY_PLAN, Capture, Plan, SampleNeed
+
+WIRE_VERSION = 1
+_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+
+
+def plan_to_message(plan: Plan) -> dict[str, Any]:
+    """A :class:`Plan` as JSON; module ids are replaced by ``[what, layer]`` pairs."""
+    return {
+        "type": "plan", "interval": plan.interval, "scalars": plan.scalars,
+        "sources": sorted({tuple(v) for v in plan.sources.values()}),
+        "needs": {str(layer): [dataclasses.asdict(n) for n in needs]
+                  for layer, needs in plan.needs.items()},
+    }
+
+
+def _tuple(value: Any) -> tuple[int, ...] | None:
+    return None if value is None else tuple(int(v) for v in value)
+
+
+def plan_from_message(message: dict[str, Any], modules: dict[tuple[str, int], int]) -> Plan:
+    """The inverse of :func:`plan_to_message`; ``modules`` maps (what, layer) to ``id(module)``
+    in this process. Sources this process has no module for are left out."""
+    sources = {}
+    for what, layer in message.get("sources", []):
+        key = modules.get((str(what), int(layer)))
+        if key is not None:
+            sources[key] = (str(what), int(layer))
+    needs = {}
+    for layer, items in message.get("needs", {}).items():
+        needs[int(layer)] = tuple(SampleNeed(
+            sample=int(n["sample"]), attention=bool(n["attention"]),
+            attention_heads=_tuple(n["attention_heads"]), logits=bool(n["logits"]),
+            logits_heads=_tuple(n["logits_heads"]), stats=bool(n["stats"]),
+            qkv=bool(n["qkv"]), qkv_heads=_tuple(n["qkv_heads"])) for n in items)
+    plan = Plan(interval=float(message.get("interval", 1.0)), sources=sources, needs=needs,
+                scalars=bool(message.get("scalars", False)))
+    return EMPTY_PLAN if plan.empty else plan
+
+
+def encode_capture(cap: Capture, valid: torch.Tensor | None) -> bytes:
+    """A published capture as one binary message: uint32 header length, JSON header, array.
+
+    ``valid`` (head_stats only): unmasked keys per query row (L,), or None.
+    """
+    data = cap.data
+    dtype = "float16" if data.dtype == torch.float16 else "float32"
+    array = data.to(torch.float16 if dtype == "float16" else torch.float32).numpy()
+    header = {
+        "kind": cap.kind, "layer": cap.layer, "sample": cap.sample, "heads": list(cap.heads),
+        "role": cap.role, "time": cap.time, "step": cap.step, "dtype": dtype,
+        "shape": list(array.shape),
+        "labels": None if cap.labels is None else list(cap.labels),
+        "valid": None if valid is None else [int(v) for v in valid.tolist()],
+    }
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join((struct.pack("<I", len(raw)), raw,
+                     np.ascontiguousarray(array).astype(_DTYPES[dtype], copy=False).tobytes()))
+
+
+def decode_capture(message: bytes) -> tuple[Capture, list[int] | None]:
+    """The inverse of :func:`encode_capture`: (capture without masks, valid key counts)."""
+    (n,) = struct.unpack_from("<I", message, 0)
+    header = json.loads(message[4 : 4 + n])
+    kind = header["kind"]
+    if kind not in ("attention", "qk_logits", "qkv_norms", "head_stats"):
+        raise ValueError(f"kind: unknown capture kind {kind!r}")
+    dtype = _DTYPES[header["dtype"]]
+    shape = [int(s) for s in header["shape"]]
+    array = np.frombuffer(message, dtype=dtype, offset=4 + n).reshape(shape)
+    labels = header.get("labels")
+    cap = Capture(kind=kind, layer=int(header["layer"]), sample=int(header["sample"]),
+                  heads=tuple(int(h) for h in header["heads"]),
+                  data=torch.from_numpy(array.copy()), role=str(header["role"]),
+                  time=float(header["time"]), step=int(header["step"]),
+                  labels=None if labels is None else (labels[0], labels[1]))
+    return cap, header.get("valid")
