@@ -70,7 +70,11 @@ def _viewer(port: int, run: str, stop: threading.Event) -> threading.Thread:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ws.recv(), 0.5)
 
-    thread = threading.Thread(target=lambda: asyncio.run(watch()), daemon=True)
+    def run() -> None:
+        with contextlib.suppress(websockets.ConnectionClosed, OSError):
+            asyncio.run(watch())
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
 

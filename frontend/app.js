@@ -4,6 +4,7 @@
 import { api, Connection, socketUrl } from "./api.js";
 import { exportFocus, exportGridPng, exportGridSvg, exportNpz, fileStem } from "./export.js";
 import { Grid } from "./grid.js";
+import { HistoryBar, seedRunHistory } from "./history.js";
 import { drawFocusMatrix, drawFocusNorms, drawSeries, plotlyReady, purge } from "./heatmaps.js";
 import { classifyHead, RunHistory } from "./store.js";
 import * as view from "./view.js";
@@ -86,6 +87,38 @@ const connection = new Connection(socketUrl(), {
   },
 });
 
+// The step slider (frontend/history.js): while it is off "live", stream frames are ignored.
+const historyBar = new HistoryBar({
+  view: () => {
+    const model = state.run && state.run.model;
+    if (state.focus) return { layers: [state.focus.layer], heads: [state.focus.head], maxSide: FOCUS_MAX_SIDE };
+    return { layers: [...Array(model ? model.layers : 0).keys()], heads: null, maxSide: OVERVIEW_MAX_SIDE };
+  },
+  showFrames: (frames) => {
+    state.pending.clear();
+    for (const frame of frames) state.pending.set(`${frame.header.kind}:${frame.header.layer}`, frame);
+    drawPending();
+  },
+  onScrub: () => state.pending.clear(),
+  onLive: () => resubscribe(),
+  seed: (index) => {
+    seedRunHistory(state.history, index);
+    state.chartsDirty = true;
+  },
+  markStep: () => markCharts(),
+  banner: (text) => view.showBanner(text),
+});
+debug.history = historyBar;
+
+/** The history slider's step as a line on the charts (they share the step axis). */
+function markCharts() {
+  if (!plotlyReady()) return;
+  const shapes = HistoryBar.shape(historyBar.scrubbing ? historyBar.shownStep : null);
+  for (const el of [els.entropyPlot, els.curvesPlot]) {
+    if (el.data) window.Plotly.relayout(el, { shapes });
+  }
+}
+
 // ---------------------------------------------------------------- subscription
 
 function subscription() {
@@ -105,6 +138,7 @@ function subscription() {
 }
 
 function resubscribe() {
+  if (historyBar.scrubbing) historyBar.scrubTo(historyBar.index); // the view changed: refetch
   state.pending.clear();
   if (state.viewPaused) {
     connection.send({ type: "unsubscribe" });
@@ -158,7 +192,7 @@ function handleFrame(frame) {
   debug.framesReceived += 1;
   mark("frame");
   if (header.run !== state.runId || header.kind !== state.kind || header.sample !== state.sample) return;
-  if (state.viewPaused) return;
+  if (state.viewPaused || historyBar.scrubbing) return;
   state.history.observeStep(header.step);
   state.pending.set(`${header.kind}:${header.layer}`, frame);
 }
@@ -207,6 +241,7 @@ function selectRun() {
   buildGrid();
   resubscribe();
   state.chartsDirty = true;
+  historyBar.setRun(state.runId, state.healthLayer);
 }
 
 function buildGrid() {
@@ -287,6 +322,7 @@ function drawCharts() {
       yTitle: "loss", rightAxis: (name) => name !== "loss", uirevision: `curves:${state.runId}`,
     });
   }
+  if (historyBar.scrubbing) markCharts();
 }
 
 function drawHeader(force = false) {

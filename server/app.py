@@ -75,9 +75,9 @@ def create_app(settings: Settings | None = None, registry: RunRegistry | None = 
                   summary="A live window into a transformer while it trains.")
     app.state.settings = settings
     app.state.runs = registry
+    app.include_router(history.router)  # before api_router: its /runs/{id:path} takes all
     app.include_router(api_router)
     app.include_router(captures.build_router(captures.CaptureLimits.from_settings(settings)))
-    app.include_router(history.router)
     app.include_router(ws_router)
     app.include_router(publish_router)  # /ws/publish: Dashboard.connect publishers
     # Outermost: every route (REST, websockets, the page) needs the token but health.

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     history_max_snapshots: int = Field(200, ge=3)
     # 2 GiB of snapshot files over all runs; past it, other runs' oldest go first.
     history_max_bytes: int = Field(2 << 30, ge=1)
+    # Probe passes may take 1% of training time; past it snapshots are spaced out
+    # (2x, 4x ... history_every). None: exactly every history_every steps.
+    history_probe_budget: float | None = Field(0.01, gt=0, le=1)
 
     # Access token (server/auth.py). None on loopback: no token needed. None on any other
     # bind: one is generated at start and printed in the URL (as Jupyter does).

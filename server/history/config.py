@@ -21,6 +21,10 @@ class HistoryConfig:
     every: int = 10
     # ~200 snapshots per run (the figure); older ones are thinned logarithmically.
     max_snapshots: int = 200
+    # At most 1% of the training thread's time in probe passes: past it, snapshots are
+    # spaced at 2x, 4x, ... ``every`` (a small model's fast steps make the probe costly).
+    # None: always exactly every ``every`` steps.
+    probe_budget: float | None = 0.01
     # 1 probe sample: the page shows one sample; scripts rarely need more.
     probe_samples: int = 1
     # Head statistics and scalars at every step, thinned by halving past this many points.
@@ -29,17 +33,23 @@ class HistoryConfig:
     max_bytes: int = 2 * 1024**3
     # Past runs kept (the oldest sessions are deleted first).
     max_sessions: int = 100
-    # Items waiting for the writer thread; beyond this the training thread drops
-    # records (counted) rather than wait.
-    queue_size: int = 256
+    # Records waiting for the writer (it writes 4 times a second); beyond this, or
+    # beyond ``queue_bytes``, the training thread drops records (counted) rather than wait.
+    queue_size: int = 4096
+    # Bytes of copied attention waiting for the writer, at most (bounded memory).
+    queue_bytes: int = 64 * 1024**2
 
     def validate(self) -> HistoryConfig:
         for name, low in (("every", 1), ("max_snapshots", 3), ("probe_samples", 1),
                           ("max_stat_points", 4), ("max_bytes", 1), ("max_sessions", 1),
-                          ("queue_size", 1)):
+                          ("queue_size", 1), ("queue_bytes", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"history_{name} must be an int >= {low}, got {value!r}")
+        budget = self.probe_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float)
+                                   or not 0 < budget <= 1):
+            raise ValueError(f"history_probe_budget must be None or in (0, 1], got {budget!r}")
         return self
 
     @classmethod

@@ -39,18 +39,25 @@ class StatsPublic(BaseModel):
     scalars: dict[str, list[float | None]]
 
 
+class SnapshotPublic(BaseModel):
+    """One kept snapshot: its step and the Unix time it was recorded."""
+
+    step: int
+    time: float
+
+
 class HistoryIndex(BaseModel):
     """``GET /api/v1/runs/{id}/history``: the snapshots kept and the per-step statistics."""
 
     run: str
-    session: str
+    session: str | None  # null: the run is recorded but has not finished a step yet
     name: str | None
-    started: str
+    started: str | None
     layer: int
     heads: list[int]
     layers: int
     every: int
     probe: dict[str, Any]
-    snapshots: list[dict[str, float]]
+    snapshots: list[SnapshotPublic]
     stats: StatsPublic
     urls: dict[str, str]

@@ -4,14 +4,17 @@ Per run, a :class:`RunRecorder`
 
 * keeps a **probe**: the first ``probe_samples`` samples of the first batch the
   model sees (its first ``forward`` call), so snapshots compare across steps;
-* at every step, copies sample 0's attention (H, L, S) of each layer as float16
-  to the CPU (the same slice the stream's ``head_stats`` use) for the statistics;
+* at every step, copies sample 0's attention (H, L, S) of each layer to the CPU
+  as float16 (the slice the stream's ``head_stats`` are computed from);
 * every ``every`` steps, at the end of the step, runs the model once on the
   probe (eval mode, no grad, its events heard by nobody else) and copies each
-  layer's attention (P, H, L, S) as float16.
+  layer's attention (P, H, L, S) as float16. If the probe pass would take
+  more than ``probe_budget`` (1%) of the training thread's time, snapshots are
+  spaced further apart than ``every`` (a multiple of it) until it does not.
 
-That is all the training thread does. Statistics, file writes, thinning and the
-cap happen in the :class:`HistoryService`'s writer thread; if it falls behind,
+That is all the training thread does. The statistics (computed from that
+float16 copy exactly as the stream computes them), file writes, thinning and
+the cap happen in the :class:`HistoryService`'s writer thread; if it falls behind,
 records are dropped (and counted), the training thread never waits.
 
 A snapshot of step ``s`` shows the weights at the end of step ``s`` (after its
@@ -45,10 +48,12 @@ from .store import STAT_NAMES, HistoryStore, StatRow
 
 logger = logging.getLogger(__name__)
 
+WRITE_PERIOD_S = 0.25  # the writer collects records this long before writing them
+
 
 @dataclass
 class _StepItem:
-    """One step for the writer: sample 0's attention per layer (H, L, S) float16 + masks."""
+    """One step for the writer: sample 0's attention (H, L, S) float16 per layer + masks."""
 
     session: str
     step: int
@@ -56,6 +61,10 @@ class _StepItem:
     scalars: dict[str, float]
     attention: dict[int, tuple[torch.Tensor, MaskInfo]]
     n_layers: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() for a, _ in self.attention.values())
 
 
 @dataclass
@@ -67,6 +76,10 @@ class _SnapshotItem:
     time: float
     attention: dict[int, torch.Tensor]
     labels: list[str] | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() for a in self.attention.values())
 
 
 def _slice_batch(value: Any, n: int, keep: int) -> Any:
@@ -105,9 +118,14 @@ class RunRecorder:
         self.probe_failed = False
         self._layer_of = {id(site.inner): site.index for site in run.sites}
         self._pending: dict[int, tuple[torch.Tensor, MaskInfo]] = {}
+        self._stride = 1  # snapshots every ``every * stride`` steps (the time budget)
+        self._step_started = time.perf_counter()
+        self._step_time = 0.0  # moving average of a training step, seconds
+        self._probe_time = 0.0  # moving average of a probe pass, seconds
         self._in_probe = False
         self._dispatchers = run.dispatchers
-        self._pre_hook = run.model.register_forward_pre_hook(self._grab_probe, with_kwargs=True)
+        self._pre_hook = run.model.register_forward_pre_hook(self._before_forward,
+                                                                with_kwargs=True)
         for d in self._dispatchers:
             d.listen(self._accepts, self._on_attention)
         run.add_step_hook(self._on_step)
@@ -121,8 +139,14 @@ class RunRecorder:
 
     # -- training thread -------------------------------------------------------
 
-    def _grab_probe(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.probe is not None or self._in_probe or not args \
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on the model: keep the first batch's head as the probe; and
+        forget statistics of an earlier pass in this step (a capture run between steps),
+        so a step's statistics are those of the last forward before ``step()``."""
+        if self._in_probe:
+            return
+        self._pending = {}
+        if self.probe is not None or not args \
                 or not isinstance(args[0], torch.Tensor) or args[0].ndim < 1:
             return
         n, keep = args[0].shape[0], self.config.probe_samples
@@ -134,7 +158,7 @@ class RunRecorder:
 
     def _on_attention(self, event: AttentionEvent) -> None:
         layer = self._layer_of[id(event.source)]
-        if layer in self._pending:  # a second forward in one step: keep the first
+        if layer in self._pending:  # a layer run twice in one forward: keep the first
             return
         with torch.no_grad():
             a = event.attention(sample=0).detach()  # (H, L, S)
@@ -146,6 +170,9 @@ class RunRecorder:
         if step is None:
             return
         now = time.time()
+        started, self._step_started = self._step_started, time.perf_counter()
+        took = self._step_started - started
+        self._step_time = took if not self._step_time else 0.9 * self._step_time + 0.1 * took
         if self.session is None or (self.last_step is not None and step < self.last_step):
             self._new_session()  # first step, or the run started over
         self.last_step = step
@@ -153,15 +180,31 @@ class RunRecorder:
         assert self.session is not None
         self.service.submit(_StepItem(self.session, step, now, dict(run.scalars), pending,
                                       len(run.sites)))
-        due = self.last_snapshot is None or step >= self.last_snapshot + self.config.every
+        every = self.config.every * self._stride  # at multiples (and the first step seen)
+        due = self.last_snapshot is None or step // every > self.last_snapshot // every
         if due and self.probe is not None and not self.probe_failed:
             self.last_snapshot = step
+            t0 = time.perf_counter()
             attention = self._probe_forward()
+            self._adapt_stride(time.perf_counter() - t0)
             if attention:
                 labels = run.labels(0) if self.probe_labels is None else None
                 if labels is not None:
                     self.probe_labels = labels
                 self.service.submit(_SnapshotItem(self.session, step, now, attention, labels))
+
+    def _adapt_stride(self, probe_s: float) -> None:
+        """Space snapshots so that probe passes take at most ``probe_budget`` of the time."""
+        self._probe_time = probe_s if not self._probe_time else \
+            0.8 * self._probe_time + 0.2 * probe_s
+        self._step_started = time.perf_counter()  # the probe is not part of the next step
+        if self._step_time <= 0 or self.config.probe_budget is None:
+            return
+        share = self._probe_time / (self.config.every * self._stride * self._step_time)
+        if share > self.config.probe_budget:
+            self._stride *= 2
+        elif share < self.config.probe_budget / 4 and self._stride > 1:
+            self._stride //= 2
 
     def _new_session(self) -> None:
         run = self.run
@@ -219,6 +262,9 @@ class HistoryService:
         self._queue: queue.Queue = queue.Queue(self.config.queue_size)
         self._registry: RunRegistry | None = None
         self._closed = False
+        self._queued_bytes = 0  # bytes of tensors waiting for the writer
+        self._bytes_lock = threading.Lock()
+        self._wake = threading.Event()  # set by flush() and close(): write now
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._write_loop, name="attnscope-history",
                                         daemon=True)
@@ -227,6 +273,10 @@ class HistoryService:
     # -- runs ------------------------------------------------------------------
 
     def attach(self, run: Run) -> RunRecorder:
+        """Start recording ``run`` (its model must be in this process)."""
+        if not isinstance(getattr(run, "model", None), nn.Module):
+            raise TypeError(f"run {run.id!r} has no model in this process: history records "
+                            "local runs only")
         with self._lock:
             recorder = self.recorders.get(run.id)
             if recorder is None or recorder.run is not run:
@@ -251,7 +301,9 @@ class HistoryService:
         registry = self._registry
         if registry is None:
             return
-        runs = {run.id: run for run in registry.list()}
+        # Runs with a model in this process; a remote run's model is elsewhere (not recorded).
+        runs = {run.id: run for run in registry.list()
+                if isinstance(getattr(run, "model", None), nn.Module)}
         for run in runs.values():
             recorder = self.recorders.get(run.id)
             if recorder is None or recorder.run is not run:
@@ -260,9 +312,10 @@ class HistoryService:
             self.detach(run_id)
 
     def session_of(self, run_id: str) -> str | None:
-        """The session being recorded for a live run id, else its newest stored one."""
+        """The session being recorded for a live run id (None before its first step),
+        else the newest stored one of that id."""
         recorder = self.recorders.get(run_id)
-        if recorder is not None and recorder.session is not None:
+        if recorder is not None:
             return recorder.session
         session = self.store.latest_session(run_id)
         return None if session is None else session.id
@@ -271,9 +324,19 @@ class HistoryService:
 
     def submit(self, item: Any) -> None:
         """Queue an item for the writer; never blocks (a full queue drops the item)."""
+        size = getattr(item, "nbytes", 0)
+        with self._bytes_lock:
+            fits = self._queued_bytes + size <= self.config.queue_bytes
+            if fits:
+                self._queued_bytes += size
         try:
+            if not fits:
+                raise queue.Full
             self._queue.put_nowait(item)
         except queue.Full:
+            if fits:
+                with self._bytes_lock:
+                    self._queued_bytes -= size
             self.dropped += 1
             if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
                 logger.warning("history: writer behind, %d records dropped", self.dropped)
@@ -290,6 +353,7 @@ class HistoryService:
                 continue
         else:
             return False
+        self._wake.set()
         return done.wait(max(0.0, deadline - time.monotonic()))
 
     def close(self, timeout: float = 10.0) -> None:
@@ -302,14 +366,20 @@ class HistoryService:
         for run_id in list(self.recorders):
             self.detach(run_id)
         self._queue.put(None)
+        self._wake.set()
         self._thread.join(timeout)
         self.store.close()
 
     def _write_loop(self) -> None:
         while True:
             item = self._queue.get()
+            if isinstance(item, _StepItem | _SnapshotItem):
+                # Wake a few times a second, not once per step: fewer GIL hand-offs with
+                # the training thread, and one SQLite transaction for many rows.
+                self._wake.wait(WRITE_PERIOD_S)
+                self._wake.clear()
             batch = [item]
-            while item is not None and len(batch) < 256:
+            while item is not None and len(batch) < 1024:
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
@@ -322,14 +392,16 @@ class HistoryService:
                 return
 
     def _write(self, batch: list[Any]) -> None:
-        rows: dict[str, list[StatRow]] = {}
+        steps: list[_StepItem] = []
         for item in batch:
+            if isinstance(item, _StepItem | _SnapshotItem):
+                with self._bytes_lock:
+                    self._queued_bytes -= item.nbytes
             if isinstance(item, _StepItem):
-                rows.setdefault(item.session, []).append(_stat_row(item, self.config))
+                steps.append(item)
                 continue
-            for session, session_rows in rows.items():  # keep the order of the items
-                self.store.add_stats(session, session_rows)
-            rows = {}
+            self._write_stats(steps)  # keep the order of the items
+            steps = []
             if isinstance(item, _SnapshotItem):
                 tensors = {f"attention.{layer}": a.numpy() for layer, a in item.attention.items()}
                 self.store.add_snapshot(item.session, item.step, item.time, tensors)
@@ -339,19 +411,42 @@ class HistoryService:
                                                item.attention.values())).shape))
             elif isinstance(item, threading.Event):
                 item.set()
+        self._write_stats(steps)
+
+    def _write_stats(self, steps: list[_StepItem]) -> None:
+        rows: dict[str, list[StatRow]] = {}
+        for item, heads in zip(steps, stats_of(steps), strict=True):
+            rows.setdefault(item.session, []).append(
+                StatRow(item.step, item.time, item.scalars, heads))
         for session, session_rows in rows.items():
             self.store.add_stats(session, session_rows)
 
 
-def _stat_row(item: _StepItem, config: HistoryConfig) -> StatRow:
-    """Head statistics (layers, 5, H) of one step, computed as the stream computes them."""
-    heads = None
-    if item.attention:
-        n_layers = item.n_layers
+def stats_of(steps: list[_StepItem]) -> list[np.ndarray | None]:
+    """Head statistics (layers, 5, H) of each step, computed as the stream computes them
+    (from the float16 copy); NaN where a layer or head is missing.
+
+    Layers without masks are computed for all steps at once (the steps stacked as
+    more heads): one call instead of one per step, so the writer holds the GIL less.
+    """
+    out: list[np.ndarray | None] = []
+    for item in steps:
+        if not item.attention:
+            out.append(None)
+            continue
         n_heads = max(a.shape[0] for a, _ in item.attention.values())
-        heads = np.full((n_layers, len(STAT_NAMES), n_heads), np.nan, np.float32)
+        out.append(np.full((item.n_layers, len(STAT_NAMES), n_heads), np.nan, np.float32))
+    groups: dict[tuple, list[tuple[int, int, torch.Tensor]]] = {}
+    for k, item in enumerate(steps):
         for layer, (a, masks) in item.attention.items():
             L, S = a.shape[-2:]
-            stats = head_stats(a, valid_key_counts(masks, 0, L, S))  # (5, H)
-            heads[layer, :, : a.shape[0]] = stats.numpy()
-    return StatRow(item.step, item.time, item.scalars, heads)
+            valid = valid_key_counts(masks, 0, L, S)
+            if valid is None:
+                groups.setdefault((layer, tuple(a.shape)), []).append((k, layer, a))
+            else:
+                out[k][layer, :, : a.shape[0]] = head_stats(a, valid).numpy()  # (5, H)
+    for (_, shape), members in groups.items():
+        stacked = head_stats(torch.cat([a for _, _, a in members]), None)  # (5, T * H)
+        for j, (k, layer, _) in enumerate(members):
+            out[k][layer, :, : shape[0]] = stacked[:, j * shape[0]: (j + 1) * shape[0]].numpy()
+    return out

@@ -94,22 +94,29 @@ def list_sessions(service: ServiceDep) -> list[SessionPublic]:
     return [SessionPublic(**s, live=s["session"] in live) for s in service.store.sessions()]
 
 
-@router.get("/runs/{run_id}/history", responses={404: {"description": "no history"}})
+@router.get("/runs/{run_id:path}/history", responses={404: {"description": "no history"}})
 def history_index(run_id: str, service: ServiceDep, layer: Layer = 0, heads: Heads = None,
-                  start: From = None, end: To = None, session: SessionQ = None) -> HistoryIndex:
-    """The snapshots kept (steps) and every recorded step's head statistics and scalars."""
+                  start: From = None, end: To = None, session: SessionQ = None,
+                  stats: Annotated[bool, Query(description="include per-step statistics")] = True,
+                  ) -> HistoryIndex:
+    """The snapshots kept (steps) and every recorded step's head statistics and scalars.
+
+    A run being recorded that has not finished a step yet has an empty index
+    (``session`` null), so a page can poll it from the start."""
+    if session is None and run_id in service.recorders and service.session_of(run_id) is None:
+        return _empty_index(run_id)
     s = _session(service, run_id, session)
     layer = _layer(s, layer)
     chosen = _heads(s, layer, heads)
     snaps = service.store.snapshots(s.id, start, end)
-    rows = service.store.stats(s.id, start, end)
-    stats: dict[str, list[list[float | None]]] = {name: [] for name in STAT_NAMES}
+    rows = service.store.stats(s.id, start, end) if stats else []
+    values: dict[str, list[list[float | None]]] = {name: [] for name in STAT_NAMES}
     for row in rows:
         for i, name in enumerate(STAT_NAMES):
             if row.heads is None or layer >= row.heads.shape[0]:
-                stats[name].append([None] * len(chosen))
+                values[name].append([None] * len(chosen))
             else:
-                stats[name].append(_finite(row.heads[layer, i, chosen]))
+                values[name].append(_finite(row.heads[layer, i, chosen]))
     names = sorted({k for row in rows for k in row.scalars})
     base = f"/api/v1/runs/{run_id}/history"
     return HistoryIndex(
@@ -119,10 +126,17 @@ def history_index(run_id: str, service: ServiceDep, layer: Layer = 0, heads: Hea
                "labels": s.meta.get("probe_labels")},
         snapshots=[{"step": step, "time": t} for step, t in snaps],
         stats=StatsPublic(steps=[r.step for r in rows], time=[r.time for r in rows],
-                          scalars={n: [r.scalars.get(n) for r in rows] for n in names}, **stats),
+                          scalars={n: [r.scalars.get(n) for r in rows] for n in names}, **values),
         urls={"data": f"{base}/data?session={s.id}&layer={layer}",
               "frame": f"{base}/frame?session={s.id}&layer={layer}&step="},
     )
+
+
+def _empty_index(run_id: str) -> HistoryIndex:
+    empty = StatsPublic(steps=[], time=[], entropy=[], max_weight=[], first_token=[], nan=[],
+                        inf=[], scalars={})
+    return HistoryIndex(run=run_id, session=None, name=None, started=None, layer=0, heads=[],
+                        layers=0, every=0, probe={}, snapshots=[], stats=empty, urls={})
 
 
 def _evolution(service: HistoryService, s: Session, layer: int, chosen: list[int],
@@ -143,7 +157,7 @@ def _evolution(service: HistoryService, s: Session, layer: int, chosen: list[int
     return np.asarray(steps, np.int64), np.stack(arrays)  # (T,), (T, h, L, S)
 
 
-@router.get("/runs/{run_id}/history/data", responses={404: {"description": "no history"}})
+@router.get("/runs/{run_id:path}/history/data", responses={404: {"description": "no history"}})
 def history_data(run_id: str, service: ServiceDep, layer: Layer = 0, heads: Heads = None,
                  start: From = None, end: To = None, session: SessionQ = None,
                  sample: Annotated[int, Query(ge=0)] = 0,
@@ -183,7 +197,7 @@ def _json(obj: Any) -> bytes:
     return json.dumps({k: clean(v) for k, v in obj.items()}, separators=(",", ":")).encode()
 
 
-@router.get("/runs/{run_id}/history/frame", responses={404: {"description": "no snapshot"}},
+@router.get("/runs/{run_id:path}/history/frame", responses={404: {"description": "no snapshot"}},
             response_class=Response)
 def history_frame(run_id: str, service: ServiceDep, step: int, layer: Layer = 0,
                   heads: Heads = None, session: SessionQ = None,

@@ -31,7 +31,8 @@ def _torchrun(url: str, run: str, ranks: str) -> subprocess.CompletedProcess:
     ("all", {"ddp/rank-0": 20, "ddp/rank-1": 20}),
 ])
 def test_torchrun_two_ranks(ranks: str, expected: dict[str, int]) -> None:
-    with Served(RunRegistry(), token=TOKEN) as served:
+    registry = RunRegistry()
+    with Served(registry, token=TOKEN) as served:
         done = _torchrun(served.url, "ddp", ranks)
         assert done.returncode == 0, done.stderr[-3000:]
         runs = {r["id"]: r for r in served.http.get("/api/v1/runs", headers=BEARER).json()}
@@ -39,5 +40,5 @@ def test_torchrun_two_ranks(ranks: str, expected: dict[str, int]) -> None:
         for run_id, steps in expected.items():
             assert runs[run_id]["status"] == "ended" and runs[run_id]["error"] is None
             assert runs[run_id]["model"]["layers"] == 1
-            history = served.http.get(f"/api/v1/runs/{run_id}/scalars", headers=BEARER).json()
+            history = registry.get(run_id).history.to_dict()
             assert history["steps"][-1] == steps - 1

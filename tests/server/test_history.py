@@ -21,7 +21,8 @@ def make_run(run_id: str = "toy") -> tuple[Run, torch.nn.Module]:
 
 
 def service_on(root, **config) -> HistoryService:
-    cfg = HistoryConfig(**config)
+    """A service on ``root``; the probe time budget is off unless asked for (exact cadence)."""
+    cfg = HistoryConfig(**{"probe_budget": None, **config})
     store = HistoryStore(root, max_snapshots=cfg.max_snapshots, max_bytes=cfg.max_bytes,
                          max_stat_points=cfg.max_stat_points, max_sessions=cfg.max_sessions)
     return HistoryService(store, cfg)
@@ -82,6 +83,22 @@ def test_thinning_keeps_recent_dense_and_old_sparse(tmp_path):
     assert all(a >= 0.5 * b for a, b in zip(gaps[:-1], gaps[1:], strict=True))
 
 
+def test_probe_passes_are_spaced_out_when_they_cost_too_much(tmp_path):
+    run, model = make_run()
+    service = service_on(tmp_path, every=2, probe_budget=1e-6)  # no probe is cheap enough
+    try:
+        service.attach(run)
+        train(run, model, range(64))
+        assert service.flush()
+        steps = [s for s, _ in service.store.snapshots(service.session_of("toy"))]
+        assert [r.step for r in service.store.stats(service.session_of("toy"))] == list(range(64))
+    finally:
+        service.close()
+    gaps = np.diff(steps)
+    assert len(steps) < 10 and all(s % 2 == 0 for s in steps)  # 32 at the plain cadence
+    assert list(gaps) == sorted(gaps) and gaps[-1] >= 8  # 2, 4, 8, ...: doubling
+
+
 def test_thinning_victim_is_never_an_end():
     steps = [0, 1, 2, 3, 1000]
     assert thinning_victim(steps) in (1, 2, 3)
@@ -115,6 +132,31 @@ def test_snapshots_are_of_the_probe_not_of_later_batches(tmp_path):
                                            atol=1e-3)
     finally:
         service.close()
+
+
+def test_a_capture_between_steps_does_not_leak_into_the_next_steps_statistics(tmp_path):
+    from server.stream.stats import head_stats
+
+    run, model = make_run()
+    service = service_on(tmp_path, every=100)
+    batches = {i: torch.randn(3, 5, 3) for i in range(6)}
+    expected = {}
+
+    def between_steps(i: int) -> None:
+        out = run_capture(model, batches[i][:1], ["attention"])  # this step's sample 0
+        expected[i] = head_stats(out["attention.1"][0].half(), None).numpy()  # (5, H)
+        with torch.no_grad():
+            model(torch.full((1, 5, 3), 3.0))  # a capture on another input
+
+    try:
+        service.attach(run)
+        train(run, model, range(6), batches=batches, on_step=between_steps)
+        assert service.flush()
+        rows = service.store.stats(service.session_of("toy"))
+    finally:
+        service.close()
+    for row in rows:
+        np.testing.assert_allclose(row.heads[1], expected[row.step], atol=2e-3)
 
 
 def test_cap_on_bytes_is_enforced_keeping_the_newest(tmp_path):
@@ -195,12 +237,14 @@ def test_stats_are_thinned_by_halving(tmp_path):
 
 def test_a_full_writer_queue_drops_records_instead_of_blocking(tmp_path):
     run, model = make_run()
-    service = service_on(tmp_path, every=1, queue_size=1)
+    one = 2 * (2 * 5 * 5 * 2)  # bytes of one snapshot: 2 layers of (1, 2, 5, 5) float16
+    service = service_on(tmp_path, every=1, queue_bytes=3 * one)
     service.store._lock.acquire()  # the writer stalls on its first write
     try:
         service.attach(run)
-        train(run, model, range(6))  # must return although nothing can be written
-        assert service.dropped > 0
+        train(run, model, range(12))  # must return although nothing can be written
+        assert service.dropped >= 12 - 4  # at most 3 snapshots wait (+1 being written)
+        assert service._queued_bytes <= 3 * one
     finally:
         service.store._lock.release()
         service.close()

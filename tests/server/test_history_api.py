@@ -49,7 +49,7 @@ def served(tmp_path):
     x = torch.randn(2, 6, 8)
     registry = RunRegistry()
     run = registry.add(Run(model, run_id="toy"))
-    with Served(registry, data_dir=tmp_path, history_every=1) as s:
+    with Served(registry, data_dir=tmp_path, history_every=1, history_probe_budget=None) as s:
         yield s, run, model, x
 
 
@@ -137,6 +137,9 @@ def test_history_of_a_head_as_json_and_step_ranges(served):
 def test_history_errors_name_the_field(served):
     s, run, model, x = served
     assert s.http.get("/api/v1/runs/nope/history").status_code == 404
+    empty = s.http.get("/api/v1/runs/toy/history")  # recorded, but no step yet: no 404
+    assert empty.status_code == 200 and empty.json()["session"] is None
+    assert empty.json()["snapshots"] == []
     trainer = NudgingTrainer(run, model, x)
     trainer.go.set()
     trainer._loop()
@@ -149,3 +152,27 @@ def test_history_errors_name_the_field(served):
     assert r.status_code == 404 and r.json()["detail"][0]["loc"] == ["query", "step"]
     r = s.http.get("/api/v1/runs/toy/history", params={"session": "abc"})
     assert r.status_code == 404
+
+
+def test_run_ids_with_a_slash_and_past_runs_after_a_restart(tmp_path):
+    dispatcher = EventDispatcher()
+    model = small_encoder(dispatcher)
+    x = torch.randn(2, 6, 8)
+    registry = RunRegistry()
+    run = registry.add(Run(model, run_id="alice/lr3e-4"))
+    settings = {"data_dir": tmp_path, "history_every": 2, "history_probe_budget": None}
+    with Served(registry, **settings) as s:
+        trainer = NudgingTrainer(run, model, x)
+        trainer.go.set()
+        trainer._loop()
+        assert s.app.state.history.flush()
+        before = s.http.get("/api/v1/runs/alice/lr3e-4/history").json()
+        assert [snap["step"] for snap in before["snapshots"]] == list(range(0, STEPS, 2))
+    # A new server on the same data dir, without the run: its history is still served.
+    with Served(RunRegistry(), **settings) as s:
+        after = s.http.get("/api/v1/runs/alice/lr3e-4/history").json()
+        assert after["session"] == before["session"]
+        assert after["snapshots"] == before["snapshots"]
+        assert after["stats"] == before["stats"]
+        sessions = s.http.get("/api/v1/history").json()
+        assert [(x["run"], x["live"]) for x in sessions] == [("alice/lr3e-4", False)]

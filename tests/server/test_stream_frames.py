@@ -95,6 +95,7 @@ def test_entropy_is_normalised_by_the_unmasked_keys():
 
 
 def test_settings_from_environment_and_validation(monkeypatch):
+    monkeypatch.delenv("ATTNSCOPE_DATA_DIR", raising=False)  # set by tests/conftest.py
     monkeypatch.setenv("ATTNSCOPE_PORT", "9123")
     monkeypatch.setenv("ATTNSCOPE_MAX_FPS", "5")
     settings = Settings()

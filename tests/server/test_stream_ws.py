@@ -296,7 +296,7 @@ def test_disconnect_mid_stream_leaves_no_task_or_slot(setup):
             await recv_frame(ws, "attention")
             senders.extend(c.task for c in list(served.hub.connections))
             ws.transport.abort()  # no close handshake, frames in flight
-        for _ in range(200):
+        for _ in range(750):  # up to 15 s: a loaded machine is slow to see the close
             if not served.hub.connections:
                 break
             await asyncio.sleep(0.02)
@@ -316,7 +316,8 @@ def test_stalled_client_does_not_slow_training_or_grow_memory():
     x = torch.randn(1, 192, 16)  # 4 heads x 192 x 192: ~300 KB per layer per frame
     registry = RunRegistry()
     run = registry.add(Run(model, run_id="big"))
-    with Served(registry) as served, Trainer(run, model, x, period=0.0) as trainer:
+    with Served(registry, history_enabled=False) as served, \
+            Trainer(run, model, x, period=0.0) as trainer:
         time.sleep(0.5)
         alone = trainer.steps
         sock = raw_stalled_client(served.ws_url, {
@@ -338,7 +339,7 @@ def test_stalled_client_does_not_slow_training_or_grow_memory():
         assert max(trainer.durations[steps0:steps1]) < 1.0, max(trainer.durations[steps0:])
         if rss0 is not None:
             assert rss1 - rss0 < 40 * 2**20, (rss0, rss1)
-        for _ in range(200):
+        for _ in range(750):  # up to 15 s: a loaded machine is slow to see the close
             if not served.hub.connections:
                 break
             time.sleep(0.02)

@@ -1,0 +1,207 @@
+"""What does history cost? Training speed, disk, and the page's slider response.
+
+1. **Recording cost**: demo training (``DemoTraining``, default config) marked
+   with ``Run.step`` as the demo run does, (a) without history and (b) with a
+   :class:`HistoryService` at the defaults (probe snapshot every 10 steps, head
+   statistics every step). Interleaved windows (a, b, a, b, ...), median steps/s
+   of each; target (b) >= 0.97 x (a). The cost per step is 1/b - 1/a.
+2. **Disk per 1,000 steps** for a 4-layer x 4-head model at L=32 and a 12 x 12
+   model at L=256 (d_head 64): the recorder runs on the real model for a few
+   steps with a snapshot every step to measure one snapshot file, then 1,000
+   stats rows of that shape are written to a fresh store; the figure is
+   100 snapshots (1,000 steps at K=10) + 1,000 stats rows + the index, and the
+   steady state (``max_snapshots`` = 200 files) is given too.
+3. **Slider response**: the demo server (a subprocess, snapshot every 2 steps),
+   headless Chromium on its page; the slider is moved to random recorded steps
+   and the time from the input event to the frame after the new heatmaps are
+   drawn (``__attnscope.history.lastResponseMs``) is collected; p50 / p95.
+   Target < 100 ms.
+
+    .venv/bin/python bench/history.py                        # everything (~2 min)
+    .venv/bin/python bench/history.py --seconds 2 --repeats 2 --skip-browser   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+
+def _train_window(training, run, seconds: float) -> float:
+    """Steps per second of the demo loop marked with ``run.step`` over ``seconds``."""
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        result = training.step()
+        run.step(result.step, loss=result.loss, tokens=result.tokens, accuracy=result.accuracy)
+        steps += 1
+    return steps / (time.perf_counter() - start)
+
+
+def recording_cost(seconds: float, repeats: int) -> dict:
+    from server.demo import DemoConfig, DemoTraining
+    from server.history import HistoryConfig, HistoryService, HistoryStore
+    from server.runs import Run
+    from transformer_core.events import EventDispatcher
+
+    def make() -> tuple:
+        training = DemoTraining(DemoConfig(device="cpu"), event_dispatcher=EventDispatcher())
+        return training, Run(training.model, run_id="demo",
+                             symbols=training.task.symbols)
+
+    off_training, off_run = make()
+    on_training, on_run = make()
+    config = HistoryConfig()
+    with tempfile.TemporaryDirectory() as data:
+        store = HistoryStore(data, max_snapshots=config.max_snapshots,
+                             max_bytes=config.max_bytes)
+        service = HistoryService(store, config)
+        service.attach(on_run)
+        _train_window(off_training, off_run, 0.5)  # warm up both
+        _train_window(on_training, on_run, 0.5)
+        off, on = [], []
+        for _ in range(repeats):
+            off.append(_train_window(off_training, off_run, seconds))
+            on.append(_train_window(on_training, on_run, seconds))
+        service.flush()
+        snapshots = len(store.snapshots(service.session_of("demo")))
+        dropped = service.dropped
+        service.close()
+    a, b = statistics.median(off), statistics.median(on)
+    return {"off": a, "on": b, "ratio": b / a, "cost_ms": 1e3 * (1 / b - 1 / a),
+            "snapshots": snapshots, "dropped": dropped, "windows": (off, on)}
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def disk_per_1000(layers: int, heads: int, length: int, d_head: int) -> dict:
+    """Bytes of history per 1,000 steps at the defaults, measured on a real model."""
+    import numpy as np
+
+    from server.history import HistoryConfig, HistoryService, HistoryStore
+    from server.history.store import STAT_NAMES, StatRow
+    from server.runs import Run
+    from transformer_core.builders import TransformerEncoderBuilder
+    from transformer_core.events import EventDispatcher
+
+    model = TransformerEncoderBuilder.from_kwargs(
+        n_layers=layers, n_heads=heads, query_dimensions=d_head, value_dimensions=d_head,
+        feed_forward_dimensions=4 * heads * d_head, dropout=0.0, attention_dropout=0.0,
+        event_dispatcher=EventDispatcher()).get().eval()
+    run = Run(model, run_id="disk")
+    x = torch.randn(1, length, heads * d_head)
+    with tempfile.TemporaryDirectory() as data:
+        service = HistoryService(HistoryStore(data), HistoryConfig(every=1))
+        service.attach(run)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for step in range(3):
+                model(x)
+                run.step(step, loss=1.0)
+        train_thread_s = (time.perf_counter() - t0) / 3
+        service.flush()
+        session = service.session_of("disk")
+        files = sorted((Path(data) / "files" / session).iterdir())
+        snapshot_bytes = statistics.median(p.stat().st_size for p in files)
+        service.close()
+    with tempfile.TemporaryDirectory() as data:
+        store = HistoryStore(data)
+        s = store.new_session("disk", None, {"layers": layers, "heads": heads})
+        rows = [StatRow(i, time.time(), {"loss": 1.0 / (i + 1), "accuracy": 0.5},
+                        np.random.rand(layers, len(STAT_NAMES), heads).astype(np.float32))
+                for i in range(1000)]
+        for i in range(0, 1000, 50):  # as the writer does: batches of rows
+            store.add_stats(s.id, rows[i: i + 50])
+        store.close()
+        stats_bytes = _dir_bytes(Path(data))
+    every = HistoryConfig().every
+    return {"snapshot_bytes": snapshot_bytes, "stats_bytes_per_1000": stats_bytes,
+            "per_1000": 1000 // every * snapshot_bytes + stats_bytes,
+            "steady_snapshots": HistoryConfig().max_snapshots * snapshot_bytes,
+            "step_with_snapshot_s": train_thread_s}
+
+
+MOVE = """(i) => { window.__attnscope.history.lastResponseMs = null;
+  const s = document.getElementById('history-slider');
+  s.value = String(i); s.dispatchEvent(new Event('input')); }"""
+
+
+def slider_response(moves: int) -> dict:
+    import random
+
+    from playwright.sync_api import sync_playwright
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from browser.conftest import CHROMIUM, CHROMIUM_ARGS, demo_server, free_port
+
+    with tempfile.TemporaryDirectory() as data:
+        os.environ["ATTNSCOPE_DATA_DIR"] = data
+        os.environ["ATTNSCOPE_HISTORY_EVERY"] = "2"
+        server = demo_server(free_port(), "bench-history").start()
+        times: list[float] = []
+        try:
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                page.goto(server.url + "/")
+                page.wait_for_function("() => window.__attnscope && "
+                                       "window.__attnscope.history.steps.length >= 20",
+                                       timeout=120_000)
+                n = page.evaluate("() => window.__attnscope.history.steps.length")
+                rng = random.Random(0)
+                for _ in range(moves):
+                    i = rng.randrange(n)
+                    page.evaluate(MOVE, i)
+                    page.wait_for_function("() => window.__attnscope.history.lastResponseMs "
+                                           "!== null", timeout=10_000)
+                    times.append(page.evaluate("() => window.__attnscope.history.lastResponseMs"))
+                browser.close()
+        finally:
+            server.stop()
+    times.sort()
+    return {"p50": statistics.median(times), "p95": times[int(0.95 * (len(times) - 1))],
+            "max": times[-1], "moves": len(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="per window (5)")
+    parser.add_argument("--repeats", type=int, default=5, help="windows per variant (5)")
+    parser.add_argument("--moves", type=int, default=40, help="slider moves (40)")
+    parser.add_argument("--skip-browser", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+
+    cost = recording_cost(args.seconds, args.repeats)
+    print(f"recording cost (demo, CPU, {torch.get_num_threads()} threads): "
+          f"off {cost['off']:.1f} steps/s, on {cost['on']:.1f} steps/s, "
+          f"ratio {cost['ratio']:.3f} (target >= 0.97), {cost['cost_ms']:.3f} ms/step; "
+          f"{cost['snapshots']} snapshots kept, {cost['dropped']} records dropped")
+    print("  windows off:", " ".join(f"{v:.0f}" for v in cost["windows"][0]),
+          "| on:", " ".join(f"{v:.0f}" for v in cost["windows"][1]))
+    for layers, heads, length, d_head in ((4, 4, 32, 16), (12, 12, 256, 64)):
+        d = disk_per_1000(layers, heads, length, d_head)
+        print(f"disk {layers}x{heads} L={length}: snapshot {d['snapshot_bytes'] / 1024:.1f} KiB, "
+              f"stats {d['stats_bytes_per_1000'] / 1024:.1f} KiB per 1,000 steps, "
+              f"total {d['per_1000'] / 2**20:.2f} MiB per 1,000 steps (K=10); "
+              f"steady state {d['steady_snapshots'] / 2**20:.1f} MiB of snapshots (200)")
+    if not args.skip_browser:
+        r = slider_response(args.moves)
+        print(f"slider response (demo 1x4 L=24, overview): p50 {r['p50']:.1f} ms, "
+              f"p95 {r['p95']:.1f} ms, max {r['max']:.1f} ms over {r['moves']} moves "
+              "(target < 100 ms)")
+
+
+if __name__ == "__main__":
+    main()
