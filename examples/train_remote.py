@@ -68,6 +68,9 @@ def main() -> int:
     finally:
         dash.close()
         if distributed:
+            # Wait for every rank (rank 0 may still be flushing its dashboard): a rank
+            # tearing gloo down while another still uses it aborts the process.
+            dist.barrier()
             dist.destroy_process_group()
     return 0
 

@@ -24,19 +24,21 @@ def list_runs(registry: RegistryDep) -> list[RunPublic]:
     return [RunPublic.model_validate(run.summary()) for run in registry.list()]
 
 
-@router.get("/{run_id}", responses={404: {"description": "no run has this id"}})
-def get_run(run: RunDep) -> RunPublic:
-    return RunPublic.model_validate(run.summary())
-
-
-@router.get("/{run_id}/scalars", responses={404: {"description": "no run has this id"}})
+@router.get("/{run_id:path}/scalars", responses={404: {"description": "no run has this id"}})
 def get_scalars(run: RunDep) -> ScalarsPublic:
     """Every step's scalars since the run started (thinned to at most 2048 points)."""
     return ScalarsPublic(run=run.id, **run.history.to_dict())
 
 
+# Run ids may contain "/" (``alice/lr3e-4``, ``run/rank-1``): the ``path`` converter
+# takes them whole. Routes with a suffix come first so this one cannot swallow them.
+@router.get("/{run_id:path}", responses={404: {"description": "no run has this id"}})
+def get_run(run: RunDep) -> RunPublic:
+    return RunPublic.model_validate(run.summary())
+
+
 @router.post(
-    "/{run_id}/{action}",
+    "/{run_id:path}/{action}",
     responses={404: {"description": "no run has this id"},
                409: {"description": "the run does not support this action now"}},
 )

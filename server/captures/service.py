@@ -174,6 +174,10 @@ def create_capture(body: CaptureCreate, run: CaptureRun, store: CaptureStore,
                    limits: CaptureLimits) -> CaptureRecord:
     """Validate ``body`` against ``run``'s model, capture between steps, store the result."""
     model = run.model
+    if model is None:  # a remote run: its model lives in the publishing process
+        raise field_error(["run"], f"run {body.run!r} is published from another process "
+                                   "(Dashboard.connect); captures need a run whose model "
+                                   "is in this server", status=409)
     info = describe_model(model)
     symbols = run_symbols(run)
     x, field = prepare_input(body, info, symbols, limits)
