@@ -15,7 +15,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .store import CaptureRecord, read_safetensors
+from ..storage import read_safetensors
+from .store import CaptureRecord
 
 CHUNK = 1 << 20  # 1 MiB: large enough for throughput, small enough to stay responsive
 MEDIA_TYPES = {

@@ -18,16 +18,12 @@ then unlinks the file.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
 import shutil
-import sqlite3
 import threading
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +31,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import safetensors.numpy
+
+from ..storage import FolderLock, FolderLocked, fsync_dir, open_index, read_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +55,7 @@ TMP_SUFFIX = ".tmp"
 DATA_SUFFIX = ".safetensors"
 
 
-class StoreLocked(RuntimeError):
+class StoreLocked(FolderLocked):
     """Another process already owns this capture store."""
 
 
@@ -87,14 +85,6 @@ class CaptureRecord:
                    tensor_bytes, file_bytes, json.loads(meta))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class CaptureStore:
     """The capture index and files under ``root``; safe to share between threads.
 
@@ -111,20 +101,10 @@ class CaptureStore:
         self.tmp = self.root / "tmp"
         self.files.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(exist_ok=True)
-        self._lock_file = open(self.root / ".lock", "a+b")  # noqa: SIM115 (held until close)
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.close()
-            raise StoreLocked(
-                f"capture store {self.root} is in use by another process "
-                "(set ATTNSCOPE_DATA_DIR to another directory)") from None
+        self._owner = FolderLock(self.root, "capture store", StoreLocked)
         self._db_lock = threading.Lock()
-        self._db = sqlite3.connect(self.root / "index.sqlite3", check_same_thread=False,
-                                   isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a committed row survives power loss too
-        self._db.executescript(_SCHEMA)
+        # FULL: a committed row survives power loss too
+        self._db = open_index(self.root / "index.sqlite3", _SCHEMA, "FULL")
         self._recover()
 
     # -- lifecycle -------------------------------------------------------------
@@ -154,9 +134,7 @@ class CaptureStore:
         """Close the index and release the store for another process."""
         with self._db_lock:
             self._db.close()
-        with contextlib.suppress(OSError):
-            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-        self._lock_file.close()
+        self._owner.release()
 
     def __enter__(self) -> CaptureStore:
         return self
@@ -184,7 +162,7 @@ class CaptureStore:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, final)
-            _fsync_dir(self.files)
+            fsync_dir(self.files)
         except BaseException:
             tmp.unlink(missing_ok=True)
             final.unlink(missing_ok=True)
@@ -252,20 +230,3 @@ class CaptureStore:
             return None
         with opened[1] as f:
             return dict(read_safetensors(f))
-
-
-_ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
-              "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
-
-
-def read_safetensors(f: BinaryIO) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (name, array) from an open safetensors file, one tensor in memory at a time."""
-    (n,) = np.frombuffer(f.read(8), dtype="<u8")
-    header = json.loads(f.read(int(n)))
-    header.pop("__metadata__", None)
-    base = 8 + int(n)
-    for name, spec in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        start, end = spec["data_offsets"]
-        f.seek(base + start)
-        array = np.frombuffer(f.read(end - start), dtype=_ST_DTYPES[spec["dtype"]])
-        yield name, array.reshape(spec["shape"])

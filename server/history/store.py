@@ -23,13 +23,10 @@ Shape legend: P probe samples, H heads, L queries, S keys.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
 import shutil
-import sqlite3
 import threading
 import uuid
 from collections.abc import Iterable, Sequence
@@ -41,7 +38,7 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
-from ..captures.store import _fsync_dir, read_safetensors
+from ..storage import FolderLock, FolderLocked, fsync_dir, open_index, read_safetensors
 from .thinning import thinning_victim
 
 logger = logging.getLogger(__name__)
@@ -77,7 +74,7 @@ CREATE TABLE IF NOT EXISTS stats (
 STAT_NAMES = ("entropy", "max_weight", "first_token", "nan", "inf")
 
 
-class HistoryLocked(RuntimeError):
+class HistoryLocked(FolderLocked):
     """Another process already owns this history store."""
 
 
@@ -133,20 +130,10 @@ class HistoryStore:
         self.max_sessions = max_sessions
         self.files.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(exist_ok=True)
-        self._lock_file = open(self.root / ".lock", "a+b")  # noqa: SIM115 (held until close)
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.close()
-            raise HistoryLocked(f"history store {self.root} is in use by another process "
-                                "(set ATTNSCOPE_DATA_DIR to another directory)") from None
+        self._owner = FolderLock(self.root, "history store", HistoryLocked)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.root / "index.sqlite3", check_same_thread=False,
-                                   isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # History may lose its last rows on power loss; each commit is not worth an fsync.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        # NORMAL: history may lose its last rows on power loss; each commit is not worth an fsync.
+        self._db = open_index(self.root / "index.sqlite3", _SCHEMA, "NORMAL")
         self._recover()
 
     # -- lifecycle -------------------------------------------------------------
@@ -176,9 +163,7 @@ class HistoryStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-        with contextlib.suppress(OSError):
-            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-        self._lock_file.close()
+        self._owner.release()
 
     def __enter__(self) -> HistoryStore:
         return self
@@ -270,7 +255,7 @@ class HistoryStore:
                     os.fsync(f.fileno())
             os.replace(tmp, final)
             if self.durable:
-                _fsync_dir(folder)
+                fsync_dir(folder)
         except BaseException:
             tmp.unlink(missing_ok=True)
             final.unlink(missing_ok=True)
