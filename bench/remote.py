@@ -70,11 +70,11 @@ def _viewer(port: int, run: str, stop: threading.Event) -> threading.Thread:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ws.recv(), 0.5)
 
-    def run() -> None:
+    def watch_until_stopped() -> None:  # (not named run: that is the run id above)
         with contextlib.suppress(websockets.ConnectionClosed, OSError):
             asyncio.run(watch())
 
-    thread = threading.Thread(target=run, daemon=True)
+    thread = threading.Thread(target=watch_until_stopped, daemon=True)
     thread.start()
     return thread
 

@@ -44,13 +44,19 @@ class Dashboard:
     @classmethod
     def start(cls, model: nn.Module, port: int = 8000, host: str = "127.0.0.1",
               open_browser: bool = False, name: str | None = None,
-              settings: Settings | None = None, quiet: bool = False) -> Dashboard:
+              settings: Settings | None = None, quiet: bool = False) -> Any:
         """Register ``model`` as a run, serve the dashboard, print its URL.
 
         ``port=0`` picks a free port (see :attr:`url`). ``model`` may be any
         ``nn.Module`` containing ``transformer_core`` attention modules.
-        ``settings`` overrides everything but host and port.
+        ``settings`` overrides everything but host and port. Under torchrun / DDP
+        only rank 0 serves; the other ranks get a dashboard that does nothing
+        (to see every rank, use :meth:`connect` with ``ranks="all"``).
         """
+        from .remote.publisher import SilentDashboard, select_rank
+
+        if not select_rank(0)[0]:
+            return SilentDashboard()
         settings = (settings or Settings()).model_copy(update={"host": host, "port": port})
         settings = Settings.model_validate(settings.model_dump())
         registry = RunRegistry()

@@ -164,7 +164,9 @@ class Connection:
         self.runs_dirty = False
         self.sent: dict[SlotKey, int] = {}
         self.sent_scalars = -1
-        self.next_due = 0.0
+        self.next_due = 0.0  # loop time before which no new frames are sent
+        self.scalars_due = 0.0  # the same for scalars messages
+        self._scalars_timer: asyncio.TimerHandle | None = None
         self._send_lock = asyncio.Lock()
         self.task: asyncio.Task | None = None
 
@@ -211,10 +213,30 @@ class Connection:
             if sub is None:
                 continue
             started = loop.time()
-            if await self._send_updates(sub):
-                self.next_due = started + 1.0 / sub.max_fps
+            if await self._send_frames(sub):
+                # The publisher captures at most once per plan interval (the fastest
+                # subscriber's period), so waiting a full period here would hold most
+                # frames back until the next tick. Half a capture interval of slack
+                # lets each frame go out as soon as it is released, while a slower
+                # subscriber is still held near its own rate.
+                self.next_due = started + 1.0 / sub.max_fps - self._capture_interval(sub) / 2
+            if "scalars" in sub.kinds:
+                if started >= self.scalars_due:
+                    if await self._send_scalars(sub):
+                        self.scalars_due = started + 1.0 / sub.max_fps
+                elif self._scalars_timer is None:  # not due yet: come back when it is
+                    self._scalars_timer = loop.call_at(self.scalars_due, self._scalars_wake)
 
-    async def _send_updates(self, sub: Resolved) -> bool:
+    def _scalars_wake(self) -> None:
+        self._scalars_timer = None
+        self.wake.set()
+
+    def _capture_interval(self, sub: Resolved) -> float:
+        publisher = self.hub.publishers.get(sub.run)
+        return publisher.plan.interval if publisher is not None else 0.0
+
+    async def _send_frames(self, sub: Resolved) -> bool:
+        """Send every subscribed slot holding a capture this socket has not had."""
         try:
             run = self.hub.registry.get(sub.run)
         except UnknownRunError:
@@ -235,15 +257,22 @@ class Connection:
                 sent = True
                 if self.sub is not sub:  # resubscribed meanwhile: start over with the new one
                     return sent
-        if "scalars" in sub.kinds and run.step_index is not None \
-                and run.scalars_seq != self.sent_scalars:
-            self.sent_scalars = run.scalars_seq
-            await self.send_json({
-                "type": "scalars", "run": run.id, "step": run.step_index,
-                "time": run.scalars_time, "values": dict(run.scalars),
-            })
-            sent = True
         return sent
+
+    async def _send_scalars(self, sub: Resolved) -> bool:
+        """Send the run's latest scalars if they changed since the last ones sent."""
+        try:
+            run = self.hub.registry.get(sub.run)
+        except UnknownRunError:
+            return False
+        if run.step_index is None or run.scalars_seq == self.sent_scalars:
+            return False
+        self.sent_scalars = run.scalars_seq
+        await self.send_json({
+            "type": "scalars", "run": run.id, "step": run.step_index,
+            "time": run.scalars_time, "values": dict(run.scalars),
+        })
+        return True
 
 
 class Hub:

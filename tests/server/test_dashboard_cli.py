@@ -59,6 +59,15 @@ def test_dashboard_start_step_and_close(capsys):
     dash.step(1000)  # a step after close is ignored, not an error
 
 
+def test_dashboard_start_serves_from_rank_zero_only(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")  # as torchrun sets it for the second process
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with Dashboard.start(small_encoder(EventDispatcher()), port=0) as dash:
+        assert dash.url is None  # no server: rank 0 serves the dashboard
+        dash.step(0, loss=1.0)
+    assert capsys.readouterr().out == ""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

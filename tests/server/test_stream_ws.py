@@ -501,3 +501,25 @@ def test_a_page_reloaded_while_paused_gets_the_last_frames(setup):
 
     with Trainer(run, model, x, tokens):
         run_async(body)
+
+
+def test_scalars_are_rate_limited_yet_the_last_step_always_arrives(setup):
+    served, run, *_ = setup
+
+    async def body():
+        async with websockets.connect(served.ws_url) as ws:
+            await recv_json(ws, "hello")
+            await ws.send(json.dumps({"type": "subscribe", "run": "toy", "kinds": ["scalars"],
+                                      "max_fps": 2}))
+            await recv_json(ws, "subscribed")
+            for step in range(20):  # a burst of steps far faster than 2 per second
+                run.step(step, loss=1.0 / (step + 1))
+                await asyncio.sleep(0.005)
+            received = []
+            while not received or received[-1]["step"] != 19:
+                received.append(await recv_json(ws, "scalars", timeout=3))
+            # the burst is thinned, not queued, and the final step is not lost
+            assert len(received) <= 3
+            assert received[-1]["values"]["loss"] == pytest.approx(1 / 20)
+
+    run_async(body)
