@@ -166,7 +166,6 @@ class Connection:
         self.sent_scalars = -1
         self.next_due = 0.0  # loop time before which no new frames are sent
         self.scalars_due = 0.0  # the same for scalars messages
-        self._scalars_timer: asyncio.TimerHandle | None = None
         self._send_lock = asyncio.Lock()
         self.task: asyncio.Task | None = None
 
@@ -220,16 +219,11 @@ class Connection:
                 # lets each frame go out as soon as it is released, while a slower
                 # subscriber is still held near its own rate.
                 self.next_due = started + 1.0 / sub.max_fps - self._capture_interval(sub) / 2
-            if "scalars" in sub.kinds:
-                if started >= self.scalars_due:
-                    if await self._send_scalars(sub):
-                        self.scalars_due = started + 1.0 / sub.max_fps
-                elif self._scalars_timer is None:  # not due yet: come back when it is
-                    self._scalars_timer = loop.call_at(self.scalars_due, self._scalars_wake)
-
-    def _scalars_wake(self) -> None:
-        self._scalars_timer = None
-        self.wake.set()
+            # Scalars not due yet wait for a later wake (a step, or the hub's
+            # periodic check for unsent scalars), so the last ones are never lost.
+            if "scalars" in sub.kinds and started >= self.scalars_due \
+                    and await self._send_scalars(sub):
+                self.scalars_due = started + 1.0 / sub.max_fps
 
     def _capture_interval(self, sub: Resolved) -> float:
         publisher = self.hub.publishers.get(sub.run)
@@ -418,3 +412,15 @@ class Hub:
             await asyncio.sleep(STALE_AFTER_S / 2)
             for publisher in list(self.publishers.values()):
                 publisher.flush_stale(STALE_AFTER_S)
+            self._wake_for_unsent_scalars()
+
+    def _wake_for_unsent_scalars(self) -> None:
+        """Wake senders owing scalars. Publishers notify scalars at most once per
+        interval, so the last steps before a pause or the end come through here."""
+        for conn in self.connections:
+            sub = conn.sub
+            if sub is None or "scalars" not in sub.kinds:
+                continue
+            with contextlib.suppress(UnknownRunError):
+                if self.registry.get(sub.run).scalars_seq != conn.sent_scalars:
+                    conn.wake.set()

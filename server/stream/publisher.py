@@ -138,6 +138,7 @@ class Publisher:
         self._capturing = False
         self._window_start = 0.0
         self._next_due = 0.0
+        self._scalars_due = 0.0
         self._seq = itertools.count(1)
 
     @property
@@ -297,10 +298,10 @@ class Publisher:
             self._publish(pending, run.step_index or 0)
             self._notify(run.id)
         elif plan.scalars:
-            # Every step: the senders rate-limit scalars per subscriber and send the
-            # latest ones when due, so the last step before a pause or the end arrives
-            # (throttling here dropped it). Wakes coalesce in the hub.
-            self._notify(run.id)
+            now = time.monotonic()
+            if now >= self._scalars_due:
+                self._scalars_due = now + plan.interval
+                self._notify(run.id)
 
     def _flush_locked(self) -> bool:
         pending, self._pending = self._pending, {}
