@@ -10,7 +10,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -270,38 +272,37 @@ def test_connect_checks_its_arguments() -> None:
     assert httpx is not None
 
 
-def test_a_run_id_with_slashes_works_on_every_run_route() -> None:
+@pytest.fixture
+def published() -> Iterator[tuple[Served, Any]]:
+    """A server on loopback with one remote run, ``RUN``, published from this process."""
     registry = RunRegistry()
-    model = small_encoder(EventDispatcher())
     with Served(registry) as served:
-        dash = Dashboard.connect(served.url, run=RUN, model=model)
+        dash = Dashboard.connect(served.url, run=RUN, model=small_encoder(EventDispatcher()))
         try:
             wait_for(lambda: RUN in registry.ids(), 10, "the remote run")
-            dash.step(0, loss=1.5)
-            dash.step(1, loss=1.25)
-            assert served.http.get(f"/api/v1/runs/{RUN}").json()["id"] == RUN
-            escaped = served.http.get("/api/v1/runs/alice%2Flr3e-4")
-            assert escaped.status_code == 200 and escaped.json()["id"] == RUN
-            wait_for(lambda: served.http.get(f"/api/v1/runs/{RUN}/scalars").json()["steps"]
-                     == [0, 1], 10, "the scalars")
-            refused = served.http.post(f"/api/v1/runs/{RUN}/pause")
-            assert refused.status_code == 409 and "pause" in refused.json()["detail"]
-            missing = served.http.get("/api/v1/runs/alice/other")
-            assert missing.status_code == 404 and "alice/other" in missing.json()["detail"]
+            yield served, dash
         finally:
             dash.close()
 
 
-def test_capture_of_a_remote_run_is_refused_with_a_clear_error() -> None:
-    registry = RunRegistry()
-    model = small_encoder(EventDispatcher())
-    with Served(registry) as served:
-        dash = Dashboard.connect(served.url, run=RUN, model=model)
-        try:
-            wait_for(lambda: RUN in registry.ids(), 10, "the remote run")
-            response = served.http.post("/api/v1/captures", json={"run": RUN, "tokens": [[1, 2]]})
-            assert response.status_code == 409
-            detail = response.json()["detail"][0]
-            assert detail["loc"] == ["body", "run"] and "Dashboard.connect" in detail["msg"]
-        finally:
-            dash.close()
+def test_a_run_id_with_slashes_works_on_every_run_route(published) -> None:
+    served, dash = published
+    dash.step(0, loss=1.5)
+    dash.step(1, loss=1.25)
+    assert served.http.get(f"/api/v1/runs/{RUN}").json()["id"] == RUN
+    escaped = served.http.get("/api/v1/runs/alice%2Flr3e-4")
+    assert escaped.status_code == 200 and escaped.json()["id"] == RUN
+    wait_for(lambda: served.http.get(f"/api/v1/runs/{RUN}/scalars").json()["steps"] == [0, 1],
+             10, "the scalars")
+    refused = served.http.post(f"/api/v1/runs/{RUN}/pause")
+    assert refused.status_code == 409 and "pause" in refused.json()["detail"]
+    missing = served.http.get("/api/v1/runs/alice/other")
+    assert missing.status_code == 404 and "alice/other" in missing.json()["detail"]
+
+
+def test_capture_of_a_remote_run_is_refused_with_a_clear_error(published) -> None:
+    served, _ = published
+    response = served.http.post("/api/v1/captures", json={"run": RUN, "tokens": [[1, 2]]})
+    assert response.status_code == 409
+    detail = response.json()["detail"][0]
+    assert detail["loc"] == ["body", "run"] and "Dashboard.connect" in detail["msg"]
