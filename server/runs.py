@@ -39,7 +39,7 @@ from transformer_core.events import EventDispatcher
 
 logger = logging.getLogger(__name__)
 
-Status = Literal["live", "paused", "ended"]
+Status = Literal["live", "paused", "idle", "ended"]
 CONTROLS = ("pause", "resume", "restart")
 _INNER_TYPES = tuple(ATTENTION_TYPES.values())
 

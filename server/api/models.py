@@ -27,7 +27,7 @@ class ModelPublic(BaseModel):
 class RunPublic(BaseModel):
     id: str
     name: str
-    status: Literal["live", "paused", "ended"]
+    status: Literal["live", "paused", "idle", "ended"]
     step: int | None
     started: str
     error: str | None

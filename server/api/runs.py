@@ -37,6 +37,20 @@ def get_run(run: RunDep) -> RunPublic:
     return RunPublic.model_validate(run.summary())
 
 
+@router.delete("/{run_id:path}", status_code=204,
+               responses={404: {"description": "no run has this id"},
+                          409: {"description": "the run is still live or paused"}})
+def delete_run(run: RunDep, registry: RegistryDep) -> None:
+    """Forget a run that has ended (or whose publisher went idle), with its last frames.
+
+    Its recorded history stays available under ``/api/v1/history``.
+    """
+    if run.status not in ("ended", "idle"):
+        raise HTTPException(409, detail=f"run {run.id!r} is {run.status}; only ended or "
+                                        "idle runs can be deleted")
+    registry.remove(run.id)
+
+
 @router.post(
     "/{run_id:path}/{action}",
     responses={404: {"description": "no run has this id"},

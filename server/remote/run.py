@@ -65,8 +65,9 @@ def history_from_dict(history: dict[str, Any], max_points: int = 2048) -> Scalar
 class RemoteRun(Run):
     """A run whose training loop is in another process (``Dashboard.connect``).
 
-    ``status`` is ``live`` while its publisher is connected and ``ended`` otherwise;
-    a publisher that reconnects under the same id continues the same run.
+    ``status`` is ``live`` while its publisher is connected, ``idle`` when the
+    connection dropped (the publisher reconnects by itself and continues the same
+    run) and ``ended`` once the publisher said so (``close()``).
     """
 
     publisher_factory: Callable[..., Any]
@@ -97,6 +98,7 @@ class RemoteRun(Run):
         self._on_restart = None
         self._model_info = dict(model)
         self._ended = True  # until a publisher attaches
+        self._dropped = False  # the last connection dropped without close(): idle
         self._paused = False
         self._cond = threading.Condition()
         self._jobs: deque = deque()
@@ -106,6 +108,10 @@ class RemoteRun(Run):
         self.link: Any = None  # the attached publisher connection (endpoint._Link)
         self.proxy: RemotePlanPublisher | None = None
         self.publisher_factory = RemotePlanPublisher
+
+    @property
+    def status(self) -> str:
+        return "idle" if self._ended and self._dropped else super().status
 
     def model_summary(self) -> dict[str, Any]:
         return {**super().model_summary(), "d_model": self._model_info.get("d_model")}
@@ -134,6 +140,7 @@ class RemoteRun(Run):
             self.scalars_seq += 1
         with self._cond:
             self._ended = False
+        self._dropped = False
         self.error = None
         self._changed()
 
@@ -142,6 +149,7 @@ class RemoteRun(Run):
         if self.link is not link:
             return  # a newer connection took over
         self.link = None
+        self._dropped = not ended
         if not ended:
             self.error = "publisher disconnected"
         with self._cond:

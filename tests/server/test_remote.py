@@ -306,3 +306,29 @@ def test_capture_of_a_remote_run_is_refused_with_a_clear_error(published) -> Non
     assert response.status_code == 409
     detail = response.json()["detail"][0]
     assert detail["loc"] == ["body", "run"] and "Dashboard.connect" in detail["msg"]
+
+
+def test_a_killed_publisher_leaves_an_idle_run_that_can_be_deleted() -> None:
+    registry = RunRegistry()
+    with Served(registry) as served:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "examples" / "train_remote.py"), "--url", served.url,
+             "--run-id", RUN, "--sleep", "0.02", "--seq-len", "8", "--device", "cpu"],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: RUN in registry.ids() and registry.get(RUN).step_index is not None,
+                     60, "the publisher's first step")
+            live = served.http.delete(f"/api/v1/runs/{RUN}")
+            assert live.status_code == 409 and "live" in live.json()["detail"]
+            proc.kill()  # no close(): the connection just drops
+            proc.wait(10)
+            wait_for(lambda: _runs(served)[RUN]["status"] == "idle", 10, "idle")
+            assert _runs(served)[RUN]["error"] == "publisher disconnected"
+            assert served.http.delete(f"/api/v1/runs/{RUN}").status_code == 204
+            assert RUN not in _runs(served)
+            assert served.http.delete(f"/api/v1/runs/{RUN}").status_code == 404
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
