@@ -18,9 +18,6 @@ from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# Slack above the protocol's message limit: the app answers up to this with an
-# `error` message; beyond it uvicorn closes the socket with 1009.
-_WS_MAX_SIZE_FACTOR = 16
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -44,7 +41,9 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         log_level=settings.log_level,
-        ws_max_size=settings.max_message_bytes * _WS_MAX_SIZE_FACTOR,
+        # One cap for every websocket, sized for publishers' frames; the browser
+        # endpoint answers messages over max_message_bytes with an `error` itself.
+        ws_max_size=max(settings.max_publish_bytes, settings.max_message_bytes),
         ws_per_message_deflate=settings.ws_compression,
         timeout_graceful_shutdown=3,
         lifespan="on",

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     device: str = "auto"
     # 64 KiB: a subscribe message is a few hundred bytes; anything bigger is a mistake.
     max_message_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # 64 MiB: the largest frame a remote publisher (Dashboard.connect) may send, e.g.
+    # 12 heads x 1024 x 1024 float16 is 24 MiB. Also the websocket layer's cap for
+    # every socket; browsers' messages are still held to max_message_bytes above.
+    max_publish_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024, le=1024 * 1024 * 1024)
     # 64 concurrent websockets: a team's worth of browser tabs; each costs one sender task.
     max_subscribers: int = Field(64, ge=1, le=10_000)
     # Caps on what a subscriber may ask for (the protocol's own maxima by default).

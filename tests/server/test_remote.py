@@ -332,3 +332,30 @@ def test_a_killed_publisher_leaves_an_idle_run_that_can_be_deleted() -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+
+
+def test_frames_larger_than_a_browser_message_reach_the_viewer() -> None:
+    """A real model's matrices (here 4 heads x 400 x 400 float16, 1.2 MiB) travel
+    from the publisher to the server whole: the publish socket's size limit is not
+    the browsers' 64 KiB message limit."""
+    registry = RunRegistry()
+    model = small_encoder(EventDispatcher(), n_layers=1, n_heads=4)
+    x = torch.randn(1, 400, 16)
+    with Served(registry) as served:
+        dash = Dashboard.connect(served.url, run=RUN, model=model)
+        try:
+            wait_for(lambda: RUN in registry.ids(), 10, "the remote run")
+
+            async def body() -> None:
+                ws = await viewer(served.ws_url, {})
+                await ws.send(json.dumps({"type": "subscribe", "run": RUN, "max_side": 1024,
+                                          "kinds": ["attention"]}))
+                header, data = await recv_frame(ws, "attention", timeout=20)
+                assert header["shape"] == [4, 400, 400]
+                await ws.close()
+
+            with _Loop(dash, model, x, sleep=0.05):
+                run_async(body, timeout=40)
+            assert dash.connections == 1  # the big frames never cost a reconnect
+        finally:
+            dash.close()
