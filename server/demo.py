@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from transformer_core.attention import ATTENTION_TYPES
 from transformer_core.builders import TransformerEncoderBuilder
-from transformer_core.events import EventDispatcher
+from transformer_core.events import EventDispatcher, dispatching_to
 
 logger = logging.getLogger(__name__)
 
@@ -265,21 +265,6 @@ class DemoModel(nn.Module):
                     module.reset_parameters()
 
 
-@contextlib.contextmanager
-def _silenced(model: nn.Module) -> Iterator[None]:
-    """Within the block, every module of ``model`` dispatches to a dispatcher nobody hears."""
-    silent = EventDispatcher()
-    saved = [(m, m.event_dispatcher) for m in model.modules()
-             if isinstance(getattr(m, "event_dispatcher", None), EventDispatcher)]
-    for module, _ in saved:
-        module.event_dispatcher = silent
-    try:
-        yield
-    finally:
-        for module, dispatcher in saved:
-            module.event_dispatcher = dispatcher
-
-
 @dataclass
 class StepResult:
     """What one optimisation step reports.
@@ -378,7 +363,7 @@ class DemoTraining:
         generator = torch.Generator().manual_seed(self.config.seed + 1)
         held_out = ReverseTask(self.config, generator)
         correct = total = 0
-        with self._lock, _silenced(self.model):
+        with self._lock, dispatching_to(self.model, EventDispatcher()):  # nobody hears it
             was_training = self.model.training
             self.model.eval()
             try:

@@ -30,8 +30,6 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from transformer_core.events import AttentionEvent, EventDispatcher
+from transformer_core.events import AttentionEvent, EventDispatcher, dispatching_to
 
 from ..runs import Run, RunRegistry
 from ..stream.stats import MaskInfo, head_stats, valid_key_counts
@@ -86,21 +84,6 @@ def _slice_batch(value: Any, n: int, keep: int) -> Any:
     if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == n:
         return value[:keep].detach().clone()
     return value
-
-
-@contextmanager
-def _private_dispatch(model: nn.Module, dispatcher: EventDispatcher) -> Iterator[None]:
-    """Within the block every module of ``model`` dispatches to ``dispatcher`` only,
-    so the stream's publisher and the stats listener do not see the probe's events."""
-    saved = [(m, m.event_dispatcher) for m in model.modules()
-             if isinstance(getattr(m, "event_dispatcher", None), EventDispatcher)]
-    for module, _ in saved:
-        module.event_dispatcher = dispatcher
-    try:
-        yield
-    finally:
-        for module, original in saved:
-            module.event_dispatcher = original
 
 
 class RunRecorder:
@@ -236,7 +219,8 @@ class RunRecorder:
         seen = (self.run.batch_size, self.run.seq_len)  # the run's hook sees the probe too
         try:
             model.eval()
-            with torch.no_grad(), _private_dispatch(model, private):
+            # A private dispatcher: the stream and the stats listener do not see the probe.
+            with torch.no_grad(), dispatching_to(model, private):
                 model(*args, **kwargs)
         except Exception:
             self.probe_failed = True

@@ -2,5 +2,7 @@
 
 from .dispatcher import EventDispatcher
 from .event import AttentionEvent, Event, IntermediateOutput, QKVEvent
+from .redirect import dispatching_to
 
-__all__ = ["AttentionEvent", "Event", "EventDispatcher", "IntermediateOutput", "QKVEvent"]
+__all__ = ["AttentionEvent", "Event", "EventDispatcher", "IntermediateOutput", "QKVEvent",
+           "dispatching_to"]
