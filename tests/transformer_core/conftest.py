@@ -30,9 +30,8 @@ def dispatcher() -> EventDispatcher:
     return EventDispatcher()
 
 
-@pytest.fixture
-def make_encoder(dispatcher: EventDispatcher) -> Callable[..., torch.nn.Module]:
-    """Small encoder factory (eval mode, private dispatcher unless given)."""
+def _factory(builder, dispatcher: EventDispatcher) -> Callable[..., torch.nn.Module]:
+    """Small models from ``builder`` (eval mode, private dispatcher unless given)."""
 
     def make(**kwargs):
         options = dict(
@@ -40,21 +39,18 @@ def make_encoder(dispatcher: EventDispatcher) -> Callable[..., torch.nn.Module]:
             feed_forward_dimensions=16, event_dispatcher=dispatcher,
         )
         options.update(kwargs)
-        return TransformerEncoderBuilder.from_kwargs(**options).get().eval()
+        return builder.from_kwargs(**options).get().eval()
 
     return make
+
+
+@pytest.fixture
+def make_encoder(dispatcher: EventDispatcher) -> Callable[..., torch.nn.Module]:
+    """Small encoder factory (eval mode, private dispatcher unless given)."""
+    return _factory(TransformerEncoderBuilder, dispatcher)
 
 
 @pytest.fixture
 def make_decoder(dispatcher: EventDispatcher) -> Callable[..., torch.nn.Module]:
     """Small decoder factory (eval mode, private dispatcher unless given)."""
-
-    def make(**kwargs):
-        options = dict(
-            n_layers=2, n_heads=2, query_dimensions=4, value_dimensions=4,
-            feed_forward_dimensions=16, event_dispatcher=dispatcher,
-        )
-        options.update(kwargs)
-        return TransformerDecoderBuilder.from_kwargs(**options).get().eval()
-
-    return make
+    return _factory(TransformerDecoderBuilder, dispatcher)
