@@ -53,7 +53,8 @@ def main() -> int:
     if distributed:  # DemoTraining steps self.model: wrap it in place
         training.model = torch.nn.parallel.DistributedDataParallel(training.model)
     dash = Dashboard.connect(args.url, run=args.run_id, model=training.model,
-                             ranks=_ranks(args.ranks), config={"seq_len": args.seq_len})
+                             ranks=_ranks(args.ranks), config={"seq_len": args.seq_len},
+                             symbols=training.task.symbols)
     try:
         step = 0
         while args.steps <= 0 or step < args.steps:

@@ -57,6 +57,11 @@ class CaptureTooLarge(CaptureError):
     """The captured tensors would exceed the configured byte limit."""
 
 
+class CaptureUnavailable(RuntimeError):
+    """The process holding the model could not serve the capture: a remote run's
+    publisher failed or went away (HTTP 502)."""
+
+
 @dataclass(frozen=True)
 class AttentionSite:
     """Where layer ``index`` lives: its inner attention, AttentionLayer and transformer layer.
@@ -274,6 +279,10 @@ def run_capture(
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
         raise CaptureError("kinds", f"unknown kinds {unknown}; expected some of {list(KINDS)}")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        # Only this rank runs the capture: DDP's forward could start a collective
+        # (buffer broadcast) that the other ranks never join.
+        model = model.module
     info = describe_model(model)
     layers, heads = check_selection(info, layers, heads)
     sites = [info.sites[i] for i in layers]

@@ -115,6 +115,10 @@ def build_router(limits: CaptureLimits | None = None) -> APIRouter:
         "", status_code=201, response_model=CapturePublic,
         responses={413: {"model": Message, "description": f"body over {limits.max_body_bytes} "
                          "bytes"},
+                   409: {"model": Message, "description": "the run cannot capture now (a "
+                         "remote run whose publisher is not connected)"},
+                   502: {"model": Message, "description": "a remote run's publisher failed "
+                         "or disconnected during the capture"},
                    503: {"model": Message, "description": "the run did not reach a step in time"}},
     )
     def create(body: CaptureCreate, store: StoreDep, runs: RunsDep,

@@ -12,11 +12,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+import numpy as np
 import torch
 import torch.nn as nn
 from fastapi import HTTPException
 
-from .capture import CaptureError, ModelInfo, check_selection, describe_model, estimate_bytes
+from ..runs import RunStateError
+from .capture import (
+    CaptureError,
+    CaptureUnavailable,
+    ModelInfo,
+    check_selection,
+    describe_model,
+    estimate_bytes,
+)
 from .capture import run_capture as _run_capture
 from .models import CaptureCreate
 from .store import CaptureRecord, CaptureStore
@@ -27,11 +36,22 @@ MiB = 1 << 20
 
 
 class CaptureRun(Protocol):
-    """What the captures API needs from a run of the registry."""
+    """What the captures API needs from a run whose model is in this process."""
 
     model: nn.Module
 
     def call_between_steps(self, fn: Callable[[], T], timeout: float) -> T: ...
+
+
+class RemoteCaptureRun(Protocol):
+    """What it needs from a run published from another process (``model`` is None there):
+    the model's description and a way to have the publisher run the capture."""
+
+    model: None
+    capture_info: ModelInfo | None
+
+    def capture(self, request: dict[str, Any], max_bytes: int,
+                timeout: float) -> tuple[dict[str, np.ndarray], int | None]: ...
 
 
 @dataclass(frozen=True)
@@ -170,15 +190,54 @@ def resolve_labels(body: CaptureCreate, shape: tuple[int, ...], tokens: torch.Te
     return [list(row) for row in labels]
 
 
-def create_capture(body: CaptureCreate, run: CaptureRun, store: CaptureStore,
-                   limits: CaptureLimits) -> CaptureRecord:
-    """Validate ``body`` against ``run``'s model, capture between steps, store the result."""
-    model = run.model
-    if model is None:  # a remote run: its model lives in the publishing process
+def _model_info(body: CaptureCreate, run: CaptureRun | RemoteCaptureRun) -> ModelInfo:
+    if run.model is not None:
+        return describe_model(run.model)
+    info = getattr(run, "capture_info", None)
+    if info is None:
         raise field_error(["run"], f"run {body.run!r} is published from another process "
-                                   "(Dashboard.connect); captures need a run whose model "
-                                   "is in this server", status=409)
-    info = describe_model(model)
+                          "whose publisher did not describe its model; captures need "
+                          "attnscope >= 0.2 on the training side", status=409)
+    return info
+
+
+def _run_local(run: CaptureRun, x: torch.Tensor, kinds: list[str], layers: list[int],
+               heads: list[int] | None,
+               limits: CaptureLimits) -> tuple[dict[str, np.ndarray], int | None]:
+    """The capture in this process's training thread, between two steps; (tensors, step)."""
+    model = run.model
+
+    def job() -> tuple[dict[str, torch.Tensor] | None, Exception | None]:
+        # Runs in the training thread: never let an exception escape into it.
+        try:
+            return _run_capture(model, x, kinds, layers, heads, limits.max_capture_bytes), None
+        except Exception as exc:  # noqa: BLE001 (handed back to the request thread)
+            return None, exc
+
+    out, error = run.call_between_steps(job, timeout=limits.timeout_s)
+    if error is not None:
+        raise error
+    assert out is not None
+    return {k: v.numpy() for k, v in out.items()}, _int_or_none(getattr(run, "step_index", None))
+
+
+def _run_remote(run: RemoteCaptureRun, x: torch.Tensor, kinds: list[str], layers: list[int],
+                heads: list[int] | None,
+                limits: CaptureLimits) -> tuple[dict[str, np.ndarray], int | None]:
+    """The capture in the publisher's training thread (:mod:`server.remote.captures`)."""
+    given = {"tokens" if x.dtype == torch.long else "features": x.tolist()}
+    request = {"input": given, "kinds": kinds, "layers": layers, "heads": heads}
+    return run.capture(request, limits.max_capture_bytes, limits.timeout_s)
+
+
+def create_capture(body: CaptureCreate, run: CaptureRun | RemoteCaptureRun, store: CaptureStore,
+                   limits: CaptureLimits) -> CaptureRecord:
+    """Validate ``body`` against ``run``'s model, capture between steps, store the result.
+
+    A run published with ``Dashboard.connect`` has its model in the training
+    process: the capture runs there, between two of its steps, and comes back here.
+    """
+    info = _model_info(body, run)
     symbols = run_symbols(run)
     x, field = prepare_input(body, info, symbols, limits)
     tokens = x if x.dtype == torch.long else None
@@ -194,30 +253,27 @@ def create_capture(body: CaptureCreate, run: CaptureRun, store: CaptureStore,
                           f"limit of {limits.max_capture_bytes}: ask for fewer kinds, layers, "
                           "heads or positions")
 
-    def job() -> tuple[dict[str, torch.Tensor] | None, Exception | None]:
-        # Runs in the training thread: never let an exception escape into it.
-        try:
-            return _run_capture(model, x, kinds, layers, heads, limits.max_capture_bytes), None
-        except Exception as exc:  # noqa: BLE001 (handed back to the request thread)
-            return None, exc
-
     try:
-        out, error = run.call_between_steps(job, timeout=limits.timeout_s)
+        if run.model is not None:
+            arrays, step = _run_local(run, x, kinds, layers, heads, limits)
+        else:
+            arrays, step = _run_remote(run, x, kinds, layers, heads, limits)
     except TimeoutError:
         raise HTTPException(503, detail=f"run {body.run!r} did not reach a step boundary within "
                             f"{limits.timeout_s:g} s; try again") from None
-    if isinstance(error, CaptureError):
-        raise field_error([error.field if error.field != "tokens" else field], error.message)
-    if isinstance(error, ValueError | IndexError):
-        raise field_error([field], f"the model rejected this input: {error}")
-    if error is not None:
-        raise error
-    assert out is not None
-    arrays = {k: v.numpy() for k, v in out.items()}
+    except CaptureError as error:
+        raise field_error([error.field if error.field != "tokens" else field],
+                          error.message) from None
+    except (ValueError, IndexError) as error:
+        raise field_error([field], f"the model rejected this input: {error}") from None
+    except RunStateError as error:
+        raise field_error(["run"], str(error), status=409) from None
+    except CaptureUnavailable as error:
+        raise HTTPException(502, detail=str(error)) from None
     if tokens is not None:
         arrays["tokens"] = tokens.numpy()  # (N, L)
     meta = {
-        "step": _int_or_none(getattr(run, "step_index", None)),
+        "step": step,
         "kinds": kinds,
         "layers": layers,
         "heads": heads,

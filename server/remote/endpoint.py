@@ -1,10 +1,11 @@
 """``/ws/publish``: where ``Dashboard.connect`` publishers deliver their runs (docs/teams.md).
 
 One websocket per training process. The first message is an ``announce``; then
-``steps`` batches and binary captures flow in, and ``plan`` messages flow out
-whenever what the run's viewers subscribe to changes. Close codes: 1008 for a
-run id that belongs to a local run or an announce that does not validate, 1003
-for a message that is not part of the protocol.
+``steps`` batches, binary stream frames and capture results flow in, and
+``plan`` messages (whenever what the run's viewers subscribe to changes) and
+``capture`` requests flow out. Close codes: 1008 for a run id that belongs to a
+local run or an announce that does not validate, 1003 for a message that is not
+part of the protocol.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..api.deps import RegistryDep
 from ..runs import UnknownRunError
 from ..stream.publisher import Plan
 from .run import RemoteRun
-from .wire import WIRE_VERSION, decode_capture, plan_to_message
+from .wire import WIRE_VERSION, decode_capture, plan_to_message, unpack_binary
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -42,18 +43,24 @@ class Announce(BaseModel):
     host: str = Field("", max_length=256)
     model: dict[str, Any]
     config: dict[str, Any] = Field(default_factory=dict)
+    capture: dict[str, Any] | None = None  # what captures need (remote.captures); None: no captures
     history: dict[str, Any] | None = None
 
 
 class _Link:
-    """The server's end of one publisher connection: plans go out through a queue."""
+    """The server's end of one publisher connection: messages go out through a queue."""
 
     def __init__(self, websocket: WebSocket) -> None:
         self.websocket = websocket
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.loop = asyncio.get_running_loop()
 
     def send_plan(self, plan: Plan) -> None:
         self.queue.put_nowait(plan_to_message(plan))
+
+    def send_threadsafe(self, message: dict[str, Any]) -> None:
+        """Queue ``message`` from any thread (capture requests come from request threads)."""
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, message)
 
     async def sender(self) -> None:
         while True:
@@ -68,12 +75,14 @@ def _attach_run(registry: Any, hello: Announce) -> RemoteRun:
         run = None
     if run is None:
         run = RemoteRun(hello.run, hello.name, hello.model, hello.host, hello.config)
+        run.set_capture_info(hello.capture)
         registry.add(run)
     elif not isinstance(run, RemoteRun):
         raise ValueError(f"run: {hello.run!r} is a run of this server, not a remote one; "
                          "choose another run name")
     else:
         run.name, run.host, run.config = hello.name, hello.host, hello.config
+        run.set_capture_info(hello.capture)
     return run
 
 
@@ -123,13 +132,18 @@ async def _receive_loop(websocket: WebSocket, run: RemoteRun) -> bool:
             return False
         data = message.get("bytes")
         if data is not None:
-            cap, valid = decode_capture(data)
-            run.deliver(cap, valid)
+            header, payload = unpack_binary(data)
+            if header["kind"] == "capture_result":
+                run.captures.receive_chunk(header, payload)
+            else:
+                run.deliver(*decode_capture(header, payload))
             continue
         body = json.loads(message.get("text") or "null")
         kind = body.get("type") if isinstance(body, dict) else None
         if kind == "steps":
             run.apply_steps(body["steps"])
+        elif kind == "capture_result":
+            run.captures.receive_error(body)
         elif kind == "close":
             await websocket.close(1000)
             return True

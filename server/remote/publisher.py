@@ -11,7 +11,10 @@ background thread. The training thread never touches the network:
 - with nobody watching, the plan is empty: no listener on the model at all;
 - when the server is unreachable or goes away the thread reconnects with
   exponential backoff (0.25 s doubling to 10 s) and, once back, sends the run's
-  scalar history, so the server's copy continues where it stopped.
+  scalar history, so the server's copy continues where it stopped;
+- capture requests (``POST /api/v1/captures`` on the server) run in the training
+  thread between two steps, as local ones do; their results are encoded and
+  sent from the background (:mod:`server.remote.captures`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import websockets
 from ..runs import Run
 from ..stream.publisher import EMPTY_PLAN, Publisher
 from ..stream.stats import valid_key_counts
+from .captures import answer_capture, model_info_message
 from .wire import WIRE_VERSION, encode_capture, plan_from_message
 
 logger = logging.getLogger(__name__)
@@ -66,12 +70,14 @@ class RemotePublisher:
 
     def __init__(self, model: nn.Module, url: str, run_id: str, *, name: str | None = None,
                  token: str | None = None, config: dict[str, Any] | None = None,
-                 buffer_frames: int = 256) -> None:
+                 buffer_frames: int = 256, symbols: Sequence[str] | None = None) -> None:
         if buffer_frames < 1:
             raise ValueError(f"buffer_frames must be >= 1, got {buffer_frames}")
         self.url = url
         self.ws_url = publish_url(url)
-        self.run = Run(model, run_id=run_id, name=name or run_id, controls=())
+        self.model = model
+        self.run = Run(model, run_id=run_id, name=name or run_id, controls=(), symbols=symbols)
+        self._model_info = model_info_message(model, self.run.symbols)
         self.config = dict(config or {})
         self._token = token
         self._publisher = Publisher(self.run, self._wake)
@@ -82,6 +88,7 @@ class RemotePublisher:
                 self._modules[("qkv", site.index)] = id(site.outer)
         self._frames: deque[bytes] = deque(maxlen=buffer_frames)
         self._steps: deque[list[Any]] = deque(maxlen=MAX_PENDING_STEPS)
+        self._answers: deque[bytes | str] = deque()  # capture results: never dropped
         self._sent: dict[Any, int] = {}
         self.dropped = 0
         self.connected = threading.Event()
@@ -191,6 +198,7 @@ class RemotePublisher:
         self._publisher.set_plan(EMPTY_PLAN)  # nobody to send to: stop capturing
         self._frames.clear()
         self._steps.clear()
+        self._answers.clear()  # the server failed those requests when the link dropped
 
     def _announce(self) -> str:
         model = self.run.model_summary()
@@ -199,7 +207,8 @@ class RemotePublisher:
         return json.dumps({
             "type": "announce", "wire": WIRE_VERSION, "run": self.run.id, "name": self.run.name,
             "host": f"{socket.gethostname()}:{os.getpid()}", "model": model,
-            "config": self.config, "history": self.run.history.to_dict(),
+            "config": self.config, "capture": self._model_info,
+            "history": self.run.history.to_dict(),
         }, separators=(",", ":"), allow_nan=False)
 
     async def _session(self, ws: Any) -> None:
@@ -217,20 +226,33 @@ class RemotePublisher:
             return
         self._sent = {}
         self.connections += 1
-        receiver = asyncio.create_task(self._receive(ws))
+        captures: set[asyncio.Task] = set()
+        receiver = asyncio.create_task(self._receive(ws, captures))
         try:
             await self._send_loop(ws, receiver)
         finally:
-            receiver.cancel()
+            for task in (receiver, *captures):
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await receiver
 
-    async def _receive(self, ws: Any) -> None:
+    async def _receive(self, ws: Any, captures: set[asyncio.Task]) -> None:
         async for message in ws:
             data = json.loads(message)
             if data.get("type") == "plan":
                 self._publisher.set_plan(plan_from_message(data, self._modules))
                 self._sent = {}
+            elif data.get("type") == "capture":
+                task = asyncio.create_task(self._capture(data))
+                captures.add(task)
+                task.add_done_callback(captures.discard)
+
+    async def _capture(self, request: dict[str, Any]) -> None:
+        """Serve a capture request: wait (in a worker thread) for the training thread to
+        run it between two steps, then queue the answer for the send loop."""
+        answer = await asyncio.to_thread(answer_capture, self.run, self.model, request)
+        self._answers.extend(answer)
+        self._wake()
 
     async def _send_loop(self, ws: Any, receiver: asyncio.Task) -> None:
         assert self._event is not None
@@ -267,6 +289,8 @@ class RemotePublisher:
             self._frames.append(encode_capture(cap, valid))
 
     async def _flush(self, ws: Any) -> None:
+        while self._answers:
+            await ws.send(self._answers.popleft())
         if self._steps:
             steps = list(self._steps)
             self._steps.clear()

@@ -22,9 +22,11 @@ import torch
 
 from transformer_core.masking import FullMask
 
-from ..runs import AttentionSite, Run, ScalarHistory
+from ..captures.capture import ModelInfo
+from ..runs import AttentionSite, Run, RunStateError, ScalarHistory
 from ..stream.publisher import EMPTY_PLAN, Capture, Plan, SlotKey
 from ..stream.stats import MaskInfo
+from .captures import CaptureRequests, model_info_from_message
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +110,8 @@ class RemoteRun(Run):
         self.link: Any = None  # the attached publisher connection (endpoint._Link)
         self.proxy: RemotePlanPublisher | None = None
         self.publisher_factory = RemotePlanPublisher
+        self.capture_info: ModelInfo | None = None  # from the announce; None: no captures
+        self.captures = CaptureRequests()
 
     @property
     def status(self) -> str:
@@ -126,6 +130,29 @@ class RemoteRun(Run):
 
     def detach(self) -> None:
         """Nothing hooked here: the model is in the publisher's process."""
+
+    def set_capture_info(self, message: dict[str, Any] | None) -> None:
+        """What the publisher's announce says captures need to know of its model."""
+        if message is None:
+            self.capture_info = None
+            return
+        self.capture_info = model_info_from_message(message)
+        symbols = message.get("symbols")
+        self.symbols = None if symbols is None else [str(s) for s in symbols]
+
+    def capture(self, request: dict[str, Any], max_bytes: int,
+                timeout: float) -> tuple[dict[str, Any], int | None]:
+        """Run a capture in the publisher's process (see :mod:`server.remote.captures`).
+
+        ``request``: ``input`` ({"tokens": (N, L)} or {"features": (N, L, d_model)}
+        as lists), ``kinds``, ``layers``, ``heads``. Returns (name -> numpy array, the
+        publisher's last step when it ran the capture).
+        """
+        link = self.link
+        if link is None:
+            raise RunStateError(f"run {self.id!r} is {self.status}: its publisher is not "
+                                     "connected, so there is no model to run")
+        return self.captures.request(link.send_threadsafe, request, max_bytes, timeout)
 
     # -- from the publisher's connection (event loop) ---------------------------
 
@@ -149,6 +176,8 @@ class RemoteRun(Run):
         if self.link is not link:
             return  # a newer connection took over
         self.link = None
+        self.captures.fail_all(f"the publisher of run {self.id!r} disconnected before the "
+                               "capture finished")
         self._dropped = not ended
         if not ended:
             self.error = "publisher disconnected"

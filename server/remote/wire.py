@@ -1,9 +1,15 @@
 """What publishers and the server say to each other on ``/ws/publish`` (docs/teams.md).
 
-Publisher -> server: a JSON ``announce`` (run id, name, host, model, history), JSON
-``steps`` batches, binary capture frames (:func:`encode_capture`), JSON ``close``.
-Server -> publisher: JSON ``welcome`` and ``plan`` (:func:`plan_to_message`): what the
-run's viewers subscribe to, so the publisher captures and sends only that.
+Publisher -> server: a JSON ``announce`` (run id, name, host, model, what captures
+need to know of it, history), JSON ``steps`` batches, binary stream frames
+(:func:`encode_capture`), results of capture requests (binary chunks of a
+safetensors file, or a JSON ``capture_result`` with an error), JSON ``close``.
+Server -> publisher: JSON ``welcome``, ``plan`` (:func:`plan_to_message`): what the
+run's viewers subscribe to, so the publisher captures and sends only that, and
+``capture`` requests (``POST /api/v1/captures`` naming the run; docs/teams.md).
+
+Every binary message is :func:`pack_binary`'s: a little-endian uint32 header length,
+a JSON header whose ``kind`` says what follows, then the payload bytes.
 
 >>> plan = Plan(interval=0.1, sources={1: ("attn", 0)}, scalars=True,
 ...             needs={0: (SampleNeed(sample=0, attention=True, attention_heads=(1,)),)})
@@ -62,8 +68,32 @@ def plan_from_message(message: dict[str, Any], modules: dict[tuple[str, int], in
     return EMPTY_PLAN if plan.empty else plan
 
 
+def pack_binary(header: dict[str, Any], payload: bytes | memoryview) -> bytes:
+    """One binary message: uint32 header length, JSON ``header``, ``payload``.
+
+    >>> unpack_binary(pack_binary({"kind": "x"}, b"abc"))[0], bytes(unpack_binary(
+    ...     pack_binary({"kind": "x"}, b"abc"))[1])
+    ({'kind': 'x'}, b'abc')
+    """
+    raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    return b"".join((struct.pack("<I", len(raw)), raw, payload))
+
+
+def unpack_binary(message: bytes) -> tuple[dict[str, Any], memoryview]:
+    """The inverse of :func:`pack_binary`: (header, payload); ValueError if malformed."""
+    if len(message) < 4:
+        raise ValueError("binary message shorter than its header length")
+    (n,) = struct.unpack_from("<I", message, 0)
+    if 4 + n > len(message):
+        raise ValueError(f"binary message header of {n} bytes runs past the message")
+    header = json.loads(message[4 : 4 + n])
+    if not isinstance(header, dict) or not isinstance(header.get("kind"), str):
+        raise ValueError("binary message header: expected a JSON object with a 'kind'")
+    return header, memoryview(message)[4 + n :]
+
+
 def encode_capture(cap: Capture, valid: torch.Tensor | None) -> bytes:
-    """A published capture as one binary message: uint32 header length, JSON header, array.
+    """A published capture as one binary message (:func:`pack_binary`) holding its array.
 
     ``valid`` (head_stats only): unmasked keys per query row (L,), or None.
     """
@@ -77,21 +107,22 @@ def encode_capture(cap: Capture, valid: torch.Tensor | None) -> bytes:
         "labels": None if cap.labels is None else list(cap.labels),
         "valid": None if valid is None else [int(v) for v in valid.tolist()],
     }
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    return b"".join((struct.pack("<I", len(raw)), raw,
-                     np.ascontiguousarray(array).astype(_DTYPES[dtype], copy=False).tobytes()))
+    return pack_binary(header, np.ascontiguousarray(array).astype(_DTYPES[dtype],
+                                                                  copy=False).tobytes())
 
 
-def decode_capture(message: bytes) -> tuple[Capture, list[int] | None]:
-    """The inverse of :func:`encode_capture`: (capture without masks, valid key counts)."""
-    (n,) = struct.unpack_from("<I", message, 0)
-    header = json.loads(message[4 : 4 + n])
+STREAM_KINDS = ("attention", "qk_logits", "qkv_norms", "head_stats")
+
+
+def decode_capture(header: dict[str, Any], payload: memoryview) -> tuple[Capture, list[int] | None]:
+    """The inverse of :func:`encode_capture`, from :func:`unpack_binary`'s parts:
+    (capture without masks, valid key counts)."""
     kind = header["kind"]
-    if kind not in ("attention", "qk_logits", "qkv_norms", "head_stats"):
+    if kind not in STREAM_KINDS:
         raise ValueError(f"kind: unknown capture kind {kind!r}")
     dtype = _DTYPES[header["dtype"]]
     shape = [int(s) for s in header["shape"]]
-    array = np.frombuffer(message, dtype=dtype, offset=4 + n).reshape(shape)
+    array = np.frombuffer(payload, dtype=dtype).reshape(shape)
     labels = header.get("labels")
     cap = Capture(kind=kind, layer=int(header["layer"]), sample=int(header["sample"]),
                   heads=tuple(int(h) for h in header["heads"]),

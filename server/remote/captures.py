@@ -1,0 +1,246 @@
+"""Captures of remote runs (``POST /api/v1/captures`` naming a ``Dashboard.connect`` run).
+
+The model is in the training process, so the capture runs there. Both ends live here:
+
+- server: :class:`CaptureRequests` sends a ``capture`` message over the run's
+  ``/ws/publish`` connection and waits for the answer; the result arrives as
+  binary chunks of one safetensors file (each under the smallest publish-message
+  limit), which it puts back together; errors arrive as a JSON
+  ``capture_result`` and are raised as the exceptions a local capture raises;
+- publisher: :func:`answer_capture` runs the request in the training thread
+  between two steps (as a local capture does) and returns the messages that
+  answer it, encoded off the training thread.
+
+>>> info = model_info_from_message({"vocab_size": 10, "d_model": 8, "max_len": None,
+...                                 "layers": [{"name": "a", "heads": 2}], "symbols": None})
+>>> info.n_layers, info.n_heads, info.vocab_size
+(1, 2, 10)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+from ..captures.capture import (
+    AttentionSite,
+    CaptureError,
+    CaptureTooLarge,
+    CaptureUnavailable,
+    ModelInfo,
+    describe_model,
+    run_capture,
+)
+from ..runs import Run
+from .wire import pack_binary
+
+logger = logging.getLogger(__name__)
+
+# Each chunk of a result stays under the smallest publish-message limit the server
+# accepts (ATTNSCOPE_MAX_PUBLISH_BYTES >= 1 MiB), with room for its header.
+CHUNK_BYTES = 960 * 1024
+# A safetensors file is its tensors plus a JSON header of names, shapes and offsets.
+HEADER_ALLOWANCE = 1 << 20
+# After the training thread's step boundary, this long for the result to travel.
+TRANSFER_GRACE_S = 30.0
+
+
+# -- what the server knows of the remote model -----------------------------------
+
+def model_info_message(model: nn.Module, symbols: Sequence[str] | None) -> dict[str, Any]:
+    """What captures need to know of ``model`` (sent in the publisher's announce)."""
+    info = describe_model(model)
+    return {"vocab_size": info.vocab_size, "d_model": info.d_model, "max_len": info.max_len,
+            "layers": [{"name": s.name, "heads": s.n_heads} for s in info.sites],
+            "symbols": None if symbols is None else list(symbols)}
+
+
+def model_info_from_message(message: dict[str, Any]) -> ModelInfo:
+    """The inverse of :func:`model_info_message` (the sites hold no modules here)."""
+    sites = tuple(AttentionSite(i, str(layer["name"]), None, None, None,  # type: ignore[arg-type]
+                                None if layer.get("heads") is None else int(layer["heads"]))
+                  for i, layer in enumerate(message["layers"]))
+
+    def optional_int(key: str) -> int | None:
+        value = message.get(key)
+        return None if value is None else int(value)
+
+    return ModelInfo(sites=sites, vocab_size=optional_int("vocab_size"),
+                     d_model=optional_int("d_model"), max_len=optional_int("max_len"))
+
+
+# -- server end --------------------------------------------------------------------
+
+@dataclass
+class _Pending:
+    future: Future = field(default_factory=Future)
+    max_total: int = 0
+    buffer: bytearray | None = None
+    step: int | None = None  # the publisher's last step when the capture ran
+
+
+class CaptureRequests:
+    """Capture requests sent to one remote run's publisher, waiting for their answers.
+
+    :meth:`request` is called from a request thread; :meth:`receive_chunk`,
+    :meth:`receive_error` and :meth:`fail_all` from the connection's event loop.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, _Pending] = {}
+        self._lock = threading.Lock()
+
+    def request(self, send: Callable[[dict[str, Any]], None], request: dict[str, Any],
+                max_bytes: int, timeout: float) -> tuple[dict[str, np.ndarray], int | None]:
+        """Send ``request`` with ``send`` and wait for its tensors: (name -> array, the
+        publisher's last step when the capture ran).
+
+        Raises what a local capture raises: :class:`CaptureError` (a field's
+        fault), ``ValueError`` (the model rejected the input), ``TimeoutError``
+        (no step boundary within ``timeout`` s), and :class:`CaptureUnavailable`
+        (the publisher failed or disconnected).
+        """
+        capture_id = uuid.uuid4().hex
+        pending = _Pending(max_total=max_bytes + HEADER_ALLOWANCE)
+        with self._lock:
+            self._pending[capture_id] = pending
+        try:
+            send({"type": "capture", "id": capture_id, "max_bytes": max_bytes,
+                  "timeout": timeout, **request})
+            if not wait([pending.future], timeout + TRANSFER_GRACE_S).done:
+                raise TimeoutError(f"the publisher did not answer within {timeout:g} s "
+                                   "(is its training loop still calling step()?)")
+            raw = pending.future.result()  # or what the publisher raised
+        finally:
+            with self._lock:
+                self._pending.pop(capture_id, None)
+        try:
+            return safetensors.numpy.load(bytes(raw)), pending.step
+        except Exception as exc:
+            raise CaptureUnavailable(f"the publisher sent a result that does not parse: "
+                                     f"{exc}") from None
+
+    def _take(self, capture_id: Any) -> _Pending | None:
+        with self._lock:
+            return self._pending.get(str(capture_id))
+
+    def receive_chunk(self, header: dict[str, Any], payload: memoryview) -> None:
+        """One binary ``capture_result`` chunk: ``{id, offset, total, step}`` and its bytes."""
+        pending = self._take(header.get("id"))
+        if pending is None or pending.future.done():
+            return  # a request that timed out or failed already
+        total, offset = int(header["total"]), int(header["offset"])
+        if pending.buffer is None:
+            if total > pending.max_total:
+                pending.future.set_exception(CaptureTooLarge(
+                    "tokens", f"the capture holds {total} bytes, over the limit of "
+                    f"{pending.max_total - HEADER_ALLOWANCE}"))
+                return
+            pending.buffer = bytearray()
+            step = header.get("step")
+            pending.step = int(step) if isinstance(step, int) else None
+        if offset != len(pending.buffer) or offset + len(payload) > total:
+            pending.future.set_exception(CaptureUnavailable(
+                f"the publisher's result arrived out of order (chunk at {offset}, "
+                f"expected {len(pending.buffer)} of {total})"))
+            return
+        pending.buffer += payload
+        if len(pending.buffer) == total:
+            pending.future.set_result(pending.buffer)
+
+    def receive_error(self, message: dict[str, Any]) -> None:
+        """A JSON ``capture_result`` with ``error: {kind, field, message}``."""
+        pending = self._take(message.get("id"))
+        if pending is None or pending.future.done():
+            return
+        error = message.get("error") or {}
+        kind, text = error.get("kind"), str(error.get("message", "unknown error"))
+        exc: Exception
+        if kind == "capture":
+            exc = CaptureError(str(error.get("field") or "tokens"), text)
+        elif kind == "input":
+            exc = ValueError(text)
+        elif kind == "timeout":
+            exc = TimeoutError(text)
+        else:
+            exc = CaptureUnavailable(f"the publisher's capture failed: {text}")
+        pending.future.set_exception(exc)
+
+    def fail_all(self, reason: str) -> None:
+        """The connection is gone: every waiting request fails with ``reason``."""
+        with self._lock:
+            waiting = list(self._pending.values())
+        for pending in waiting:
+            if not pending.future.done():
+                pending.future.set_exception(CaptureUnavailable(reason))
+
+
+# -- publisher end -----------------------------------------------------------------
+
+def _capture_input(message: dict[str, Any]) -> torch.Tensor:
+    """The input tensor of a capture request: tokens (N, L) long or features (N, L, d)."""
+    given = message.get("input") or {}
+    if given.get("tokens") is not None:
+        return torch.tensor(given["tokens"], dtype=torch.long)
+    if given.get("features") is not None:
+        return torch.tensor(given["features"], dtype=torch.float32)
+    raise CaptureError("tokens", "the capture request has neither tokens nor features")
+
+
+def _error(capture_id: str, kind: str, message: str, field_name: str | None = None) -> str:
+    return json.dumps({"type": "capture_result", "id": capture_id,
+                       "error": {"kind": kind, "field": field_name, "message": message}})
+
+
+def answer_capture(run: Run, model: nn.Module, message: dict[str, Any]) -> list[bytes | str]:
+    """Serve one ``capture`` request; returns the messages that answer it, in order.
+
+    Blocks the calling (background) thread until the training thread reaches a
+    step boundary and runs the forward pass there; encoding happens here, never
+    in the training thread.
+    """
+    capture_id = str(message.get("id"))
+    try:
+        x = _capture_input(message)
+        kinds = [str(k) for k in message.get("kinds", [])]
+        layers, heads = message.get("layers"), message.get("heads")
+        max_bytes = int(message["max_bytes"])
+
+        def job() -> tuple[dict[str, torch.Tensor] | None, int | None, Exception | None]:
+            # Runs in the training thread: never let an exception escape into it.
+            try:
+                out = run_capture(model, x, kinds, layers, heads, max_bytes)
+                return out, run.step_index, None
+            except Exception as exc:  # noqa: BLE001 (handed back to this thread)
+                return None, None, exc
+
+        out, step, error = run.call_between_steps(job, float(message.get("timeout", 60.0)))
+        if error is not None:
+            raise error
+        assert out is not None
+        data = safetensors.torch.save(out)
+    except CaptureError as exc:
+        return [_error(capture_id, "capture", exc.message, exc.field)]
+    except TimeoutError as exc:
+        return [_error(capture_id, "timeout", str(exc))]
+    except (ValueError, IndexError) as exc:
+        return [_error(capture_id, "input", str(exc))]
+    except Exception as exc:  # noqa: BLE001 (reported to the server, which answers 502)
+        logger.exception("capture %s for run %r failed", capture_id, run.id)
+        return [_error(capture_id, "failed", f"{type(exc).__name__}: {exc}")]
+    view = memoryview(data)
+    return [pack_binary({"kind": "capture_result", "id": capture_id, "offset": offset,
+                         "total": len(data), "step": step}, view[offset : offset + CHUNK_BYTES])
+            for offset in range(0, len(data), CHUNK_BYTES)]
