@@ -30,6 +30,7 @@ import hmac
 import json
 import logging
 from collections.abc import Iterable
+from contextvars import ContextVar
 from http.cookies import SimpleCookie
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -42,6 +43,21 @@ COOKIE_NAME = "attnscope_token"
 # Paths reachable without a token: liveness for compose healthchecks and load balancers.
 PUBLIC_PATHS = frozenset({"/api/v1/health"})
 _UNAUTHORIZED = json.dumps({"detail": "authentication required"}).encode()
+# Set in the connection's task when this middleware refuses an upgrade (see _QuietRefusals).
+_refused_upgrade: ContextVar[bool] = ContextVar("attnscope_refused_upgrade", default=False)
+
+
+class _QuietRefusals(logging.Filter):
+    """Drops uvicorn's "ASGI callable returned without completing handshake" error for
+    upgrades this middleware refused on purpose with an HTTP response: uvicorn (0.30+)
+    logs it after every ``websocket.http.response`` although the 401/403 went out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_refused_upgrade.get() and
+                    record.getMessage().startswith("ASGI callable returned without completing"))
+
+
+_QUIET_REFUSALS = _QuietRefusals()
 
 
 def cookie_value(token: str) -> str:
@@ -97,6 +113,7 @@ class AuthMiddleware:
         self.token = token
         self.cookie = None if token is None else cookie_value(token)
         self.allowed_origins = tuple(allowed_origins)
+        logging.getLogger("uvicorn.error").addFilter(_QUIET_REFUSALS)  # once: same object
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -167,6 +184,7 @@ async def _deny_http(send: Send) -> None:
 
 async def _deny_websocket(scope: Scope, receive: Receive, send: Send, status: int) -> None:
     """Refuse an upgrade with an HTTP status where the server can, else close with 1008."""
+    _refused_upgrade.set(True)
     await receive()  # websocket.connect
     extensions: dict[str, Any] = scope.get("extensions") or {}
     if "websocket.http.response" in extensions:

@@ -134,3 +134,22 @@ def test_token_never_reaches_the_access_log() -> None:
     log = stream.getvalue()
     assert "/api/v1/runs?x=1" in log  # the access log is on, and says nothing of the token
     assert TOKEN not in log and "wrong-guess" not in log
+
+
+def test_refused_websockets_leave_no_error_in_the_server_log() -> None:
+    """uvicorn would log "ASGI callable returned without completing handshake" after
+    each refusal; an operator reading the log should see only the refusal itself."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    errors = logging.getLogger("uvicorn.error")
+    with Served(RunRegistry(), token=TOKEN, log_level="info") as served:
+        errors.addHandler(handler)  # after start: uvicorn configures its loggers then
+        try:
+            assert ws_status(served.ws_url) == 401
+            assert ws_status(served.ws_url, BEARER, origin="https://evil.example") == 403
+            assert ws_status(served.ws_url, BEARER) == 101
+        finally:
+            errors.removeHandler(handler)
+    log = stream.getvalue()
+    assert '"WebSocket /ws" 401' in log and '"WebSocket /ws" 403' in log
+    assert "handshake" not in log
