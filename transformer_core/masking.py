@@ -139,6 +139,25 @@ class LengthMask(BaseMask):
         return self._bool_matrix
 
 
+def sample_rows(mask: BaseMask | None, n: int) -> BaseMask | None:
+    """Row ``n`` of a per-sample (N, S) mask, such as key lengths, as a mask of one sample
+    that owns a copy of what it needs (no device sync). None stays None.
+
+    >>> sample_rows(LengthMask(torch.tensor([2, 3])), 0).bool_matrix.int().tolist()
+    [[1, 1, 0]]
+    """
+    if mask is None:
+        return None
+    if isinstance(mask, LengthMask) and not isinstance(mask, TriangularCausalMask):
+        row = LengthMask.__new__(LengthMask)
+        row.lengths = mask.lengths[n : n + 1].clone()  # (1,)
+        row.max_len = mask.max_len
+        if getattr(mask, "_all_ones", False):
+            row._all_ones = True
+        return row
+    return FullMask(mask.bool_matrix[n : n + 1].clone())  # (1, S)
+
+
 class TriangularCausalMask(LengthMask):
     """The (N, N) causal mask: query ``i`` may attend to keys ``j <= i``.
 

@@ -4,18 +4,20 @@ Per run, a :class:`RunRecorder`
 
 * keeps a **probe**: the first ``probe_samples`` samples of the first batch the
   model sees (its first ``forward`` call), so snapshots compare across steps;
-* at every step, copies sample 0's attention (H, L, S) of each layer to the CPU
-  as float16 (the slice the stream's ``head_stats`` are computed from);
+* at every step, keeps sample 0 of each layer's attention event as a
+  :meth:`~transformer_core.events.AttentionEvent.sample_copy` (that sample's
+  queries and keys, copied where they are: no attention computed, no device sync);
 * every ``every`` steps, at the end of the step, runs the model once on the
   probe (eval mode, no grad, its events heard by nobody else) and copies each
   layer's attention (P, H, L, S) as float16. If the probe pass would take
   more than ``probe_budget`` (1%) of the training thread's time, snapshots are
   spaced further apart than ``every`` (a multiple of it) until it does not.
 
-That is all the training thread does. The statistics (computed from that
-float16 copy exactly as the stream computes them), file writes, thinning and
-the cap happen in the :class:`HistoryService`'s writer thread; if it falls behind,
-records are dropped (and counted), the training thread never waits.
+That is all the training thread does. The attention of those copies (H, L, S),
+their statistics (from its float16 copy on the CPU, exactly as the stream
+computes them), file writes, thinning and the cap happen in the
+:class:`HistoryService`'s writer thread; if it falls behind, records are dropped
+(and counted), the training thread never waits.
 
 A snapshot of step ``s`` shows the weights at the end of step ``s`` (after its
 update); it equals what the stream showed at step ``s`` when the training batch
@@ -27,6 +29,7 @@ Shape legend: N batch, P probe samples, H heads, L queries, S keys.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -51,18 +54,19 @@ WRITE_PERIOD_S = 0.25  # the writer collects records this long before writing th
 
 @dataclass
 class _StepItem:
-    """One step for the writer: sample 0's attention (H, L, S) float16 per layer + masks."""
+    """One step for the writer: sample 0 of each layer's attention event, as a copy."""
 
     session: str
     step: int
     time: float
     scalars: dict[str, float]
-    attention: dict[int, tuple[torch.Tensor, MaskInfo]]
+    attention: dict[int, AttentionEvent]  # layer -> event of shape (1, H, L, S)
     n_layers: int
 
     @property
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() for a, _ in self.attention.values())
+        """What the copies amount to: counted as their float16 matrices, 2 H L S bytes."""
+        return sum(2 * math.prod(e.shape) for e in self.attention.values())
 
 
 @dataclass
@@ -100,7 +104,7 @@ class RunRecorder:
         self.probe_labels: list[str] | None = None
         self.probe_failed = False
         self._layer_of = {id(site.inner): site.index for site in run.sites}
-        self._pending: dict[int, tuple[torch.Tensor, MaskInfo]] = {}
+        self._pending: dict[int, AttentionEvent] = {}
         self._stride = 1  # snapshots every ``every * stride`` steps (the time budget)
         self._step_started = time.perf_counter()
         self._step_time = 0.0  # moving average of a training step, seconds
@@ -141,12 +145,8 @@ class RunRecorder:
 
     def _on_attention(self, event: AttentionEvent) -> None:
         layer = self._layer_of[id(event.source)]
-        if layer in self._pending:  # a layer run twice in one forward: keep the first
-            return
-        with torch.no_grad():
-            a = event.attention(sample=0).detach()  # (H, L, S)
-            a = a.to(torch.float16).cpu() if a.dtype != torch.float16 else a.to("cpu", copy=True)
-        self._pending[layer] = (a, MaskInfo.of(event))
+        if layer not in self._pending:  # a layer run twice in one forward: keep the first
+            self._pending[layer] = event.sample_copy(0)  # read by the writer
 
     def _on_step(self, run: Run) -> None:
         step = run.step_index
@@ -406,6 +406,13 @@ class HistoryService:
             self.store.add_stats(session, session_rows)
 
 
+def _sample_attention(event: AttentionEvent) -> torch.Tensor:
+    """The (H, L, S) float16 CPU attention of a one-sample copy: what the stream sends."""
+    with torch.no_grad():
+        a = event.attention(sample=0)  # (H, L, S)
+        return a.to(torch.float16).cpu() if a.dtype != torch.float16 else a.to("cpu", copy=True)
+
+
 def stats_of(steps: list[_StepItem]) -> list[np.ndarray | None]:
     """Head statistics (layers, 5, H) of each step, computed as the stream computes them
     (from the float16 copy); NaN where a layer or head is missing.
@@ -418,11 +425,12 @@ def stats_of(steps: list[_StepItem]) -> list[np.ndarray | None]:
         if not item.attention:
             out.append(None)
             continue
-        n_heads = max(a.shape[0] for a, _ in item.attention.values())
+        n_heads = max(e.shape[1] for e in item.attention.values())
         out.append(np.full((item.n_layers, len(STAT_NAMES), n_heads), np.nan, np.float32))
     groups: dict[tuple, list[tuple[int, int, torch.Tensor]]] = {}
     for k, item in enumerate(steps):
-        for layer, (a, masks) in item.attention.items():
+        for layer, event in item.attention.items():
+            a, masks = _sample_attention(event), MaskInfo.of(event)  # (H, L, S) float16
             L, S = a.shape[-2:]
             valid = valid_key_counts(masks, 0, L, S)
             if valid is None:

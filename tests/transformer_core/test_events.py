@@ -17,6 +17,7 @@ from transformer_core.events import (
     QKVEvent,
 )
 from transformer_core.events.filters import event_class
+from transformer_core.masking import LengthMask
 
 from .helpers import Recorder
 
@@ -304,3 +305,40 @@ def test_attention_event_metadata():
     ev = AttentionEvent("s", (1, 1, 2, 2), lambda n, h: 1 / 0, matrix=given)
     assert ev.attention_matrix is given  # an emitter-built matrix is the cache
     assert "computed=True" in repr(ev)
+
+
+@pytest.mark.parametrize("attention_type", ["full", "linear", "causal-linear", "local"])
+def test_a_sample_copy_reads_like_the_event_after_the_model_moved_on(
+        make_encoder, dispatcher, attention_type):
+    """What a recorder keeps to read in another thread: one sample's own copies."""
+    extra = {"local_context": 3} if attention_type == "local" else {}
+    model = make_encoder(attention_type=attention_type, n_layers=1, **extra)
+    events = Recorder()
+    dispatcher.listen(AttentionEvent, events)
+    lengths = None if attention_type == "causal-linear" else LengthMask(torch.tensor([7, 4, 2]))
+    model(torch.randn(3, 7, 8), length_mask=lengths)
+    event = events.events[0]
+    want = [(event.attention(n).clone(), event.logits(n).clone()) for n in range(3)]
+    copies = [event.sample_copy(n) for n in range(3)]
+    for tensor in (event.queries, event.keys):
+        if tensor is not None:
+            tensor.data.fill_(float("nan"))  # the model's buffers are reused or freed
+    for copy_, (attention, logits) in zip(copies, want, strict=True):
+        assert copy_.shape == (1, *event.shape[1:]) and copy_.source is event.source
+        assert copy_.attention_type == attention_type
+        torch.testing.assert_close(copy_.attention(0), attention, rtol=0, atol=0)
+        torch.testing.assert_close(copy_.logits(0), logits, rtol=0, atol=0)
+    if lengths is not None:  # sample 2 has 2 keys: the rest of its rows is zero
+        assert copies[2].attention(0)[..., 2:].abs().max() == 0
+
+
+def test_an_event_without_a_recipe_copies_its_sample_matrix(synthetic_event):
+    event, logits = synthetic_event
+    want = logits.logits[2:3].clone()  # (1, H, L, S)
+    copy_ = event.sample_copy(-1)
+    assert logits.calls == [(1, 4, 5, 6), (1, 4, 5, 6)]  # computed now, that sample only
+    logits.logits.fill_(0.0)  # the emitter's tensors change afterwards
+    torch.testing.assert_close(copy_.logits(0), want[0])
+    torch.testing.assert_close(copy_.attention(0, [1]), torch.softmax(want, -1)[0, [1]])
+    with pytest.raises(IndexError, match="sample"):
+        event.sample_copy(3)

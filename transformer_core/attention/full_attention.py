@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..events import AttentionEvent, EventDispatcher
-from ..masking import BaseMask
+from ..masking import BaseMask, sample_rows
 from ._masks import apply_masks, sdpa_mask, select
 
 # nanoGPT-style feature detection: torch >= 2.0 has the fused kernel.
@@ -104,19 +104,31 @@ class FullAttention(nn.Module):
             out = torch.einsum("nhls,nshd->nhld", weights, values)  # (N, H, L, D)
         if self.event_dispatcher.has_listeners:
             self.event_dispatcher.dispatch(
-                AttentionEvent(
-                    self,
-                    (N, H, L, S),
-                    lambda n, h: softmax_logits(queries, keys, scale, attn_mask, key_lengths, n, h),
-                    lambda n, h: softmax_matrix(queries, keys, scale, attn_mask, key_lengths, n, h),
-                    queries=queries,
-                    keys=keys,
-                    attn_mask=attn_mask,
-                    key_lengths=key_lengths,
-                    softmax_temp=scale,
-                    role=self.role,
-                    attention_type=self.attention_type,
-                    matrix=matrix,
-                )
+                self._event(queries, keys, scale, attn_mask, key_lengths, matrix)
             )
         return out.transpose(1, 2)  # (N, L, H, D)
+
+    def _event(self, queries, keys, scale, attn_mask, key_lengths, matrix=None) -> AttentionEvent:
+        """The lazy event of queries (N, L, H, E) and keys (N, S, H, E)."""
+        N, L, H, _ = queries.shape
+
+        def copy(n: int) -> AttentionEvent:
+            q = queries[n : n + 1].detach().clone()  # (1, L, H, E)
+            k = keys[n : n + 1].detach().clone()  # (1, S, H, E)
+            return self._event(q, k, scale, attn_mask, sample_rows(key_lengths, n))
+
+        return AttentionEvent(
+            self,
+            (N, H, L, keys.shape[1]),
+            lambda n, h: softmax_logits(queries, keys, scale, attn_mask, key_lengths, n, h),
+            lambda n, h: softmax_matrix(queries, keys, scale, attn_mask, key_lengths, n, h),
+            queries=queries,
+            keys=keys,
+            attn_mask=attn_mask,
+            key_lengths=key_lengths,
+            softmax_temp=scale,
+            role=self.role,
+            attention_type=self.attention_type,
+            matrix=matrix,
+            copy_fn=copy,
+        )

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from ..events import AttentionEvent, EventDispatcher
 from ..feature_maps import elu_feature_map
-from ..masking import BaseMask
+from ..masking import BaseMask, sample_rows
 from ._masks import select
 
 
@@ -70,17 +70,26 @@ class LinearAttention(nn.Module):
         return phi_q, phi_k
 
     def _dispatch(self, phi_q, phi_k, key_lengths, shape, causal):
+        self.event_dispatcher.dispatch(self._event(phi_q, phi_k, key_lengths, shape, causal))
+
+    def _event(self, phi_q, phi_k, key_lengths, shape, causal) -> AttentionEvent:
+        """The lazy event of feature-mapped queries (N, L, H, E') and keys (N, S, H, E')."""
         eps = self.eps
-        self.event_dispatcher.dispatch(
-            AttentionEvent(
-                self,
-                shape,
-                lambda n, h: kernel_logits(phi_q, phi_k, n, h, causal),
-                lambda n, h: kernel_matrix(phi_q, phi_k, eps, n, h, causal),
-                key_lengths=key_lengths,
-                role=self.role,
-                attention_type=self.attention_type,
-            )
+
+        def copy(n: int) -> AttentionEvent:
+            q = phi_q[n : n + 1].detach().clone()  # (1, L, H, E')
+            k = phi_k[n : n + 1].detach().clone()  # (1, S, H, E')
+            return self._event(q, k, sample_rows(key_lengths, n), (1, *shape[1:]), causal)
+
+        return AttentionEvent(
+            self,
+            shape,
+            lambda n, h: kernel_logits(phi_q, phi_k, n, h, causal),
+            lambda n, h: kernel_matrix(phi_q, phi_k, eps, n, h, causal),
+            key_lengths=key_lengths,
+            role=self.role,
+            attention_type=self.attention_type,
+            copy_fn=copy,
         )
 
     def forward(

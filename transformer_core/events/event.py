@@ -14,6 +14,8 @@ import torch
 Index = int | Sequence[int] | slice | torch.Tensor | None
 # (samples, heads) -> (n, h, L, S); samples/heads are a slice or a 1-D LongTensor.
 SliceFn = Callable[[Any, Any], torch.Tensor]
+# sample -> an AttentionEvent of that sample alone, owning copies (see sample_copy).
+CopyFn = Callable[[int], "AttentionEvent"]
 
 
 class Event:
@@ -82,6 +84,8 @@ class AttentionEvent(Event):
     ``matrix`` may pass a matrix the emitter already built (it is then the cache).
     ``role`` is ``"self"`` or ``"cross"`` (decoder cross-attention);
     ``attention_type`` names the inner attention (``"full"``, ``"linear"``...).
+    ``copy_fn(sample)`` builds the event :meth:`sample_copy` returns (emitters give
+    it; without it, :meth:`sample_copy` computes that sample's matrix right away).
     """
 
     def __init__(
@@ -99,6 +103,7 @@ class AttentionEvent(Event):
         role: str = "self",
         attention_type: str = "full",
         matrix: torch.Tensor | None = None,
+        copy_fn: CopyFn | None = None,
     ) -> None:
         super().__init__(source)
         self.shape = tuple(shape)
@@ -112,6 +117,7 @@ class AttentionEvent(Event):
         self._logits_fn = logits_fn
         self._matrix_fn = matrix_fn or (lambda n, h: torch.softmax(logits_fn(n, h), dim=-1))
         self._matrix = matrix  # (N, H, L, S) when the emitter already built it
+        self._copy_fn = copy_fn
 
     @property
     def is_cross(self) -> bool:
@@ -145,6 +151,24 @@ class AttentionEvent(Event):
         matrix row is all zeros (the fused kernel's zero output), not NaN.
         """
         return self._sliced(self._logits_fn, sample, heads, cache=None)
+
+    def sample_copy(self, sample: int) -> AttentionEvent:
+        """This event for ``sample`` alone (shape (1, H, L, S)), owning detached copies of
+        what it needs: read it later, or in another thread, after the model has moved on.
+
+        An emitter's copy holds that sample's queries and keys (and mask rows), not the
+        matrix: taking it costs a copy of (L + S) x H x E values and no attention
+        computation, and reading it computes the same values as reading this event.
+        """
+        n, _ = _as_indexer(int(sample), self.shape[0], "sample")
+        if self._copy_fn is not None:
+            return self._copy_fn(n.start)
+        with torch.no_grad():  # no recipe from the emitter: compute that sample now
+            matrix = self.attention(n).detach().clone()  # (1, H, L, S)
+            logits = self.logits(n).detach().clone()  # (1, H, L, S)
+        return AttentionEvent(self.source, (1, *self.shape[1:]), lambda s, h: logits[s][:, h],
+                              lambda s, h: matrix[s][:, h], role=self.role,
+                              attention_type=self.attention_type)
 
     def _sliced(self, fn: SliceFn, sample: Index, heads: Index, cache: torch.Tensor | None):
         n_idx, drop_n = _as_indexer(sample, self.shape[0], "sample")
