@@ -8,8 +8,9 @@ Per run, a :class:`RunRecorder`
   :meth:`~transformer_core.events.AttentionEvent.sample_copy` (that sample's
   queries and keys, copied where they are: no attention computed, no device sync);
 * every ``every`` steps, at the end of the step, runs the model once on the
-  probe (eval mode, no grad, its events heard by nobody else) and copies each
-  layer's attention (P, H, L, S) as float16. If the probe pass would take
+  probe (eval mode, no grad, its events heard by nobody else) and keeps each
+  layer's event as P sample copies (the writer computes the attention
+  (P, H, L, S) and stores it as float16). If the probe pass would take
   more than ``probe_budget`` (1%) of the training thread's time, snapshots are
   spaced further apart than ``every`` (a multiple of it) until it does not.
 
@@ -71,17 +72,23 @@ class _StepItem:
 
 @dataclass
 class _SnapshotItem:
-    """One probe snapshot for the writer: attention per layer (P, H, L, S) float16."""
+    """One probe snapshot for the writer: per layer, its P probe samples' event copies."""
 
     session: str
     step: int
     time: float
-    attention: dict[int, torch.Tensor]
+    attention: dict[int, list[AttentionEvent]]  # layer -> P events of shape (1, H, L, S)
     labels: list[str] | None
 
     @property
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() for a in self.attention.values())
+        """Counted as the float16 matrices they become, 2 P H L S bytes."""
+        return sum(2 * math.prod(e.shape) for copies in self.attention.values() for e in copies)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """``attention.<layer>`` (P, H, L, S) float16, computed here (the writer thread)."""
+        return {f"attention.{layer}": torch.stack([_sample_attention(e) for e in copies]).numpy()
+                for layer, copies in self.attention.items()}
 
 
 def _slice_batch(value: Any, n: int, keep: int) -> Any:
@@ -200,18 +207,18 @@ class RunRecorder:
         self.probe_labels = None
         logger.info("history: recording run %r as session %s", run.id, self.session)
 
-    def _probe_forward(self) -> dict[int, torch.Tensor]:
-        """Run the model on the probe; each layer's attention (P, H, L, S) float16 on the CPU."""
+    def _probe_forward(self) -> dict[int, list[AttentionEvent]]:
+        """Run the model on the probe; each layer's event as copies of its P samples."""
         assert self.probe is not None
         args, kwargs = self.probe
         model = self.run.model
-        out: dict[int, torch.Tensor] = {}
+        out: dict[int, list[AttentionEvent]] = {}
         private = EventDispatcher()
 
         def collect(event: AttentionEvent) -> None:
             layer = self._layer_of[id(event.source)]
             if layer not in out:
-                out[layer] = event.attention().detach().to(torch.float16).cpu()  # (P, H, L, S)
+                out[layer] = [event.sample_copy(i) for i in range(event.shape[0])]
 
         private.listen(self._accepts, collect)
         modes = {m: m.training for m in model.modules()}
@@ -387,12 +394,11 @@ class HistoryService:
             self._write_stats(steps)  # keep the order of the items
             steps = []
             if isinstance(item, _SnapshotItem):
-                tensors = {f"attention.{layer}": a.numpy() for layer, a in item.attention.items()}
+                tensors = item.arrays()
                 self.store.add_snapshot(item.session, item.step, item.time, tensors)
                 if item.labels is not None:
                     self.store.update_meta(item.session, probe_labels=item.labels,
-                                           probe_shape=list(next(iter(
-                                               item.attention.values())).shape))
+                                           probe_shape=list(next(iter(tensors.values())).shape))
             elif isinstance(item, threading.Event):
                 item.set()
         self._write_stats(steps)
