@@ -47,6 +47,9 @@ BACKOFF_MAX_S = 10.0
 # At most this many steps wait to be sent (about a minute of a fast loop); the scalar
 # history sent on reconnection covers anything dropped.
 MAX_PENDING_STEPS = 4096
+# Steps (their scalars) leave in batches at most this often: waking the sending thread
+# at every step of a fast loop costs the training thread more than the steps weigh.
+STEPS_PERIOD_S = 0.1
 
 
 def publish_url(url: str) -> str:
@@ -97,6 +100,7 @@ class RemotePublisher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
         self._wake_pending = False
+        self._steps_sent = 0.0  # the event loop's time of the last steps batch
         self._ready = threading.Event()
         self.run.add_step_hook(self._on_step)
         self._thread = threading.Thread(target=self._main, name=f"attnscope-publish-{run_id}",
@@ -116,7 +120,8 @@ class RemotePublisher:
             return  # the history sent on reconnection has it
         self._steps.append([run.step_index, run.scalars_time, dict(run.scalars),
                             run.batch_size, run.seq_len])
-        self._wake()
+        if len(self._steps) == 1:  # the first of a batch: the send loop sends it in time
+            self._wake()
 
     def _wake(self, run_id: str | None = None) -> None:
         loop, event = self._loop, self._event
@@ -256,11 +261,16 @@ class RemotePublisher:
 
     async def _send_loop(self, ws: Any, receiver: asyncio.Task) -> None:
         assert self._event is not None
+        loop = asyncio.get_running_loop()
         while True:
             waiter = asyncio.ensure_future(self._event.wait())
-            done, _ = await asyncio.wait({waiter, receiver}, return_when=asyncio.FIRST_COMPLETED)
-            if receiver in done:  # the server went away
+            steps_in = None if not self._steps else \
+                max(0.0, self._steps_sent + STEPS_PERIOD_S - loop.time())
+            done, _ = await asyncio.wait({waiter, receiver}, timeout=steps_in,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if waiter not in done:
                 waiter.cancel()
+            if receiver in done:  # the server went away
                 receiver.result()
                 return
             self._event.clear()
@@ -291,7 +301,9 @@ class RemotePublisher:
     async def _flush(self, ws: Any) -> None:
         while self._answers:
             await ws.send(self._answers.popleft())
-        if self._steps:
+        now = asyncio.get_running_loop().time()
+        if self._steps and (self._closing or now >= self._steps_sent + STEPS_PERIOD_S):
+            self._steps_sent = now
             steps = list(self._steps)
             self._steps.clear()
             await ws.send(json.dumps({"type": "steps", "steps": steps}, separators=(",", ":"),

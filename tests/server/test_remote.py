@@ -22,7 +22,7 @@ from auth_support import BEARER, TOKEN
 from stream_support import Served, recv_frame, recv_json, run_async, small_encoder
 
 from server import Dashboard
-from server.remote.publisher import RemotePublisher
+from server.remote.publisher import STEPS_PERIOD_S, RemotePublisher
 from server.remote.run import RemoteRun
 from server.remote.wire import decode_capture, unpack_binary
 from server.runs import RunRegistry
@@ -353,3 +353,24 @@ def test_frames_larger_than_a_browser_message_reach_the_viewer() -> None:
             assert dash.connections == 1  # the big frames never cost a reconnect
         finally:
             dash.close()
+
+
+def test_steps_of_a_fast_loop_travel_in_batches_and_none_is_lost(published,
+                                                                  monkeypatch) -> None:
+    """Waking the sending thread at every step of a fast loop would slow the loop: steps
+    leave at most every STEPS_PERIOD_S, and the last ones leave without a next step."""
+    served, dash = published
+    batches: list[int] = []
+    apply_steps = RemoteRun.apply_steps
+    monkeypatch.setattr(RemoteRun, "apply_steps",
+                        lambda run, steps: (batches.append(len(steps)), apply_steps(run, steps)))
+    started = time.monotonic()
+    for step in range(200):
+        dash.step(step, loss=1.0 / (step + 1))
+        time.sleep(0.001)
+    elapsed = time.monotonic() - started
+    wait_for(lambda: served.http.get(f"/api/v1/runs/{RUN}/scalars").json()["steps"][-1:] == [199],
+             10, "the last step")  # no step follows it: it leaves on the period alone
+    assert served.http.get(f"/api/v1/runs/{RUN}/scalars").json()["steps"] == list(range(200))
+    assert sum(batches) == 200
+    assert len(batches) <= elapsed / STEPS_PERIOD_S + 2, batches
