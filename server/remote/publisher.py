@@ -34,7 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 import torch.nn as nn
 import websockets
 
-from ..runs import Run
+from ..runs import Run, finite_or_none
 from ..stream.publisher import EMPTY_PLAN, Publisher
 from ..stream.stats import valid_key_counts
 from .captures import answer_capture, model_info_message
@@ -118,8 +118,9 @@ class RemotePublisher:
     def _on_step(self, run: Run) -> None:
         if not self.connected.is_set():
             return  # the history sent on reconnection has it
-        self._steps.append([run.step_index, run.scalars_time, dict(run.scalars),
-                            run.batch_size, run.seq_len])
+        scalars = {k: finite_or_none(v) for k, v in run.scalars.items()}  # JSON: NaN -> null
+        self._steps.append([run.step_index, run.scalars_time, scalars, run.batch_size,
+                            run.seq_len])
         if len(self._steps) == 1:  # the first of a batch: the send loop sends it in time
             self._wake()
 

@@ -11,6 +11,7 @@ that come back, so viewers cannot tell a remote run from a local one.
 from __future__ import annotations
 
 import itertools
+import math
 import logging
 import threading
 from collections import deque
@@ -191,7 +192,7 @@ class RemoteRun(Run):
         for step, t, values, batch, length in steps:
             if history.times and float(t) <= history.times[-1]:
                 continue  # already in the history the publisher announced
-            values = {str(k): float(v) for k, v in values.items()}
+            values = {str(k): math.nan if v is None else float(v) for k, v in values.items()}
             self.step_index, self.scalars, self.scalars_time = int(step), values, float(t)
             self.scalars_seq += 1
             if batch is not None:

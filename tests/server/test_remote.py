@@ -374,3 +374,16 @@ def test_steps_of_a_fast_loop_travel_in_batches_and_none_is_lost(published,
     assert served.http.get(f"/api/v1/runs/{RUN}/scalars").json()["steps"] == list(range(200))
     assert sum(batches) == 200
     assert len(batches) <= elapsed / STEPS_PERIOD_S + 2, batches
+
+
+def test_a_nan_loss_reaches_the_server_and_publishing_goes_on(published) -> None:
+    """A diverging run is when the dashboard matters most: NaN must not stop the publisher."""
+    served, dash = published
+    dash.step(0, loss=1.5)
+    dash.step(1, loss=float("nan"), grad_norm=float("inf"))
+    dash.step(2, loss=0.5)
+    wait_for(lambda: served.http.get(f"/api/v1/runs/{RUN}/scalars").json()["steps"] == [0, 1, 2],
+             10, "all three steps")
+    scalars = served.http.get(f"/api/v1/runs/{RUN}/scalars").json()
+    assert scalars["values"]["loss"] == [1.5, None, 0.5]
+    assert dash.connected.is_set() and dash.connections == 1
