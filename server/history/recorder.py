@@ -35,7 +35,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ WRITE_PERIOD_S = 0.25  # the writer collects records this long before writing th
 
 
 @dataclass
-class _StepItem:
+class StepItem:
     """One step for the writer: sample 0 of each layer's attention event, as a copy."""
 
     session: str
@@ -71,7 +71,7 @@ class _StepItem:
 
 
 @dataclass
-class _SnapshotItem:
+class SnapshotItem:
     """One probe snapshot for the writer: per layer, its P probe samples' event copies."""
 
     session: str
@@ -91,6 +91,47 @@ class _SnapshotItem:
                 for layer, copies in self.attention.items()}
 
 
+@dataclass
+class StoredStats:
+    """Rows of head statistics computed elsewhere (a remote publisher's), to append."""
+
+    session: str
+    rows: list[StatRow]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(0 if r.heads is None else r.heads.nbytes for r in self.rows)
+
+
+@dataclass
+class StoredSnapshot:
+    """A snapshot whose arrays were computed elsewhere (a remote publisher's)."""
+
+    session: str
+    step: int
+    time: float
+    tensors: dict[str, np.ndarray]  # attention.<layer>: (P, H, L, S) float16
+    labels: list[str] | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.tensors.values())
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return self.tensors
+
+
+class RecorderSink(Protocol):
+    """Where a :class:`RunRecorder` sends what it records: a :class:`HistoryService`, or a
+    remote publisher's link to the server's (``server.remote.history``)."""
+
+    config: HistoryConfig
+
+    def new_session(self, run_id: str, name: str | None, meta: dict[str, Any]) -> str: ...
+
+    def submit(self, item: Any) -> None: ...
+
+
 def _slice_batch(value: Any, n: int, keep: int) -> Any:
     if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == n:
         return value[:keep].detach().clone()
@@ -98,9 +139,9 @@ def _slice_batch(value: Any, n: int, keep: int) -> Any:
 
 
 class RunRecorder:
-    """Records one :class:`Run` into ``service``'s store (see the module docstring)."""
+    """Records one :class:`Run` into ``service`` (see the module docstring)."""
 
-    def __init__(self, run: Run, service: HistoryService) -> None:
+    def __init__(self, run: Run, service: RecorderSink) -> None:
         self.run = run
         self.service = service
         self.config = service.config
@@ -168,7 +209,7 @@ class RunRecorder:
         self.last_step = step
         pending, self._pending = self._pending, {}
         assert self.session is not None
-        self.service.submit(_StepItem(self.session, step, now, dict(run.scalars), pending,
+        self.service.submit(StepItem(self.session, step, now, dict(run.scalars), pending,
                                       len(run.sites)))
         every = self.config.every * self._stride  # at multiples (and the first step seen)
         due = self.last_snapshot is None or step // every > self.last_snapshot // every
@@ -181,7 +222,7 @@ class RunRecorder:
                 labels = run.labels(0) if self.probe_labels is None else None
                 if labels is not None:
                     self.probe_labels = labels
-                self.service.submit(_SnapshotItem(self.session, step, now, attention, labels))
+                self.service.submit(SnapshotItem(self.session, step, now, attention, labels))
 
     def _adapt_stride(self, probe_s: float) -> None:
         """Space snapshots so that probe passes take at most ``probe_budget`` of the time."""
@@ -202,7 +243,7 @@ class RunRecorder:
         meta = {"layers": len(run.sites), "heads": max((h or 0 for h in heads), default=0),
                 "layer_heads": heads, "roles": [s.role for s in run.sites],
                 "every": self.config.every, "probe_samples": self.config.probe_samples}
-        self.session = self.service.store.new_session(run.id, run.name, meta).id
+        self.session = self.service.new_session(run.id, run.name, meta)
         self.last_step = self.last_snapshot = None
         self.probe_labels = None
         logger.info("history: recording run %r as session %s", run.id, self.session)
@@ -302,6 +343,20 @@ class HistoryService:
         for run_id in [r for r in self.recorders if r not in runs]:
             self.detach(run_id)
 
+    def new_session(self, run_id: str, name: str | None, meta: dict[str, Any]) -> str:
+        """A new stored session of run ``run_id``; its id."""
+        return self.store.new_session(run_id, name, meta).id
+
+    def live_sessions(self) -> set[str]:
+        """Sessions being recorded now: local runs' and live remote runs' (whose
+        publishers record and send them, see ``server.remote.history``)."""
+        live = {r.session for r in self.recorders.values() if r.session is not None}
+        for run in self._registry.list() if self._registry is not None else ():
+            inbox = getattr(run, "history_inbox", None)
+            if inbox is not None and inbox.current is not None and run.status == "live":
+                live.add(inbox.current)
+        return live
+
     def session_of(self, run_id: str) -> str | None:
         """The session being recorded for a live run id (None before its first step),
         else the newest stored one of that id."""
@@ -364,7 +419,7 @@ class HistoryService:
     def _write_loop(self) -> None:
         while True:
             item = self._queue.get()
-            if isinstance(item, _StepItem | _SnapshotItem):
+            if isinstance(item, StepItem | SnapshotItem):
                 # Wake a few times a second, not once per step: fewer GIL hand-offs with
                 # the training thread, and one SQLite transaction for many rows.
                 self._wake.wait(WRITE_PERIOD_S)
@@ -383,17 +438,18 @@ class HistoryService:
                 return
 
     def _write(self, batch: list[Any]) -> None:
-        steps: list[_StepItem] = []
+        steps: list[StepItem] = []
         for item in batch:
-            if isinstance(item, _StepItem | _SnapshotItem):
-                with self._bytes_lock:
-                    self._queued_bytes -= item.nbytes
-            if isinstance(item, _StepItem):
+            with self._bytes_lock:
+                self._queued_bytes -= getattr(item, "nbytes", 0)
+            if isinstance(item, StepItem):
                 steps.append(item)
                 continue
             self._write_stats(steps)  # keep the order of the items
             steps = []
-            if isinstance(item, _SnapshotItem):
+            if isinstance(item, StoredStats):
+                self.store.add_stats(item.session, item.rows)
+            elif isinstance(item, SnapshotItem | StoredSnapshot):
                 tensors = item.arrays()
                 self.store.add_snapshot(item.session, item.step, item.time, tensors)
                 if item.labels is not None:
@@ -403,13 +459,17 @@ class HistoryService:
                 item.set()
         self._write_stats(steps)
 
-    def _write_stats(self, steps: list[_StepItem]) -> None:
-        rows: dict[str, list[StatRow]] = {}
-        for item, heads in zip(steps, stats_of(steps), strict=True):
-            rows.setdefault(item.session, []).append(
-                StatRow(item.step, item.time, item.scalars, heads))
-        for session, session_rows in rows.items():
-            self.store.add_stats(session, session_rows)
+    def _write_stats(self, steps: list[StepItem]) -> None:
+        for session, rows in stat_rows(steps).items():
+            self.store.add_stats(session, rows)
+
+
+def stat_rows(steps: list[StepItem]) -> dict[str, list[StatRow]]:
+    """The stored rows of recorded steps, per session (their statistics computed here)."""
+    rows: dict[str, list[StatRow]] = {}
+    for item, heads in zip(steps, stats_of(steps), strict=True):
+        rows.setdefault(item.session, []).append(StatRow(item.step, item.time, item.scalars, heads))
+    return rows
 
 
 def _sample_attention(event: AttentionEvent) -> torch.Tensor:
@@ -419,7 +479,7 @@ def _sample_attention(event: AttentionEvent) -> torch.Tensor:
         return a.to(torch.float16).cpu() if a.dtype != torch.float16 else a.to("cpu", copy=True)
 
 
-def stats_of(steps: list[_StepItem]) -> list[np.ndarray | None]:
+def stats_of(steps: list[StepItem]) -> list[np.ndarray | None]:
     """Head statistics (layers, 5, H) of each step, computed as the stream computes them
     (from the float16 copy); NaN where a layer or head is missing.
 

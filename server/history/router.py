@@ -90,7 +90,7 @@ SessionQ = Annotated[str | None, Query(description="a session id (default: the n
 @router.get("/history")
 def list_sessions(service: ServiceDep) -> list[SessionPublic]:
     """Every recorded session (one per run start), newest first."""
-    live = {r.session for r in service.recorders.values() if r.session is not None}
+    live = service.live_sessions()
     return [SessionPublic(**s, live=s["session"] in live) for s in service.store.sessions()]
 
 

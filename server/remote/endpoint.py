@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..api.deps import RegistryDep
 from ..runs import UnknownRunError
 from ..stream.publisher import Plan
+from .history import HistoryInbox, config_message
 from .run import RemoteRun
 from .wire import WIRE_VERSION, decode_capture, plan_to_message, unpack_binary
 
@@ -105,10 +106,16 @@ async def publish(websocket: WebSocket, registry: RegistryDep) -> None:
     link = _Link(websocket)
     ended = False
     run.attach(link, hello.history)
+    service = getattr(websocket.app.state, "history", None)
+    if service is not None and run.history_inbox is None:
+        run.history_inbox = HistoryInbox(service, run)
+    settings = websocket.app.state.settings
+    welcome = {"type": "welcome", "run": run.id, "history": config_message(
+        None if service is None else service.config, settings.max_publish_bytes)}
     sender = asyncio.create_task(link.sender())
     logger.info("publisher connected: run %r from %s", run.id, hello.host or "?")
     try:
-        await websocket.send_text(json.dumps({"type": "welcome", "run": run.id}))
+        await websocket.send_text(json.dumps(welcome))
         link.send_plan(run.plan)  # viewers may be waiting already
         ended = await _receive_loop(websocket, run)
     except WebSocketDisconnect:
@@ -135,6 +142,9 @@ async def _receive_loop(websocket: WebSocket, run: RemoteRun) -> bool:
             header, payload = unpack_binary(data)
             if header["kind"] == "capture_result":
                 run.captures.receive_chunk(header, payload)
+            elif header["kind"] in ("history_stats", "history_snapshot"):
+                if run.history_inbox is not None:
+                    run.history_inbox.on_binary(header, payload)
             else:
                 run.deliver(*decode_capture(header, payload))
             continue
@@ -144,6 +154,9 @@ async def _receive_loop(websocket: WebSocket, run: RemoteRun) -> bool:
             run.apply_steps(body["steps"])
         elif kind == "capture_result":
             run.captures.receive_error(body)
+        elif kind == "history_session":
+            if run.history_inbox is not None:
+                run.history_inbox.on_session(body)
         elif kind == "close":
             await websocket.close(1000)
             return True

@@ -14,7 +14,10 @@ background thread. The training thread never touches the network:
   scalar history, so the server's copy continues where it stopped;
 - capture requests (``POST /api/v1/captures`` on the server) run in the training
   thread between two steps, as local ones do; their results are encoded and
-  sent from the background (:mod:`server.remote.captures`).
+  sent from the background (:mod:`server.remote.captures`);
+- when the server records history, the run's history is recorded here, as the
+  server records a local run's, and sent from the background
+  (:mod:`server.remote.history`).
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ from urllib.parse import urlsplit, urlunsplit
 import torch.nn as nn
 import websockets
 
+from ..history.recorder import RunRecorder
 from ..runs import Run, finite_or_none
 from ..stream.publisher import EMPTY_PLAN, Publisher
 from ..stream.stats import valid_key_counts
 from .captures import answer_capture, model_info_message
+from .history import HistoryOutbox, config_from_message
 from .wire import WIRE_VERSION, encode_capture, plan_from_message
 
 logger = logging.getLogger(__name__)
@@ -101,6 +106,11 @@ class RemotePublisher:
         self._event: asyncio.Event | None = None
         self._wake_pending = False
         self._steps_sent = 0.0  # the event loop's time of the last steps batch
+        # History: what the server's welcome asked for (None: none); the recorder and its
+        # outbox are made and removed in the training thread, at a step boundary.
+        self._history_wanted: dict[str, Any] | None = None
+        self._history: HistoryOutbox | None = None
+        self._recorder: RunRecorder | None = None
         self._ready = threading.Event()
         self.run.add_step_hook(self._on_step)
         self._thread = threading.Thread(target=self._main, name=f"attnscope-publish-{run_id}",
@@ -116,6 +126,7 @@ class RemotePublisher:
         self.run.step(step, loss=loss, tokens=tokens, **scalars)
 
     def _on_step(self, run: Run) -> None:
+        self._follow_history_plan()
         if not self.connected.is_set():
             return  # the history sent on reconnection has it
         scalars = {k: finite_or_none(v) for k, v in run.scalars.items()}  # JSON: NaN -> null
@@ -123,6 +134,21 @@ class RemotePublisher:
                             run.seq_len])
         if len(self._steps) == 1:  # the first of a batch: the send loop sends it in time
             self._wake()
+
+    def _follow_history_plan(self) -> None:
+        """Start or stop recording history as the server asked (training thread)."""
+        wanted = self._history_wanted
+        if wanted is not None and self._recorder is None:
+            self._history = HistoryOutbox(*config_from_message(wanted))
+            self._recorder = RunRecorder(self.run, self._history)
+        elif wanted is None and self._recorder is not None:
+            self._recorder.detach()
+            self._recorder = None
+
+    @property
+    def history_dropped(self) -> int:
+        """History records dropped because the server was away too long (bounded outbox)."""
+        return 0 if self._history is None else self._history.dropped
 
     def _wake(self, run_id: str | None = None) -> None:
         loop, event = self._loop, self._event
@@ -143,6 +169,8 @@ class RemotePublisher:
         self._publisher.close()
         self.run.close()
         self.run.detach()
+        if self._recorder is not None:
+            self._recorder.detach()
 
     def __enter__(self) -> RemotePublisher:
         return self
@@ -232,6 +260,9 @@ class RemotePublisher:
             return
         self._sent = {}
         self.connections += 1
+        self._history_wanted = welcome.get("history")
+        if self._history is not None:
+            self._history.reconnected()
         captures: set[asyncio.Task] = set()
         receiver = asyncio.create_task(self._receive(ws, captures))
         try:
@@ -302,6 +333,9 @@ class RemotePublisher:
     async def _flush(self, ws: Any) -> None:
         while self._answers:
             await ws.send(self._answers.popleft())
+        if self._history is not None:
+            for message in self._history.messages():
+                await ws.send(message)
         now = asyncio.get_running_loop().time()
         if self._steps and (self._closing or now >= self._steps_sent + STEPS_PERIOD_S):
             self._steps_sent = now

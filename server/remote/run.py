@@ -11,8 +11,8 @@ that come back, so viewers cannot tell a remote run from a local one.
 from __future__ import annotations
 
 import itertools
-import math
 import logging
+import math
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -113,6 +113,7 @@ class RemoteRun(Run):
         self.publisher_factory = RemotePlanPublisher
         self.capture_info: ModelInfo | None = None  # from the announce; None: no captures
         self.captures = CaptureRequests()
+        self.history_inbox: Any = None  # a remote.history.HistoryInbox when history is on
 
     @property
     def status(self) -> str:
