@@ -1,11 +1,15 @@
 """Remote publishing overhead: steps/s of a training loop publishing with Dashboard.connect.
 
-Three loops on the demo model (DemoTraining, CPU), interleaved in rounds:
-``none`` (no dashboard), ``remote`` (publishing to a local ``attnscope serve``
-subprocess on loopback with one websocket viewer, in a process of its own as a
-browser would be, subscribed to every layer's attention, head statistics and
-scalars at 10 fps) and ``unreachable`` (publishing
-to a closed port). Targets (issue #6): remote >= 0.95x, unreachable >= 0.98x.
+Four loops on the demo model (DemoTraining, CPU), interleaved in rounds:
+``none`` (no dashboard); ``remote``: publishing to a local ``attnscope serve``
+subprocess on loopback (history on, the default: the trainer records its history
+and sends it) with one websocket viewer, in a process of its own as a browser
+would be, subscribed to every layer's attention, head statistics and scalars at
+10 fps; ``remote-no-history``: the same with a server started with
+``ATTNSCOPE_HISTORY_ENABLED=false``; ``unreachable``: publishing to a closed port.
+The servers and viewers run on the machine's last core and the trainer on the
+others (they stand for other machines). Targets (issue #6): remote >= 0.95x,
+unreachable >= 0.98x.
 
     .venv/bin/python bench/remote.py [--rounds 5] [--seconds 2]
 """
@@ -55,9 +59,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(port: int, data_dir: str) -> subprocess.Popen:
+def _serve(port: int, data_dir: str, history: bool = True) -> subprocess.Popen:
     env = {**os.environ, "ATTNSCOPE_TOKEN": TOKEN, "ATTNSCOPE_PORT": str(port),
-           "ATTNSCOPE_DATA_DIR": data_dir}
+           "ATTNSCOPE_DATA_DIR": data_dir, "ATTNSCOPE_HISTORY_ENABLED": str(history).lower()}
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             preexec_fn=_elsewhere)
@@ -120,26 +124,29 @@ def main() -> int:
     torch.set_num_threads(len(TRAINER_CORES))
     import tempfile
 
-    port = _free_port()
+    ports = {"remote": _free_port(), "remote-no-history": _free_port()}
     dead = _free_port()
-    server = _serve(port, tempfile.mkdtemp(prefix="attnscope-bench-"))
-    viewer = None
+    servers = [_serve(ports["remote"], tempfile.mkdtemp(prefix="attnscope-bench-")),
+               _serve(ports["remote-no-history"], tempfile.mkdtemp(prefix="attnscope-bench-"),
+                      history=False)]
+    viewers: list[subprocess.Popen] = []
     try:
-        trainings = {k: DemoTraining(DemoConfig(device="cpu")) for k in
-                     ("none", "remote", "unreachable")}
-        dashes = {
-            "none": None,
-            "remote": Dashboard.connect(f"http://127.0.0.1:{port}", run="bench/remote",
-                                        token=TOKEN, model=trainings["remote"].model),
-            "unreachable": Dashboard.connect(f"http://127.0.0.1:{dead}", run="bench/dead",
-                                             token=TOKEN, model=trainings["unreachable"].model),
-        }
-        dashes["remote"].connected.wait(10)
-        tally = Path(tempfile.mkdtemp(prefix="attnscope-bench-")) / "frames"
-        viewer = _viewer(port, "bench/remote", str(tally))
-        deadline = time.monotonic() + 20  # until the server forwarded the viewer's plan
-        while not dashes["remote"]._publisher.plan.sources and time.monotonic() < deadline:
-            time.sleep(0.05)
+        kinds = ("none", "remote", "remote-no-history", "unreachable")
+        trainings = {k: DemoTraining(DemoConfig(device="cpu")) for k in kinds}
+        dashes = {"none": None, "unreachable": Dashboard.connect(
+            f"http://127.0.0.1:{dead}", run="bench/dead", token=TOKEN,
+            model=trainings["unreachable"].model)}
+        tallies = {}
+        for kind, port in ports.items():
+            dash = dashes[kind] = Dashboard.connect(f"http://127.0.0.1:{port}",
+                                                    run="bench/remote", token=TOKEN,
+                                                    model=trainings[kind].model)
+            dash.connected.wait(10)
+            tallies[kind] = Path(tempfile.mkdtemp(prefix="attnscope-bench-")) / "frames"
+            viewers.append(_viewer(port, "bench/remote", str(tallies[kind])))
+            deadline = time.monotonic() + 20  # until the server forwarded the viewer's plan
+            while not dash._publisher.plan.sources and time.monotonic() < deadline:
+                time.sleep(0.05)
         for kind, training in trainings.items():  # warm-up
             _rate(training, dashes[kind], 0.5)
         rates: dict[str, list[float]] = {k: [] for k in trainings}
@@ -149,20 +156,20 @@ def main() -> int:
         base = statistics.median(rates["none"])
         for kind in trainings:
             ratios = [r / b for r, b in zip(rates[kind], rates["none"], strict=True)]
-            print(f"{kind:12s} {statistics.median(rates[kind]):8.1f} steps/s  "
+            print(f"{kind:18s} {statistics.median(rates[kind]):8.1f} steps/s  "
                   f"{statistics.median(rates[kind]) / base:5.2f}x (median of per-round "
                   f"ratios {statistics.median(ratios):.2f})")
-        print(f"remote: {dashes['remote'].dropped} frames dropped by the outgoing buffer; "
-              f"the viewer received {tally.read_text() if tally.exists() else 0} frames")
+        for kind, tally in tallies.items():
+            print(f"{kind}: {dashes[kind].dropped} frames dropped by the outgoing buffer, "
+                  f"{dashes[kind].history_dropped} history records dropped; the viewer "
+                  f"received {tally.read_text() if tally.exists() else 0} frames")
         for dash in dashes.values():
             if dash is not None:
                 dash.close()
     finally:
-        if viewer is not None:
-            viewer.kill()
-            viewer.wait(15)
-        server.terminate()
-        server.wait(15)
+        for proc in (*viewers, *servers):
+            proc.kill()
+            proc.wait(15)
     return 0
 
 

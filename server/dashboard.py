@@ -79,7 +79,7 @@ class Dashboard:
     def connect(cls, url: str, run: str, *, token: str | None = None, name: str | None = None,
                 config: dict[str, Any] | None = None, model: nn.Module | None = None,
                 ranks: int | Sequence[int] | str = 0, buffer_frames: int = 256,
-                symbols: Sequence[str] | None = None) -> Any:
+                symbols: Sequence[str] | None = None, history: bool = True) -> Any:
         """Publish ``model`` to a running ``attnscope serve`` at ``url`` as run ``run``.
 
         Same ``.step()`` / ``.close()`` API as :meth:`start`; the network is used from a
@@ -88,7 +88,9 @@ class Dashboard:
         ranks in ``ranks`` publish (default rank 0); ``ranks="all"`` publishes every
         rank as ``run/rank-N``. The others get a dashboard that does nothing.
         ``symbols``: the model's vocabulary (token id -> label), for token labels
-        and for captures given as ``text``.
+        and for captures given as ``text``. ``history``: record this run's history
+        (here, sent to the server) when the server records history; False saves the
+        training process that work (see docs/history.md).
         """
         from .remote.publisher import RemotePublisher, SilentDashboard, rank_run_id, select_rank
 
@@ -101,7 +103,7 @@ class Dashboard:
         token = token if token is not None else os.environ.get("ATTNSCOPE_TOKEN") or None
         return RemotePublisher(model, url, run_id, name=name if name is None or run_id == run
                                else f"{name} (rank {rank})", token=token, config=config,
-                               buffer_frames=buffer_frames, symbols=symbols)
+                               buffer_frames=buffer_frames, symbols=symbols, history=history)
 
     def step(self, step: int, loss: Any = None, tokens: Any = None, **scalars: Any) -> None:
         """Mark the end of training step ``step`` (see :meth:`server.runs.Run.step`).

@@ -78,7 +78,8 @@ class RemotePublisher:
 
     def __init__(self, model: nn.Module, url: str, run_id: str, *, name: str | None = None,
                  token: str | None = None, config: dict[str, Any] | None = None,
-                 buffer_frames: int = 256, symbols: Sequence[str] | None = None) -> None:
+                 buffer_frames: int = 256, symbols: Sequence[str] | None = None,
+                 history: bool = True) -> None:
         if buffer_frames < 1:
             raise ValueError(f"buffer_frames must be >= 1, got {buffer_frames}")
         self.url = url
@@ -109,6 +110,7 @@ class RemotePublisher:
         # History: what the server's welcome asked for (None: none); the recorder and its
         # outbox are made and removed in the training thread, at a step boundary.
         self._history_wanted: dict[str, Any] | None = None
+        self._record_history = history  # False: never, whatever the server records
         self._history: HistoryOutbox | None = None
         self._recorder: RunRecorder | None = None
         self._ready = threading.Event()
@@ -260,7 +262,7 @@ class RemotePublisher:
             return
         self._sent = {}
         self.connections += 1
-        self._history_wanted = welcome.get("history")
+        self._history_wanted = welcome.get("history") if self._record_history else None
         if self._history is not None:
             self._history.reconnected()
         captures: set[asyncio.Task] = set()

@@ -7,6 +7,7 @@ import math
 import time
 
 import numpy as np
+import pytest
 import torch
 from stream_support import Served
 from test_remote import _ServedOn, wait_for
@@ -99,10 +100,13 @@ def test_remote_history_continues_in_the_same_session_across_a_server_restart() 
     assert dash.history_dropped == 0
 
 
-def test_no_history_on_the_server_means_no_recording_in_the_trainer() -> None:
+@pytest.mark.parametrize("server_records, publisher_records", [(False, True), (True, False)])
+def test_no_history_on_either_side_means_no_recording_in_the_trainer(
+        server_records: bool, publisher_records: bool) -> None:
     training = DemoTraining(CONFIG)
-    with Served(RunRegistry(), history_enabled=False) as served:
-        dash = Dashboard.connect(served.url, run="carol/no-history", model=training.model)
+    with Served(RunRegistry(), history_enabled=server_records) as served:
+        dash = Dashboard.connect(served.url, run="carol/no-history", model=training.model,
+                                 history=publisher_records)
         try:
             wait_for(lambda: dash.connections == 1, 10, "the connection")
             _train(dash, training, 5, sleep=0)
@@ -110,6 +114,8 @@ def test_no_history_on_the_server_means_no_recording_in_the_trainer() -> None:
             assert not any(d.has_listeners for d in dash.run.dispatchers)  # zero cost
         finally:
             dash.close()
+        if server_records:
+            assert served.http.get("/api/v1/runs/carol/no-history/history").status_code == 404
 
 
 def test_stats_rows_survive_the_wire_with_nan() -> None:
