@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 import urllib.request
 from collections.abc import Iterator
@@ -12,7 +14,7 @@ import pytest
 
 from server.protocol import decode_frame
 
-from .conftest import ServerProcess, demo_server, free_port, get_json, screenshot
+from .conftest import ARTIFACTS, REPO, ServerProcess, demo_server, free_port, get_json, screenshot
 
 pytestmark = pytest.mark.browser
 
@@ -146,4 +148,58 @@ def test_compare_two_steps_shows_their_difference(page, history_demo):
                             ".map(Math.abs))")
     assert biggest > 0.01  # the heads moved between the two steps
     screenshot(page, "history-compare")
+    assert page.log.errors == []
+
+
+@pytest.fixture
+def remote_history() -> Iterator[tuple[ServerProcess, str]]:
+    """``attnscope serve`` (a snapshot every 2 steps) and a trainer publishing to it from
+    another process (examples/train_remote.py): the history is recorded in the trainer."""
+    port = free_port()
+    run = "dana/remote"
+    with tempfile.TemporaryDirectory(prefix="attnscope-history-") as data:
+        env = {**os.environ, "ATTNSCOPE_DATA_DIR": data, "ATTNSCOPE_HISTORY_EVERY": "2",
+               "OMP_NUM_THREADS": "1"}
+        trainer = subprocess.Popen(
+            [sys.executable, str(REPO / "examples" / "train_remote.py"), "--url",
+             f"http://127.0.0.1:{port}", "--run-id", run, "--sleep", "0.05", "--seq-len", "8",
+             "--device", "cpu"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        server = ServerProcess([sys.executable, "-m", "server.cli", "serve", "--port", str(port),
+                                "--host", "127.0.0.1"], port, ARTIFACTS / "remote-history.log")
+        saved = {k: os.environ.get(k) for k in ("ATTNSCOPE_DATA_DIR", "ATTNSCOPE_HISTORY_EVERY")}
+        os.environ.update({k: env[k] for k in saved})
+        try:
+            server.start()  # returns once the trainer's run is listed
+            yield server, run
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            trainer.kill()
+            trainer.wait(15)
+            server.stop()
+
+
+def test_the_slider_scrubs_a_remote_runs_history(page, remote_history):
+    server, run = remote_history
+    page.goto(server.url + "/")
+    page.wait_for_function("() => window.__attnscope && window.__attnscope.framesDrawn >= 1",
+                           timeout=WAIT_MS)
+    page.wait_for_function("() => window.__attnscope.history.steps.length >= 4", timeout=WAIT_MS)
+    assert page.evaluate("() => window.__attnscope.state.runId") == run
+    steps = page.evaluate("() => window.__attnscope.history.steps.slice()")
+    page.evaluate(MOVE_SLIDER, 1)
+    page.wait_for_function("(s) => window.__attnscope.history.shownStep === s", arg=steps[1],
+                           timeout=WAIT_MS)
+    page.wait_for_timeout(100)
+    frames = page.evaluate(LAST_FRAMES)
+    assert frames and all(f["history"] and f["step"] == steps[1] for f in frames)
+    for f in frames:
+        want = rest_frame(server.url, run, steps[1], f["layer"])
+        np.testing.assert_allclose(np.asarray(f["data"]).reshape(f["shape"]), want, atol=1e-3)
+    assert page.locator("#history-step").text_content() == f"step {steps[1]}"
+    screenshot(page, "history-remote")
     assert page.log.errors == []
