@@ -262,7 +262,7 @@ class RunRecorder:
                 out[layer] = [event.sample_copy(i) for i in range(event.shape[0])]
 
         private.listen(self._accepts, collect)
-        modes = {m: m.training for m in model.modules()}
+        modes = [(m, m.training) for m in model.modules()]
         self._in_probe = True
         seen = (self.run.batch_size, self.run.seq_len)  # the run's hook sees the probe too
         try:
@@ -278,8 +278,8 @@ class RunRecorder:
         finally:
             self._in_probe = False
             self.run.batch_size, self.run.seq_len = seen
-            for module, mode in modes.items():
-                module.training = mode
+            for module, mode in modes:  # a plain bool: nn.Module's __setattr__ is not needed
+                object.__setattr__(module, "training", mode)
         return out
 
 
