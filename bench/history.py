@@ -3,7 +3,8 @@
 1. **Recording cost**: demo training (``DemoTraining``, default config) marked
    with ``Run.step`` as the demo run does, (a) without history and (b) with a
    :class:`HistoryService` at the defaults (probe snapshot every 10 steps, head
-   statistics every step). Pairs of adjacent windows, in alternating order
+   statistics every step), on one model: the service is attached to the run for
+   the (b) windows only. Pairs of adjacent windows, in alternating order
    (a b, b a, a b, ...); the figure is the median over pairs of b / a (this
    machine's speed drifts by 10% within seconds: adjacent windows share the
    drift), the ratio of the medians is printed too. Target b >= 0.97 x a. The
@@ -40,51 +41,58 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 
-def _train_window(training, run, seconds: float) -> float:
-    """Steps per second of the demo loop marked with ``run.step`` over ``seconds``."""
-    steps, start = 0, time.perf_counter()
+def _train_window(training, run, seconds: float) -> tuple[float, float]:
+    """(steps per second, training-thread CPU seconds per step) of the demo loop marked
+    with ``run.step``, over ``seconds``."""
+    steps, start, cpu = 0, time.perf_counter(), time.thread_time()
     while time.perf_counter() - start < seconds:
         result = training.step()
         run.step(result.step, loss=result.loss, tokens=result.tokens, accuracy=result.accuracy)
         steps += 1
-    return steps / (time.perf_counter() - start)
+    return steps / (time.perf_counter() - start), (time.thread_time() - cpu) / steps
 
 
 def recording_cost(seconds: float, repeats: int) -> dict:
+    """One training loop, history attached for every other window (so both variants run
+    the same model: two model instances differ in speed by up to 2% on their own)."""
     from server.demo import DemoConfig, DemoTraining
     from server.history import HistoryConfig, HistoryService, HistoryStore
     from server.runs import Run
     from transformer_core.events import EventDispatcher
 
-    def make() -> tuple:
-        training = DemoTraining(DemoConfig(device="cpu"), event_dispatcher=EventDispatcher())
-        return training, Run(training.model, run_id="demo",
-                             symbols=training.task.symbols)
-
-    off_training, off_run = make()
-    on_training, on_run = make()
+    training = DemoTraining(DemoConfig(device="cpu"), event_dispatcher=EventDispatcher())
+    run = Run(training.model, run_id="demo", symbols=training.task.symbols)
     config = HistoryConfig()
     with tempfile.TemporaryDirectory() as data:
         store = HistoryStore(data, max_snapshots=config.max_snapshots,
                              max_bytes=config.max_bytes)
         service = HistoryService(store, config)
-        service.attach(on_run)
-        _train_window(off_training, off_run, 0.5)  # warm up both
-        _train_window(on_training, on_run, 0.5)
+
+        def window(recording: bool) -> tuple[float, float]:
+            if recording:
+                service.attach(run)  # a new recorder and session (its first step opens it)
+            try:
+                return _train_window(training, run, seconds)
+            finally:
+                if recording:
+                    service.detach(run.id)
+
+        window(False), window(True)  # warm up
         off, on = [], []
         for i in range(repeats):
-            order = ((off, off_training, off_run), (on, on_training, on_run))
-            for rates, training, run in order if i % 2 == 0 else order[::-1]:
-                rates.append(_train_window(training, run, seconds))
+            for recording in (False, True) if i % 2 == 0 else (True, False):
+                (on if recording else off).append(window(recording))
         service.flush()
-        snapshots = len(store.snapshots(service.session_of("demo")))
+        snapshots = sum(s["snapshots"] for s in store.sessions())
         dropped = service.dropped
         service.close()
-    a, b = statistics.median(off), statistics.median(on)
-    paired = statistics.median(y / x for x, y in zip(off, on, strict=True))
+    rates_off, rates_on = [r for r, _ in off], [r for r, _ in on]
+    a, b = statistics.median(rates_off), statistics.median(rates_on)
+    paired = statistics.median(y / x for x, y in zip(rates_off, rates_on, strict=True))
+    cpu_off, cpu_on = statistics.median(c for _, c in off), statistics.median(c for _, c in on)
     return {"off": a, "on": b, "ratio": paired, "ratio_of_medians": b / a,
-            "cost_ms": 1e3 * (1 / b - 1 / a),
-            "snapshots": snapshots, "dropped": dropped, "windows": (off, on)}
+            "cpu_ms": (1e3 * cpu_off, 1e3 * cpu_on), "cost_ms": 1e3 * (1 / b - 1 / a),
+            "snapshots": snapshots, "dropped": dropped, "windows": (rates_off, rates_on)}
 
 
 def _dir_bytes(path: Path) -> int:
@@ -195,7 +203,10 @@ def main() -> None:
           f"ratio {cost['ratio']:.3f} (median of {len(cost['windows'][0])} adjacent pairs; "
           f"target >= 0.97; ratio of medians {cost['ratio_of_medians']:.3f}), "
           f"{cost['cost_ms']:.3f} ms/step; "
-          f"{cost['snapshots']} snapshots kept, {cost['dropped']} records dropped")
+          f"{cost['snapshots']} snapshots recorded, {cost['dropped']} records dropped")
+    cpu_off, cpu_on = cost["cpu_ms"]
+    print(f"  training-thread CPU per step: off {cpu_off:.3f} ms, on {cpu_on:.3f} ms "
+          f"(+{cpu_on - cpu_off:.3f} ms, ratio {cpu_off / cpu_on:.3f})")
     print("  windows off:", " ".join(f"{v:.0f}" for v in cost["windows"][0]),
           "| on:", " ".join(f"{v:.0f}" for v in cost["windows"][1]))
     for layers, heads, length, d_head in ((4, 4, 32, 16), (12, 12, 256, 64)):
