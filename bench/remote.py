@@ -6,7 +6,10 @@ subprocess on loopback (history on, the default: the trainer records its history
 and sends it) with one websocket viewer, in a process of its own as a browser
 would be, subscribed to every layer's attention, head statistics and scalars at
 10 fps; ``remote-no-history``: the same with a server started with
-``ATTNSCOPE_HISTORY_ENABLED=false``; ``unreachable``: publishing to a closed port.
+``ATTNSCOPE_HISTORY_ENABLED=false``; ``unreachable``: publishing to a closed port;
+``none-control``: a second loop without a dashboard, on its own model instance as
+every loop is (two instances of one model differ in speed by a few percent here:
+this line shows how much).
 The servers and viewers run on the machine's last core and the trainer on the
 others (they stand for other machines). Targets (issue #6): remote >= 0.95x,
 unreachable >= 0.98x.
@@ -131,9 +134,9 @@ def main() -> int:
                       history=False)]
     viewers: list[subprocess.Popen] = []
     try:
-        kinds = ("none", "remote", "remote-no-history", "unreachable")
+        kinds = ("none", "remote", "remote-no-history", "unreachable", "none-control")
         trainings = {k: DemoTraining(DemoConfig(device="cpu")) for k in kinds}
-        dashes = {"none": None, "unreachable": Dashboard.connect(
+        dashes = {"none": None, "none-control": None, "unreachable": Dashboard.connect(
             f"http://127.0.0.1:{dead}", run="bench/dead", token=TOKEN,
             model=trainings["unreachable"].model)}
         tallies = {}

@@ -158,6 +158,22 @@ def sample_rows(mask: BaseMask | None, n: int) -> BaseMask | None:
     return FullMask(mask.bool_matrix[n : n + 1].clone())  # (1, S)
 
 
+def concat_rows(masks: list[BaseMask | None], max_len: int) -> BaseMask | None:
+    """Per-sample masks (such as :func:`sample_rows`'s) stacked as one (sum N, max_len)
+    mask; None when none masks anything.
+
+    >>> rows = [sample_rows(LengthMask(torch.tensor([2, 3])), i) for i in (1, 0)]
+    >>> concat_rows(rows + [None], 3).bool_matrix.int().tolist()
+    [[1, 1, 1], [1, 1, 0], [1, 1, 1]]
+    """
+    if all(m is None or m.all_ones for m in masks):
+        return None
+    rows = [torch.ones(1, max_len, dtype=torch.bool) if m is None else m.bool_matrix[:, :max_len]
+            for m in masks]
+    device = next(r.device for r, m in zip(rows, masks, strict=True) if m is not None)
+    return FullMask(torch.cat([r.to(device) for r in rows]))
+
+
 class TriangularCausalMask(LengthMask):
     """The (N, N) causal mask: query ``i`` may attend to keys ``j <= i``.
 

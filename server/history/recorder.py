@@ -87,7 +87,7 @@ class SnapshotItem:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """``attention.<layer>`` (P, H, L, S) float16, computed here (the writer thread)."""
-        return {f"attention.{layer}": torch.stack([_sample_attention(e) for e in copies]).numpy()
+        return {f"attention.{layer}": _attention_of(copies).numpy()
                 for layer, copies in self.attention.items()}
 
 
@@ -472,10 +472,11 @@ def stat_rows(steps: list[StepItem]) -> dict[str, list[StatRow]]:
     return rows
 
 
-def _sample_attention(event: AttentionEvent) -> torch.Tensor:
-    """The (H, L, S) float16 CPU attention of a one-sample copy: what the stream sends."""
+def _attention_of(copies: list[AttentionEvent]) -> torch.Tensor:
+    """The (T, H, L, S) float16 CPU attention of T one-sample copies of one layer (as the
+    stream sends it), computed in one go where their emitter can join them."""
     with torch.no_grad():
-        a = event.attention(sample=0)  # (H, L, S)
+        a = AttentionEvent.concat(copies).attention()  # (T, H, L, S)
         return a.to(torch.float16).cpu() if a.dtype != torch.float16 else a.to("cpu", copy=True)
 
 
@@ -493,12 +494,16 @@ def stats_of(steps: list[StepItem]) -> list[np.ndarray | None]:
             continue
         n_heads = max(e.shape[1] for e in item.attention.values())
         out.append(np.full((item.n_layers, len(STAT_NAMES), n_heads), np.nan, np.float32))
-    groups: dict[tuple, list[tuple[int, int, torch.Tensor]]] = {}
+    by_layer: dict[tuple, list[tuple[int, AttentionEvent]]] = {}
     for k, item in enumerate(steps):
         for layer, event in item.attention.items():
-            a, masks = _sample_attention(event), MaskInfo.of(event)  # (H, L, S) float16
+            by_layer.setdefault((layer, event.shape), []).append((k, event))
+    groups: dict[tuple, list[tuple[int, int, torch.Tensor]]] = {}
+    for (layer, _), members in by_layer.items():
+        attention = _attention_of([e for _, e in members])  # (T, H, L, S) float16
+        for (k, event), a in zip(members, attention, strict=True):
             L, S = a.shape[-2:]
-            valid = valid_key_counts(masks, 0, L, S)
+            valid = valid_key_counts(MaskInfo.of(event), 0, L, S)
             if valid is None:
                 groups.setdefault((layer, tuple(a.shape)), []).append((k, layer, a))
             else:

@@ -342,3 +342,25 @@ def test_an_event_without_a_recipe_copies_its_sample_matrix(synthetic_event):
     torch.testing.assert_close(copy_.attention(0, [1]), torch.softmax(want, -1)[0, [1]])
     with pytest.raises(IndexError, match="sample"):
         event.sample_copy(3)
+
+
+@pytest.mark.parametrize("attention_type", ["full", "linear", "local"])
+def test_concat_of_sample_copies_reads_like_each_copy(make_encoder, dispatcher, attention_type):
+    """A recorder joins many steps' copies of one layer: one computation, same values."""
+    extra = {"local_context": 3} if attention_type == "local" else {}
+    model = make_encoder(attention_type=attention_type, n_layers=1, **extra)
+    events = Recorder()
+    dispatcher.listen(AttentionEvent, events)
+    for lengths in ([7, 4, 2], [7, 7, 7], [3, 5, 6]):  # three "steps"
+        model(torch.randn(3, 7, 8), length_mask=LengthMask(torch.tensor(lengths), max_len=7))
+    copies = [e.sample_copy(n) for e in events.events for n in (2, 0)]
+    joined = AttentionEvent.concat(copies)
+    assert joined.shape == (6, *copies[0].shape[1:])
+    if attention_type == "full":  # joined by the emitter: one computation from all inputs
+        assert joined.queries.shape[0] == 6
+    want = torch.cat([c.attention() for c in copies])  # (6, H, L, S)
+    torch.testing.assert_close(joined.attention(), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(joined.attention(4, [1]), want[4, [1]], rtol=0, atol=1e-6)
+    logits = torch.cat([c.logits() for c in copies])
+    assert torch.equal(torch.isinf(joined.logits()), torch.isinf(logits))
+    assert AttentionEvent.concat(copies[:1]) is copies[0]

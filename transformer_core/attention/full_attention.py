@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..events import AttentionEvent, EventDispatcher
-from ..masking import BaseMask, sample_rows
+from ..masking import BaseMask, concat_rows, sample_rows
 from ._masks import apply_masks, sdpa_mask, select
 
 # nanoGPT-style feature detection: torch >= 2.0 has the fused kernel.
@@ -117,6 +117,19 @@ class FullAttention(nn.Module):
             k = keys[n : n + 1].detach().clone()  # (1, S, H, E)
             return self._event(q, k, scale, attn_mask, sample_rows(key_lengths, n))
 
+        def concat(events) -> AttentionEvent | None:
+            # One computation for all: only when the events share scale and attention mask.
+            masks = [e.attn_mask for e in events]
+            same_mask = all(m is masks[0] for m in masks) or all(
+                m is None or m.all_ones for m in masks)
+            if not same_mask or any(e.softmax_temp != scale or e.queries is None
+                                    for e in events):
+                return None
+            q = torch.cat([e.queries for e in events])  # (T, L, H, E)
+            k = torch.cat([e.keys for e in events])  # (T, S, H, E)
+            rows = concat_rows([e.key_lengths for e in events], k.shape[1])
+            return self._event(q, k, scale, masks[0], rows)
+
         return AttentionEvent(
             self,
             (N, H, L, keys.shape[1]),
@@ -131,4 +144,5 @@ class FullAttention(nn.Module):
             attention_type=self.attention_type,
             matrix=matrix,
             copy_fn=copy,
+            concat_fn=concat,
         )

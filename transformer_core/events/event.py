@@ -16,6 +16,8 @@ Index = int | Sequence[int] | slice | torch.Tensor | None
 SliceFn = Callable[[Any, Any], torch.Tensor]
 # sample -> an AttentionEvent of that sample alone, owning copies (see sample_copy).
 CopyFn = Callable[[int], "AttentionEvent"]
+# events of one emitter -> one event of all their samples, or None (see concat).
+ConcatFn = Callable[[Sequence["AttentionEvent"]], "AttentionEvent | None"]
 
 
 class Event:
@@ -85,7 +87,8 @@ class AttentionEvent(Event):
     ``role`` is ``"self"`` or ``"cross"`` (decoder cross-attention);
     ``attention_type`` names the inner attention (``"full"``, ``"linear"``...).
     ``copy_fn(sample)`` builds the event :meth:`sample_copy` returns (emitters give
-    it; without it, :meth:`sample_copy` computes that sample's matrix right away).
+    it; without it, :meth:`sample_copy` computes that sample's matrix right away);
+    ``concat_fn(events)`` joins events of this emitter for :meth:`concat`.
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class AttentionEvent(Event):
         attention_type: str = "full",
         matrix: torch.Tensor | None = None,
         copy_fn: CopyFn | None = None,
+        concat_fn: ConcatFn | None = None,
     ) -> None:
         super().__init__(source)
         self.shape = tuple(shape)
@@ -118,6 +122,7 @@ class AttentionEvent(Event):
         self._matrix_fn = matrix_fn or (lambda n, h: torch.softmax(logits_fn(n, h), dim=-1))
         self._matrix = matrix  # (N, H, L, S) when the emitter already built it
         self._copy_fn = copy_fn
+        self._concat_fn = concat_fn
 
     @property
     def is_cross(self) -> bool:
@@ -169,6 +174,28 @@ class AttentionEvent(Event):
         return AttentionEvent(self.source, (1, *self.shape[1:]), lambda s, h: logits[s][:, h],
                               lambda s, h: matrix[s][:, h], role=self.role,
                               attention_type=self.attention_type)
+
+    @staticmethod
+    def concat(events: Sequence[AttentionEvent]) -> AttentionEvent:
+        """Events of equal (H, L, S) as one event of all their samples, (sum N, H, L, S).
+
+        Reading it equals reading each event and concatenating. Sample copies of
+        one module (a recorder's steps) are joined by their emitter, so that the
+        whole batch is computed at once instead of one small computation per event.
+        """
+        first = events[0]
+        if len(events) == 1:
+            return first
+        if first._concat_fn is not None and all(e.source is first.source for e in events):
+            joined = first._concat_fn(events)
+            if joined is not None:
+                return joined
+        shape = (sum(e.shape[0] for e in events), *first.shape[1:])
+        return AttentionEvent(
+            first.source, shape,
+            lambda s, h: torch.cat([e.logits(heads=h) for e in events])[s],
+            lambda s, h: torch.cat([e.attention(heads=h) for e in events])[s],
+            role=first.role, attention_type=first.attention_type)
 
     def _sliced(self, fn: SliceFn, sample: Index, heads: Index, cache: torch.Tensor | None):
         n_idx, drop_n = _as_indexer(sample, self.shape[0], "sample")
