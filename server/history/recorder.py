@@ -347,20 +347,33 @@ class HistoryService:
         """A new stored session of run ``run_id``; its id."""
         return self.store.new_session(run_id, name, meta).id
 
+    def _remote_inbox(self, run_id: str) -> Any:
+        """The inbox of a live remote run whose publisher records (server.remote.history)."""
+        try:
+            run = self._registry.get(run_id) if self._registry is not None else None
+        except KeyError:
+            return None
+        inbox = getattr(run, "history_inbox", None)
+        return inbox if inbox is not None and run.status == "live" else None
+
+    def is_recording(self, run_id: str) -> bool:
+        """Whether run ``run_id`` is being recorded now (here, or by its publisher)."""
+        return run_id in self.recorders or self._remote_inbox(run_id) is not None
+
     def live_sessions(self) -> set[str]:
         """Sessions being recorded now: local runs' and live remote runs' (whose
         publishers record and send them, see ``server.remote.history``)."""
         live = {r.session for r in self.recorders.values() if r.session is not None}
         for run in self._registry.list() if self._registry is not None else ():
-            inbox = getattr(run, "history_inbox", None)
-            if inbox is not None and inbox.current is not None and run.status == "live":
-                live.add(inbox.current)
+            inbox = self._remote_inbox(run.id)
+            if inbox is not None and inbox.session is not None:
+                live.add(inbox.session)
         return live
 
     def session_of(self, run_id: str) -> str | None:
         """The session being recorded for a live run id (None before its first step),
         else the newest stored one of that id."""
-        recorder = self.recorders.get(run_id)
+        recorder = self.recorders.get(run_id) or self._remote_inbox(run_id)
         if recorder is not None:
             return recorder.session
         session = self.store.latest_session(run_id)

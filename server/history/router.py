@@ -103,7 +103,7 @@ def history_index(run_id: str, service: ServiceDep, layer: Layer = 0, heads: Hea
 
     A run being recorded that has not finished a step yet has an empty index
     (``session`` null), so a page can poll it from the start."""
-    if session is None and run_id in service.recorders and service.session_of(run_id) is None:
+    if session is None and service.is_recording(run_id) and service.session_of(run_id) is None:
         return _empty_index(run_id)
     s = _session(service, run_id, session)
     layer = _layer(s, layer)

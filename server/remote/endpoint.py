@@ -45,6 +45,7 @@ class Announce(BaseModel):
     model: dict[str, Any]
     config: dict[str, Any] = Field(default_factory=dict)
     capture: dict[str, Any] | None = None  # what captures need (remote.captures); None: no captures
+    records_history: bool = False  # the publisher records history when the server does
     history: dict[str, Any] | None = None
 
 
@@ -107,7 +108,9 @@ async def publish(websocket: WebSocket, registry: RegistryDep) -> None:
     ended = False
     run.attach(link, hello.history)
     service = getattr(websocket.app.state, "history", None)
-    if service is not None and run.history_inbox is None:
+    if service is None or not hello.records_history:
+        run.history_inbox = None
+    elif run.history_inbox is None:
         run.history_inbox = HistoryInbox(service, run)
     settings = websocket.app.state.settings
     welcome = {"type": "welcome", "run": run.id, "history": config_message(

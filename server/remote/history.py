@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import threading
+import time
 import uuid
 from collections import deque
 from typing import Any
@@ -42,6 +43,9 @@ from .wire import pack_binary
 
 logger = logging.getLogger(__name__)
 
+# Records leave in batches at most this often: the statistics of a batch are computed in
+# one go (a fixed cost per batch, in the training process), and fewer, larger messages.
+SEND_PERIOD_S = 0.5
 # What of the server's HistoryConfig the publisher's recorder uses.
 _RECORDER_FIELDS = ("every", "probe_samples", "probe_budget", "queue_size", "queue_bytes")
 
@@ -113,6 +117,7 @@ class HistoryOutbox:
         self._bytes = 0
         self._lock = threading.Lock()
         self._session: dict[str, Any] | None = None  # the current session's message
+        self._sent = 0.0  # time.monotonic() of the last batch
 
     def new_session(self, run_id: str, name: str | None, meta: dict[str, Any]) -> str:
         """A new recording: its id (this process's), announced to the server first."""
@@ -139,8 +144,18 @@ class HistoryOutbox:
             if self._session is not None:
                 self._items.appendleft(self._session)
 
-    def messages(self) -> list[bytes | str]:
-        """What waits, as messages in order; statistics and arrays are computed here."""
+    def due_in(self) -> float | None:
+        """Seconds until what waits may leave (None: nothing waits)."""
+        if not self._items:
+            return None
+        return max(0.0, self._sent + SEND_PERIOD_S - time.monotonic())
+
+    def messages(self, now: bool = False) -> list[bytes | str]:
+        """What waits, as messages in order, at most every ``SEND_PERIOD_S`` unless ``now``;
+        statistics and arrays are computed here."""
+        if not now and time.monotonic() < self._sent + SEND_PERIOD_S:
+            return []
+        self._sent = time.monotonic()
         with self._lock:
             items = list(self._items)
             self._items.clear()
@@ -180,7 +195,7 @@ class HistoryInbox:
         self.service = service  # a HistoryService
         self.run = run
         self.sessions: dict[str, str] = {}  # the publisher's session id -> the store's
-        self.current: str | None = None  # the store's session being recorded
+        self.session: str | None = None  # the store's session being recorded (None: none yet)
 
     def on_session(self, message: dict[str, Any]) -> None:
         """A ``history_session``: the same stored session as before if this publisher
@@ -195,7 +210,7 @@ class HistoryInbox:
                         "host": self.run.host}
                 name = str(message.get("name") or self.run.name)
                 self.sessions[theirs] = self.service.new_session(self.run.id, name, meta)
-        self.current = self.sessions[theirs]
+        self.session = self.sessions[theirs]
 
     def on_binary(self, header: dict[str, Any], payload: memoryview) -> None:
         """A ``history_stats`` or ``history_snapshot`` message, queued for the writer."""

@@ -244,6 +244,7 @@ class RemotePublisher:
             "type": "announce", "wire": WIRE_VERSION, "run": self.run.id, "name": self.run.name,
             "host": f"{socket.gethostname()}:{os.getpid()}", "model": model,
             "config": self.config, "capture": self._model_info,
+            "records_history": self._record_history,
             "history": self.run.history.to_dict(),
         }, separators=(",", ":"), allow_nan=False)
 
@@ -298,9 +299,11 @@ class RemotePublisher:
         loop = asyncio.get_running_loop()
         while True:
             waiter = asyncio.ensure_future(self._event.wait())
-            steps_in = None if not self._steps else \
-                max(0.0, self._steps_sent + STEPS_PERIOD_S - loop.time())
-            done, _ = await asyncio.wait({waiter, receiver}, timeout=steps_in,
+            due = [] if not self._steps else \
+                [max(0.0, self._steps_sent + STEPS_PERIOD_S - loop.time())]
+            if self._history is not None and (history_in := self._history.due_in()) is not None:
+                due.append(history_in)
+            done, _ = await asyncio.wait({waiter, receiver}, timeout=min(due, default=None),
                                          return_when=asyncio.FIRST_COMPLETED)
             if waiter not in done:
                 waiter.cancel()
@@ -336,7 +339,7 @@ class RemotePublisher:
         while self._answers:
             await ws.send(self._answers.popleft())
         if self._history is not None:
-            for message in self._history.messages():
+            for message in self._history.messages(now=self._closing):
                 await ws.send(message)
         now = asyncio.get_running_loop().time()
         if self._steps and (self._closing or now >= self._steps_sent + STEPS_PERIOD_S):

@@ -32,8 +32,11 @@ def _train(dash, training: DemoTraining, steps: int, sleep: float = 0.005) -> No
 
 
 def _index(served: Served, run: str) -> dict:
+    """The run's history index; an empty one while nothing has arrived yet (404)."""
     served.app.state.history.flush()
     response = served.http.get(f"/api/v1/runs/{run}/history")
+    if response.status_code == 404:
+        return {"stats": {"steps": []}, "snapshots": []}
     assert response.status_code == 200, response.text
     return response.json()
 
