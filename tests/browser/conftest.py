@@ -52,10 +52,15 @@ def get_json(url: str) -> object:
 
 
 class ServerProcess:
-    """A server subprocess on 127.0.0.1:port; start() waits for /api/v1/health."""
+    """A server subprocess on 127.0.0.1:port; start() waits for /api/v1/health.
 
-    def __init__(self, argv: list[str], port: int, log: Path) -> None:
+    ``env``: variables set for it on top of this process's environment.
+    """
+
+    def __init__(self, argv: list[str], port: int, log: Path,
+                 env: dict[str, str] | None = None) -> None:
         self.argv = argv
+        self.env = dict(env or {})
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
@@ -64,7 +69,7 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         handle = self.log.open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(self.argv, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=env)
         handle.close()
@@ -92,10 +97,10 @@ class ServerProcess:
             self.proc.wait(timeout=15)
 
 
-def demo_server(port: int, name: str) -> ServerProcess:
+def demo_server(port: int, name: str, env: dict[str, str] | None = None) -> ServerProcess:
     argv = [sys.executable, "-m", "server.cli", "demo", "--port", str(port),
             "--host", "127.0.0.1", "--no-browser"]
-    return ServerProcess(argv, port, ARTIFACTS / f"{name}.log")
+    return ServerProcess(argv, port, ARTIFACTS / f"{name}.log", env)
 
 
 @pytest.fixture(scope="module")

@@ -38,18 +38,9 @@ MOVE_SLIDER = """(i) => { const s = document.getElementById('history-slider');
 @pytest.fixture(scope="module")
 def history_demo() -> Iterator[ServerProcess]:
     """The demo with a snapshot every 2 steps, in a data dir of its own."""
-    saved = {k: os.environ.get(k) for k in ("ATTNSCOPE_DATA_DIR", "ATTNSCOPE_HISTORY_EVERY")}
     with tempfile.TemporaryDirectory(prefix="attnscope-history-") as data:
-        os.environ["ATTNSCOPE_DATA_DIR"] = data
-        os.environ["ATTNSCOPE_HISTORY_EVERY"] = "2"
-        try:
-            server = demo_server(free_port(), "history-demo-server").start()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        env = {"ATTNSCOPE_DATA_DIR": data, "ATTNSCOPE_HISTORY_EVERY": "2"}
+        server = demo_server(free_port(), "history-demo-server", env).start()
         try:
             yield server
         finally:
@@ -158,26 +149,19 @@ def remote_history() -> Iterator[tuple[ServerProcess, str]]:
     port = free_port()
     run = "dana/remote"
     with tempfile.TemporaryDirectory(prefix="attnscope-history-") as data:
-        env = {**os.environ, "ATTNSCOPE_DATA_DIR": data, "ATTNSCOPE_HISTORY_EVERY": "2",
-               "OMP_NUM_THREADS": "1"}
+        env = {"ATTNSCOPE_DATA_DIR": data, "ATTNSCOPE_HISTORY_EVERY": "2"}
         trainer = subprocess.Popen(
             [sys.executable, str(REPO / "examples" / "train_remote.py"), "--url",
              f"http://127.0.0.1:{port}", "--run-id", run, "--sleep", "0.05", "--seq-len", "8",
-             "--device", "cpu"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
+             "--device", "cpu"], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         server = ServerProcess([sys.executable, "-m", "server.cli", "serve", "--port", str(port),
-                                "--host", "127.0.0.1"], port, ARTIFACTS / "remote-history.log")
-        saved = {k: os.environ.get(k) for k in ("ATTNSCOPE_DATA_DIR", "ATTNSCOPE_HISTORY_EVERY")}
-        os.environ.update({k: env[k] for k in saved})
+                                "--host", "127.0.0.1"], port, ARTIFACTS / "remote-history.log",
+                               env)
         try:
             server.start()  # returns once the trainer's run is listed
             yield server, run
         finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
             trainer.kill()
             trainer.wait(15)
             server.stop()

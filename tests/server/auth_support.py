@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import websockets
 
 TOKEN = "s3cret-token-for-tests-0123456789"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@contextlib.contextmanager
+def log_of(name: str) -> Iterator[io.StringIO]:
+    """What logger ``name`` writes inside the block. Enter it after the server started:
+    uvicorn configures its loggers then."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield stream
+    finally:
+        logger.removeHandler(handler)
 
 
 def ws_status(url: str, headers: dict[str, str] | None = None, origin: str | None = None) -> int:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import io
-import logging
-
 import httpx
 import pytest
-from auth_support import BEARER, TOKEN, ws_status
+from auth_support import BEARER, TOKEN, log_of, ws_status
 from pydantic import ValidationError
 from stream_support import Served
 
@@ -120,17 +117,11 @@ def test_allowed_origins_setting() -> None:
 
 
 def test_token_never_reaches_the_access_log() -> None:
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    access = logging.getLogger("uvicorn.access")
-    with Served(RunRegistry(), token=TOKEN, log_level="info") as served:
-        access.addHandler(handler)  # after start: uvicorn configures its loggers then
-        try:
-            assert served.http.get(f"/api/v1/runs?token={TOKEN}&x=1").status_code == 200
-            wrong = httpx.get(served.url + "/api/v1/runs?token=wrong-guess", timeout=10)
-            assert wrong.status_code == 401
-        finally:
-            access.removeHandler(handler)
+    with Served(RunRegistry(), token=TOKEN, log_level="info") as served, \
+            log_of("uvicorn.access") as stream:
+        assert served.http.get(f"/api/v1/runs?token={TOKEN}&x=1").status_code == 200
+        wrong = httpx.get(served.url + "/api/v1/runs?token=wrong-guess", timeout=10)
+        assert wrong.status_code == 401
     log = stream.getvalue()
     assert "/api/v1/runs?x=1" in log  # the access log is on, and says nothing of the token
     assert TOKEN not in log and "wrong-guess" not in log
@@ -139,17 +130,11 @@ def test_token_never_reaches_the_access_log() -> None:
 def test_refused_websockets_leave_no_error_in_the_server_log() -> None:
     """uvicorn would log "ASGI callable returned without completing handshake" after
     each refusal; an operator reading the log should see only the refusal itself."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    errors = logging.getLogger("uvicorn.error")
-    with Served(RunRegistry(), token=TOKEN, log_level="info") as served:
-        errors.addHandler(handler)  # after start: uvicorn configures its loggers then
-        try:
-            assert ws_status(served.ws_url) == 401
-            assert ws_status(served.ws_url, BEARER, origin="https://evil.example") == 403
-            assert ws_status(served.ws_url, BEARER) == 101
-        finally:
-            errors.removeHandler(handler)
+    with Served(RunRegistry(), token=TOKEN, log_level="info") as served, \
+            log_of("uvicorn.error") as stream:
+        assert ws_status(served.ws_url) == 401
+        assert ws_status(served.ws_url, BEARER, origin="https://evil.example") == 403
+        assert ws_status(served.ws_url, BEARER) == 101
     log = stream.getvalue()
     assert '"WebSocket /ws" 401' in log and '"WebSocket /ws" 403' in log
     assert "handshake" not in log
