@@ -15,6 +15,7 @@ from transformer_core.events import (
     EventDispatcher,
     IntermediateOutput,
     QKVEvent,
+    dispatching_to,
 )
 from transformer_core.events.filters import event_class
 from transformer_core.masking import LengthMask
@@ -364,3 +365,44 @@ def test_concat_of_sample_copies_reads_like_each_copy(make_encoder, dispatcher, 
     logits = torch.cat([c.logits() for c in copies])
     assert torch.equal(torch.isinf(joined.logits()), torch.isinf(logits))
     assert AttentionEvent.concat(copies[:1]) is copies[0]
+
+
+def test_dispatching_to_redirects_this_thread_only(make_encoder, dispatcher):
+    """A recorder's probe pass runs inside dispatching_to in the training thread while a
+    dashboard thread may subscribe: the subscription must land on the model's own
+    dispatcher (and hear the next training step), and other threads' passes must not
+    be redirected."""
+    model = make_encoder(n_layers=1)
+    x = torch.randn(1, 3, 8)
+    private, outside, late = Recorder(), Recorder(), Recorder()
+    redirected = EventDispatcher()
+    redirected.listen(AttentionEvent, private)
+    dispatcher.listen(AttentionEvent, outside)
+    with dispatching_to(model, redirected):
+        model(x)  # heard by the private listener only
+        other = threading.Thread(target=lambda: (dispatcher.listen(AttentionEvent, late),
+                                                  model(x)))
+        other.start()
+        other.join()  # a dashboard thread subscribes, another thread runs the model
+        assert model.layers[0].event_dispatcher is dispatcher  # nothing about the model changed
+    assert len(private.events) == 1
+    assert len(outside.events) == 1 and len(late.events) == 1  # the other thread's pass
+    model(x)
+    assert len(outside.events) == 2 and len(late.events) == 2 and len(private.events) == 1
+    with pytest.raises(RuntimeError), dispatching_to(model, redirected):
+        raise RuntimeError("a failing forward")
+    model(x)
+    assert len(private.events) == 1 and len(outside.events) == 3  # undone on error
+
+
+def test_dispatching_to_nests(make_encoder, dispatcher):
+    model = make_encoder(n_layers=1)
+    inner, outer = Recorder(), Recorder()
+    first, second = EventDispatcher(), EventDispatcher()
+    first.listen(AttentionEvent, outer)
+    second.listen(AttentionEvent, inner)
+    with dispatching_to(model, first):
+        with dispatching_to(model, second):
+            model(torch.randn(1, 3, 8))
+        model(torch.randn(1, 3, 8))
+    assert len(inner.events) == 1 and len(outer.events) == 1

@@ -10,6 +10,14 @@ from .filters import EventFilter, to_event_filter
 
 Handler = Callable[[Any], Any]
 
+# Per thread: dispatcher -> the dispatcher its events go to instead (redirect.dispatching_to).
+_redirect = threading.local()
+
+
+def _routed(dispatcher: EventDispatcher) -> EventDispatcher:
+    table = getattr(_redirect, "table", None)
+    return dispatcher if table is None else table.get(dispatcher, dispatcher)
+
 
 class EventDispatcher:
     """Calls every registered handler whose filter accepts a dispatched event.
@@ -40,7 +48,7 @@ class EventDispatcher:
     @property
     def has_listeners(self) -> bool:
         """True when at least one handler is registered (the hot-path check)."""
-        return bool(self._listeners)
+        return bool(_routed(self)._listeners)
 
     def listen(self, event_filter: Any, event_handler: Handler) -> None:
         """Call ``event_handler(event)`` for every event ``event_filter`` accepts.
@@ -73,7 +81,7 @@ class EventDispatcher:
 
     def dispatch(self, event: Any) -> None:
         """Deliver ``event`` to each handler whose filter accepts it, in registration order."""
-        for handler, flt in tuple(self._listeners.items()):
+        for handler, flt in tuple(_routed(self)._listeners.items()):
             if flt(event):
                 handler(event)
 

@@ -7,16 +7,21 @@ from contextlib import contextmanager
 
 import torch.nn as nn
 
-from .dispatcher import EventDispatcher
+from .dispatcher import EventDispatcher, _redirect
 
 
 @contextmanager
 def dispatching_to(model: nn.Module, dispatcher: EventDispatcher) -> Iterator[None]:
-    """Within the block, every module of ``model`` dispatches to ``dispatcher`` only.
+    """Within the block, what ``model``'s dispatchers are given from this thread goes to
+    ``dispatcher`` only.
 
     Listeners on the modules' own dispatchers see nothing of a forward pass run
-    inside the block (an evaluation batch, a probe input); the modules' own
-    dispatchers are restored on exit, even on error.
+    inside the block (an evaluation batch, a probe input). Nothing about the model
+    changes: the redirect is this thread's, so listeners that other threads add or
+    remove meanwhile (a dashboard's) stay on the modules' own dispatchers, and
+    other threads' forward passes are not redirected (nor is a model's work in
+    threads of its own, such as ``nn.DataParallel`` replicas). Nests; undone on
+    exit, even on error.
 
     >>> from transformer_core.builders import TransformerEncoderBuilder
     >>> import torch
@@ -29,15 +34,11 @@ def dispatching_to(model: nn.Module, dispatcher: EventDispatcher) -> Iterator[No
     >>> len(seen) > 0, net.layers[0].event_dispatcher is EventDispatcher.get()
     (True, True)
     """
-    # vars() and object.__setattr__: the dispatcher is a plain attribute, and skipping
-    # nn.Module's __getattr__ / __setattr__ makes the swap (and its window) several times
-    # shorter, which matters to a recorder that swaps every few training steps.
-    saved = [(m, d) for m in model.modules()
-             if isinstance(d := vars(m).get("event_dispatcher"), EventDispatcher)]
-    for module, _ in saved:
-        object.__setattr__(module, "event_dispatcher", dispatcher)
+    own = {d for m in model.modules()
+           if isinstance(d := vars(m).get("event_dispatcher"), EventDispatcher)}
+    previous = getattr(_redirect, "table", None)
+    _redirect.table = {**(previous or {}), **dict.fromkeys(own, dispatcher)}
     try:
         yield
     finally:
-        for module, original in saved:
-            object.__setattr__(module, "event_dispatcher", original)
+        _redirect.table = previous
