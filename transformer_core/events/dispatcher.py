@@ -10,13 +10,15 @@ from .filters import EventFilter, to_event_filter
 
 Handler = Callable[[Any], Any]
 
-# Per thread: dispatcher -> the dispatcher its events go to instead (redirect.dispatching_to).
-_redirect = threading.local()
+
+class _Redirects(threading.local):
+    """Per thread: dispatcher -> the dispatcher its events go to instead (set by
+    :func:`~transformer_core.events.redirect.dispatching_to`); None: no redirect."""
+
+    table: dict[EventDispatcher, EventDispatcher] | None = None
 
 
-def _routed(dispatcher: EventDispatcher) -> EventDispatcher:
-    table = getattr(_redirect, "table", None)
-    return dispatcher if table is None else table.get(dispatcher, dispatcher)
+_redirect = _Redirects()
 
 
 class EventDispatcher:
@@ -48,7 +50,8 @@ class EventDispatcher:
     @property
     def has_listeners(self) -> bool:
         """True when at least one handler is registered (the hot-path check)."""
-        return bool(_routed(self)._listeners)
+        table = _redirect.table  # one thread-local read on the hot path
+        return bool((self if table is None else table.get(self, self))._listeners)
 
     def listen(self, event_filter: Any, event_handler: Handler) -> None:
         """Call ``event_handler(event)`` for every event ``event_filter`` accepts.
@@ -81,7 +84,9 @@ class EventDispatcher:
 
     def dispatch(self, event: Any) -> None:
         """Deliver ``event`` to each handler whose filter accepts it, in registration order."""
-        for handler, flt in tuple(_routed(self)._listeners.items()):
+        table = _redirect.table
+        target = self if table is None else table.get(self, self)
+        for handler, flt in tuple(target._listeners.items()):
             if flt(event):
                 handler(event)
 

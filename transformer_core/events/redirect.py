@@ -36,7 +36,7 @@ def dispatching_to(model: nn.Module, dispatcher: EventDispatcher) -> Iterator[No
     """
     own = {d for m in model.modules()
            if isinstance(d := vars(m).get("event_dispatcher"), EventDispatcher)}
-    previous = getattr(_redirect, "table", None)
+    previous = _redirect.table
     _redirect.table = {**(previous or {}), **dict.fromkeys(own, dispatcher)}
     try:
         yield
