@@ -87,3 +87,22 @@ def test_slices_stay_on_the_device():
     part = got.events[0].attention(sample=1, heads=[0, 3])
     assert part.device.type == "cuda" and part.shape == (2, 16, 16)
     torch.testing.assert_close(part, got.events[0].attention_matrix[1][[0, 3]])
+
+
+@pytest.mark.parametrize("attention_type", ["full", "linear", "local"])
+def test_sample_copies_and_their_concat_on_cuda(attention_type):
+    """What the history recorder keeps per step stays on the GPU (no sync in the
+    training thread) and reads, joined, as the events themselves do."""
+    dispatcher = EventDispatcher()
+    net = build(dispatcher, attention_type=attention_type)
+    got = Recorder()
+    dispatcher.listen(AttentionEvent, got)
+    lengths = LengthMask(torch.tensor([32, 20], device="cuda"), 32)
+    with torch.no_grad():
+        net(torch.randn(2, 32, 64, device="cuda"), length_mask=lengths)
+    events = [ev for ev in got.events if ev.source is got.events[0].source]
+    copies = [ev.sample_copy(n) for ev in events for n in (1, 0)]
+    assert all(c.attention(0).device.type == "cuda" for c in copies)
+    want = torch.cat([ev.attention(n)[None] for ev in events for n in (1, 0)])
+    torch.testing.assert_close(AttentionEvent.concat(copies).attention(), want,
+                               rtol=1e-5, atol=1e-6)
