@@ -196,8 +196,8 @@ def _model_info(body: CaptureCreate, run: CaptureRun | RemoteCaptureRun) -> Mode
     info = getattr(run, "capture_info", None)
     if info is None:
         raise field_error(["run"], f"run {body.run!r} is published from another process "
-                          "whose publisher did not describe its model; captures need "
-                          "attnscope >= 0.2 on the training side", status=409)
+                          "whose publisher did not describe its model (an older attnscope "
+                          "on the training side): update it to capture", status=409)
     return info
 
 
