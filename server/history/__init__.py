@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from .config import HistoryConfig
+from .heads import router as heads_router
 from .recorder import HistoryService, RunRecorder
 from .router import router
 from .store import HistoryLocked, HistoryStore
 from .thinning import thinning_victim
 
 logger = logging.getLogger(__name__)
+router.include_router(heads_router)  # /runs/{id}/heads beside /runs/{id}/history
 
 
 def open_service(settings: Any, **overrides: Any) -> HistoryService | None:

@@ -36,6 +36,15 @@ class StatsPublic(BaseModel):
     first_token: list[list[float | None]]
     nan: list[list[float | None]]
     inf: list[list[float | None]]
+    # Role scores (server.stream.roles); null in sessions recorded before them.
+    distance: list[list[float | None]] = []
+    previous_token: list[list[float | None]] = []
+    diagonal: list[list[float | None]] = []
+    local: list[list[float | None]] = []
+    sink: list[list[float | None]] = []
+    uniform: list[list[float | None]] = []
+    induction: list[list[float | None]] = []
+    duplicate_token: list[list[float | None]] = []
     scalars: dict[str, list[float | None]]
 
 
@@ -61,3 +70,39 @@ class HistoryIndex(BaseModel):
     snapshots: list[SnapshotPublic]
     stats: StatsPublic
     urls: dict[str, str]
+
+
+class HeadPublic(BaseModel):
+    """One head at one step: its statistics, role scores, role and since when it holds it."""
+
+    layer: int
+    head: int
+    stats: dict[str, float | None]
+    scores: dict[str, float | None]
+    role: str | None
+    since: int | None
+
+
+class RoleEventPublic(BaseModel):
+    """A head gained or lost a role, collapsed, or went non-finite (``text`` says which)."""
+
+    step: int
+    layer: int
+    head: int
+    kind: str
+    role: str | None
+    text: str
+
+
+class HeadsPublic(BaseModel):
+    """``GET /api/v1/runs/{id}/heads``: every head's statistics, role scores and role."""
+
+    run: str
+    session: str | None  # null: the run is recorded but has not finished a step yet
+    step: int | None  # of the statistics shown
+    probe_step: int | None  # the snapshot whose induction probe gave the induction scores
+    layers: int
+    roles: list[str]
+    thresholds: dict[str, float]
+    heads: list[HeadPublic]
+    events: list[RoleEventPublic]

@@ -34,7 +34,7 @@ import math
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -44,8 +44,10 @@ import torch.nn as nn
 from transformer_core.events import AttentionEvent, EventDispatcher, dispatching_to
 
 from ..runs import Run, RunRegistry
-from ..stream.stats import MaskInfo, head_stats, valid_key_counts
+from ..stream.roles import repeated_probe
+from ..stream.stats import MaskInfo, head_statistics, valid_key_counts
 from .config import HistoryConfig
+from .roles import RoleBook
 from .store import STAT_NAMES, HistoryStore, StatRow
 
 logger = logging.getLogger(__name__)
@@ -79,16 +81,23 @@ class SnapshotItem:
     time: float
     attention: dict[int, list[AttentionEvent]]  # layer -> P events of shape (1, H, L, S)
     labels: list[str] | None
+    # layer -> P events (1, H, 2T, 2T) of the induction probe (the probe's first half twice)
+    repeat: dict[int, list[AttentionEvent]] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
         """Counted as the float16 matrices they become, 2 P H L S bytes."""
-        return sum(2 * math.prod(e.shape) for copies in self.attention.values() for e in copies)
+        return sum(2 * math.prod(e.shape) for group in (self.attention, self.repeat)
+                   for copies in group.values() for e in copies)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """``attention.<layer>`` (P, H, L, S) float16, computed here (the writer thread)."""
-        return {f"attention.{layer}": _attention_of(copies).numpy()
-                for layer, copies in self.attention.items()}
+        """``attention.<layer>`` (P, H, L, S) and ``repeat.<layer>`` (P, H, 2T, 2T) float16,
+        computed here (the writer thread)."""
+        out = {f"attention.{layer}": _attention_of(copies).numpy()
+               for layer, copies in self.attention.items()}
+        out.update({f"repeat.{layer}": _attention_of(copies).numpy()
+                    for layer, copies in self.repeat.items()})
+        return out
 
 
 @dataclass
@@ -151,6 +160,7 @@ class RunRecorder:
         self.probe: tuple[tuple, dict] | None = None
         self.probe_labels: list[str] | None = None
         self.probe_failed = False
+        self.repeat_ok = True  # the induction probe works on this model (until it fails)
         self._layer_of = {id(site.inner): site.index for site in run.sites}
         self._pending: dict[int, AttentionEvent] = {}
         self._stride = 1  # snapshots every ``every * stride`` steps (the time budget)
@@ -217,12 +227,14 @@ class RunRecorder:
             self.last_snapshot = step
             t0 = time.perf_counter()
             attention = self._probe_forward()
+            repeat = self._probe_forward(repeated=True) if attention and self.repeat_ok else {}
             self._adapt_stride(time.perf_counter() - t0)
             if attention:
                 labels = run.labels(0) if self.probe_labels is None else None
                 if labels is not None:
                     self.probe_labels = labels
-                self.service.submit(SnapshotItem(self.session, step, now, attention, labels))
+                self.service.submit(SnapshotItem(self.session, step, now, attention, labels,
+                                                 repeat))
 
     def _adapt_stride(self, probe_s: float) -> None:
         """Space snapshots so that probe passes take at most ``probe_budget`` of the time."""
@@ -242,16 +254,36 @@ class RunRecorder:
         heads = [s.heads for s in run.sites]
         meta = {"layers": len(run.sites), "heads": max((h or 0 for h in heads), default=0),
                 "layer_heads": heads, "roles": [s.role for s in run.sites],
-                "every": self.config.every, "probe_samples": self.config.probe_samples}
+                "every": self.config.every, "probe_samples": self.config.probe_samples,
+                "stat_names": list(STAT_NAMES)}
         self.session = self.service.new_session(run.id, run.name, meta)
         self.last_step = self.last_snapshot = None
         self.probe_labels = None
         logger.info("history: recording run %r as session %s", run.id, self.session)
 
-    def _probe_forward(self) -> dict[int, list[AttentionEvent]]:
-        """Run the model on the probe; each layer's event as copies of its P samples."""
+    def _repeated_args(self) -> tuple[tuple, dict] | None:
+        """The probe with its first half repeated (the induction probe), or None when the
+        probe is not a plain (N, L, ...) sequence batch (other arguments, too short)."""
         assert self.probe is not None
         args, kwargs = self.probe
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if kwargs or not tensors or len(tensors) != len(args) \
+                or any(a.ndim < 2 or a.shape[:2] != tensors[0].shape[:2] for a in tensors) \
+                or tensors[0].shape[1] < 4:
+            return None
+        return tuple(repeated_probe(a) for a in args), {}
+
+    def _probe_forward(self, repeated: bool = False) -> dict[int, list[AttentionEvent]]:
+        """Run the model on the probe (or the induction probe, ``repeated``); each layer's
+        event as copies of its P samples."""
+        assert self.probe is not None
+        args, kwargs = self.probe
+        if repeated:
+            made = self._repeated_args()
+            if made is None:
+                self.repeat_ok = False
+                return {}
+            args, kwargs = made
         model = self.run.model
         out: dict[int, list[AttentionEvent]] = {}
         private = EventDispatcher()
@@ -271,6 +303,11 @@ class RunRecorder:
             with torch.no_grad(), dispatching_to(model, private):
                 model(*args, **kwargs)
         except Exception:
+            if repeated:  # the model rejects the longer / repeated input: no induction scores
+                self.repeat_ok = False
+                logger.info("history: run %r cannot take the induction probe; no induction "
+                            "scores", self.run.id, exc_info=True)
+                return {}
             self.probe_failed = True
             logger.warning("history: the probe forward pass of run %r failed; recording head "
                            "statistics only", self.run.id, exc_info=True)
@@ -290,6 +327,7 @@ class HistoryService:
         self.store = store
         self.config = (config or HistoryConfig()).validate()
         self.recorders: dict[str, RunRecorder] = {}
+        self.roles = RoleBook(store)  # head roles per session, fed by the writer
         self.dropped = 0
         self._queue: queue.Queue = queue.Queue(self.config.queue_size)
         self._registry: RunRegistry | None = None
@@ -461,9 +499,10 @@ class HistoryService:
             self._write_stats(steps)  # keep the order of the items
             steps = []
             if isinstance(item, StoredStats):
-                self.store.add_stats(item.session, item.rows)
+                self.store.add_stats(item.session, self.roles.rows(item.session, item.rows))
             elif isinstance(item, SnapshotItem | StoredSnapshot):
                 tensors = item.arrays()
+                self.roles.snapshot(item.session, item.step, tensors)
                 self.store.add_snapshot(item.session, item.step, item.time, tensors)
                 if item.labels is not None:
                     self.store.update_meta(item.session, probe_labels=item.labels,
@@ -474,7 +513,7 @@ class HistoryService:
 
     def _write_stats(self, steps: list[StepItem]) -> None:
         for session, rows in stat_rows(steps).items():
-            self.store.add_stats(session, rows)
+            self.store.add_stats(session, self.roles.rows(session, rows))
 
 
 def stat_rows(steps: list[StepItem]) -> dict[str, list[StatRow]]:
@@ -494,7 +533,7 @@ def _attention_of(copies: list[AttentionEvent]) -> torch.Tensor:
 
 
 def stats_of(steps: list[StepItem]) -> list[np.ndarray | None]:
-    """Head statistics (layers, 5, H) of each step, computed as the stream computes them
+    """Head statistics (layers, R, H) of each step, computed as the stream computes them
     (from the float16 copy); NaN where a layer or head is missing.
 
     Layers without masks are computed for all steps at once (the steps stacked as
@@ -520,9 +559,9 @@ def stats_of(steps: list[StepItem]) -> list[np.ndarray | None]:
             if valid is None:
                 groups.setdefault((layer, tuple(a.shape)), []).append((k, layer, a))
             else:
-                out[k][layer, :, : a.shape[0]] = head_stats(a, valid).numpy()  # (5, H)
+                out[k][layer, :, : a.shape[0]] = head_statistics(a, valid).numpy()  # (R, H)
     for (_, shape), members in groups.items():
-        stacked = head_stats(torch.cat([a for _, _, a in members]), None)  # (5, T * H)
+        stacked = head_statistics(torch.cat([a for _, _, a in members]), None)  # (R, T * H)
         for j, (k, layer, _) in enumerate(members):
             out[k][layer, :, : shape[0]] = stacked[:, j * shape[0]: (j + 1) * shape[0]].numpy()
     return out

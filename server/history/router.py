@@ -113,7 +113,7 @@ def history_index(run_id: str, service: ServiceDep, layer: Layer = 0, heads: Hea
     values: dict[str, list[list[float | None]]] = {name: [] for name in STAT_NAMES}
     for row in rows:
         for i, name in enumerate(STAT_NAMES):
-            if row.heads is None or layer >= row.heads.shape[0]:
+            if row.heads is None or layer >= row.heads.shape[0] or i >= row.heads.shape[1]:
                 values[name].append([None] * len(chosen))
             else:
                 values[name].append(_finite(row.heads[layer, i, chosen]))

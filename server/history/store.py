@@ -39,6 +39,8 @@ import numpy as np
 import safetensors.numpy
 
 from ..storage import FolderLock, FolderLocked, fsync_dir, open_index, read_safetensors
+from ..stream.roles import PATTERN_NAMES, REPEAT_NAMES
+from ..stream.stats import STAT_NAMES as BASE_STAT_NAMES
 from .thinning import thinning_victim
 
 logger = logging.getLogger(__name__)
@@ -71,7 +73,9 @@ CREATE TABLE IF NOT EXISTS stats (
     PRIMARY KEY (session, step)
 );
 """
-STAT_NAMES = ("entropy", "max_weight", "first_token", "nan", "inf")
+# Per head and step: head_stats, then the role scores of server.stream.roles
+# (induction and duplicate_token come from the latest probe snapshot).
+STAT_NAMES = (*BASE_STAT_NAMES, *PATTERN_NAMES, *REPEAT_NAMES)
 
 
 class HistoryLocked(FolderLocked):
@@ -96,7 +100,8 @@ class Session:
 
 @dataclass(frozen=True)
 class StatRow:
-    """One step's record: head statistics (layers, 5, H) float32 (NaN padded) and scalars."""
+    """One step's record: head statistics (layers, R, H) float32 (R = len(STAT_NAMES) or 5
+    in sessions recorded before role scores; NaN padded) and scalars."""
 
     step: int
     time: float
@@ -379,11 +384,12 @@ class HistoryStore:
 
     def stats(self, session_id: str, start: int | None = None,
               end: int | None = None) -> list[StatRow]:
-        """Stats rows with ``start <= step <= end``, ascending; ``heads`` (layers, 5, H)."""
+        """Stats rows with ``start <= step <= end``, ascending; ``heads`` (layers, R, H)."""
         session = self.session(session_id)
         if session is None:
             return []
         layers = int(session.meta.get("layers", 0))
+        names = len(session.meta.get("stat_names") or BASE_STAT_NAMES)
         lo = start if start is not None else -(2**62)
         hi = end if end is not None else 2**62
         with self._lock:
@@ -393,6 +399,17 @@ class HistoryStore:
         out = []
         for step, time_, scalars, blob in rows:
             arr = None if blob is None else \
-                np.frombuffer(blob, "<f4").reshape(layers, len(STAT_NAMES), -1)
+                np.frombuffer(blob, "<f4").reshape(layers, names, -1)
             out.append(StatRow(step, time_, json.loads(scalars), arr))
         return out
+
+    def stat_at(self, session_id: str, step: int | None) -> StatRow | None:
+        """The stats row at or before ``step`` (None: the last one), or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT step FROM stats WHERE session = ? AND step <= ? ORDER BY step DESC "
+                "LIMIT 1", (session_id, 2**62 if step is None else step)).fetchone()
+        if row is None:
+            return None
+        found = self.stats(session_id, row[0], row[0])
+        return found[0] if found else None

@@ -14,6 +14,8 @@ import torch
 from transformer_core.events import AttentionEvent
 from transformer_core.masking import BaseMask
 
+from .roles import REPEAT_NAMES, pattern_scores
+
 STAT_NAMES = ("entropy", "max_weight", "first_token", "nan", "inf")
 
 
@@ -41,6 +43,20 @@ def head_stats(p: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         p.isinf().sum((-1, -2)).float(),
     ])  # (5, H)
     return stats.cpu()
+
+
+def head_statistics(p: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """:func:`head_stats`, the pattern scores and NaN induction rows: (13, H) on the CPU,
+    in the order of ``STAT_NAMES + roles.PATTERN_NAMES + roles.REPEAT_NAMES`` (the rows
+    the history stores per step; the induction rows are filled from its probe).
+
+    >>> head_statistics(torch.eye(3)[None], None)[:, 0].tolist()[5:]
+    [0.0, 0.0, 1.0, 1.0, 0.0, 0.0, nan, nan]
+    """
+    stats = head_stats(p, valid)  # (5, H)
+    patterns = pattern_scores(p, valid)  # (6, H)
+    repeat = torch.full((len(REPEAT_NAMES), stats.shape[1]), float("nan"))  # (2, H)
+    return torch.cat([stats, patterns, repeat])  # (13, H)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from stream_support import Wrapped, small_encoder
 
 from server.captures import run_capture
 from server.history import HistoryConfig, HistoryService, HistoryStore, thinning_victim
-from server.history.store import StatRow
+from server.history.store import STAT_NAMES, StatRow
 from server.runs import Run
 from transformer_core.events import EventDispatcher
 
@@ -58,9 +58,14 @@ def test_snapshots_every_k_steps_and_stats_every_step(tmp_path):
         rows = service.store.stats(session)
         assert [r.step for r in rows] == list(range(23))
         assert rows[4].scalars == {"loss": pytest.approx(1 / 5)}
-        assert rows[0].heads.shape == (2, 5, 2)  # (layers, stats, heads)
+        assert rows[0].heads.shape == (2, len(STAT_NAMES), 2)  # (layers, stats, heads)
         entropy = rows[0].heads[:, 0]
         assert np.all((entropy > 0) & (entropy <= 1))
+        # role scores every step; induction scores from the probe snapshot before the row
+        induction = STAT_NAMES.index("induction")
+        assert np.isnan(rows[0].heads[:, induction]).all()
+        assert np.all((rows[1].heads[:, induction] >= 0) & (rows[1].heads[:, induction] <= 1))
+        assert np.isfinite(rows[0].heads[:, STAT_NAMES.index("previous_token")]).all()
     finally:
         service.close()
 
@@ -156,7 +161,7 @@ def test_a_capture_between_steps_does_not_leak_into_the_next_steps_statistics(tm
     finally:
         service.close()
     for row in rows:
-        np.testing.assert_allclose(row.heads[1], expected[row.step], atol=2e-3)
+        np.testing.assert_allclose(row.heads[1, :5], expected[row.step], atol=2e-3)
 
 
 def test_cap_on_bytes_is_enforced_keeping_the_newest(tmp_path):

@@ -1,0 +1,88 @@
+"""``GET /api/v1/runs/{id}/heads``: per head, statistics, role scores, role and since when.
+
+Served from the history writer's role trackers (:mod:`.roles`): live for a run
+being recorded, replayed from the stored rows for a past one. ``step=`` gives
+the heads as they were at that step (the page's history slider).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from ..stream.roles import ROLES
+from .models import HeadPublic, HeadsPublic, RoleEventPublic
+from .roles import RoleTracker
+from .router import ServiceDep, SessionQ, _session
+from .store import STAT_NAMES, Session, StatRow
+
+router = APIRouter(prefix="/api/v1", tags=["history"])
+_COUNTS = ("nan", "inf")
+
+
+def _value(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
+
+
+def _heads(session: Session, row: StatRow | None, roles: list[list[str | None]],
+           since: list[list[int | None]]) -> list[HeadPublic]:
+    if row is None or row.heads is None:
+        return []
+    stats = row.heads  # (K, R, H)
+    names = STAT_NAMES[: stats.shape[1]]
+    per_layer = session.meta.get("layer_heads") or []
+    out = []
+    for layer in range(stats.shape[0]):
+        n = per_layer[layer] if layer < len(per_layer) and per_layer[layer] else stats.shape[2]
+        for head in range(min(n, stats.shape[2])):
+            values = {name: _value(stats[layer, i, head]) for i, name in enumerate(names)}
+            scores = {r: values.get(r) for r in ROLES}
+            role = roles[layer][head] if layer < len(roles) and head < len(roles[layer]) else None
+            held = since[layer][head] if layer < len(since) and head < len(since[layer]) else None
+            out.append(HeadPublic(layer=layer, head=head, stats=values, scores=scores,
+                                  role=role, since=held))
+    return out
+
+
+@router.get("/runs/{run_id:path}/heads", responses={404: {"description": "no history"}})
+def run_heads(run_id: str, service: ServiceDep,
+              step: Annotated[int | None, Query(description="the heads at or before this step "
+                                                            "(default: the latest)")] = None,
+              session: SessionQ = None,
+              events: Annotated[int, Query(ge=0, le=5000, description="at most this many of "
+                                                                      "the latest events")] = 500,
+              ) -> HeadsPublic:
+    """Every head's statistics, role scores (:data:`ROLES`), role and the step since which
+    it holds it; and the events (roles gained / lost, collapses, NaN/Inf) up to the step."""
+    rule = service.roles.rule
+    thresholds = {k: float(v) for k, v in asdict(rule).items()}
+    if session is None and service.is_recording(run_id) and service.session_of(run_id) is None:
+        return HeadsPublic(run=run_id, session=None, step=None, probe_step=None, layers=0,
+                           roles=list(ROLES), thresholds=thresholds, heads=[], events=[])
+    s = _session(service, run_id, session)
+    tracker: RoleTracker = service.roles.get(s.id)
+    if step is None:
+        with tracker.lock:
+            row = None if tracker.stats is None else StatRow(tracker.step, 0.0, {},
+                                                             tracker.stats)
+            roles = [list(r) for r in tracker.roles]
+            since = [list(r) for r in tracker.since]
+            happened = list(tracker.events)
+        if row is None:
+            row = service.store.stat_at(s.id, None)
+    else:
+        row = service.store.stat_at(s.id, step)
+        roles, since = tracker.roles_at(step)
+        with tracker.lock:
+            happened = [e for e in tracker.events if e.step <= step]
+    shown = happened[-events:] if events else []
+    layers = int(s.meta.get("layers", 0))
+    return HeadsPublic(
+        run=s.run, session=s.id, step=None if row is None else row.step,
+        probe_step=tracker.repeat_step, layers=layers, roles=list(ROLES), thresholds=thresholds,
+        heads=_heads(s, row, roles, since),
+        events=[RoleEventPublic(**e.to_dict()) for e in shown])
+
