@@ -34,8 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"attnscope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser("demo", help="train the demo model and serve the dashboard on it",
-                          description="Train a small transformer to reverse sequences of "
-                                      "symbols and watch its heads learn, live.")
+                          description="Train a small transformer on a task with a known "
+                                      "answer and watch its heads learn, live: reverse a "
+                                      "sequence (default), or continue a repeated one "
+                                      "(induction heads).")
     serve = sub.add_parser("serve", help="serve the dashboard alone (for runs that connect later)",
                            description="Serve the dashboard and its API without a run.")
     for p in (demo, serve):
@@ -43,9 +45,15 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     demo.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     demo.add_argument("--device", default=None, help="auto (default), cpu or cuda[:N]")
-    demo.add_argument("--max-rate", type=float, default=8.0, metavar="STEPS_PER_S",
+    demo.add_argument("--task", choices=("reverse", "induction"), default="reverse",
+                      help="reverse: a one-layer model reverses 24 symbols (heads converge in "
+                           "seconds); induction: a two-layer attention-only model learns to "
+                           "continue repeated random tokens (previous-token and induction "
+                           "heads form after ~500 steps). Default: reverse")
+    demo.add_argument("--max-rate", type=float, default=None, metavar="STEPS_PER_S",
                       help="pace training so the heads can be watched forming "
-                           "(default 8 steps/s; 0: as fast as possible)")
+                           "(default 8 steps/s for reverse, 20 for induction; 0: as fast "
+                           "as possible)")
     capture = sub.add_parser("capture", help="capture a run's attention into a file",
                              description="Run one forward pass of a run's model on the given "
                                          "tokens and save the tensors (npz or safetensors).")
@@ -159,16 +167,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .demo import DemoConfig
     from .demo_run import DemoRun
+    from .induction import InductionConfig
 
     torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
 
+    induction = args.task == "induction"
+    rate = args.max_rate if args.max_rate is not None else 20.0 if induction else 8.0
     try:
-        demo = DemoRun(DemoConfig(device=settings.device), max_rate=args.max_rate or None)
+        config = InductionConfig(device=settings.device) if induction \
+            else DemoConfig(device=settings.device)
+        demo = DemoRun(config, max_rate=rate or None, task=args.task)
     except ValueError as exc:
         print(f"attnscope: {exc}", file=sys.stderr)
         return 2
     registry.add(demo.run)
-    print(f"demo: reversing {demo.config.seq_len} symbols on {demo.training.device} "
+    what = "learning induction heads" if induction else \
+        f"reversing {demo.config.seq_len} symbols"
+    print(f"demo: {what} on {demo.training.device} "
           f"({torch.get_num_threads()} torch threads)", flush=True)
     demo.start()
     try:

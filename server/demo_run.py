@@ -14,30 +14,46 @@ import time
 from transformer_core.events import EventDispatcher
 
 from .demo import DemoConfig, DemoTraining
+from .induction import InductionConfig, InductionStep, InductionTraining
 from .runs import Run
 
 logger = logging.getLogger(__name__)
+
+TASKS = ("reverse", "induction")
 
 
 class DemoRun:
     """Owns the demo's training, its thread and its :class:`Run` (``self.run``)."""
 
-    def __init__(self, config: DemoConfig | None = None, run_id: str = "demo",
-                 max_rate: float | None = None) -> None:
+    def __init__(self, config: DemoConfig | InductionConfig | None = None,
+                 run_id: str = "demo", max_rate: float | None = None,
+                 task: str = "reverse") -> None:
         """``max_rate``: at most this many steps per second (None: as fast as possible).
+        ``task``: ``reverse`` (:mod:`server.demo`) or ``induction`` (:mod:`server.induction`).
 
-        The demo converges in ~50 steps; paced, a viewer can watch the heads form.
+        The reversal demo converges in ~50 steps; paced, a viewer can watch the heads form.
         """
         if max_rate is not None and not max_rate > 0:
             raise ValueError(f"max_rate must be None or a positive number, got {max_rate!r}")
-        self.config = config if config is not None else DemoConfig()
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
+        self.task_name = task
         self.period = 1.0 / max_rate if max_rate is not None else 0.0
         # A private dispatcher: nothing else in the process listens to the demo.
         self.dispatcher = EventDispatcher()
-        self.training = DemoTraining(self.config, event_dispatcher=self.dispatcher)
+        self.training: DemoTraining | InductionTraining
+        if task == "induction":
+            self.config = config if config is not None else InductionConfig()
+            self.training = InductionTraining(self.config, event_dispatcher=self.dispatcher)
+            name = (f"demo: induction heads ({self.config.n_layers} layers x "
+                    f"{self.config.n_heads} heads, attention only)")
+        else:
+            self.config = config if config is not None else DemoConfig()
+            self.training = DemoTraining(self.config, event_dispatcher=self.dispatcher)
+            name = f"demo: reverse {self.config.seq_len} symbols"
         self.run = Run(
             self.training.model, run_id=run_id,
-            name=f"demo: reverse {self.config.seq_len} symbols",
+            name=name,
             controls=("pause", "resume", "restart"), on_restart=self._request_restart,
             symbols=self.training.task.symbols,
         )
@@ -93,8 +109,10 @@ class DemoRun:
                     self.training.reset()
                     self.run.reset()
                 result = self.training.step()
+                extra = {"repeat_loss": result.repeat_loss} \
+                    if isinstance(result, InductionStep) else {}
                 self.run.step(result.step, loss=result.loss, tokens=result.tokens,
-                              accuracy=result.accuracy)
+                              accuracy=result.accuracy, **extra)
         except Exception as exc:
             logger.exception("demo training failed")
             self.run.fail(exc)
