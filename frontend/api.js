@@ -48,6 +48,9 @@ export const api = {
   control: (id, action) => request("POST", `/runs/${encodeURIComponent(id)}/${encodeURIComponent(action)}`),
   /** POST /api/v1/captures (docs/captures.md); resolves to the capture's metadata. */
   capture: (body) => request("POST", "/captures", body),
+  /** GET /api/v1/runs/{id}/heads: statistics, role scores, roles, events (at `step`). */
+  heads: (id, step = null) => request("GET", `/runs/${encodeURIComponent(id)}/heads${
+    step === null ? "" : `?step=${encodeURIComponent(step)}`}`),
 };
 
 /** Websocket URL of the page's own server. */

@@ -2,8 +2,9 @@
 // once per animation frame, so a burst of frames never queues up work in the page.
 
 import { api, Connection, socketUrl } from "./api.js";
-import { exportFocus, exportGridPng, exportGridSvg, exportNpz, fileStem } from "./export.js";
-import { Grid } from "./grid.js";
+import { exportCanvasSvg, exportFocus, exportGridPng, exportGridSvg, exportNpz, fileStem } from "./export.js";
+import { Grid, ROLE_TAGS } from "./grid.js";
+import { changeSince, HeadMap, MAP_STATS } from "./headmap.js";
 import { HistoryBar, seedRunHistory } from "./history.js";
 import { drawFocusMatrix, drawFocusNorms, drawSeries, plotlyReady, purge } from "./heatmaps.js";
 import { classifyHead, RunHistory } from "./store.js";
@@ -16,6 +17,13 @@ const CHART_INTERVAL_MS = 500;
 const HEADER_INTERVAL_MS = 250;
 const PLOTLY_URL = "/vendor/plotly.min.js";
 const PLOTLY_FALLBACK_MS = 1500; // load plotly anyway if no heatmap came by then
+const HEADS_POLL_MS = 1000; // roles come from the history writer: once a second is live enough
+const MAP_DEFAULT_ABOVE = 16; // more heads than this: the overview starts as the map
+const STATS_RING = 4000; // head_stats kept per layer for "change since N steps"
+const ROLE_NAMES = {
+  previous_token: "previous-token", sink: "first-token (sink)", diagonal: "self (diagonal)",
+  local: "local", uniform: "uniform", induction: "induction", duplicate_token: "duplicate-token",
+};
 
 const state = {
   runs: [],
@@ -39,6 +47,15 @@ const state = {
   gridHasData: false,
   plotlyLoaded: false,
   plotlyRequested: false,
+  overviewMode: els.overviewMode.value, // "grid" | "map"
+  overviewChosen: false, // the user picked the mode: keep it across runs
+  mapStat: "entropy",
+  changeN: Number(els.changeN.value),
+  scale: els.scale.value,
+  heads: null, // the latest /heads answer (live, or at the scrubbed step)
+  headsRequest: 0,
+  statsRing: new Map(), // layer -> [{step, heads, values}] for "change since N steps"
+  mapDirty: false,
 };
 
 /** Test and benchmark hook: counters, plus inject() feeding the socket's own decode path. */
@@ -53,6 +70,8 @@ const debug = {
   decodeErrors: [],
   lastCapture: null,
   inject: (data) => connection.receive(data),
+  headsPolled: 0,
+  mapDrawn: 0,
   state,
 };
 window.__attnscope = debug;
@@ -73,6 +92,8 @@ function mark(name) {
 }
 
 const grid = new Grid(els.grid, (layer, head) => openFocus(layer, head));
+const headmap = new HeadMap(els.headmap, (layer, head) => openFocus(layer, head));
+debug.headmap = headmap;
 
 const connection = new Connection(socketUrl(), {
   onState: (s, delay) => {
@@ -100,12 +121,12 @@ const historyBar = new HistoryBar({
     drawPending();
   },
   onScrub: () => state.pending.clear(),
-  onLive: () => resubscribe(),
+  onLive: () => { resubscribe(); pollHeads(); },
   seed: (index) => {
     seedRunHistory(state.history, index);
     state.chartsDirty = true;
   },
-  markStep: () => markCharts(),
+  markStep: (step) => { markCharts(); if (step !== null && step !== undefined) pollHeads(step); },
   banner: (text) => view.showBanner(text),
 });
 debug.history = historyBar;
@@ -115,7 +136,7 @@ function markCharts() {
   if (!plotlyReady()) return;
   const shapes = HistoryBar.shape(historyBar.scrubbing ? historyBar.shownStep : null);
   for (const el of [els.entropyPlot, els.curvesPlot]) {
-    if (el.data) window.Plotly.relayout(el, { shapes });
+    if (el.data) window.Plotly.relayout(el, { shapes: el === els.curvesPlot ? [...shapes, ...eventShapes] : shapes });
   }
 }
 
@@ -124,10 +145,13 @@ function markCharts() {
 function subscription() {
   if (!state.runId) return null;
   const overview = state.focus === null;
+  // The map needs statistics only: no attention frames for 144 heads it does not draw.
+  const kinds = overview && state.overviewMode === "map" ? ["head_stats", "scalars"]
+    : [state.kind, "head_stats", "scalars"];
   return {
     type: "subscribe",
     run: state.runId,
-    kinds: [state.kind, "head_stats", "scalars"],
+    kinds,
     layers: overview ? null : [state.focus.layer],
     heads: overview ? null : [state.focus.head],
     sample: state.sample,
@@ -181,6 +205,11 @@ function handleJson(message) {
       state.history.addHeadStats(message);
       state.healthDirty.add(message.layer);
       state.chartsDirty = true;
+      if (!historyBar.scrubbing) {
+        headmap.setLayerStats(message.layer, message.heads, message);
+        state.mapDirty = true;
+      }
+      keepStats(message);
       break;
     default:
       break; // pong and future message types
@@ -232,6 +261,8 @@ function setRuns(runs, fromHello) {
 
 function selectRun() {
   state.history = new RunHistory();
+  state.heads = null;
+  state.statsRing = new Map();
   purge(els.entropyPlot);
   purge(els.curvesPlot);
   view.renderHealthList([], false);
@@ -248,7 +279,14 @@ function buildGrid() {
   const model = state.run && state.run.model;
   const layers = model ? model.layers : 0;
   const heads = model ? model.heads : 0;
+  if (!state.overviewChosen) {
+    state.overviewMode = layers * heads > MAP_DEFAULT_ABOVE ? "map" : "grid";
+    els.overviewMode.value = state.overviewMode;
+  }
+  view.showOverviewMode(state.overviewMode, state.mapStat);
   grid.build(layers, heads);
+  headmap.build(layers, heads);
+  if (state.heads) applyHeads(state.heads);
   state.gridHasData = false;
   state.healthLayer = Math.min(state.healthLayer, Math.max(0, layers - 1));
   view.renderLayerOptions(layers, state.healthLayer);
@@ -277,6 +315,99 @@ function drawPending() {
   state.pending.clear();
 }
 
+function drawMap() {
+  state.mapDirty = false;
+  headmap.stat = state.mapStat;
+  headmap.draw(state.mapStat === "change" ? changeSince(state.statsRing, state.changeN) : null);
+  debug.mapDrawn += 1;
+  if (!state.gridHasData && headmap.values.size) {
+    state.gridHasData = true;
+    view.setWaiting("");
+    setTimeout(loadPlotly, 50);
+  }
+}
+
+/** Keep a layer's statistics by step (bounded) for "change since N steps". */
+function keepStats(message) {
+  let list = state.statsRing.get(message.layer);
+  if (!list) state.statsRing.set(message.layer, (list = []));
+  if (list.length && message.step <= list[list.length - 1].step) list.length = 0; // restarted
+  list.push({ step: message.step, heads: message.heads, values: message });
+  if (list.length > STATS_RING) list.splice(0, list.length - STATS_RING);
+}
+
+// ---------------------------------------------------------------- head roles
+
+/** Ask the server for every head's roles (live, or at the history slider's step). */
+async function pollHeads(step = null) {
+  if (!state.runId || state.viewPaused) return;
+  if (step === null && historyBar.scrubbing) return; // the slider asks with its step
+  const id = ++state.headsRequest;
+  const runId = state.runId;
+  try {
+    const answer = await api.heads(runId, step);
+    if (id !== state.headsRequest || runId !== state.runId) return;
+    debug.headsPolled += 1;
+    applyHeads(answer, step !== null);
+  } catch (err) {
+    if (err.status === 503) view.renderRoleEvents([], "roles need the history (ATTNSCOPE_HISTORY_ENABLED)");
+    // 404: nothing recorded yet; keep polling
+  }
+}
+
+function applyHeads(answer, scrubbed = false) {
+  state.heads = answer;
+  const roles = [];
+  const since = [];
+  const byLayer = new Map();
+  for (const h of answer.heads || []) {
+    (roles[h.layer] ||= [])[h.head] = h.role;
+    (since[h.layer] ||= [])[h.head] = h.since;
+    if (!byLayer.has(h.layer)) byLayer.set(h.layer, { heads: [], values: {} });
+    const entry = byLayer.get(h.layer);
+    entry.heads.push(h.head);
+    const values = scrubbed ? { ...h.stats } : { induction: h.stats.induction, duplicate_token: h.stats.duplicate_token };
+    for (const [name, v] of Object.entries(values)) (entry.values[name] ||= []).push(v);
+  }
+  for (const [layer, { heads, values }] of byLayer) headmap.setLayerStats(layer, heads, values);
+  headmap.setRoles(roles, since);
+  grid.setRoles(roles);
+  state.mapDirty = true;
+  const tagged = (answer.heads || []).filter((h) => h.role);
+  const counts = {};
+  for (const h of tagged) counts[h.role] = (counts[h.role] || 0) + 1;
+  const summary = tagged.length
+    ? `${Object.entries(counts).map(([r, n]) => `${n} ${ROLE_TAGS[r] ?? r}`).join(" · ")}${
+      answer.step !== null ? ` (step ${answer.step})` : ""}`
+    : answer.session ? "no head has a role yet" : "waiting for the first step…";
+  view.renderRoleEvents([...(answer.events || [])].reverse().slice(0, 100), summary);
+  markEvents(answer.events || []);
+  if (state.focus) showFocusRole();
+}
+
+/** The role of the focused head, under its title. */
+function showFocusRole() {
+  const head = state.heads && (state.heads.heads || []).find(
+    (h) => h.layer === state.focus.layer && h.head === state.focus.head);
+  if (!head) { view.setFocusRole(""); return; }
+  const s = head.scores;
+  const scores = ["previous_token", "induction", "diagonal", "sink"].map(
+    (r) => `${ROLE_TAGS[r]} ${Number.isFinite(s[r]) ? s[r].toFixed(2) : "–"}`).join(" · ");
+  view.setFocusRole(head.role
+    ? `${ROLE_NAMES[head.role] ?? head.role} head since step ${head.since} — ${scores}`
+    : `no role — ${scores}`);
+}
+
+/** Role changes as dotted lines on the training chart (the timeline the slider shares). */
+let eventShapes = [];
+function markEvents(events) {
+  eventShapes = events.filter((e) => e.kind === "gained").slice(-20).map((e) => ({
+    type: "line", xref: "x", yref: "paper", x0: e.step, x1: e.step, y0: 0, y1: 1,
+    line: { color: "#5ec962", width: 1, dash: "dot" }, name: e.text,
+  }));
+  state.chartsDirty = true;
+}
+
 function drawFocus(frame) {
   const index = frame.header.heads.indexOf(state.focus.head);
   if (index < 0) return;
@@ -284,7 +415,7 @@ function drawFocus(frame) {
   if (!plotlyReady()) return; // drawn by tick() once plotly.js has loaded
   const rev = `${state.runId}:${state.focus.layer}:${state.focus.head}:${frame.header.kind}`;
   if (frame.header.kind === "qkv_norms") drawFocusNorms(els.focusPlot, frame, index, state.normStyle, rev);
-  else drawFocusMatrix(els.focusPlot, frame, index, rev);
+  else drawFocusMatrix(els.focusPlot, frame, index, rev, state.scale);
   view.setFocusEmpty(false);
   debug.focusDrawn += 1;
 }
@@ -322,7 +453,7 @@ function drawCharts() {
       yTitle: "loss", rightAxis: (name) => name !== "loss", uirevision: `curves:${state.runId}`,
     });
   }
-  if (historyBar.scrubbing) markCharts();
+  if (historyBar.scrubbing || eventShapes.length) markCharts();
 }
 
 function drawHeader(force = false) {
@@ -343,6 +474,7 @@ function tick() {
   }
   if (state.viewPaused) return;
   if (state.pending.size) drawPending();
+  if (state.mapDirty && !state.focus && state.overviewMode === "map") drawMap();
   drawHeader();
   const now = performance.now();
   if (state.chartsDirty && now - state.lastChartDraw > CHART_INTERVAL_MS) {
@@ -365,6 +497,7 @@ function openFocus(layer, head) {
   loadPlotly();
   view.showFocus(layer, head, state.kind);
   view.setFocusEmpty(true);
+  showFocusRole();
   state.healthLayer = layer;
   els.healthLayer.value = String(layer);
   state.chartsDirty = true;
@@ -378,6 +511,7 @@ function closeFocus(subscribe = true) {
   state.focusFrame = null;
   purge(els.focusPlot);
   view.showOverview();
+  state.mapDirty = true;
   if (subscribe) resubscribe();
   for (const layer of state.history.latestStats.keys()) state.healthDirty.add(layer);
   state.chartsDirty = true;
@@ -414,6 +548,15 @@ function setKind(kind) {
   resubscribe();
 }
 
+/** Colour scale of thumbnails, focus view and exports: redraw what is on screen with it. */
+function setScale(scale) {
+  state.scale = scale;
+  grid.scale = scale;
+  els.legendScale.textContent = `low → high (${els.scale.selectedOptions[0].text})`;
+  for (const frame of state.lastFrames.values()) if (!state.focus) grid.draw(frame);
+  if (state.focus && state.focusFrame) drawFocus(state.focusFrame);
+}
+
 async function runControl(action) {
   if (!state.runId) return;
   try {
@@ -432,11 +575,16 @@ function exportView(format) {
   const step = state.history.step ?? "na";
   if (state.focus) {
     if (!plotlyReady()) return;
-    const stem = fileStem("attnscope", state.runId, `L${state.focus.layer}H${state.focus.head}`, state.kind, `step${step}`);
+    const stem = fileStem("attnscope", state.runId, `L${state.focus.layer}H${state.focus.head}`, state.kind, state.scale, `step${step}`);
     exportFocus(els.focusPlot, format, stem).catch((err) => view.showBanner(`export failed: ${err.message}`));
+  } else if (state.overviewMode === "map") {
+    const stem = fileStem("attnscope", state.runId, "map", state.mapStat, `step${step}`);
+    const title = `${state.run ? state.run.name || state.runId : ""} · ${MAP_STATS[state.mapStat].label} · step ${step}`;
+    if (format === "png") exportGridPng(headmap, stem);
+    else exportCanvasSvg(headmap.composite(2), title, stem);
   } else {
-    const stem = fileStem("attnscope", state.runId, "overview", state.kind, `step${step}`);
-    const title = `${state.run ? state.run.name || state.runId : ""} · ${state.kind} · step ${step}`;
+    const stem = fileStem("attnscope", state.runId, "overview", state.kind, state.scale, `step${step}`);
+    const title = `${state.run ? state.run.name || state.runId : ""} · ${state.kind} · ${state.scale} scale · step ${step}`;
     if (format === "png") exportGridPng(grid, stem);
     else exportGridSvg(grid, title, stem);
   }
@@ -482,6 +630,29 @@ els.pauseView.addEventListener("click", () => {
   view.setViewPaused(state.viewPaused);
   resubscribe();
 });
+els.overviewMode.addEventListener("change", () => {
+  state.overviewMode = els.overviewMode.value;
+  state.overviewChosen = true;
+  view.showOverviewMode(state.overviewMode, state.mapStat);
+  state.mapDirty = true;
+  resubscribe();
+});
+els.mapStat.addEventListener("change", () => {
+  state.mapStat = els.mapStat.value;
+  view.showOverviewMode(state.overviewMode, state.mapStat);
+  state.mapDirty = true;
+});
+els.changeN.addEventListener("change", () => {
+  const n = Number.parseInt(els.changeN.value, 10);
+  state.changeN = Number.isInteger(n) && n > 0 ? n : 100;
+  els.changeN.value = String(state.changeN);
+  state.mapDirty = true;
+});
+els.scale.addEventListener("change", () => setScale(els.scale.value));
+els.roleEvents.addEventListener("click", (event) => {
+  const li = event.target.closest("li[data-layer]");
+  if (li) openFocus(Number(li.dataset.layer), Number(li.dataset.head));
+});
 els.runPause.addEventListener("click", () => runControl("pause"));
 els.runResume.addEventListener("click", () => runControl("resume"));
 els.runRestart.addEventListener("click", () => runControl("restart"));
@@ -504,6 +675,9 @@ els.bannerClose.addEventListener("click", () => view.hideBanner());
 document.addEventListener("keydown", onKey);
 
 view.setNormStyleVisible(state.kind === "qkv_norms");
+view.renderMapStats(MAP_STATS, state.mapStat);
+grid.scale = state.scale;
+setInterval(() => pollHeads(), HEADS_POLL_MS);
 connection.open();
 requestAnimationFrame(tick);
 setTimeout(loadPlotly, PLOTLY_FALLBACK_MS);

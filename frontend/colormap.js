@@ -78,3 +78,57 @@ export function paintMatrix(pixels, data, start, rows, cols, zmin, zmax) {
     pixels[i] = LUT32[idx];
   }
 }
+
+/** Colour scales the page offers (grid, focus view and exports share the choice). */
+export const SCALES = {
+  head: "per head", // [0, max] of each head: its own pattern at full contrast
+  row: "per row", // each query row divided by its max: causal and peaked heads show every row
+  log: "log", // log10 weight from 1e-4 to 1: small weights stay visible next to a 1.0
+  fixed: "fixed 0–1", // the same scale for every head: heads compare
+};
+export const LOG_FLOOR = 1e-4;
+
+/**
+ * The values to colour for one rows x cols matrix at data[start...] under `scale`, and
+ * their range: {values, offset, zmin, zmax, title}. `values` is `data` itself (read from
+ * `offset` = start) or a new Float32Array (offset 0). Only attention weights have a row,
+ * log or fixed scale; logits always use their own range (per head).
+ */
+export function scaleMatrix(scale, kind, data, start, rows, cols) {
+  const n = rows * cols;
+  if (kind !== "attention" || scale === "head" || !(scale in SCALES)) {
+    const [zmin, zmax] = valueRange(kind, data, start, start + n);
+    return { values: data, offset: start, zmin, zmax, title: kind === "attention" ? "weight" : "logit" };
+  }
+  if (scale === "fixed") return { values: data, offset: start, zmin: 0, zmax: 1, title: "weight" };
+  const out = new Float32Array(n);
+  if (scale === "log") {
+    for (let i = 0; i < n; i++) {
+      const v = data[start + i];
+      out[i] = Number.isFinite(v) ? Math.log10(Math.max(v, LOG_FLOOR)) : NaN;
+    }
+    return { values: out, offset: 0, zmin: Math.log10(LOG_FLOOR), zmax: 0, title: "log10 weight" };
+  }
+  for (let r = 0; r < rows; r++) { // per row
+    const base = start + r * cols;
+    let max = 0;
+    for (let c = 0; c < cols; c++) {
+      const v = data[base + c];
+      if (Number.isFinite(v) && v > max) max = v;
+    }
+    for (let c = 0; c < cols; c++) {
+      const v = data[base + c];
+      out[r * cols + c] = Number.isFinite(v) ? (max > 0 ? v / max : 0) : NaN;
+    }
+  }
+  return { values: out, offset: 0, zmin: 0, zmax: 1, title: "weight / row max" };
+}
+
+/** "#rrggbb" of a value in [lo, hi] on the viridis scale (NaN: null). */
+export function colourOf(value, lo, hi) {
+  if (!Number.isFinite(value)) return null;
+  const t = hi > lo ? Math.min(1, Math.max(0, (value - lo) / (hi - lo))) : 0;
+  const packed = LUT32[Math.round(t * (LUT_SIZE - 1))];
+  const bytes = new Uint8Array(new Uint32Array([packed]).buffer); // platform order: R, G, B, A
+  return `#${[bytes[0], bytes[1], bytes[2]].map((b) => b.toString(16).padStart(2, "0")).join("")}`;
+}

@@ -92,3 +92,27 @@ export async function exportNpz({ run, frame, kind, layers, heads, stem }) {
   triggerDownload(url, `${stem}.npz`);
   return meta;
 }
+
+/** A composed canvas (the layers x heads map) as an SVG with its title. */
+export function exportCanvasSvg(canvas, title, stem) {
+  const svg = document.createElementNS(SVG_NS, "svg");
+  const width = canvas.width / 2;
+  const height = canvas.height / 2 + 20;
+  svg.setAttribute("xmlns", SVG_NS);
+  svg.setAttribute("width", String(width));
+  svg.setAttribute("height", String(height));
+  const text = document.createElementNS(SVG_NS, "text");
+  for (const [k, v] of Object.entries({ x: 4, y: 14, fill: "#d7dae0", "font-family": "sans-serif", "font-size": 13 })) {
+    text.setAttribute(k, String(v));
+  }
+  text.textContent = title;
+  const image = document.createElementNS(SVG_NS, "image");
+  for (const [k, v] of Object.entries({ x: 0, y: 20, width, height: height - 20, href: canvas.toDataURL("image/png") })) {
+    image.setAttribute(k, String(v));
+  }
+  svg.append(text, image);
+  const blob = new Blob([new XMLSerializer().serializeToString(svg)], { type: "image/svg+xml" });
+  const url = URL.createObjectURL(blob);
+  triggerDownload(url, `${stem}.svg`);
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+}

@@ -2,7 +2,7 @@
 // bytes with the same colour scale as plotly. No plotly here: 144 plotly heatmaps would
 // freeze a browser, 144 putImageData calls do not.
 
-import { paintMatrix, valueRange } from "./colormap.js";
+import { paintMatrix, scaleMatrix } from "./colormap.js";
 import { classifyHead, HEALTH } from "./store.js";
 
 const NORM_COLOURS = ["#4cc9f0", "#f72585", "#ffd166"]; // q, k, v
@@ -19,6 +19,7 @@ export class Grid {
     this.cells = new Map(); // "layer:head" -> cell record
     this.layers = 0;
     this.heads = 0;
+    this.scale = "head"; // colour scale of the thumbnails (colormap.js SCALES)
     container.addEventListener("click", (event) => {
       const cell = event.target.closest(".cell");
       if (cell) this.onOpen(Number(cell.dataset.layer), Number(cell.dataset.head));
@@ -84,7 +85,7 @@ export class Grid {
       const cell = this.cell(header.layer, heads[i]);
       if (!cell) continue;
       if (header.kind === "qkv_norms") drawNorms(cell, data, shape, i);
-      else drawMatrix(cell, header.kind, data, shape, i);
+      else drawMatrix(cell, header.kind, data, shape, i, this.scale);
       if (cell.kind === null) cell.button.classList.remove("empty");
       cell.kind = header.kind;
     }
@@ -109,6 +110,15 @@ export class Grid {
       b.title = [cell.base, numbers, why].filter(Boolean).join("\n");
       b.dataset.health = level;
     });
+  }
+
+  /** Role tags on the thumbnails: roles[layer][head] is a role name or null. */
+  setRoles(roles) {
+    for (const [key, cell] of this.cells) {
+      const [l, h] = key.split(":").map(Number);
+      const role = roles && roles[l] ? roles[l][h] ?? null : null;
+      setTag(cell.button, role);
+    }
   }
 
   /** All cells composed into one canvas (for PNG export); labels drawn as text. */
@@ -136,7 +146,7 @@ export class Grid {
   }
 }
 
-function drawMatrix(cell, kind, data, shape, i) {
+function drawMatrix(cell, kind, data, shape, i, scale) {
   const rows = shape[1];
   const cols = shape[2];
   const start = i * rows * cols;
@@ -148,8 +158,8 @@ function drawMatrix(cell, kind, data, shape, i) {
     cell.image = cell.ctx.createImageData(cols, rows);
     cell.pixels = new Uint32Array(cell.image.data.buffer);
   }
-  const [zmin, zmax] = valueRange(kind, data, start, start + rows * cols);
-  paintMatrix(cell.pixels, data, start, rows, cols, zmin, zmax);
+  const { values, offset, zmin, zmax } = scaleMatrix(scale, kind, data, start, rows, cols);
+  paintMatrix(cell.pixels, values, offset, rows, cols, zmin, zmax);
   cell.ctx.putImageData(cell.image, 0, 0);
 }
 
@@ -191,6 +201,29 @@ function drawNorms(cell, data, shape, i) {
     }
     ctx.stroke();
   }
+}
+
+/** Short role names for tags (map cells, thumbnails, focus title). */
+export const ROLE_TAGS = {
+  previous_token: "prev", sink: "sink", diagonal: "self", local: "local", uniform: "uniform",
+  induction: "induction", duplicate_token: "dup",
+};
+
+export function setTag(button, role) {
+  let tag = button.querySelector(".role-tag");
+  if (!role) {
+    if (tag) tag.remove();
+    delete button.dataset.role;
+    return;
+  }
+  if (!tag) {
+    tag = document.createElement("span");
+    tag.className = "role-tag";
+    button.append(tag);
+  }
+  tag.textContent = ROLE_TAGS[role] ?? role;
+  tag.dataset.role = role;
+  button.dataset.role = role;
 }
 
 function label(tag, className, text) {

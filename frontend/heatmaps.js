@@ -2,7 +2,7 @@
 // chart and the training curves. Redraws always go through Plotly.react with a fixed
 // uirevision, so zoom and hover survive live updates.
 
-import { VIRIDIS, valueRange } from "./colormap.js";
+import { scaleMatrix, VIRIDIS } from "./colormap.js";
 
 const Plotly = () => window.Plotly;
 
@@ -77,25 +77,26 @@ function hoverData(queries, keys, rows, cols) {
  * Focus heatmap of head `index` of an attention / qk_logits frame (shape (h, L, S)).
  * Rows are query tokens, columns key tokens; non-finite cells are gaps.
  */
-export function drawFocusMatrix(el, frame, index, uirevision) {
+export function drawFocusMatrix(el, frame, index, uirevision, scale = "head") {
   const { header, data, shape } = frame;
   const rows = shape[1];
   const cols = shape[2];
   const start = index * rows * cols;
-  const [zmin, zmax] = valueRange(header.kind, data, start, start + rows * cols);
+  const scaled = scaleMatrix(scale, header.kind, data, start, rows, cols);
+  const { zmin, zmax } = scaled;
   const z = new Array(rows);
   for (let r = 0; r < rows; r++) {
     const row = new Array(cols);
-    const base = start + r * cols;
+    const base = scaled.offset + r * cols;
     for (let c = 0; c < cols; c++) {
-      const v = data[base + c];
+      const v = scaled.values[base + c];
       row[c] = Number.isFinite(v) ? v : null;
     }
     z[r] = row;
   }
   const queries = labelsOf(header, "queries", rows);
   const keys = labelsOf(header, "keys", cols);
-  const what = header.kind === "attention" ? "weight" : "logit";
+  const what = scaled.title;
   const trace = {
     type: "heatmap",
     z,

@@ -38,7 +38,62 @@ export const els = {
   bannerText: byId("banner-text"),
   bannerClose: byId("banner-close"),
   waiting: byId("waiting"),
+  overviewMode: byId("overview-mode"),
+  mapStat: byId("map-stat"),
+  mapStatWrap: byId("map-stat-wrap"),
+  changeN: byId("change-n"),
+  changeNWrap: byId("change-n-wrap"),
+  scale: byId("scale"),
+  legendScale: byId("legend-scale"),
+  headmap: byId("headmap"),
+  focusRole: byId("focus-role"),
+  rolesSummary: byId("roles-summary"),
+  roleEvents: byId("role-events"),
 };
+
+/** The overview shows the thumbnail grid or the layers x heads map. */
+export function showOverviewMode(mode, stat) {
+  els.grid.hidden = mode !== "grid";
+  els.headmap.hidden = mode !== "map";
+  els.mapStatWrap.hidden = mode !== "map";
+  els.changeNWrap.hidden = mode !== "map" || stat !== "change";
+}
+
+export function renderMapStats(stats, selected) {
+  els.mapStat.replaceChildren(...Object.entries(stats).map(([value, spec]) => {
+    const option = document.createElement("option");
+    option.value = value;
+    option.text = spec.label;
+    option.selected = value === selected;
+    return option;
+  }));
+}
+
+/** The latest role events (newest first); each names its head (click to open it). */
+export function renderRoleEvents(events, summary) {
+  els.rolesSummary.textContent = summary;
+  if (!events.length) {
+    const li = document.createElement("li");
+    li.className = "ok";
+    li.textContent = "no role changes yet";
+    els.roleEvents.replaceChildren(li);
+    return;
+  }
+  els.roleEvents.replaceChildren(...events.map((e) => {
+    const li = document.createElement("li");
+    li.className = e.kind === "gained" ? "ok gained" : e.kind === "lost" ? "lost" : "warn";
+    li.textContent = e.text;
+    li.dataset.layer = String(e.layer);
+    li.dataset.head = String(e.head);
+    li.dataset.step = String(e.step);
+    li.dataset.kind = e.kind;
+    return li;
+  }));
+}
+
+export function setFocusRole(text) {
+  els.focusRole.textContent = text;
+}
 
 const CONN_TEXT = { connecting: "connecting…", open: "connected", reconnecting: "reconnecting" };
 

@@ -19,7 +19,8 @@ from .roles import RoleTracker
 from .router import ServiceDep, SessionQ, _session
 from .store import STAT_NAMES, Session, StatRow
 
-router = APIRouter(prefix="/api/v1", tags=["history"])
+# No prefix: included in the history router, under its /api/v1.
+router = APIRouter(tags=["history"])
 _COUNTS = ("nan", "inf")
 
 

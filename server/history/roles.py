@@ -104,6 +104,8 @@ class RoleTracker:
         self.since: list[list[int | None]] = []  # (K, H): step the role was taken
         self.flags: list[list[str | None]] = []  # (K, H): "collapsed" / "nonfinite" / None
         self.events: list[RoleEvent] = []
+        self.initial: list[list[str | None]] = []  # (K, H): roles at the first row
+        self.first_step: int | None = None
         self.step: int | None = None  # of the last row observed
         self.stats: np.ndarray | None = None  # (K, R, H) of the last row
         self.repeat: np.ndarray | None = None  # (K, 2, H): the latest induction probe's scores
@@ -136,11 +138,17 @@ class RoleTracker:
             K, _, H = stats.shape
             self._grow(K, H)
             new: list[RoleEvent] = []
+            first = self.step is None  # the roles heads start with are not events
             for layer in range(K):
-                scores = {name: torch.from_numpy(stats[layer, _INDEX[name]]) for name in ROLES}
+                scores = {name: torch.from_numpy(stats[layer, _INDEX[name]].copy())
+                          for name in ROLES}
                 roles = assign_roles(scores, self.roles[layer][:H], self.rule)
                 for head, role in enumerate(roles):
-                    new.extend(self._update(step, layer, head, role, stats[layer, :, head]))
+                    events = self._update(step, layer, head, role, stats[layer, :, head])
+                    new.extend(e for e in events if not (first and e.kind == "gained"))
+            if first:
+                self.initial = [list(row) for row in self.roles]
+                self.first_step = step
             self.step, self.stats = step, stats
             self.events.extend(new)
             if len(self.events) > MAX_EVENTS:
@@ -181,10 +189,12 @@ class RoleTracker:
         return RoleEvent(step, layer, head, kind, role, text)
 
     def roles_at(self, step: int) -> tuple[list[list[str | None]], list[list[int | None]]]:
-        """Roles and since-steps (K, H) as they were at ``step`` (replaying the events)."""
+        """Roles and since-steps (K, H) as they were at ``step`` (replaying the events
+        from the roles of the first row)."""
         with self.lock:
-            roles = [[None] * len(row) for row in self.roles]
-            since: list[list[int | None]] = [[None] * len(row) for row in self.roles]
+            roles = [list(row) for row in self.initial]
+            since: list[list[int | None]] = [[None if r is None else self.first_step
+                                              for r in row] for row in self.initial]
             for e in self.events:
                 if e.step > step:
                     break

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from ..protocol import encode_frame
 from .publisher import Capture
-from .stats import STAT_NAMES, head_stats, valid_key_counts
+from .roles import PATTERN_NAMES
+from .stats import STAT_NAMES, head_statistics, valid_key_counts
 
 
 def pool_factor(length: int, keys: int, max_side: int) -> int:
@@ -111,12 +112,13 @@ def encode_stats(run_id: str, cap: Capture) -> str:
         return cached
     L, S = cap.data.shape[-2:]
     valid = None if cap.masks is None else valid_key_counts(cap.masks, cap.sample, L, S)
-    rows = head_stats(cap.data, valid).tolist()  # (5, H)
+    names = STAT_NAMES + PATTERN_NAMES
+    rows = head_statistics(cap.data, valid)[: len(names)].tolist()  # (11, H)
     message: dict[str, Any] = {
         "type": "head_stats", "run": run_id, "step": cap.step, "layer": cap.layer,
         "sample": cap.sample, "heads": list(cap.heads), "time": cap.time,
     }
-    for name, row in zip(STAT_NAMES, rows, strict=True):
+    for name, row in zip(names, rows, strict=True):
         if name in ("nan", "inf"):
             message[name] = [int(x) for x in row]
         else:

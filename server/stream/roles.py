@@ -161,10 +161,11 @@ def assign_roles(scores: dict[str, torch.Tensor], previous: list[str | None],
     """The role of each of H heads from ``scores`` (role name -> (H,), NaN = unknown)
     and each head's ``previous`` role.
 
-    A head keeps its previous role while that score stays at or above its ``keep``
-    bound. Otherwise the specific roles (one key per query: induction, duplicate,
-    previous token, diagonal, sink) are tried first, highest score wins; then
-    ``local``, then ``uniform``. No role passes: None.
+    The specific roles (one key per query: induction, duplicate, previous token,
+    diagonal, sink) are tried first, highest score at or above ``threshold`` wins;
+    then ``local``, then ``uniform``; none passes: None. A head keeps its previous
+    role while that score stays at or above its ``keep`` bound (no flicker at the
+    edge), unless a specific role beats a generic one or outscores a specific one.
 
     >>> t = lambda *v: torch.tensor(v)
     >>> assign_roles({"previous_token": t(0.9, 0.45, 0.1), "uniform": t(0.1, 0.2, 0.95)},
@@ -179,13 +180,17 @@ def assign_roles(scores: dict[str, torch.Tensor], previous: list[str | None],
             v = values.get(name)
             return -math.inf if v is None or not math.isfinite(v[h]) else v[h]
 
+        best = max(SPECIFIC_ROLES, key=score)
+        fresh = best if score(best) >= rule.threshold else None
         kept = previous[h]
-        if kept is not None and score(kept) >= rule.bounds(kept)[1]:
+        holds = kept is not None and score(kept) >= rule.bounds(kept)[1]
+        # kept, unless a specific role beats a generic one or outscores a specific one
+        if holds and (fresh is None or fresh == kept
+                      or (kept in SPECIFIC_ROLES and score(kept) >= score(fresh))):
             out.append(kept)
             continue
-        best = max(SPECIFIC_ROLES, key=score)
-        if score(best) >= rule.threshold:
-            out.append(best)
+        if fresh is not None:
+            out.append(fresh)
         elif score("local") >= rule.local_threshold:
             out.append("local")
         elif score("uniform") >= rule.uniform_threshold:

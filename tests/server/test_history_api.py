@@ -134,6 +134,46 @@ def test_history_of_a_head_as_json_and_step_ranges(served):
     assert listed[0]["run"] == "toy" and listed[0]["live"] and listed[0]["snapshots"] == STEPS
 
 
+def test_heads_lists_every_head_with_statistics_scores_and_roles(served):
+    from server.history.store import STAT_NAMES
+    from server.stream.roles import ROLES
+
+    s, run, model, x = served
+    assert s.http.get("/api/v1/runs/nope/heads").status_code == 404
+    early = s.http.get("/api/v1/runs/toy/heads")  # recorded, no step yet: empty, no 404
+    assert early.status_code == 200 and early.json()["heads"] == []
+    trainer = NudgingTrainer(run, model, x)
+    trainer.go.set()
+    trainer._loop()
+    assert s.app.state.history.flush()
+    body = s.http.get("/api/v1/runs/toy/heads").json()
+    assert body["step"] == STEPS - 1 and body["layers"] == 2 and body["roles"] == list(ROLES)
+    assert [(h["layer"], h["head"]) for h in body["heads"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    rows = s.app.state.history.store.stats(body["session"])
+    for h in body["heads"]:
+        assert set(h["stats"]) == set(STAT_NAMES) and set(h["scores"]) == set(ROLES)
+        stored = rows[-1].heads[h["layer"], :, h["head"]]
+        assert h["stats"]["entropy"] == pytest.approx(float(stored[0]))
+        # the probe snapshot every step gives induction scores to every row after the first
+        assert 0.0 <= h["scores"]["induction"] <= 1.0
+        assert h["scores"]["uniform"] == h["stats"]["uniform"]
+        assert (h["role"] is None) == (h["since"] is None)
+    tracker = s.app.state.history.roles.get(body["session"])
+    assert [[h["role"] for h in body["heads"] if h["layer"] == k] for k in (0, 1)] == \
+        tracker.roles
+    past = s.http.get("/api/v1/runs/toy/heads", params={"step": 5}).json()
+    assert past["step"] == 5 and all(e["step"] <= 5 for e in past["events"])
+    assert past["heads"][0]["stats"]["entropy"] == pytest.approx(float(rows[5].heads[0, 0, 0]))
+    for e in body["events"]:
+        assert e["text"].startswith(f"step {e['step']}: L{e['layer']} H{e['head']} ")
+    # a past session is rebuilt from its stored rows: the same roles and events
+    book = s.app.state.history.roles
+    book.forget(body["session"])
+    again = s.http.get("/api/v1/runs/toy/heads").json()
+    assert [h["role"] for h in again["heads"]] == [h["role"] for h in body["heads"]]
+    assert again["events"] == body["events"]
+
+
 def test_history_errors_name_the_field(served):
     s, run, model, x = served
     assert s.http.get("/api/v1/runs/nope/history").status_code == 404

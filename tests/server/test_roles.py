@@ -163,7 +163,8 @@ def rows(*patterns: torch.Tensor) -> np.ndarray:
 
 def test_tracker_events_since_and_state_at_a_past_step():
     tracker = RoleTracker()
-    assert tracker.observe(0, rows(UNIFORM, UNIFORM)) != []  # both start uniform
+    assert tracker.observe(0, rows(UNIFORM, UNIFORM)) == []  # the roles heads start with
+    assert tracker.roles == [["uniform", "uniform"]] and tracker.since == [[0, 0]]
     assert tracker.observe(10, rows(UNIFORM, UNIFORM)) == []  # nothing changed: no event
     new = tracker.observe(20, rows(PREVIOUS, UNIFORM))
     assert [e.text for e in new] == [
@@ -172,6 +173,7 @@ def test_tracker_events_since_and_state_at_a_past_step():
     assert tracker.since == [[20, 0]]
     roles, since = tracker.roles_at(15)
     assert roles == [["uniform", "uniform"]] and since == [[0, 0]]
+    assert tracker.roles_at(25) == ([["previous_token", "uniform"]], [[20, 0]])
     # a collapsed head with no role (one arbitrary key, neither previous nor self nor sink)
     odd = one_hot([0, 0, 0, 1, 1, 2, 3, 4])
     new = tracker.observe(30, rows(PREVIOUS, odd))
@@ -192,8 +194,10 @@ def test_tracker_takes_induction_scores_from_the_probe_snapshot():
     uniform = sum(1 / (i + 1) for i in range(T, n)) / T
     assert scores[0, 0].tolist() == pytest.approx([1.0, uniform], abs=1e-3)
     tracker = RoleTracker()
+    tracker.observe(5, rows(UNIFORM, UNIFORM))
     tracker.set_repeat(5, scores)
     row = tracker.fill(rows(UNIFORM, UNIFORM))
     tracker.observe(6, row)
     assert tracker.roles == [["induction", "uniform"]]
-    assert tracker.events[0].text == "step 6: L0 H0 became an induction head"
+    assert tracker.events[0].text == \
+        "step 6: L0 H0 became an induction head (was a uniform head)"

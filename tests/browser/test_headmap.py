@@ -1,0 +1,117 @@
+"""The layers x heads map on a 12 x 12 model and the colour scales, in headless Chromium."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+
+import pytest
+
+from .conftest import ARTIFACTS, ServerProcess, free_port, screenshot
+
+pytestmark = pytest.mark.browser
+
+WAIT_MS = 90_000
+
+CELL_HASH = """([l, h]) => {
+  const c = document.querySelector(`#grid .cell[data-layer='${l}'][data-head='${h}'] canvas`);
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let hash = 0;
+  for (let i = 0; i < d.length; i++) hash = (hash * 31 + d[i]) | 0;
+  return hash;
+}"""
+
+MAP_COLOURS = """() => Array.from(document.querySelectorAll('#headmap .map-cell'),
+  (b) => getComputedStyle(b).backgroundColor)"""
+
+
+@pytest.fixture(scope="module")
+def big():
+    """A 12 x 12 causal model stepping under Dashboard.start (its own data dir)."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as data:
+        argv = [sys.executable, "tests/browser/big_model.py", str(port), "--seconds", "600"]
+        server = ServerProcess(argv, port, ARTIFACTS / "big-model.log",
+                               env={"ATTNSCOPE_DATA_DIR": data}).start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+def open_map(page, big) -> None:
+    page.goto(big.url + "/")
+    page.wait_for_function("() => window.__attnscope && window.__attnscope.mapDrawn > 0 && "
+                           "document.querySelectorAll('#headmap .map-cell:not(.empty)').length "
+                           "=== 144", timeout=WAIT_MS)
+
+
+def test_map_is_the_overview_of_a_12x12_model_and_a_click_opens_the_head(page, big):
+    open_map(page, big)
+    assert page.locator("#overview-mode").input_value() == "map"
+    assert page.locator("#grid").is_hidden() and page.locator("#headmap").is_visible()
+    assert page.locator("#headmap .map-cell").count() == 144
+    # the map needs statistics only: no attention frames for 144 heads
+    sub = page.evaluate("() => window.__attnscope.subscribed")
+    assert sub["kinds"] == ["head_stats", "scalars"] and sub["layers"] == list(range(12))
+    entropy = page.evaluate(MAP_COLOURS)
+    assert len(set(entropy)) > 10, "one colour per head, not a flat fill"
+    # hover: the numbers of that head
+    page.hover("#headmap .map-cell[data-layer='3'][data-head='5']")
+    tip = page.locator(".map-tip")
+    assert tip.is_visible() and tip.text_content().startswith("L3 H5")
+    assert "entropy" in tip.text_content() and "distance" in tip.text_content()
+    page.wait_for_timeout(300)
+    screenshot(page, "headmap-12x12")
+    # another statistic recolours the map
+    page.select_option("#map-stat", "distance")
+    page.wait_for_function("(before) => JSON.stringify(Array.from(document.querySelectorAll("
+                           "'#headmap .map-cell'), (b) => getComputedStyle(b).backgroundColor))"
+                           " !== before", arg=str(entropy).replace("'", '"'), timeout=WAIT_MS)
+    assert page.evaluate(MAP_COLOURS) != entropy
+    page.click("#headmap .map-cell[data-layer='7'][data-head='11']")
+    page.wait_for_function("() => window.__attnscope.focusDrawn > 0", timeout=WAIT_MS)
+    assert page.locator("#focus-title").text_content().startswith("Layer 7 · head 11")
+    sub = page.wait_for_function("() => { const s = window.__attnscope.subscribed; "
+                                 "return s && s.max_side === 512 && s; }", timeout=WAIT_MS)
+    assert sub.json_value()["layers"] == [7] and sub.json_value()["heads"] == [11]
+    page.keyboard.press("Escape")
+    assert page.locator("#headmap").is_visible()
+    assert page.log.errors == []
+
+
+def test_colour_scales_change_grid_and_focus_pixels(page, big):
+    open_map(page, big)
+    page.select_option("#overview-mode", "grid")
+    page.wait_for_function("() => window.__attnscope.state.lastFrames.size === 12",
+                           timeout=WAIT_MS)
+    page.select_option("#fps", "1")  # fewer redraws while the hashes are read
+    page.click("#pause-view")  # freeze: the hashes differ by scale only
+    hashes = {}
+    for scale in ("head", "row", "log", "fixed"):
+        page.select_option("#scale", scale)
+        hashes[scale] = page.evaluate(CELL_HASH, [6, 3])
+    # A causal head's row 0 has one key, weight 1.0: "per head" spends its scale on that
+    # cell, exactly as "fixed 0-1" does. Per row and log show the rest of the head.
+    assert hashes["head"] == hashes["fixed"], hashes
+    assert len({hashes["head"], hashes["row"], hashes["log"]}) == 3, hashes
+    page.select_option("#scale", "row")
+    screenshot(page, "grid-12x12-per-row")
+    page.click("#pause-view")
+    page.click("#grid .cell[data-layer='6'][data-head='3']")
+    page.wait_for_function("() => window.__attnscope.focusDrawn > 0 && "
+                           "document.querySelector('#focus-plot').data", timeout=WAIT_MS)
+    ranges = {}
+    for scale in ("head", "row", "log", "fixed"):
+        page.select_option("#scale", scale)
+        page.wait_for_timeout(200)
+        ranges[scale] = page.evaluate("""() => { const t = document.querySelector('#focus-plot')
+          .data[0]; return [t.zmin, t.zmax, t.colorbar.title.text]; }""")
+    assert ranges["fixed"][:2] == [0, 1]
+    assert ranges["log"][:2] == [-4, 0] and ranges["log"][2] == "log10 weight"
+    assert ranges["row"][2] == "weight / row max"
+    assert ranges["head"][0] == 0 and 0 < ranges["head"][1] <= 1
+    page.select_option("#scale", "log")
+    page.wait_for_timeout(300)
+    screenshot(page, "focus-12x12-log")
+    assert page.log.errors == []
