@@ -284,6 +284,7 @@ function buildGrid() {
     els.overviewMode.value = state.overviewMode;
   }
   view.showOverviewMode(state.overviewMode, state.mapStat);
+  setLegend();
   grid.build(layers, heads);
   headmap.build(layers, heads);
   if (state.heads) applyHeads(state.heads);
@@ -549,10 +550,15 @@ function setKind(kind) {
 }
 
 /** Colour scale of thumbnails, focus view and exports: redraw what is on screen with it. */
+function setLegend() {
+  els.legendScale.textContent = state.overviewMode === "map" && !state.focus
+    ? `low → high (${MAP_STATS[state.mapStat].label})` : `low → high (${els.scale.selectedOptions[0].text})`;
+}
+
 function setScale(scale) {
   state.scale = scale;
   grid.scale = scale;
-  els.legendScale.textContent = `low → high (${els.scale.selectedOptions[0].text})`;
+  setLegend();
   for (const frame of state.lastFrames.values()) if (!state.focus) grid.draw(frame);
   if (state.focus && state.focusFrame) drawFocus(state.focusFrame);
 }
@@ -634,12 +640,14 @@ els.overviewMode.addEventListener("change", () => {
   state.overviewMode = els.overviewMode.value;
   state.overviewChosen = true;
   view.showOverviewMode(state.overviewMode, state.mapStat);
+  setLegend();
   state.mapDirty = true;
   resubscribe();
 });
 els.mapStat.addEventListener("change", () => {
   state.mapStat = els.mapStat.value;
   view.showOverviewMode(state.overviewMode, state.mapStat);
+  setLegend();
   state.mapDirty = true;
 });
 els.changeN.addEventListener("change", () => {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -96,6 +96,9 @@ class CapturePublic(BaseModel):
     tensors: dict[str, TensorInfo]
     tensor_bytes: int
     file_bytes: int
+    head_roles: dict[str, Any] | None = Field(
+        None, description="the heads' roles when captured (history on): step, roles and "
+                          "since (layers x heads; docs/history.md)")
     urls: dict[str, str] = Field(description="root-relative URLs: metadata, npz, safetensors, "
                                  "json (downloads)")
 

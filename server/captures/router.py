@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.types import Message as ASGIMessage
 
+from ..history.heads import head_roles
 from . import formats
 from .models import CaptureCreate, CaptureList, CapturePublic, Format, Message
 from .service import CaptureLimits, CaptureRun, create_capture, field_error
@@ -55,7 +56,7 @@ def to_public(record: CaptureRecord) -> CapturePublic:
         created=record.created, kinds=meta.get("kinds", []), layers=meta.get("layers", []),
         heads=meta.get("heads"), input=meta.get("input", {"kind": "tokens", "shape": []}),
         labels=meta.get("labels"), tensors=record.tensors, tensor_bytes=record.tensor_bytes,
-        file_bytes=record.file_bytes,
+        file_bytes=record.file_bytes, head_roles=meta.get("head_roles"),
         urls={"metadata": url, **{f: f"{url}/data?format={f}" for f in formats.MEDIA_TYPES}},
     )
 
@@ -122,14 +123,16 @@ def build_router(limits: CaptureLimits | None = None) -> APIRouter:
                    503: {"model": Message, "description": "the run did not reach a step in time"}},
     )
     def create(body: CaptureCreate, store: StoreDep, runs: RunsDep,
-               response: Response) -> CapturePublic:
+               response: Response, request: Request) -> CapturePublic:
         """Capture what ``body`` asks for with one forward pass between training steps."""
         try:
             run: CaptureRun = runs.get(body.run)
         except KeyError as exc:
             msg = getattr(exc, "message", None) or f"unknown run {body.run!r}"
             raise field_error(["run"], msg) from None
-        record = create_capture(body, run, store, limits)
+        roles = head_roles(getattr(request.app.state, "history", None), body.run)
+        record = create_capture(body, run, store, limits,
+                                None if roles is None else {"head_roles": roles})
         response.headers["Location"] = f"{PREFIX}/{record.id}"
         return to_public(record)
 

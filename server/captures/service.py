@@ -231,8 +231,10 @@ def _run_remote(run: RemoteCaptureRun, x: torch.Tensor, kinds: list[str], layers
 
 
 def create_capture(body: CaptureCreate, run: CaptureRun | RemoteCaptureRun, store: CaptureStore,
-                   limits: CaptureLimits) -> CaptureRecord:
-    """Validate ``body`` against ``run``'s model, capture between steps, store the result.
+                   limits: CaptureLimits, extra_meta: dict[str, Any] | None = None,
+                   ) -> CaptureRecord:
+    """Validate ``body`` against ``run``'s model, capture between steps, store the result
+    (its metadata gets ``extra_meta``, such as the heads' roles).
 
     A run published with ``Dashboard.connect`` has its model in the training
     process: the capture runs there, between two of its steps, and comes back here.
@@ -279,6 +281,7 @@ def create_capture(body: CaptureCreate, run: CaptureRun | RemoteCaptureRun, stor
         "heads": heads,
         "input": {"kind": "text" if body.text is not None else field, "shape": list(x.shape)},
         "labels": labels,
+        **(extra_meta or {}),
     }
     return store.save(arrays, run=body.run, name=body.name, meta=meta)
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
 from ..stream.roles import ROLES
 from .models import HeadPublic, HeadsPublic, RoleEventPublic
+from .recorder import HistoryService
 from .roles import RoleTracker
 from .router import ServiceDep, SessionQ, _session
 from .store import STAT_NAMES, Session, StatRow
@@ -87,3 +88,19 @@ def run_heads(run_id: str, service: ServiceDep,
         heads=_heads(s, row, roles, since),
         events=[RoleEventPublic(**e.to_dict()) for e in shown])
 
+
+
+def head_roles(service: HistoryService | None, run_id: str) -> dict[str, Any] | None:
+    """The heads' roles of a run being recorded, for a capture's metadata: ``step``,
+    ``roles`` and ``since`` (layers x heads), or None (no history, nothing recorded yet)."""
+    if service is None:
+        return None
+    session = service.session_of(run_id)
+    if session is None:
+        return None
+    tracker = service.roles.get(session)
+    with tracker.lock:
+        if tracker.step is None:
+            return None
+        return {"step": tracker.step, "roles": [list(r) for r in tracker.roles],
+                "since": [list(r) for r in tracker.since]}

@@ -166,6 +166,13 @@ def test_heads_lists_every_head_with_statistics_scores_and_roles(served):
     assert past["heads"][0]["stats"]["entropy"] == pytest.approx(float(rows[5].heads[0, 0, 0]))
     for e in body["events"]:
         assert e["text"].startswith(f"step {e['step']}: L{e['layer']} H{e['head']} ")
+    # a capture's metadata records the roles of that moment
+    run.close()  # training is over: the capture runs at once, not between steps
+    capture = s.http.post("/api/v1/captures", json={
+        "run": "toy", "features": x[:1].tolist(), "kinds": ["attention"]})
+    assert capture.status_code == 201, capture.text
+    assert capture.json()["head_roles"] == {"step": STEPS - 1, "roles": tracker.roles,
+                                            "since": tracker.since}
     # a past session is rebuilt from its stored rows: the same roles and events
     book = s.app.state.history.roles
     book.forget(body["session"])
