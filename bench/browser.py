@@ -2,6 +2,9 @@
 
 Scenarios (see bench/RESULTS.md, "## browser"):
   grid 4x4 of 64x64, grid 12x12 of 64x64  -- overview canvases, one update = every layer
+  grid 12x12, per-row / log scale         -- the same with the colour-scale transform
+  map 12x12                               -- the layers x heads map, one update = every
+                                             layer's head_stats message (JSON)
   focus 512x512                           -- the plotly focus view (Plotly.react per update)
   first heatmap                           -- page open -> first grid cell drawn, real demo server
 
@@ -107,9 +110,9 @@ SETUP_JS = """([hello, updates]) => {
 }"""
 
 # Inject one update (every layer's frame, fresh step number) per animation frame for `ms`.
-MEASURE_JS = """async ([ms, focus]) => {
+MEASURE_JS = """async ([ms, focus, map]) => {
   const b = window.__bench, a = window.__attnscope;
-  const counter = () => (focus ? a.focusDrawn : a.framesDrawn);
+  const counter = () => (map ? a.mapDrawn : focus ? a.focusDrawn : a.framesDrawn);
   await new Promise((r) => setTimeout(r, 300));  // settle
   const start = counter(), t0 = performance.now();
   let i = 0;
@@ -127,18 +130,51 @@ MEASURE_JS = """async ([ms, focus]) => {
 }"""
 
 
+def stats_updates(layers: int, heads: int) -> list[list[str]]:
+    """VARIANTS updates, each a list of head_stats JSON messages (one per layer)."""
+    rng = np.random.default_rng(0)
+    names = ("entropy", "max_weight", "first_token", "distance", "previous_token", "diagonal",
+             "local", "sink", "uniform")
+    updates = []
+    for v in range(VARIANTS):
+        update = []
+        for layer in range(layers):
+            message = {"type": "head_stats", "run": "bench", "step": v, "layer": layer,
+                       "sample": 0, "heads": list(range(heads)), "time": 0.0,
+                       "nan": [0] * heads, "inf": [0] * heads}
+            for name in names:
+                message[name] = rng.random(heads).round(4).tolist()
+            update.append(base64.b64encode(json.dumps(message).encode()).decode())
+        updates.append(update)
+    return updates
+
+
+# JSON text messages: MEASURE_JS's buf.slice(0) is String.prototype.slice here.
+STATS_SETUP_JS = """([hello, updates]) => {
+  window.__bench = { updates: updates.map((u) => u.map(atob)), running: false, injected: 0 };
+  window.__attnscope.inject(JSON.stringify(hello));
+}"""
+
+
 def measure(page, base_url: str, layers: int, heads: int, side: int, seconds: float,
-            focus: bool) -> dict:
+            focus: bool, scale: str = "head", map_: bool = False) -> dict:
     page.goto(base_url + "/index.html")
     page.wait_for_function("() => window.__attnscope !== undefined && window.Plotly !== undefined")
     subscribed = [0] if focus else list(range(heads))
-    updates = frames(1 if focus else layers, subscribed, side, labels=True)
-    page.evaluate(SETUP_JS, [{"type": "hello", "protocol": 1, "server": "bench", "kinds": [],
-                              "runs": [run_summary(layers, heads, side)]}, updates])
+    hello = {"type": "hello", "protocol": 1, "server": "bench", "kinds": [],
+             "runs": [run_summary(layers, heads, side)]}
+    if map_:
+        updates = stats_updates(layers, heads)
+        page.evaluate(STATS_SETUP_JS, [hello, updates])
+    else:
+        updates = frames(1 if focus else layers, subscribed, side, labels=True)
+        page.evaluate(SETUP_JS, [hello, updates])
+        page.select_option("#overview-mode", "grid")
+    page.select_option("#scale", scale)
     if focus:
         page.click("#grid .cell[data-layer='0'][data-head='0']")
-    result = page.evaluate(MEASURE_JS, [int(seconds * 1000), focus])
-    per_update = 1 if focus else layers
+    result = page.evaluate(MEASURE_JS, [int(seconds * 1000), focus, map_])
+    per_update = 1 if focus or map_ else layers
     rate = result["drawn"] / per_update / result["seconds"]
     return {"updates_per_s": rate, "injected_per_s": result["updates"] / result["seconds"],
             "bytes_per_update": sum(len(base64.b64decode(f)) for f in updates[0])}
@@ -189,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3,
                         help="page loads for time-to-first-heatmap")
     parser.add_argument("--skip-demo", action="store_true", help="skip time-to-first-heatmap")
+    parser.add_argument("--only", default="", help="run the scenarios whose name has this")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -198,17 +235,22 @@ def main(argv: list[str] | None = None) -> int:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base_url = f"http://127.0.0.1:{server.server_address[1]}"
-    scenarios = [("grid 4x4 of 64x64", 4, 4, 64, False, 15),
-                 ("grid 12x12 of 64x64", 12, 12, 64, False, 10),
-                 ("focus 512x512", 1, 1, 512, True, None)]
+    scenarios = [("grid 4x4 of 64x64", 4, 4, 64, False, 15, "head", False),
+                 ("grid 12x12 of 64x64", 12, 12, 64, False, 10, "head", False),
+                 ("grid 12x12, per row", 12, 12, 64, False, 10, "row", False),
+                 ("grid 12x12, log", 12, 12, 64, False, 10, "log", False),
+                 ("map 12x12", 12, 12, 64, False, 30, "head", True),
+                 ("focus 512x512", 1, 1, 512, True, None, "head", False)]
     rows = []
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            for name, layers, heads, side, focus, target in scenarios:
+            for name, layers, heads, side, focus, target, scale, map_ in scenarios:
+                if args.only and args.only not in name:
+                    continue
                 context = browser.new_context(viewport={"width": 1400, "height": 900})
                 result = measure(context.new_page(), base_url, layers, heads, side, args.seconds,
-                                 focus)
+                                 focus, scale, map_)
                 context.close()
                 rows.append((name, result, target))
                 log.info("%-22s %6.1f updates/s (fed %5.1f/s, %7d bytes/update)%s", name,

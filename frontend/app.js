@@ -641,6 +641,7 @@ els.overviewMode.addEventListener("change", () => {
   state.overviewChosen = true;
   view.showOverviewMode(state.overviewMode, state.mapStat);
   setLegend();
+  headmap.fit();
   state.mapDirty = true;
   resubscribe();
 });

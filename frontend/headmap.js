@@ -50,6 +50,18 @@ export class HeadMap {
     });
     container.addEventListener("mousemove", (event) => this.hover(event));
     container.addEventListener("mouseleave", () => { this.tip.hidden = true; });
+    new ResizeObserver(() => this.fit()).observe(container);
+    window.addEventListener("resize", () => this.fit());
+  }
+
+  /** Cells as big as fits the width and the window's height (all layers on screen). */
+  fit() {
+    if (!this.heads) return;
+    const byWidth = Math.floor((this.container.clientWidth - 44) / this.heads) - 4;
+    const top = this.container.getBoundingClientRect().top + window.scrollY;
+    const byHeight = Math.floor((window.innerHeight - top - 24) / Math.max(1, this.layers)) - 4;
+    const size = Math.max(28, Math.min(120, byWidth, Math.max(byHeight, 40)));
+    this.container.style.setProperty("--mapcell", `${size}px`);
   }
 
   build(layers, heads) {
@@ -81,6 +93,7 @@ export class HeadMap {
         root.append(b);
       }
     }
+    this.fit();
   }
 
   /** Take a head_stats message (or a /heads item) of one layer: values by head. */

@@ -43,7 +43,8 @@ def local_window(keys: int) -> int:
     return max(2, keys // 16)
 
 
-def pattern_scores(p: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+def pattern_scores(p: torch.Tensor, valid: torch.Tensor | None = None,
+                   entropy: torch.Tensor | None = None) -> torch.Tensor:
     """Scores (6, H) of attention ``p`` (H, L, S), in :data:`PATTERN_NAMES` order.
 
     Query rows 1..L-1 are averaged (row 0 of a causal head has one key, so it
@@ -52,39 +53,41 @@ def pattern_scores(p: torch.Tensor, valid: torch.Tensor | None = None) -> torch.
     ``diagonal`` on key i, ``local`` within :func:`local_window` of i, ``sink``
     on key 0; ``uniform`` the entropy of the rows with more than one unmasked
     key (``valid`` (L,) counts them; None: all S) over log(their key count), so a
-    causal head spreading evenly scores 1. Positional scores are NaN when L != S
-    (cross-attention); NaN attention gives NaN scores.
+    causal head spreading evenly scores 1. ``entropy`` (H,), when given, is
+    :func:`~server.stream.stats.head_stats`' entropy of the same ``p`` and
+    ``valid``, from which ``uniform`` follows without a second pass. Positional
+    scores are NaN when L != S (cross-attention); NaN attention gives NaN scores.
     """
-    p = p.detach().float()  # (H, L, S)
+    p = p.detach().float()  # (H, L, S); no copy if it is float32 already
     H, L, S = p.shape
     counts = torch.full((L,), float(S), device=p.device) if valid is None \
         else valid.to(p.device, torch.float32)  # (L,)
     many = counts > 1  # (L,)
-    entropy = -torch.xlogy(p, p).sum(-1) / counts.clamp_min(2.0).log()  # (H, L)
-    uniform = entropy[:, many].mean(-1) if bool(many.any()) \
-        else torch.full((H,), math.nan, device=p.device)  # (H,)
+    n_many = int(many.sum())
+    if n_many == 0:
+        uniform = torch.full((H,), math.nan, device=p.device)
+    elif entropy is not None:  # head_stats' mean counts rows with one key as 0
+        uniform = entropy.to(p.device) * (L / n_many)  # (H,)
+    else:
+        rows_entropy = -torch.xlogy(p, p).sum(-1) / counts.clamp_min(2.0).log()  # (H, L)
+        uniform = rows_entropy[:, many].mean(-1)  # (H,)
+    nan = torch.full((H,), math.nan, device=p.device)
     if L < 2:
-        nan = torch.full((H,), math.nan, device=p.device)
         return torch.stack([nan, nan, nan, nan, nan, uniform]).cpu()  # (6, H)
     rows = p[:, 1:]  # (H, L-1, S)
     sink = rows[..., 0].mean(-1)  # (H,)
     if L != S:
-        nan = torch.full((H,), math.nan, device=p.device)
         return torch.stack([nan, nan, nan, nan, sink, uniform]).cpu()  # (6, H)
     i = torch.arange(1, L, device=p.device)[:, None]  # (L-1, 1)
     j = torch.arange(S, device=p.device)[None, :]  # (1, S)
     offset = (i - j).abs().float()  # (L-1, S)
     band = (offset <= local_window(S)).float()  # (L-1, S)
+    # Both weighted sums in one batched matmul over query rows: no (H, L, S) temporaries.
+    weights = torch.stack([offset, band], -1)  # (L-1, S, 2)
+    sums = torch.bmm(rows.transpose(0, 1), weights).mean(0)  # (L-1, H, 2) -> (H, 2)
     previous = rows.diagonal(offset=0, dim1=-2, dim2=-1).mean(-1)  # rows[:, i-1, i-1]: key i-1
     diagonal = rows.diagonal(offset=1, dim1=-2, dim2=-1).mean(-1)  # key i
-    scores = torch.stack([
-        (rows * offset).sum(-1).mean(-1),
-        previous,
-        diagonal,
-        (rows * band).sum(-1).mean(-1),
-        sink,
-        uniform,
-    ])  # (6, H)
+    scores = torch.stack([sums[:, 0], previous, diagonal, sums[:, 1], sink, uniform])  # (6, H)
     return scores.cpu()
 
 

@@ -53,8 +53,9 @@ def head_statistics(p: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor
     >>> head_statistics(torch.eye(3)[None], None)[:, 0].tolist()[5:]
     [0.0, 0.0, 1.0, 1.0, 0.0, 0.0, nan, nan]
     """
+    p = p.detach().float()  # (H, L, S): converted once for both
     stats = head_stats(p, valid)  # (5, H)
-    patterns = pattern_scores(p, valid)  # (6, H)
+    patterns = pattern_scores(p, valid, entropy=stats[0])  # (6, H)
     repeat = torch.full((len(REPEAT_NAMES), stats.shape[1]), float("nan"))  # (2, H)
     return torch.cat([stats, patterns, repeat])  # (13, H)
 

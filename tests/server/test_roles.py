@@ -201,3 +201,11 @@ def test_tracker_takes_induction_scores_from_the_probe_snapshot():
     assert tracker.roles == [["induction", "uniform"]]
     assert tracker.events[0].text == \
         "step 6: L0 H0 became an induction head (was a uniform head)"
+
+
+def test_uniform_from_head_stats_entropy_equals_the_direct_computation():
+    heads = torch.stack([PREVIOUS, SINK, SELF, UNIFORM, causal_uniform(L).roll(1, 0)])
+    direct = pattern_scores(heads, causal())
+    entropy = head_stats(heads, causal())[0]
+    assert torch.allclose(pattern_scores(heads, causal(), entropy=entropy), direct, atol=1e-6,
+                          equal_nan=True)
