@@ -1,4 +1,4 @@
-"""The demo run: :class:`server.demo.DemoTraining` in a background thread, as a :class:`Run`.
+"""The demo run: :class:`attnscope.demo.DemoTraining` in a background thread, as a :class:`Run`.
 
 Controls: pause / resume (the training thread waits inside ``Run.step``),
 restart (start over from the same seed; also revives a run that failed).
@@ -29,7 +29,7 @@ class DemoRun:
                  run_id: str = "demo", max_rate: float | None = None,
                  task: str = "reverse") -> None:
         """``max_rate``: at most this many steps per second (None: as fast as possible).
-        ``task``: ``reverse`` (:mod:`server.demo`) or ``induction`` (:mod:`server.induction`).
+        ``task``: ``reverse`` (:mod:`attnscope.demo`) or ``induction`` (:mod:`attnscope.induction`).
 
         The reversal demo converges in ~50 steps; paced, a viewer can watch the heads form.
         """

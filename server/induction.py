@@ -10,7 +10,7 @@ predecessor; a layer-1 head then attends to the position after the previous
 occurrence of the current token and copies it. The loss on the repeat drops in
 a visible phase change when the two heads form.
 
-Pure training, like :mod:`server.demo`; :class:`server.demo_run.DemoRun` runs it.
+Pure training, like :mod:`attnscope.demo`; :class:`attnscope.demo_run.DemoRun` runs it.
 
 >>> training = InductionTraining(InductionConfig(seq_len=16, batch_size=2, device="cpu"))
 >>> tokens, repeat = training.task.batch(2)
@@ -156,7 +156,7 @@ class AttentionOnlyModel(nn.Module):
 
 @dataclass
 class InductionStep(StepResult):
-    """A :class:`~server.demo.StepResult` plus ``repeat_loss``: the mean cross-entropy on
+    """A :class:`~attnscope.demo.StepResult` plus ``repeat_loss``: the mean cross-entropy on
     the predictable tokens (the repeat), the curve with the phase change."""
 
     repeat_loss: float = math.nan
@@ -164,7 +164,7 @@ class InductionStep(StepResult):
 
 class InductionTraining:
     """Model, optimiser and task of the induction demo; the interface of
-    :class:`server.demo.DemoTraining` (``step``, ``reset``, ``model``, ``task``, ``device``)."""
+    :class:`attnscope.demo.DemoTraining` (``step``, ``reset``, ``model``, ``task``, ``device``)."""
 
     def __init__(self, config: InductionConfig | None = None,
                  event_dispatcher: str | EventDispatcher = "") -> None:

@@ -36,7 +36,7 @@ class StatsPublic(BaseModel):
     first_token: list[list[float | None]]
     nan: list[list[float | None]]
     inf: list[list[float | None]]
-    # Role scores (server.stream.roles); null in sessions recorded before them.
+    # Role scores (attnscope.stream.roles); null in sessions recorded before them.
     distance: list[list[float | None]] = []
     previous_token: list[list[float | None]] = []
     diagonal: list[list[float | None]] = []

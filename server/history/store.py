@@ -73,7 +73,7 @@ CREATE TABLE IF NOT EXISTS stats (
     PRIMARY KEY (session, step)
 );
 """
-# Per head and step: head_stats, then the role scores of server.stream.roles
+# Per head and step: head_stats, then the role scores of attnscope.stream.roles
 # (induction and duplicate_token come from the latest probe snapshot).
 STAT_NAMES = (*BASE_STAT_NAMES, *PATTERN_NAMES, *REPEAT_NAMES)
 

@@ -54,7 +54,7 @@ def pattern_scores(p: torch.Tensor, valid: torch.Tensor | None = None,
     on key 0; ``uniform`` the entropy of the rows with more than one unmasked
     key (``valid`` (L,) counts them; None: all S) over log(their key count), so a
     causal head spreading evenly scores 1. ``entropy`` (H,), when given, is
-    :func:`~server.stream.stats.head_stats`' entropy of the same ``p`` and
+    :func:`~attnscope.stream.stats.head_stats`' entropy of the same ``p`` and
     ``valid``, from which ``uniform`` follows without a second pass. Positional
     scores are NaN when L != S (cross-attention); NaN attention gives NaN scores.
     """

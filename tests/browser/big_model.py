@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from server import Dashboard
+from attnscope import Dashboard
 from transformer_core.builders import TransformerEncoderBuilder
 from transformer_core.masking import TriangularCausalMask
 

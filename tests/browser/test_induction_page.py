@@ -23,7 +23,7 @@ TAGGED = """() => {
 def induction():
     port = free_port()
     with tempfile.TemporaryDirectory() as data:
-        argv = [sys.executable, "-m", "server.cli", "demo", "--task", "induction",
+        argv = [sys.executable, "-m", "attnscope.cli", "demo", "--task", "induction",
                 "--max-rate", "0", "--port", str(port), "--host", "127.0.0.1", "--no-browser"]
         server = ServerProcess(argv, port, ARTIFACTS / "induction-server.log",
                                env={"ATTNSCOPE_DATA_DIR": data}).start()

@@ -13,8 +13,8 @@ import pytest
 import torch
 from stream_support import Served, connect, run_async, small_encoder
 
-from server.protocol import decode_frame
-from server.runs import Run, RunRegistry
+from attnscope.protocol import decode_frame
+from attnscope.runs import Run, RunRegistry
 from transformer_core.events import EventDispatcher
 
 STEPS = 24
@@ -135,8 +135,8 @@ def test_history_of_a_head_as_json_and_step_ranges(served):
 
 
 def test_heads_lists_every_head_with_statistics_scores_and_roles(served):
-    from server.history.store import STAT_NAMES
-    from server.stream.roles import ROLES
+    from attnscope.history.store import STAT_NAMES
+    from attnscope.stream.roles import ROLES
 
     s, run, model, x = served
     assert s.http.get("/api/v1/runs/nope/heads").status_code == 404

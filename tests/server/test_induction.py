@@ -10,9 +10,9 @@ import pytest
 import torch
 from stream_support import Served
 
-from server.demo_run import DemoRun
-from server.induction import InductionConfig, InductionTraining, RepeatTask
-from server.runs import RunRegistry
+from attnscope.demo_run import DemoRun
+from attnscope.induction import InductionConfig, InductionTraining, RepeatTask
+from attnscope.runs import RunRegistry
 
 TRAIN_LIMIT_S = 420  # the phase change takes ~30-60 s unloaded; this machine is shared
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from server.history.roles import RoleTracker, snapshot_repeat_scores
-from server.history.store import STAT_NAMES
-from server.stream.roles import (
+from attnscope.history.roles import RoleTracker, snapshot_repeat_scores
+from attnscope.history.store import STAT_NAMES
+from attnscope.stream.roles import (
     PATTERN_NAMES,
     RoleRule,
     assign_roles,
@@ -20,7 +20,7 @@ from server.stream.roles import (
     repeat_scores,
     repeated_probe,
 )
-from server.stream.stats import head_statistics, head_stats
+from attnscope.stream.stats import head_statistics, head_stats
 
 L = 8
 
