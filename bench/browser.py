@@ -114,7 +114,7 @@ MEASURE_JS = """async ([ms, focus, map]) => {
   const b = window.__bench, a = window.__attnscope;
   const counter = () => (map ? a.mapDrawn : focus ? a.focusDrawn : a.framesDrawn);
   await new Promise((r) => setTimeout(r, 300));  // settle
-  const start = counter(), t0 = performance.now();
+  const start = counter(), t0 = performance.now(), ms0 = a.mapDrawMs;
   let i = 0;
   await new Promise((resolve) => {
     const feed = () => {
@@ -126,7 +126,8 @@ MEASURE_JS = """async ([ms, focus, map]) => {
     requestAnimationFrame(feed);
   });
   await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
-  return { drawn: counter() - start, seconds: (performance.now() - t0) / 1000, updates: i };
+  return { drawn: counter() - start, seconds: (performance.now() - t0) / 1000, updates: i,
+           drawMs: a.mapDrawMs - ms0 };
 }"""
 
 
@@ -177,6 +178,7 @@ def measure(page, base_url: str, layers: int, heads: int, side: int, seconds: fl
     per_update = 1 if focus or map_ else layers
     rate = result["drawn"] / per_update / result["seconds"]
     return {"updates_per_s": rate, "injected_per_s": result["updates"] / result["seconds"],
+            "map_ms_per_draw": result["drawMs"] / max(1, result["drawn"]) if map_ else None,
             "bytes_per_update": sum(len(base64.b64decode(f)) for f in updates[0])}
 
 
@@ -253,9 +255,11 @@ def main(argv: list[str] | None = None) -> int:
                                  focus, scale, map_)
                 context.close()
                 rows.append((name, result, target))
-                log.info("%-22s %6.1f updates/s (fed %5.1f/s, %7d bytes/update)%s", name,
+                log.info("%-22s %6.1f updates/s (fed %5.1f/s, %7d bytes/update)%s%s", name,
                          result["updates_per_s"], result["injected_per_s"],
-                         result["bytes_per_update"], f"  target >= {target}" if target else "")
+                         result["bytes_per_update"], f"  target >= {target}" if target else "",
+                         "" if result["map_ms_per_draw"] is None
+                         else f"  drawMap {result['map_ms_per_draw']:.2f} ms/update")
             if not args.skip_demo:
                 times = first_heatmap_ms(browser, args.repeats)
                 log.info("%-22s median %.0f ms (runs: %s)", "first heatmap (demo)",

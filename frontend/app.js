@@ -72,6 +72,7 @@ const debug = {
   inject: (data) => connection.receive(data),
   headsPolled: 0,
   mapDrawn: 0,
+  mapDrawMs: 0, // time spent in drawMap (bench/browser.py reports it per update)
   state,
 };
 window.__attnscope = debug;
@@ -318,9 +319,11 @@ function drawPending() {
 
 function drawMap() {
   state.mapDirty = false;
+  const t0 = performance.now();
   headmap.stat = state.mapStat;
   headmap.draw(state.mapStat === "change" ? changeSince(state.statsRing, state.changeN) : null);
   debug.mapDrawn += 1;
+  debug.mapDrawMs += performance.now() - t0;
   if (!state.gridHasData && headmap.values.size) {
     state.gridHasData = true;
     view.setWaiting("");

@@ -124,11 +124,14 @@ export function scaleMatrix(scale, kind, data, start, rows, cols) {
   return { values: out, offset: 0, zmin: 0, zmax: 1, title: "weight / row max" };
 }
 
-/** "#rrggbb" of a value in [lo, hi] on the viridis scale (NaN: null). */
+const HEX = Array.from(LUT32, (packed) => {
+  const bytes = new Uint8Array(new Uint32Array([packed]).buffer); // platform order: R, G, B, A
+  return `#${[bytes[0], bytes[1], bytes[2]].map((b) => b.toString(16).padStart(2, "0")).join("")}`;
+});
+
+/** "#rrggbb" of a value in [lo, hi] on the viridis scale (non-finite: null). */
 export function colourOf(value, lo, hi) {
   if (!Number.isFinite(value)) return null;
   const t = hi > lo ? Math.min(1, Math.max(0, (value - lo) / (hi - lo))) : 0;
-  const packed = LUT32[Math.round(t * (LUT_SIZE - 1))];
-  const bytes = new Uint8Array(new Uint32Array([packed]).buffer); // platform order: R, G, B, A
-  return `#${[bytes[0], bytes[1], bytes[2]].map((b) => b.toString(16).padStart(2, "0")).join("")}`;
+  return HEX[Math.round(t * (LUT_SIZE - 1))];
 }

@@ -89,6 +89,7 @@ export class HeadMap {
         b.dataset.layer = String(l);
         b.dataset.head = String(h);
         b.setAttribute("aria-label", `Layer ${l} · head ${h} — click to open`);
+        b.__drawn = null; // what draw() last wrote (colour, bright, role)
         this.cells.set(`${l}:${h}`, b);
         root.append(b);
       }
@@ -132,12 +133,20 @@ export class HeadMap {
       const [l, h] = key.split(":").map(Number);
       const v = value(key);
       const colour = colourOf(v, lo, hi);
-      button.style.background = colour || "";
-      button.classList.toggle("empty", colour === null);
+      const bright = Number.isFinite(v) && (v - lo) / (hi - lo) > 0.6;
+      const role = this.roles[l] ? this.roles[l][h] ?? null : null;
+      // Touch the DOM only where something changed: 144 style writes per frame cost layout.
+      const last = button.__drawn || {};
+      if (last.colour !== colour) {
+        button.style.background = colour || "";
+        if ((last.colour === null) !== (colour === null) || last.colour === undefined) {
+          button.classList.toggle("empty", colour === null);
+        }
+      }
+      if (last.bright !== bright) button.classList.toggle("bright", bright);
+      if (last.role !== role) setTag(button, role);
       button.dataset.value = Number.isFinite(v) ? String(v) : "";
-      // light text on the dark end of viridis, dark text on the bright end
-      button.classList.toggle("bright", Number.isFinite(v) && (v - lo) / (hi - lo) > 0.6);
-      setTag(button, this.roles[l] ? this.roles[l][h] ?? null : null);
+      button.__drawn = { colour, bright, role };
     }
   }
 

@@ -81,7 +81,7 @@ class SnapshotItem:
     time: float
     attention: dict[int, list[AttentionEvent]]  # layer -> P events of shape (1, H, L, S)
     labels: list[str] | None
-    # layer -> P events (1, H, 2T, 2T) of the induction probe (the probe's first half twice)
+    # layer -> P events (1, H, L, S) of the induction probe (the probe's first half twice)
     repeat: dict[int, list[AttentionEvent]] = field(default_factory=dict)
 
     @property
@@ -91,7 +91,7 @@ class SnapshotItem:
                    for copies in group.values() for e in copies)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """``attention.<layer>`` (P, H, L, S) and ``repeat.<layer>`` (P, H, 2T, 2T) float16,
+        """``attention.<layer>`` and ``repeat.<layer>`` (P, H, L, S) float16,
         computed here (the writer thread)."""
         out = {f"attention.{layer}": _attention_of(copies).numpy()
                for layer, copies in self.attention.items()}

@@ -62,7 +62,7 @@ def _describe(step: int, layer: int, head: int, kind: str, role: str | None,
 
 
 def probe_half(tensors: dict[str, np.ndarray]) -> int | None:
-    """The repeat length of a snapshot's induction probe ``repeat.<layer>`` (P, H, 2T, 2T)."""
+    """The repeat length L // 2 of a snapshot's induction probe ``repeat.<layer>`` (P, H, L, S)."""
     for name, array in tensors.items():
         if name.startswith("repeat."):
             return array.shape[-2] // 2
@@ -71,7 +71,7 @@ def probe_half(tensors: dict[str, np.ndarray]) -> int | None:
 
 def snapshot_repeat_scores(tensors: dict[str, np.ndarray], layers: int) -> np.ndarray | None:
     """Induction and duplicate-token scores (K, 2, H) of a snapshot's ``repeat.<layer>``
-    arrays (P, H, 2T, 2T), averaged over the P probe samples; None without them."""
+    arrays (P, H, L, S), averaged over the P probe samples; None without them."""
     half = probe_half(tensors)
     if half is None or half < 2:
         return None

@@ -119,16 +119,17 @@ def repeat_scores(p: torch.Tensor, half: int) -> torch.Tensor:
 
 
 def repeated_probe(x: torch.Tensor) -> torch.Tensor:
-    """The probe input with its second half replaced by its first: (N, L, ...) ->
-    (N, 2*(L//2), ...), so tokens at L//2.. repeat tokens at 0.. (an induction probe).
+    """The probe input with tokens half..2*half-1 replaced by tokens 0..half-1 (half =
+    L // 2; an odd last token stays): (N, L, ...) -> (N, L, ...), an induction probe of
+    the same shape, so the model sees nothing new but the repeat.
 
     >>> repeated_probe(torch.tensor([[5, 6, 7, 8, 9]])).tolist()
-    [[5, 6, 5, 6]]
+    [[5, 6, 5, 6, 9]]
     """
     if x.ndim < 2 or x.shape[1] < 4:
         raise ValueError(f"x: expected (N, L, ...) with L >= 4, got {tuple(x.shape)}")
     half = x.shape[1] // 2
-    return torch.cat([x[:, :half], x[:, :half]], dim=1)
+    return torch.cat([x[:, :half], x[:, :half], x[:, 2 * half:]], dim=1)
 
 
 @dataclass(frozen=True)
