@@ -114,6 +114,8 @@ const historyBar = new HistoryBar({
   view: () => {
     const model = state.run && state.run.model;
     if (state.focus) return { layers: [state.focus.layer], heads: [state.focus.head], maxSide: FOCUS_MAX_SIDE };
+    // The map draws statistics (GET /heads?step=, asked by markStep): no snapshot frames.
+    if (state.overviewMode === "map") return { layers: [], heads: null, maxSide: OVERVIEW_MAX_SIDE };
     return { layers: [...Array(model ? model.layers : 0).keys()], heads: null, maxSide: OVERVIEW_MAX_SIDE };
   },
   showFrames: (frames) => {

@@ -115,3 +115,21 @@ def test_colour_scales_change_grid_and_focus_pixels(page, big):
     page.wait_for_timeout(300)
     screenshot(page, "focus-12x12-log")
     assert page.log.errors == []
+
+
+def test_map_scrubs_with_the_history_slider(page, big):
+    open_map(page, big)
+    page.wait_for_function("() => window.__attnscope.history.steps.length >= 2", timeout=WAIT_MS)
+    first = page.evaluate("() => window.__attnscope.history.steps[0]")
+    page.evaluate("""() => { const s = document.querySelector('#history-slider');
+      s.value = '0'; s.dispatchEvent(new Event('input')); }""")
+    # the map shows the statistics and roles recorded at that step
+    page.wait_for_function("(f) => { const h = window.__attnscope.state.heads;"
+                           " return h && h.step === f && h.heads.length === 144; }",
+                           arg=first, timeout=WAIT_MS)
+    assert page.locator("#history-step").text_content() == f"step {first}"
+    assert page.locator("#roles-summary").text_content().endswith(f"(step {first})")
+    page.click("#history-live")
+    page.wait_for_function("(f) => window.__attnscope.state.heads.step > f", arg=first,
+                           timeout=WAIT_MS)
+    assert page.log.errors == []
