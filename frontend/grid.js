@@ -71,6 +71,7 @@ export class Grid {
     const byHeight = Math.floor((window.innerHeight - top - 24) / Math.max(1, this.layers)) - 4;
     const size = Math.max(32, Math.min(240, byWidth, Math.max(byHeight, 48)));
     this.container.style.setProperty("--cell", `${size}px`);
+    this.short = size < 64; // short role tags in small cells
   }
 
   cell(layer, head) {
@@ -117,7 +118,7 @@ export class Grid {
     for (const [key, cell] of this.cells) {
       const [l, h] = key.split(":").map(Number);
       const role = roles && roles[l] ? roles[l][h] ?? null : null;
-      setTag(cell.button, role);
+      setTag(cell.button, role, this.short);
     }
   }
 
@@ -209,7 +210,10 @@ export const ROLE_TAGS = {
   induction: "induction", duplicate_token: "dup",
 };
 
-export function setTag(button, role) {
+/** The same, for cells narrower than ~64 px. */
+export const ROLE_SHORT = { ...ROLE_TAGS, uniform: "unif", induction: "ind", local: "loc" };
+
+export function setTag(button, role, short = false) {
   let tag = button.querySelector(".role-tag");
   if (!role) {
     if (tag) tag.remove();
@@ -221,7 +225,7 @@ export function setTag(button, role) {
     tag.className = "role-tag";
     button.append(tag);
   }
-  tag.textContent = ROLE_TAGS[role] ?? role;
+  tag.textContent = (short ? ROLE_SHORT : ROLE_TAGS)[role] ?? role;
   tag.dataset.role = role;
   button.dataset.role = role;
 }

@@ -40,6 +40,7 @@ export class HeadMap {
     this.values = new Map(); // "layer:head" -> {name: value}
     this.roles = [];
     this.since = [];
+    this.short = false; // short role tags in small cells
     this.tip = document.createElement("div");
     this.tip.className = "map-tip";
     this.tip.hidden = true;
@@ -62,6 +63,11 @@ export class HeadMap {
     const byHeight = Math.floor((window.innerHeight - top - 24) / Math.max(1, this.layers)) - 4;
     const size = Math.max(28, Math.min(120, byWidth, Math.max(byHeight, 40)));
     this.container.style.setProperty("--mapcell", `${size}px`);
+    const short = size < 64;
+    if (short !== this.short) {
+      this.short = short;
+      for (const b of this.cells.values()) b.__drawn = null; // re-tag at the new size
+    }
   }
 
   build(layers, heads) {
@@ -144,7 +150,7 @@ export class HeadMap {
         }
       }
       if (last.bright !== bright) button.classList.toggle("bright", bright);
-      if (last.role !== role) setTag(button, role);
+      if (last.role !== role) setTag(button, role, this.short);
       button.dataset.value = Number.isFinite(v) ? String(v) : "";
       button.__drawn = { colour, bright, role };
     }
