@@ -15,13 +15,12 @@ from fastapi import APIRouter, Query
 
 from ..stream.roles import ROLES
 from .models import HeadPublic, HeadsPublic, RoleEventPublic
-from .recorder import HistoryService
 from .roles import RoleTracker
 from .router import ServiceDep, SessionQ, _session
+from .service import HistoryService
 from .store import STAT_NAMES, Session, StatRow
 
-# No prefix: included in the history router, under its /api/v1.
-router = APIRouter(tags=["history"])
+router = APIRouter(prefix="/api/v1", tags=["history"])
 _COUNTS = ("nan", "inf")
 
 
