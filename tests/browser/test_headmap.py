@@ -69,6 +69,14 @@ def test_map_is_the_overview_of_a_12x12_model_and_a_click_opens_the_head(page, b
                            "'#headmap .map-cell'), (b) => getComputedStyle(b).backgroundColor))"
                            " !== before", arg=str(entropy).replace("'", '"'), timeout=WAIT_MS)
     assert page.evaluate(MAP_COLOURS) != entropy
+    # change since N steps: every head has moved a little (the model is nudged each step)
+    page.select_option("#map-stat", "change")
+    assert page.locator("#change-n-wrap").is_visible()
+    page.fill("#change-n", "5")
+    page.dispatch_event("#change-n", "change")
+    page.wait_for_function("() => Array.from(document.querySelectorAll('#headmap .map-cell'))"
+                           ".filter((b) => Number(b.dataset.value) > 0).length > 100",
+                           timeout=WAIT_MS)
     page.click("#headmap .map-cell[data-layer='7'][data-head='11']")
     page.wait_for_function("() => window.__attnscope.focusDrawn > 0", timeout=WAIT_MS)
     assert page.locator("#focus-title").text_content().startswith("Layer 7 · head 11")
