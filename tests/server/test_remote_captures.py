@@ -141,7 +141,7 @@ def _answered(message: dict[str, Any]) -> list[bytes | str]:
     """What an ended demo run's publisher answers to ``message`` (runs inline)."""
     run = Run(DemoModel(DEMO), run_id="inline")
     run.close()
-    return answer_capture(run, run.model, {"id": "c1", "max_bytes": 1 << 30, **message})
+    return answer_capture(run, {"id": "c1", "max_bytes": 1 << 30, **message})
 
 
 def _feed(requests: CaptureRequests, answer: list[bytes | str]) -> None:
