@@ -41,9 +41,9 @@ import torch.nn as nn
 
 from transformer_core.events import AttentionEvent, EventDispatcher, dispatching_to
 
-from ..stream.stats import MaskInfo, head_stats, valid_key_counts
+from ..stream.stats import STAT_NAMES, MaskInfo, head_stats, valid_key_counts
 from .config import HistoryConfig
-from .store import STAT_NAMES, StatRow
+from .store import StatRow
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..runs import Run

@@ -35,8 +35,8 @@ import torch
 
 from ..captures.capture import CaptureError, CaptureTooLarge, CaptureUnavailable
 from ..layout import ModelLayout
+from ..protocol import pack
 from ..runs import Run
-from .wire import pack_binary
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +214,6 @@ def answer_capture(run: Run, message: dict[str, Any]) -> list[bytes | str]:
         logger.exception("capture %s for run %r failed", capture_id, run.id)
         return [_error(capture_id, "failed", f"{type(exc).__name__}: {exc}")]
     view = memoryview(data)
-    return [pack_binary({"kind": "capture_result", "id": capture_id, "offset": offset,
+    return [pack({"kind": "capture_result", "id": capture_id, "offset": offset,
                          "total": len(data), "step": step}, view[offset : offset + CHUNK_BYTES])
             for offset in range(0, len(data), CHUNK_BYTES)]
