@@ -14,11 +14,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from ..stream.roles import ROLES
+from ..stream.stats import HEAD_STATISTICS
 from .models import HeadPublic, HeadsPublic, RoleEventPublic
 from .roles import RoleTracker
 from .router import ServiceDep, SessionQ, _session
 from .service import HistoryService
-from .store import STAT_NAMES, Session, StatRow
+from .store import Session, StatRow
 
 router = APIRouter(prefix="/api/v1", tags=["history"])
 _COUNTS = ("nan", "inf")
@@ -33,7 +34,7 @@ def _heads(session: Session, row: StatRow | None, roles: list[list[str | None]],
     if row is None or row.heads is None:
         return []
     stats = row.heads  # (K, R, H)
-    names = STAT_NAMES[: stats.shape[1]]
+    names = HEAD_STATISTICS[: stats.shape[1]]
     per_layer = session.meta.get("layer_heads") or []
     out = []
     for layer in range(stats.shape[0]):

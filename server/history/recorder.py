@@ -33,7 +33,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -41,11 +41,13 @@ import torch.nn as nn
 
 from transformer_core.events import AttentionEvent, EventDispatcher, dispatching_to
 
-from ..runs import Run
 from ..stream.roles import repeated_probe
-from ..stream.stats import MaskInfo, head_statistics, valid_key_counts
+from ..stream.stats import HEAD_STATISTICS, MaskInfo, head_statistics, valid_key_counts
 from .config import HistoryConfig
-from .store import STAT_NAMES, StatRow
+from .store import StatRow
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..runs import Run
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +159,7 @@ class RunRecorder:
         self.probe_labels: list[str] | None = None
         self.probe_failed = False
         self.repeat_ok = True  # the induction probe works on this model (until it fails)
-        self._layer_of = {id(site.inner): site.index for site in run.sites}
+        self._layer_of = {id(site.module): site.index for site in run.local.sites}
         self._pending: dict[int, AttentionEvent] = {}
         self._stride = 1  # snapshots every ``every * stride`` steps (the time budget)
         self._step_started = time.perf_counter()
@@ -251,7 +253,7 @@ class RunRecorder:
         meta = {"layers": len(run.sites), "heads": max((h or 0 for h in heads), default=0),
                 "layer_heads": heads, "roles": [s.role for s in run.sites],
                 "every": self.config.every, "probe_samples": self.config.probe_samples,
-                "stat_names": list(STAT_NAMES)}
+                "stat_names": list(HEAD_STATISTICS)}
         self.session = self.service.new_session(run.id, run.name, meta)
         self.last_step = self.last_snapshot = None
         self.probe_labels = None
@@ -260,7 +262,8 @@ class RunRecorder:
     def _repeated_args(self) -> tuple[tuple, dict] | None:
         """The probe with its first half repeated (the induction probe), or None when the
         probe is not a plain (N, L, ...) sequence batch (other arguments, too short)."""
-        assert self.probe is not None
+        if self.probe is None:
+            return None
         args, kwargs = self.probe
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if kwargs or not tensors or len(tensors) != len(args) \
@@ -345,7 +348,7 @@ def stats_of(steps: list[StepItem]) -> list[np.ndarray | None]:
             out.append(None)
             continue
         n_heads = max(e.shape[1] for e in item.attention.values())
-        out.append(np.full((item.n_layers, len(STAT_NAMES), n_heads), np.nan, np.float32))
+        out.append(np.full((item.n_layers, len(HEAD_STATISTICS), n_heads), np.nan, np.float32))
     by_layer: dict[tuple, list[tuple[int, AttentionEvent]]] = {}
     for k, item in enumerate(steps):
         for layer, event in item.attention.items():

@@ -5,7 +5,7 @@ statistics and pattern scores (K, R, H) per step) and the induction-probe scores
 of every snapshot; the book keeps one :class:`RoleTracker` per session. A past
 session's tracker is rebuilt by replaying its stored rows (deterministic).
 
-Shape legend: K layers, R statistics per head (:data:`STAT_NAMES`), H heads,
+Shape legend: K layers, R statistics per head (``HEAD_STATISTICS``), H heads,
 P probe samples, L queries, S keys.
 """
 
@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from ..stream.roles import REPEAT_NAMES, ROLES, RoleRule, assign_roles, repeat_scores
-from .store import STAT_NAMES, HistoryStore
+from ..stream.stats import HEAD_STATISTICS
+from .store import HistoryStore
 
-_INDEX = {name: i for i, name in enumerate(STAT_NAMES)}
+_INDEX = {name: i for i, name in enumerate(HEAD_STATISTICS)}
 ROLE_TEXT = {
     "previous_token": "a previous-token head", "sink": "a first-token (sink) head",
     "diagonal": "a self (diagonal) head", "local": "a local head", "uniform": "a uniform head",
@@ -119,7 +120,7 @@ class RoleTracker:
 
     def fill(self, stats: np.ndarray) -> np.ndarray:
         """``stats`` (K, R, H) with its induction rows set from the latest probe (if unset)."""
-        if self.repeat is None or stats.shape[1] != len(STAT_NAMES):
+        if self.repeat is None or stats.shape[1] != len(HEAD_STATISTICS):
             return stats
         out = stats.copy()
         K, H = min(out.shape[0], self.repeat.shape[0]), min(out.shape[2], self.repeat.shape[2])
@@ -131,8 +132,8 @@ class RoleTracker:
         return out
 
     def observe(self, step: int, stats: np.ndarray) -> list[RoleEvent]:
-        """Take the row of ``step`` (stats (K, R, H) in :data:`STAT_NAMES` order)."""
-        if stats.shape[1] != len(STAT_NAMES):
+        """Take the row of ``step`` (stats (K, R, H) in ``HEAD_STATISTICS`` order)."""
+        if stats.shape[1] != len(HEAD_STATISTICS):
             return []  # a row of an older layout: statistics only
         with self.lock:
             K, _, H = stats.shape

@@ -39,8 +39,7 @@ import numpy as np
 import safetensors.numpy
 
 from ..storage import FolderLock, FolderLocked, fsync_dir, open_index, read_safetensors
-from ..stream.roles import PATTERN_NAMES, REPEAT_NAMES
-from ..stream.stats import STAT_NAMES as BASE_STAT_NAMES
+from ..stream.stats import STAT_NAMES
 from .thinning import thinning_victim
 
 logger = logging.getLogger(__name__)
@@ -73,9 +72,6 @@ CREATE TABLE IF NOT EXISTS stats (
     PRIMARY KEY (session, step)
 );
 """
-# Per head and step: head_stats, then the role scores of attnscope.stream.roles
-# (induction and duplicate_token come from the latest probe snapshot).
-STAT_NAMES = (*BASE_STAT_NAMES, *PATTERN_NAMES, *REPEAT_NAMES)
 
 
 class HistoryLocked(FolderLocked):
@@ -100,7 +96,7 @@ class Session:
 
 @dataclass(frozen=True)
 class StatRow:
-    """One step's record: head statistics (layers, R, H) float32 (R = len(STAT_NAMES) or 5
+    """One step's record: head statistics (layers, R, H) float32 (R = len(HEAD_STATISTICS), 5
     in sessions recorded before role scores; NaN padded) and scalars."""
 
     step: int
@@ -389,7 +385,7 @@ class HistoryStore:
         if session is None:
             return []
         layers = int(session.meta.get("layers", 0))
-        names = len(session.meta.get("stat_names") or BASE_STAT_NAMES)
+        names = len(session.meta.get("stat_names") or STAT_NAMES)
         lo = start if start is not None else -(2**62)
         hi = end if end is not None else 2**62
         with self._lock:

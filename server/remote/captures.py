@@ -13,8 +13,8 @@ The model is in the training process, so the capture runs there. Both ends live 
 
 >>> info = model_info_from_message({"vocab_size": 10, "d_model": 8, "max_len": None,
 ...                                 "layers": [{"name": "a", "heads": 2}], "symbols": None})
->>> info.n_layers, info.n_heads, info.vocab_size
-(1, 2, 10)
+>>> info.n_layers, info.n_heads, info.vocab_size, info.d_model
+(1, 2, 10, 8)
 """
 
 from __future__ import annotations
@@ -32,19 +32,11 @@ import numpy as np
 import safetensors.numpy
 import safetensors.torch
 import torch
-import torch.nn as nn
 
-from ..captures.capture import (
-    AttentionSite,
-    CaptureError,
-    CaptureTooLarge,
-    CaptureUnavailable,
-    ModelInfo,
-    describe_model,
-    run_capture,
-)
+from ..captures.capture import CaptureError, CaptureTooLarge, CaptureUnavailable
+from ..layout import ModelLayout
+from ..protocol import pack
 from ..runs import Run
-from .wire import pack_binary
 
 logger = logging.getLogger(__name__)
 
@@ -59,26 +51,17 @@ TRANSFER_GRACE_S = 30.0
 
 # -- what the server knows of the remote model -----------------------------------
 
-def model_info_message(model: nn.Module, symbols: Sequence[str] | None) -> dict[str, Any]:
-    """What captures need to know of ``model`` (sent in the publisher's announce)."""
-    info = describe_model(model)
-    return {"vocab_size": info.vocab_size, "d_model": info.d_model, "max_len": info.max_len,
-            "layers": [{"name": s.name, "heads": s.n_heads} for s in info.sites],
+def model_info_message(layout: ModelLayout, symbols: Sequence[str] | None) -> dict[str, Any]:
+    """What captures need to know of a model (the ``capture`` of a publisher's announce)."""
+    return {"vocab_size": layout.vocab_size, "d_model": layout.d_model,
+            "max_len": layout.max_len,
+            "layers": [{"name": s.name, "heads": s.heads} for s in layout.sites],
             "symbols": None if symbols is None else list(symbols)}
 
 
-def model_info_from_message(message: dict[str, Any]) -> ModelInfo:
-    """The inverse of :func:`model_info_message` (the sites hold no modules here)."""
-    sites = tuple(AttentionSite(i, str(layer["name"]), None, None, None,  # type: ignore[arg-type]
-                                None if layer.get("heads") is None else int(layer["heads"]))
-                  for i, layer in enumerate(message["layers"]))
-
-    def optional_int(key: str) -> int | None:
-        value = message.get(key)
-        return None if value is None else int(value)
-
-    return ModelInfo(sites=sites, vocab_size=optional_int("vocab_size"),
-                     d_model=optional_int("d_model"), max_len=optional_int("max_len"))
+def model_info_from_message(message: dict[str, Any]) -> ModelLayout:
+    """The inverse of :func:`model_info_message`: the layout captures check requests by."""
+    return ModelLayout.from_message(message)
 
 
 # -- server end --------------------------------------------------------------------
@@ -204,7 +187,7 @@ def _error(capture_id: str, kind: str, message: str, field_name: str | None = No
                        "error": {"kind": kind, "field": field_name, "message": message}})
 
 
-def answer_capture(run: Run, model: nn.Module, message: dict[str, Any]) -> list[bytes | str]:
+def answer_capture(run: Run, message: dict[str, Any]) -> list[bytes | str]:
     """Serve one ``capture`` request; returns the messages that answer it, in order.
 
     Blocks the calling (background) thread until the training thread reaches a
@@ -218,19 +201,9 @@ def answer_capture(run: Run, model: nn.Module, message: dict[str, Any]) -> list[
         layers, heads = message.get("layers"), message.get("heads")
         max_bytes = int(message["max_bytes"])
 
-        def job() -> tuple[dict[str, torch.Tensor] | None, int | None, Exception | None]:
-            # Runs in the training thread: never let an exception escape into it.
-            try:
-                out = run_capture(model, x, kinds, layers, heads, max_bytes)
-                return out, run.step_index, None
-            except Exception as exc:  # noqa: BLE001 (handed back to this thread)
-                return None, None, exc
-
-        out, step, error = run.call_between_steps(job, float(message.get("timeout", 60.0)))
-        if error is not None:
-            raise error
-        assert out is not None
-        data = safetensors.torch.save(out)
+        out, step = run.capture(x, kinds, layers, heads, max_bytes,
+                                float(message.get("timeout", 60.0)))
+        data = safetensors.numpy.save(out)
     except CaptureError as exc:
         return [_error(capture_id, "capture", exc.message, exc.field)]
     except TimeoutError as exc:
@@ -241,6 +214,6 @@ def answer_capture(run: Run, model: nn.Module, message: dict[str, Any]) -> list[
         logger.exception("capture %s for run %r failed", capture_id, run.id)
         return [_error(capture_id, "failed", f"{type(exc).__name__}: {exc}")]
     view = memoryview(data)
-    return [pack_binary({"kind": "capture_result", "id": capture_id, "offset": offset,
+    return [pack({"kind": "capture_result", "id": capture_id, "offset": offset,
                          "total": len(data), "step": step}, view[offset : offset + CHUNK_BYTES])
             for offset in range(0, len(data), CHUNK_BYTES)]

@@ -38,7 +38,8 @@ import torch.nn as nn
 import websockets
 
 from ..history.recorder import RunRecorder
-from ..runs import Run, finite_or_none
+from ..jsonsafe import json_safe
+from ..runs import Run
 from ..stream.publisher import EMPTY_PLAN, Publisher
 from ..stream.stats import valid_key_counts
 from .captures import answer_capture, model_info_message
@@ -86,15 +87,10 @@ class RemotePublisher:
         self.ws_url = publish_url(url)
         self.model = model
         self.run = Run(model, run_id=run_id, name=name or run_id, controls=(), symbols=symbols)
-        self._model_info = model_info_message(model, self.run.symbols)
+        self._model_info = model_info_message(self.run.layout, self.run.symbols)
         self.config = dict(config or {})
         self._token = token
         self._publisher = Publisher(self.run, self._wake)
-        self._modules: dict[tuple[str, int], int] = {}
-        for site in self.run.sites:
-            self._modules[("attn", site.index)] = id(site.inner)
-            if site.outer is not None:
-                self._modules[("qkv", site.index)] = id(site.outer)
         self._frames: deque[bytes] = deque(maxlen=buffer_frames)
         self._steps: deque[list[Any]] = deque(maxlen=MAX_PENDING_STEPS)
         self._answers: deque[bytes | str] = deque()  # capture results: never dropped
@@ -131,7 +127,7 @@ class RemotePublisher:
         self._follow_history_plan()
         if not self.connected.is_set():
             return  # the history sent on reconnection has it
-        scalars = {k: finite_or_none(v) for k, v in run.scalars.items()}  # JSON: NaN -> null
+        scalars = json_safe(run.scalars)  # JSON: NaN -> null
         self._steps.append([run.step_index, run.scalars_time, scalars, run.batch_size,
                             run.seq_len])
         if len(self._steps) == 1:  # the first of a batch: the send loop sends it in time
@@ -239,7 +235,7 @@ class RemotePublisher:
     def _announce(self) -> str:
         model = self.run.model_summary()
         for site, layer in zip(self.run.sites, model["layer_details"], strict=True):
-            layer["qkv"] = site.outer is not None
+            layer["qkv"] = site.qkv
         return json.dumps({
             "type": "announce", "wire": WIRE_VERSION, "run": self.run.id, "name": self.run.name,
             "host": f"{socket.gethostname()}:{os.getpid()}", "model": model,
@@ -280,7 +276,7 @@ class RemotePublisher:
         async for message in ws:
             data = json.loads(message)
             if data.get("type") == "plan":
-                self._publisher.set_plan(plan_from_message(data, self._modules))
+                self._publisher.set_plan(plan_from_message(data))
                 self._sent = {}
             elif data.get("type") == "capture":
                 task = asyncio.create_task(self._capture(data))
@@ -290,7 +286,7 @@ class RemotePublisher:
     async def _capture(self, request: dict[str, Any]) -> None:
         """Serve a capture request: wait (in a worker thread) for the training thread to
         run it between two steps, then queue the answer for the send loop."""
-        answer = await asyncio.to_thread(answer_capture, self.run, self.model, request)
+        answer = await asyncio.to_thread(answer_capture, self.run, request)
         self._answers.extend(answer)
         self._wake()
 

@@ -14,9 +14,12 @@ import torch
 from transformer_core.events import AttentionEvent
 from transformer_core.masking import BaseMask
 
-from .roles import REPEAT_NAMES, pattern_scores
+from .roles import PATTERN_NAMES, REPEAT_NAMES, pattern_scores
 
 STAT_NAMES = ("entropy", "max_weight", "first_token", "nan", "inf")
+# The rows of head_statistics: the history's per-step record of each head (induction
+# and duplicate_token are filled there from the latest induction probe).
+HEAD_STATISTICS = (*STAT_NAMES, *PATTERN_NAMES, *REPEAT_NAMES)
 
 
 def head_stats(p: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -47,8 +50,8 @@ def head_stats(p: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
 
 def head_statistics(p: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """:func:`head_stats`, the pattern scores and NaN induction rows: (13, H) on the CPU,
-    in the order of ``STAT_NAMES + roles.PATTERN_NAMES + roles.REPEAT_NAMES`` (the rows
-    the history stores per step; the induction rows are filled from its probe).
+    in :data:`HEAD_STATISTICS` order (the rows the history stores per step; the
+    induction rows are filled from its probe).
 
     >>> head_statistics(torch.eye(3)[None], None)[:, 0].tolist()[5:]
     [0.0, 0.0, 1.0, 1.0, 0.0, 0.0, nan, nan]

@@ -10,9 +10,10 @@ from stream_support import Wrapped, small_encoder
 from attnscope.captures.capture import run_capture
 from attnscope.history.config import HistoryConfig
 from attnscope.history.service import HistoryService
-from attnscope.history.store import STAT_NAMES, HistoryStore, StatRow
+from attnscope.history.store import HistoryStore, StatRow
 from attnscope.history.thinning import thinning_victim
 from attnscope.runs import Run
+from attnscope.stream.stats import HEAD_STATISTICS
 from transformer_core.events import EventDispatcher
 
 
@@ -60,14 +61,14 @@ def test_snapshots_every_k_steps_and_stats_every_step(tmp_path):
         rows = service.store.stats(session)
         assert [r.step for r in rows] == list(range(23))
         assert rows[4].scalars == {"loss": pytest.approx(1 / 5)}
-        assert rows[0].heads.shape == (2, len(STAT_NAMES), 2)  # (layers, stats, heads)
+        assert rows[0].heads.shape == (2, len(HEAD_STATISTICS), 2)  # (layers, stats, heads)
         entropy = rows[0].heads[:, 0]
         assert np.all((entropy > 0) & (entropy <= 1))
         # role scores every step; induction scores from the probe snapshot before the row
-        induction = STAT_NAMES.index("induction")
+        induction = HEAD_STATISTICS.index("induction")
         assert np.isnan(rows[0].heads[:, induction]).all()
         assert np.all((rows[1].heads[:, induction] >= 0) & (rows[1].heads[:, induction] <= 1))
-        assert np.isfinite(rows[0].heads[:, STAT_NAMES.index("previous_token")]).all()
+        assert np.isfinite(rows[0].heads[:, HEAD_STATISTICS.index("previous_token")]).all()
     finally:
         service.close()
 

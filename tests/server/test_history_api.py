@@ -135,8 +135,8 @@ def test_history_of_a_head_as_json_and_step_ranges(served):
 
 
 def test_heads_lists_every_head_with_statistics_scores_and_roles(served):
-    from attnscope.history.store import STAT_NAMES
     from attnscope.stream.roles import ROLES
+    from attnscope.stream.stats import HEAD_STATISTICS
 
     s, run, model, x = served
     assert s.http.get("/api/v1/runs/nope/heads").status_code == 404
@@ -151,7 +151,7 @@ def test_heads_lists_every_head_with_statistics_scores_and_roles(served):
     assert [(h["layer"], h["head"]) for h in body["heads"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     rows = s.app.state.history.store.stats(body["session"])
     for h in body["heads"]:
-        assert set(h["stats"]) == set(STAT_NAMES) and set(h["scores"]) == set(ROLES)
+        assert set(h["stats"]) == set(HEAD_STATISTICS) and set(h["scores"]) == set(ROLES)
         stored = rows[-1].heads[h["layer"], :, h["head"]]
         assert h["stats"]["entropy"] == pytest.approx(float(stored[0]))
         # the probe snapshot every step gives induction scores to every row after the first

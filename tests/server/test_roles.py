@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from attnscope.history.roles import RoleTracker, snapshot_repeat_scores
-from attnscope.history.store import STAT_NAMES
 from attnscope.stream.roles import (
     PATTERN_NAMES,
     RoleRule,
@@ -20,7 +19,7 @@ from attnscope.stream.roles import (
     repeat_scores,
     repeated_probe,
 )
-from attnscope.stream.stats import head_statistics, head_stats
+from attnscope.stream.stats import HEAD_STATISTICS, head_statistics, head_stats
 
 L = 8
 
@@ -137,7 +136,7 @@ def test_repeated_probe_repeats_the_first_half():
 def roles_of(*heads: torch.Tensor, previous=None) -> list[str | None]:
     p = torch.stack(heads)
     stats = head_statistics(p, causal())
-    named = {name: stats[i] for i, name in enumerate(STAT_NAMES)}
+    named = {name: stats[i] for i, name in enumerate(HEAD_STATISTICS)}
     return assign_roles(named, previous or [None] * len(heads))
 
 
