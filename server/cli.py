@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="reverse: a one-layer model reverses 24 symbols (heads converge in "
                            "seconds); induction: a two-layer attention-only model learns to "
                            "continue repeated random tokens (previous-token and induction "
-                           "heads form after ~500 steps). Default: reverse")
+                           "heads form after ~250-400 steps). Default: reverse")
     demo.add_argument("--max-rate", type=float, default=None, metavar="STEPS_PER_S",
                       help="pace training so the heads can be watched forming "
                            "(default 8 steps/s for reverse, 20 for induction; 0: as fast "
