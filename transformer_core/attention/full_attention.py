@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..attention_registry import AttentionRegistry, EventDispatcherInstance, Float, Optional
 from ..events import AttentionEvent, EventDispatcher
 from ..masking import BaseMask, concat_rows, sample_rows
 from ._masks import apply_masks, sdpa_mask, select
@@ -146,3 +147,10 @@ class FullAttention(nn.Module):
             copy_fn=copy,
             concat_fn=concat,
         )
+
+
+AttentionRegistry.register("full", FullAttention, [
+    ("softmax_temp", Optional(Float)),
+    ("attention_dropout", Optional(Float, 0.1)),
+    ("event_dispatcher", Optional(EventDispatcherInstance, "")),
+])

@@ -5,6 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..attention_registry import (
+    AttentionRegistry,
+    Callable,
+    EventDispatcherInstance,
+    Int,
+    Optional,
+)
 from ..events import AttentionEvent, EventDispatcher
 from ..feature_maps import elu_feature_map
 from ..masking import BaseMask, sample_rows
@@ -171,3 +178,12 @@ class CausalLinearAttention(LinearAttention):
         if self.event_dispatcher.has_listeners:
             self._dispatch(phi_q, phi_k, key_lengths, (N, H, L, L), causal=True)
         return out
+
+
+_LINEAR_PARAMS = [
+    ("query_dimensions", Int),
+    ("feature_map", Optional(Callable)),
+    ("event_dispatcher", Optional(EventDispatcherInstance, "")),
+]
+AttentionRegistry.register("linear", LinearAttention, _LINEAR_PARAMS)
+AttentionRegistry.register("causal-linear", CausalLinearAttention, _LINEAR_PARAMS)
