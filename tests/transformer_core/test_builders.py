@@ -72,7 +72,8 @@ def test_unknown_key_names_it_and_lists_allowed(make):
      ("attention_dropout", -0.1, r"\[0, 1\)"), ("attention_type", "flash", "one of"),
      ("activation", "tanh", "one of"), ("softmax_temp", 0, "positive float"),
      ("final_normalization", 1, "a bool"), ("event_dispatcher", None, "EventDispatcher"),
-     ("feature_map", "elu", "factory"), ("local_context", -3, "positive int")],
+     ("feature_map", "elu", "Callable"), ("local_context", -3, "positive int"),
+     ("clusters", 2.5, "Int"), ("bits", 64, r"\[1, 63\]"), ("hash_bias", "yes", "Bool")],
 )
 def test_ill_typed_value_names_the_argument(key, value, expected):
     with pytest.raises(ValueError, match=rf"'{key}' must be .*{expected}.*got {value!r}"):

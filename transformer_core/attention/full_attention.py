@@ -107,7 +107,7 @@ class FullAttention(nn.Module):
             self.event_dispatcher.dispatch(
                 self._event(queries, keys, scale, attn_mask, key_lengths, matrix)
             )
-        return out.transpose(1, 2)  # (N, L, H, D)
+        return out.transpose(1, 2).contiguous()  # (N, L, H, D)
 
     def _event(self, queries, keys, scale, attn_mask, key_lengths, matrix=None) -> AttentionEvent:
         """The lazy event of queries (N, L, H, E) and keys (N, S, H, E)."""

@@ -89,6 +89,10 @@ class Registry:
     def contains_parameter(self, key: str) -> bool:
         return key in self._parameters
 
+    def accepts_none(self, key: str) -> bool:
+        """Whether parameter ``key`` may be left unset (None: its spec has a default)."""
+        return self._parameters[key].check(None)
+
     def validate_parameter(self, key: str, value: Any) -> Any:
         """The canonical value of parameter ``key``; ValueError naming ``key`` if invalid."""
         spec = self._parameters[key]
