@@ -48,7 +48,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 def import_recurrent() -> None:
     """Import the recurrent attentions so that they register themselves."""
     try:
-        importlib.import_module("transformer_core.recurrent")
+        importlib.import_module("transformer_core.recurrent.attention")
     except ModuleNotFoundError as e:  # only while transformer_core.recurrent does not exist
         if not (e.name or "").startswith("transformer_core.recurrent"):
             raise
