@@ -310,3 +310,35 @@ def test_registries_name_the_recurrent_attentions():
     assert RecurrentCrossAttentionRegistry["linear"][0] is RecurrentCrossLinearAttention
     assert RecurrentAttentionRegistry["linear"][1] == [
         "query_dimensions", "feature_map", "eps", "event_dispatcher"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["full", "linear"])
+def test_recurrent_decoder_on_cuda_equals_cpu_and_events_stay_on_the_device(kind, dispatcher):
+    _, rec = decoders(kind, dispatcher)
+    x, memory = torch.randn(N, L, D_MODEL), torch.randn(N, S, D_MODEL)
+    lengths = LengthMask(torch.tensor([S, 3, 5]), max_len=S)
+    expected, state = [], None
+    for i in range(L):
+        y, state = rec(x[:, i], memory, memory_length_mask=lengths, state=state)
+        expected.append(y)
+    rec = rec.cuda()
+    seen = Recorder()
+    dispatcher.listen(AttentionEvent, seen)
+    cuda_lengths = LengthMask(lengths.lengths.cuda(), max_len=S)
+    got, state = [], None
+    for i in range(L):
+        y, state = rec(x[:, i].cuda(), memory.cuda(), memory_length_mask=cuda_lengths,
+                       state=state)
+        got.append(y.cpu())
+    torch.testing.assert_close(torch.stack(got, 1), torch.stack(expected, 1), atol=1e-4,
+                               rtol=1e-4)
+    assert all(e.attention_matrix.is_cuda for e in seen.events)
+    assert seen.events[-2].shape == (N, H, 1, L)  # the last self-attention row
+
+
+@pytest.mark.gpu
+def test_random_feature_map_is_redrawn_on_the_device():
+    att = RecurrentLinearAttention(E, Favor.factory(n_dims=16)).cuda()
+    out, state = att(*(torch.randn(N, H, E, device="cuda") for _ in range(3)))
+    assert att.feature_map.omega.is_cuda and out.is_cuda and state[0].is_cuda
