@@ -92,7 +92,8 @@ def summarise(junit: Path, root: Path) -> dict[str, dict[str, list[str]]]:
                 "message") else ""
             results[file]["failed"].append(f"{name}: {message}")
         elif case.find("skipped") is not None:
-            results[file]["skipped"].append(name)
+            reason = (case.find("skipped").get("message") or "").splitlines()[0][:80]
+            results[file]["skipped"].append(reason)
         else:
             results[file]["passed"].append(name)
     return results
@@ -135,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         ran = counts["passed"] + counts["failed"]
         share = 100.0 * counts["passed"] / ran if ran else 0.0
         print(f"  {group}: {counts['passed']}/{ran} passed ({share:.1f} %)")
+    reasons = defaultdict(int)
+    for file in results:
+        for reason in results[file]["skipped"]:
+            reasons[reason] += 1
+    for reason, count in sorted(reasons.items()):
+        print(f"skipped {count}: {reason}")
     for file, reason in sorted(skipped.items()):
         print(f"not run: {file} ({reason})")
     failures = [line for file in sorted(results) for line in results[file]["failed"]]
