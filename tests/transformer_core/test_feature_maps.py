@@ -6,11 +6,13 @@ Shape legend: N batch, L queries, S keys, H heads, E query/key dim, D value dim.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 
 from transformer_core.attention import AttentionLayer, FullAttention, LinearAttention
+from transformer_core.builders import TransformerEncoderBuilder
 from transformer_core.feature_maps import (
     ActivationFunctionFeatureMap,
     Favor,
@@ -193,3 +195,15 @@ def test_bad_arguments_name_themselves(kwargs, name):
         RandomFourierFeatures(E, **kwargs)
     with pytest.raises(ValueError, match="query_dimensions"):
         Favor(0)
+
+
+@pytest.mark.parametrize("feature_map", [Favor.factory(n_dims=64), partial(Favor, n_dims=64),
+                                         Favor, RandomFourierFeatures.factory(orthogonal=True)])
+def test_builders_take_a_factory_a_partial_or_the_class(feature_map):
+    """The seed's documented ways of passing a feature map to a builder."""
+    transformer = TransformerEncoderBuilder.from_kwargs(
+        attention_type="linear", n_layers=2, n_heads=2, query_dimensions=8, value_dimensions=8,
+        feature_map=feature_map).get()
+    maps = [layer.attention.inner_attention.feature_map for layer in transformer.layers]
+    assert maps[0] is not maps[1] and not torch.equal(maps[0].omega, maps[1].omega)
+    assert transformer(torch.rand(2, 10, 16)).shape == (2, 10, 16)

@@ -19,6 +19,7 @@ from transformer_core.attention_registry import (
     RecurrentAttentionRegistry,
     RecurrentCrossAttentionRegistry,
 )
+from transformer_core.builders import RecurrentEncoderBuilder, TransformerEncoderBuilder
 from transformer_core.events import AttentionEvent, EventDispatcher, IntermediateOutput, QKVEvent
 from transformer_core.feature_maps import Favor
 from transformer_core.masking import LengthMask, TriangularCausalMask
@@ -342,3 +343,21 @@ def test_random_feature_map_is_redrawn_on_the_device():
     att = RecurrentLinearAttention(E, Favor.factory(n_dims=16)).cuda()
     out, state = att(*(torch.randn(N, H, E, device="cuda") for _ in range(3)))
     assert att.feature_map.omega.is_cuda and out.is_cuda and state[0].is_cuda
+
+
+def test_seed_documentation_example_recurrent_encoder_from_builder():
+    """The seed's recurrent example (fewer layers): a built recurrent encoder fed its own
+    output step after step, and the batch twin from the same weights agrees."""
+    kwargs = dict(attention_type="linear", n_layers=2, n_heads=4,
+                  feed_forward_dimensions=64, query_dimensions=8, value_dimensions=8)
+    model = RecurrentEncoderBuilder.from_kwargs(**kwargs).get().eval()
+    state, x = None, torch.rand(10, 4 * 8)
+    for _ in range(20):
+        x, state = model(x, state=state)
+    assert x.shape == (10, 32) and torch.isfinite(x).all()
+    batch = TransformerEncoderBuilder.from_kwargs(**{**kwargs, "attention_type": "causal-linear"})
+    batch = batch.get().eval()
+    batch.load_state_dict(model.state_dict())
+    xs = torch.randn(3, 6, 32)
+    torch.testing.assert_close(run_encoder(model, xs),
+                               batch(xs, attn_mask=TriangularCausalMask(6)), atol=1e-5, rtol=0)
