@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -75,7 +76,10 @@ def build_seed(seed_git: str, build_dir: Path) -> None:
                              check=True, capture_output=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(build_dir, filter="data")
-    env = {**os.environ, "MAX_JOBS": "2", "CUDA_HOME": "", "FORCE_CUDA": "0"}
+    # CPU kernels only: the seed's setup.py adds CUDA extensions whenever nvcc is on PATH
+    path = [d for d in os.environ.get("PATH", "").split(os.pathsep)
+            if not shutil.which("nvcc", path=d)]
+    env = {**os.environ, "MAX_JOBS": "2", "PATH": os.pathsep.join(path)}
     print(f"building the seed's kernels in {build_dir} (minutes) ...", file=sys.stderr)
     subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=build_dir,
                    env=env, check=True, stdout=subprocess.DEVNULL)
