@@ -19,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from . import __version__, captures, history
 from .api import api_router
 from .auth import AuthMiddleware
+from .guard import RequestGuard
 from .remote.endpoint import router as publish_router
 from .runs import RunRegistry
 from .settings import Settings
@@ -82,6 +83,9 @@ def create_app(settings: Settings | None = None, registry: RunRegistry | None = 
     app.include_router(publish_router)  # /ws/publish: Dashboard.connect publishers
     # Outermost: every route (REST, websockets, the page) needs the token but health.
     app.add_middleware(AuthMiddleware, token=settings.token_value,
+                       allowed_origins=settings.allowed_origins)
+    # Outside auth: Host allow-list, Origin and JSON-only on state-changing requests.
+    app.add_middleware(RequestGuard, bind=settings.host, allowed_hosts=settings.allowed_hosts,
                        allowed_origins=settings.allowed_origins)
 
     plotly_js = plotly_js_path()

@@ -34,6 +34,8 @@ import torch.nn as nn
 from transformer_core.attention import ATTENTION_TYPES, AttentionLayer
 from transformer_core.events import AttentionEvent, IntermediateOutput, QKVEvent
 
+from ..limits import LimitError, check_indices
+
 logger = logging.getLogger(__name__)
 
 KINDS = ("attention", "qkv", "qk_logits", "intermediate")
@@ -149,21 +151,17 @@ def check_selection(info: ModelInfo, layers: Sequence[int] | None,
     """Resolve ``layers`` (None = all) and validate ``heads``; raise :class:`CaptureError`."""
     if info.n_layers == 0:
         raise CaptureError("run", "this run's model has no transformer_core attention layers")
-    if layers is None:
-        layers = list(range(info.n_layers))
-    for i in layers:
-        if not 0 <= i < info.n_layers:
-            raise CaptureError(
-                "layers", f"layer {i} out of range: the model has {info.n_layers} layers "
-                f"(0-{info.n_layers - 1})")
-    if heads is not None:
-        for layer in layers:
-            h = info.sites[layer].n_heads
-            for head in heads:
-                if h is not None and not 0 <= head < h:
-                    raise CaptureError("heads", f"head {head} out of range: layer {layer} "
-                                       f"has {h} heads (0-{h - 1})")
-    return list(dict.fromkeys(layers)), list(heads) if heads is not None else None
+    try:
+        layers = list(range(info.n_layers)) if layers is None else list(
+            check_indices("layers", layers, info.n_layers, where="the model"))
+        if heads is not None:
+            counts = [(s.n_heads, s.index) for s in (info.sites[i] for i in layers)
+                      if s.n_heads is not None]
+            n_heads, where = min(counts) if counts else (1 << 16, None)
+            heads = list(check_indices("heads", heads, n_heads, where=f"layer {where}"))
+    except LimitError as exc:
+        raise CaptureError(exc.field, exc.message) from None
+    return layers, heads
 
 
 def estimate_bytes(info: ModelInfo, n: int, length: int, kinds: Sequence[str],
