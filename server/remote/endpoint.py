@@ -28,7 +28,7 @@ from ..runs import UnknownRunError
 from ..stream.publisher import Plan
 from .checks import AnnounceLimits, FrameError, check_announce, check_frame_header, check_steps
 from .history import HistoryInbox, config_message
-from .run import RemoteRun
+from .run import RemoteRun, history_from_dict
 from .wire import WIRE_VERSION, decode_capture, plan_to_message, unpack_binary
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,11 @@ def _attach_run(registry: Any, hello: Announce, limits: AnnounceLimits) -> Remot
     steps = (hello.history or {}).get("steps")
     if steps is not None and (not isinstance(steps, list) or len(steps) > MAX_HISTORY_POINTS):
         raise FrameError("history.steps", f"at most {MAX_HISTORY_POINTS} points")
+    if hello.history is not None:
+        try:  # what attach() will read: refuse a malformed history here, not mid-attach
+            history_from_dict(hello.history)
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+            raise FrameError("history", f"malformed scalar history: {exc}") from None
     try:
         run = registry.get(hello.run)
     except UnknownRunError:
@@ -153,8 +158,10 @@ async def _publish(websocket: WebSocket, registry: Any, settings: Any) -> None:
         raw = await asyncio.wait_for(websocket.receive_text(), ANNOUNCE_TIMEOUT_S)
         hello = Announce.model_validate_json(raw)
         run = _attach_run(registry, hello, AnnounceLimits.from_settings(settings))
-    except (ValidationError, ValueError, KeyError, TimeoutError) as exc:
-        message = str(exc).splitlines()[0] if not isinstance(exc, ValidationError) else \
+    except (ValidationError, ValueError, KeyError, TypeError, AttributeError,
+            TimeoutError) as exc:
+        message = (str(exc).splitlines() or [f"no announce ({type(exc).__name__})"])[0] \
+            if not isinstance(exc, ValidationError) else \
             "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         logger.warning("refused a publisher: %s", message[:300])
         reason = "run taken" if isinstance(exc, RunTaken) else "invalid announce"
@@ -233,7 +240,7 @@ async def _receive_loop(websocket: WebSocket, run: RemoteRun, link: _Link,
             else:
                 await websocket.close(1003, "unknown message type")
                 return False
-        except (FrameError, ValueError, TypeError, KeyError, IndexError) as exc:
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
             # Client input, not a server fault: one line, an error back, the message dropped.
             bad += 1
             if bad == 1 or bad % 10 == 0:
