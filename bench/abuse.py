@@ -7,7 +7,7 @@ during the attack (VmHWM, reset before each attack through /proc/PID/clear_refs)
 and the health latency (p50 / p99 / max). Targets: every attack refused or
 bounded, RSS growth < 50 MB, health p99 < 100 ms.
 
-    .venv/bin/python bench/abuse.py [--capture-seconds 5]
+    .venv/bin/python bench/abuse.py [--capture-seconds 10]
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def measure(pid: int, url: str, attack: Callable[[], str]) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 (a bench reports, it does not stop)
         answer = f"client error: {exc!r}"
     seconds = time.perf_counter() - t0
-    time.sleep(0.3)
+    time.sleep(max(0.3, 1.0 - seconds))  # at least 1 s of health samples per attack
     health.stop.set()
     health.join()
     lat = sorted(health.samples) or [float("nan")]
@@ -277,7 +277,7 @@ def token_printed() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--capture-seconds", type=float, default=5.0)
+    parser.add_argument("--capture-seconds", type=float, default=10.0)
     args = parser.parse_args()
     port = free_port()
     url = f"http://127.0.0.1:{port}"

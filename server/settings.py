@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     max_remote_layers: int = Field(1024, ge=1, le=1_000_000)
     max_remote_heads: int = Field(1024, ge=1, le=1_000_000)
     max_remote_seq_len: int = Field(65536, ge=1, le=10_000_000)
+    # 256 remote runs listed at most: past it the oldest ended (then idle) one is
+    # forgotten (its recorded history stays); all of them live: a new run is refused.
+    max_remote_runs: int = Field(256, ge=1, le=100_000)
     # 256 MiB: the largest REST response built in memory (history data and frames);
     # a 200-snapshot history of 12 heads at L = S = 128 is 157 MiB of float32.
     max_response_bytes: int = Field(256 << 20, ge=1024)

@@ -39,6 +39,10 @@ ANNOUNCE_TIMEOUT_S = 10.0
 MAX_BAD_MESSAGES = 100
 # Announced scalar history points at most (a publisher keeps 2048 after thinning).
 MAX_HISTORY_POINTS = 100_000
+# JSON text from a publisher (announce, steps, ...) is small: 4 MiB holds 1024 layers,
+# a 2048-point history and a 50k-token vocabulary. Only binary frames are bigger;
+# text past this is refused (1009) before it is parsed.
+MAX_TEXT_BYTES = 4 << 20
 
 
 class Announce(BaseModel):
@@ -90,7 +94,8 @@ def _owns(run: RemoteRun, secret: str | None) -> bool:
         run.secret.encode(), secret.encode())
 
 
-def _attach_run(registry: Any, hello: Announce, limits: AnnounceLimits) -> RemoteRun:
+def _attach_run(registry: Any, hello: Announce, limits: AnnounceLimits,
+                max_runs: int) -> RemoteRun:
     """The run ``hello`` publishes, created or taken back; raises ValueError, RunTaken."""
     check_announce(hello.model, hello.config, hello.capture, limits)
     steps = (hello.history or {}).get("steps")
@@ -106,6 +111,7 @@ def _attach_run(registry: Any, hello: Announce, limits: AnnounceLimits) -> Remot
     except UnknownRunError:
         run = None
     if run is None:
+        _make_room(registry, max_runs)
         run = RemoteRun(hello.run, hello.name, hello.model, hello.host, hello.config)
         run.set_capture_info(hello.capture)
         # A publisher back after a server restart keeps its secret; a new one gets one.
@@ -156,8 +162,12 @@ async def publish(websocket: WebSocket, registry: RegistryDep) -> None:
 async def _publish(websocket: WebSocket, registry: Any, settings: Any) -> None:
     try:
         raw = await asyncio.wait_for(websocket.receive_text(), ANNOUNCE_TIMEOUT_S)
+        if len(raw) > MAX_TEXT_BYTES:
+            await _refuse_large(websocket, "announce", len(raw))
+            return
         hello = Announce.model_validate_json(raw)
-        run = _attach_run(registry, hello, AnnounceLimits.from_settings(settings))
+        run = _attach_run(registry, hello, AnnounceLimits.from_settings(settings),
+                          settings.max_remote_runs)
     except (ValidationError, ValueError, KeyError, TypeError, AttributeError,
             TimeoutError) as exc:
         message = (str(exc).splitlines() or [f"no announce ({type(exc).__name__})"])[0] \
@@ -217,8 +227,12 @@ async def _receive_loop(websocket: WebSocket, run: RemoteRun, link: _Link,
             if (data := message.get("bytes")) is not None:
                 _receive_binary(run, data, heads, limits)
                 continue
+            text = message.get("text") or "null"
+            if len(text) > MAX_TEXT_BYTES:
+                await _refuse_large(websocket, "text message", len(text))
+                return False
             try:
-                body = json.loads(message.get("text") or "null")
+                body = json.loads(text)
             except (ValueError, RecursionError):
                 logger.warning("publisher of run %r sent text that is not JSON; closed with "
                                "1003", run.id)
@@ -252,6 +266,29 @@ async def _receive_loop(websocket: WebSocket, run: RemoteRun, link: _Link,
                 await asyncio.sleep(0.05)
                 await websocket.close(1008, "too many bad messages")
                 return False
+
+
+async def _refuse_large(websocket: WebSocket, what: str, size: int) -> None:
+    message = f"{what} of {size} characters is over the {MAX_TEXT_BYTES}-byte limit"
+    logger.warning("publisher: %s; closed with 1009", message)
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+        await websocket.send_text(json.dumps({"type": "error", "message": message}))
+        await websocket.close(1009, "message too big")
+
+
+def _make_room(registry: Any, max_runs: int) -> None:
+    """Forget the oldest ended (then idle) remote runs until a new one fits."""
+    remote = [r for r in registry.list() if isinstance(r, RemoteRun)]
+    while len(remote) >= max_runs:
+        spare = [r for r in remote if r.status == "ended"] or \
+            [r for r in remote if r.status == "idle"]
+        if not spare:
+            raise FrameError("run", f"this server holds {len(remote)} live remote runs "
+                             "(ATTNSCOPE_MAX_REMOTE_RUNS); try again later")
+        oldest = min(spare, key=lambda r: r.started)
+        registry.remove(oldest.id)
+        remote.remove(oldest)
+        logger.info("forgot remote run %r (%s) to make room", oldest.id, oldest.status)
 
 
 def _receive_binary(run: RemoteRun, data: bytes, heads: list[int | None],

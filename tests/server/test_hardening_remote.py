@@ -194,3 +194,36 @@ def test_bad_steps_are_dropped_and_the_run_goes_on(served: Served) -> None:
         await ws.close()
 
     run_async(body)
+
+
+def test_oversized_publisher_text_is_refused_before_parsing(served: Served) -> None:
+    async def body() -> tuple[dict, int]:
+        big = announce(padding="x" * (5 << 20))  # a 300,000-layer announce weighs ~20 MB
+        ws = await websockets.connect(served.url.replace("http", "ws") + "/ws/publish",
+                                      max_size=None)
+        await ws.send(big)
+        error = await next_of(ws, "error")
+        return error, await closed_code(ws)
+
+    error, code = run_async(body)
+    assert code == 1009 and "over the" in error["message"]
+
+
+def test_remote_runs_are_capped_oldest_ended_forgotten_first() -> None:
+    with Served(RunRegistry(), max_remote_runs=2) as served:
+        async def body() -> None:
+            a, _ = await publisher(served, announce(run="cap/a"))
+            b, _ = await publisher(served, announce(run="cap/b"))
+            c, answer = await publisher(served, announce(run="cap/c"))  # both live: refused
+            assert answer["type"] == "error" and "ATTNSCOPE_MAX_REMOTE_RUNS" in answer["message"]
+            await c.close()
+            await a.send(json.dumps({"type": "close"}))
+            await asyncio.sleep(0.2)
+            c, answer = await publisher(served, announce(run="cap/c"))
+            assert answer["type"] == "welcome"
+            ids = {r["id"] for r in served.http.get("/api/v1/runs").json()}
+            assert ids == {"cap/b", "cap/c"}  # the ended one went
+            for ws in (a, b, c):
+                await ws.close()
+
+        run_async(body)
