@@ -30,8 +30,8 @@ import httpx
 import numpy as np
 import websockets
 
-import server.cli
-from server.remote.wire import pack_binary
+import attnscope.cli
+from attnscope.remote.wire import pack_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -266,7 +266,7 @@ def token_printed() -> str:
     """Item 7: a user-supplied token must not reach stdout."""
     token = "user-supplied-token-0123456789"
     env = {**os.environ, "ATTNSCOPE_TOKEN": token}
-    proc = subprocess.Popen([sys.executable, "-m", server.cli.__name__, "serve", "--port",
+    proc = subprocess.Popen([sys.executable, "-m", attnscope.cli.__name__, "serve", "--port",
                              str(free_port())], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
     time.sleep(4)
@@ -284,7 +284,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as data:
         env = {**os.environ, "ATTNSCOPE_DEVICE": "cpu", "ATTNSCOPE_DATA_DIR": data,
                "ATTNSCOPE_MAX_CAPTURE_BYTES": str(64 * MiB), "ATTNSCOPE_TORCH_THREADS": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", server.cli.__name__, "demo", "--port",
+        proc = subprocess.Popen([sys.executable, "-m", attnscope.cli.__name__, "demo", "--port",
                                  str(port), "--no-browser", "--max-rate", "8"], env=env,
                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True)

@@ -1,12 +1,14 @@
 """``create_app(settings, registry)``: the FastAPI application.
 
-Routes: ``/api/v1/...`` (REST, see :mod:`server.api`), ``/ws`` (the stream,
+Routes: ``/api/v1/...`` (REST, see :mod:`attnscope.api`), ``/ws`` (the stream,
 docs/protocol.md), ``/vendor/plotly.min.js`` (from the installed ``plotly``
-package: no CDN) and the page in ``frontend/`` at ``/``.
+package: no CDN) and the page at ``/``: package data ``attnscope.frontend``, found
+with :mod:`importlib.resources` (in the wheel, or ``frontend/`` of a checkout).
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,19 +18,34 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from . import __version__, captures, history
+from . import __version__
 from .api import api_router
 from .auth import AuthMiddleware
+from .captures.router import build_router as build_captures_router
+from .captures.service import CaptureLimits
+from .captures.store import CaptureStore, StoreLocked, open_store
 from .guard import RequestGuard
+from .history import service as history_service
+from .history.router import router as history_router
 from .remote.endpoint import router as publish_router
 from .runs import RunRegistry
 from .settings import Settings
-from .stream import Hub
+from .stream.hub import Hub
 from .ws import router as ws_router
 
 logger = logging.getLogger(__name__)
 
-FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
+
+
+def frontend_dir() -> Path | None:
+    """The folder holding the page (``index.html`` and its scripts), or None if missing."""
+    try:
+        index = importlib.resources.files("attnscope.frontend").joinpath("index.html")
+    except ModuleNotFoundError:  # pragma: no cover - an install without the page
+        return None
+    # A real folder whenever the package is installed as files (wheel or editable);
+    # StaticFiles serves folders only.
+    return index.parent if isinstance(index, Path) and index.is_file() else None
 
 
 def plotly_js_path() -> Path | None:
@@ -41,11 +58,11 @@ def plotly_js_path() -> Path | None:
     return path if path.is_file() else None
 
 
-def _open_capture_store(settings: Settings) -> captures.CaptureStore | None:
+def _open_capture_store(settings: Settings) -> CaptureStore | None:
     """The capture store, or None (captures answer 503) when another process owns it."""
     try:
-        return captures.open_store(settings)
-    except captures.StoreLocked as exc:
+        return open_store(settings)
+    except StoreLocked as exc:
         logger.warning("captures disabled: %s (set ATTNSCOPE_DATA_DIR to a folder of its own)",
                        exc)
         return None
@@ -62,7 +79,7 @@ def create_app(settings: Settings | None = None, registry: RunRegistry | None = 
         await hub.start()
         app.state.hub = hub
         app.state.capture_store = _open_capture_store(settings)
-        app.state.history = history.start(settings, registry)  # None: off, or dir in use
+        app.state.history = history_service.start(settings, registry)  # None: off, or dir in use
         try:
             yield
         finally:
@@ -76,9 +93,9 @@ def create_app(settings: Settings | None = None, registry: RunRegistry | None = 
                   summary="A live window into a transformer while it trains.")
     app.state.settings = settings
     app.state.runs = registry
-    app.include_router(history.router)  # before api_router: its /runs/{id:path} takes all
+    app.include_router(history_router)  # before api_router: its /runs/{id:path} takes all
     app.include_router(api_router)
-    app.include_router(captures.build_router(captures.CaptureLimits.from_settings(settings)))
+    app.include_router(build_captures_router(CaptureLimits.from_settings(settings)))
     app.include_router(ws_router)
     app.include_router(publish_router)  # /ws/publish: Dashboard.connect publishers
     # Outermost: every route (REST, websockets, the page) needs the token but health.
@@ -96,8 +113,10 @@ def create_app(settings: Settings | None = None, registry: RunRegistry | None = 
             raise HTTPException(404, detail="plotly.min.js not found in the installed plotly")
         return FileResponse(plotly_js, media_type="text/javascript")
 
-    if FRONTEND_DIR.is_dir():
-        app.mount("/", StaticFiles(directory=FRONTEND_DIR, html=True), name="frontend")
-    else:  # pragma: no cover - a wheel without the page
-        logger.warning("frontend/ not found at %s; serving the API only", FRONTEND_DIR)
+    page = frontend_dir()
+    if page is not None:
+        app.mount("/", StaticFiles(directory=page, html=True), name="frontend")
+    else:  # pragma: no cover - an install without the page
+        logger.warning("the page (package attnscope.frontend) is not installed; "
+                       "serving the API only")
     return app

@@ -1,6 +1,6 @@
 """Browser-borne attacks on a server the user can reach: DNS rebinding and cross-site requests.
 
-:class:`RequestGuard` wraps the whole app (outside :class:`~server.auth.AuthMiddleware`)
+:class:`RequestGuard` wraps the whole app (outside :class:`~attnscope.auth.AuthMiddleware`)
 and refuses, before any route runs:
 
 - a ``Host`` header that is not a loopback name, the bound address or one of

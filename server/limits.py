@@ -8,15 +8,16 @@ computed with :func:`check_size` before anything is built. Both raise
 
 >>> check_indices("heads", [2, 0], 4)
 (2, 0)
->>> check_indices("heads", [0, 0], 4)
-Traceback (most recent call last):
-...
-server.limits.LimitError: heads: head 0 is listed twice; list each head once
+>>> try:
+...     check_indices("heads", [0, 0], 4)
+... except LimitError as exc:
+...     exc.field, exc.message
+('heads', 'head 0 is listed twice; list each head once')
 >>> try:
 ...     check_size("heads", 10, 4, 4, limit=100)
 ... except LimitError as exc:
 ...     exc.field, exc.message[:44]
-('heads', 'the response would hold 160 bytes, over this')
+('heads', 'the response would hold 640 bytes, over this')
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``GET /ws``: the live stream (docs/protocol.md).
 
 The receive loop parses client messages and answers them; a per-socket sender
-task (see :mod:`server.stream.hub`) pushes data. Close codes: 1003 for data the
+task (see :mod:`attnscope.stream.hub`) pushes data. Close codes: 1003 for data the
 protocol does not accept (non-JSON text, JSON nested too deep, binary), sent
 after an ``error`` message saying why; 1013 when the server has its maximum
 number of sockets; 1011 only on a fault of the server itself.
@@ -18,7 +18,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from .api.deps import HubDep
 from .protocol import ProtocolError, parse_subscribe
-from .stream import Connection, Hub
+from .stream.hub import Connection, Hub
 
 logger = logging.getLogger(__name__)
 router = APIRouter()

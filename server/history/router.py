@@ -20,7 +20,7 @@ from ..limits import INT64_MAX, INT64_MIN, LimitError, check_size, parse_index_l
 from ..protocol import encode_frame
 from ..stream.frames import pool_factor, pool_labels
 from .models import HistoryIndex, SessionPublic, StatsPublic
-from .recorder import HistoryService
+from .service import HistoryService
 from .store import STAT_NAMES, Session
 
 router = APIRouter(prefix="/api/v1", tags=["history"])

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..api.deps import RegistryDep
 from ..runs import UnknownRunError
-from ..stream.publisher import Plan
+from ..stream.plan import Plan
 from .checks import AnnounceLimits, FrameError, check_announce, check_frame_header, check_steps
 from .history import HistoryInbox, config_message
 from .run import RemoteRun, history_from_dict

@@ -1,4 +1,4 @@
-"""The server side of a remote run: a :class:`~server.runs.Run` fed over ``/ws/publish``.
+"""The server side of a remote run: a :class:`~attnscope.runs.Run` fed over ``/ws/publish``.
 
 A :class:`RemoteRun` has no model here: its layers, heads and roles come from the
 publisher's ``announce``; its steps, scalars and captures arrive over the network.
@@ -25,7 +25,7 @@ from transformer_core.masking import FullMask
 
 from ..captures.capture import ModelInfo
 from ..runs import AttentionSite, Run, RunStateError, ScalarHistory
-from ..stream.publisher import EMPTY_PLAN, Capture, Plan, SlotKey
+from ..stream.plan import EMPTY_PLAN, Capture, Plan, SlotKey
 from ..stream.stats import MaskInfo
 from .captures import CaptureRequests, model_info_from_message
 
@@ -147,7 +147,7 @@ class RemoteRun(Run):
 
     def capture(self, request: dict[str, Any], max_bytes: int,
                 timeout: float) -> tuple[dict[str, Any], int | None]:
-        """Run a capture in the publisher's process (see :mod:`server.remote.captures`).
+        """Run a capture in the publisher's process (see :mod:`attnscope.remote.captures`).
 
         ``request``: ``input`` ({"tokens": (N, L)} or {"features": (N, L, d_model)}
         as lists), ``kinds``, ``layers``, ``heads``. Returns (name -> numpy array, the

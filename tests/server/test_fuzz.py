@@ -30,8 +30,8 @@ import websockets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import server.cli
-from server.remote.wire import pack_binary
+import attnscope.cli
+from attnscope.remote.wire import pack_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 FUZZ_EXAMPLES = int(os.environ.get("ATTNSCOPE_FUZZ_EXAMPLES", "60"))
@@ -133,7 +133,7 @@ def demo(tmp_path_factory) -> Iterator[dict[str, Any]]:
            "ATTNSCOPE_DATA_DIR": str(tmp_path_factory.mktemp("fuzzdata")),
            "ATTNSCOPE_MAX_CAPTURE_BYTES": str(64 * MiB), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", server.cli.__name__, "demo", "--port", str(port), "--no-browser",
+        [sys.executable, "-m", attnscope.cli.__name__, "demo", "--port", str(port), "--no-browser",
          "--max-rate", "4"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"

@@ -17,8 +17,8 @@ from auth_support import TOKEN, log_of
 from captures_support import demo_run
 from stream_support import Served, Trainer, connect, recv_json, rss_bytes, run_async, small_encoder
 
-from server.guard import host_allow_list
-from server.runs import Run, RunRegistry
+from attnscope.guard import host_allow_list
+from attnscope.runs import Run, RunRegistry
 from transformer_core.events import EventDispatcher
 
 MiB = 1 << 20
@@ -228,7 +228,7 @@ def test_capture_disk_budget_answers_507_before_the_forward_pass(tmp_path) -> No
 # -- 7. tokens are printed only when generated ------------------------------------------
 
 def test_user_token_is_never_printed_generated_one_is(monkeypatch, capsys) -> None:
-    from server import cli
+    from attnscope import cli
 
     monkeypatch.setattr("uvicorn.Server.run", lambda self, sockets: None)
     monkeypatch.setenv("ATTNSCOPE_TOKEN", TOKEN)

@@ -15,10 +15,10 @@ import websockets
 from auth_support import log_of
 from stream_support import Served, connect, recv_frame, recv_json, run_async, small_encoder
 
-from server import Dashboard
-from server.remote.publisher import RunRefused
-from server.remote.wire import pack_binary
-from server.runs import RunRegistry
+from attnscope import Dashboard
+from attnscope.remote.publisher import RunRefused
+from attnscope.remote.wire import pack_binary
+from attnscope.runs import RunRegistry
 from transformer_core.events import EventDispatcher
 
 RUN = "bob/run1"
