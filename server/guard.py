@@ -6,7 +6,7 @@ and refuses, before any route runs:
 - a ``Host`` header that is not a loopback name, the bound address or one of
   ``allowed_hosts`` (400; a websocket upgrade gets 403): a page on a rebound
   domain reaches the server under its own name, so it is refused (as Starlette's
-  ``TrustedHostMiddleware`` and Jupyter do). Off on a wildcard bind unless
+  ``TrustedHostMiddleware`` and Jupyter do). Off on a non-loopback bind unless
   ``allowed_hosts`` is set, and with ``["*"]``;
 - a state-changing request (POST, PUT, PATCH, DELETE) whose ``Origin`` is not the
   server's own or allowed (403): a form or ``fetch`` from another site;
@@ -60,9 +60,16 @@ def allowed_host(name: str, allowed: frozenset[str]) -> bool:
 
 
 def host_allow_list(bind: str, extra: Iterable[str]) -> frozenset[str] | None:
-    """The names accepted besides loopback ones, or None when the Host check is off."""
+    """The names accepted besides loopback ones, or None when the Host check is off.
+
+    Off a loopback bind the check is off unless ``extra`` is given, as Jupyter's
+    ``allow_remote_access``: clients there use any name of the machine, and the
+    token (required off loopback) is what a rebound page cannot have.
+    """
     extra = [h.strip().lower() for h in extra]
-    if "*" in extra or (bind in WILDCARD_BINDS and not extra):
+    loopback = allowed_host(host_name(bind) if not bind.startswith("[") else bind[1:-1],
+                            frozenset())
+    if "*" in extra or (not loopback and not extra):
         return None
     names = {host_name(h) if not h.startswith("*.") else h for h in extra}
     if bind not in WILDCARD_BINDS:

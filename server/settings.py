@@ -113,8 +113,8 @@ class Settings(BaseSettings):
     # reverse proxy's URL).
     allowed_origins: list[str] = Field(default_factory=list)
     # Host names accepted besides loopback names and the bound address (DNS rebinding:
-    # docs/security.md), e.g. ["dash.example.org"]; ["*"] turns the check off. On a
-    # wildcard bind (0.0.0.0, ::) the check is off unless this is set: the token guards.
+    # docs/security.md), e.g. ["dash.example.org"]; ["*"] turns the check off. Off a
+    # loopback bind the check is off unless this is set: the (required) token guards.
     allowed_hosts: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")

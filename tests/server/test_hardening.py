@@ -183,9 +183,11 @@ def test_allowed_hosts_setting_and_wildcard_binds() -> None:
         assert ok.status_code == 200
         assert served.http.get("/api/v1/runs", headers={"Host": "x.example"}).status_code == 400
     assert host_allow_list("0.0.0.0", []) is None  # the token guards a public bind
+    assert host_allow_list("10.0.0.5", []) is None
     assert host_allow_list("0.0.0.0", ["a.example"]) == frozenset({"a.example"})
+    assert host_allow_list("10.0.0.5", ["a.example"]) == frozenset({"a.example", "10.0.0.5"})
     assert host_allow_list("127.0.0.1", ["*"]) is None
-    assert "10.0.0.5" in host_allow_list("10.0.0.5", [])
+    assert host_allow_list("localhost", []) == frozenset({"localhost"})
 
 
 # -- 4. captures: duplicate heads, per-capture size and the disk budget ------------------
