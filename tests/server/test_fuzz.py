@@ -112,7 +112,9 @@ class Canary(threading.Thread):
         asyncio.run(self._watch())
 
     async def _watch(self) -> None:
-        async with websockets.connect(self.ws_url, max_size=None) as ws:
+        # No keepalive pings: their payloads come from the global `random`, which would
+        # change under hypothesis while it draws (it reports that as a flaky test).
+        async with websockets.connect(self.ws_url, max_size=None, ping_interval=None) as ws:
             await ws.send(json.dumps({"type": "subscribe", "run": "demo", "max_fps": 10,
                                       "kinds": ["attention"], "layers": [0]}))
             while not self.stop.is_set():
