@@ -68,6 +68,10 @@ class RunTaken(ValueError):
     """The run id belongs to another publisher (live, or dropped and not yet back)."""
 
 
+class RunsFull(FrameError):
+    """Every remote run slot holds a live run: the publisher should retry later."""
+
+
 class _Link:
     """The server's end of one publisher connection: messages go out through a queue."""
 
@@ -175,9 +179,13 @@ async def _publish(websocket: WebSocket, registry: Any, settings: Any) -> None:
             "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         logger.warning("refused a publisher: %s", message[:300])
         reason = "run taken" if isinstance(exc, RunTaken) else "invalid announce"
+        answer = {"type": "error", "message": message}
+        if isinstance(exc, RunsFull):  # not final: the publisher retries with backoff
+            answer["retry"] = True
+            reason = "too many runs"
         with contextlib.suppress(Exception):
-            await websocket.send_text(json.dumps({"type": "error", "message": message}))
-            await websocket.close(1008, reason)
+            await websocket.send_text(json.dumps(answer))
+            await websocket.close(1013 if isinstance(exc, RunsFull) else 1008, reason)
         return
     except WebSocketDisconnect:
         return
@@ -283,8 +291,8 @@ def _make_room(registry: Any, max_runs: int) -> None:
         spare = [r for r in remote if r.status == "ended"] or \
             [r for r in remote if r.status == "idle"]
         if not spare:
-            raise FrameError("run", f"this server holds {len(remote)} live remote runs "
-                             "(ATTNSCOPE_MAX_REMOTE_RUNS); try again later")
+            raise RunsFull("run", f"this server holds {len(remote)} live remote runs "
+                           "(ATTNSCOPE_MAX_REMOTE_RUNS); try again later")
         oldest = min(spare, key=lambda r: r.started)
         registry.remove(oldest.id)
         remote.remove(oldest)

@@ -268,6 +268,11 @@ class RemotePublisher:
         self.connected.set()
         await ws.send(self._announce())
         welcome = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        if welcome.get("type") != "welcome" and welcome.get("retry"):
+            self.connected.clear()  # the server is full for now: retried with backoff
+            logger.warning("attnscope server: %s", welcome.get("message"))
+            self._answered.set()
+            return
         if welcome.get("type") != "welcome":
             self.connected.clear()
             self.refused = str(welcome.get("message", welcome))

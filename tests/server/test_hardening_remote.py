@@ -216,7 +216,7 @@ def test_remote_runs_are_capped_oldest_ended_forgotten_first() -> None:
             b, _ = await publisher(served, announce(run="cap/b"))
             c, answer = await publisher(served, announce(run="cap/c"))  # both live: refused
             assert answer["type"] == "error" and "ATTNSCOPE_MAX_REMOTE_RUNS" in answer["message"]
-            await c.close()
+            assert answer["retry"] is True and await closed_code(c) == 1013  # try again later
             await a.send(json.dumps({"type": "close"}))
             await asyncio.sleep(0.2)
             c, answer = await publisher(served, announce(run="cap/c"))
@@ -227,3 +227,19 @@ def test_remote_runs_are_capped_oldest_ended_forgotten_first() -> None:
                 await ws.close()
 
         run_async(body)
+
+
+def test_a_full_server_is_retried_not_refused_for_good() -> None:
+    with Served(RunRegistry(), max_remote_runs=1) as served:
+        first = Dashboard.connect(served.url, run="full/a", model=small_encoder(EventDispatcher()))
+        second = Dashboard.connect(served.url, run="full/b",
+                                   model=small_encoder(EventDispatcher()))  # does not raise
+        try:
+            assert second.refused is None and not second.connected.is_set()
+            first.close()  # ended: its slot can be taken
+            assert second.connected.wait(20), "the second publisher never got in"
+            ids = {r["id"] for r in served.http.get("/api/v1/runs").json()}
+            assert ids == {"full/b"}
+        finally:
+            first.close()
+            second.close()
