@@ -31,7 +31,7 @@ import numpy as np
 import websockets
 
 import attnscope.cli
-from attnscope.remote.wire import pack_binary
+from attnscope.protocol import pack as pack_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,18 +10,19 @@ Shape legend: T snapshots, h selected heads, L queries, S keys.
 from __future__ import annotations
 
 import io
-import math
 from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 
+from ..jsonsafe import json_safe
 from ..limits import INT64_MAX, INT64_MIN, LimitError, check_size, parse_index_list
 from ..protocol import encode_frame
 from ..stream.frames import pool_factor, pool_labels
+from ..stream.stats import STAT_NAMES
 from .models import HistoryIndex, SessionPublic, StatsPublic
 from .service import HistoryService
-from .store import STAT_NAMES, Session
+from .store import Session
 
 router = APIRouter(prefix="/api/v1", tags=["history"])
 MAX_JSON_VALUES = 4_000_000  # json data over this many numbers: use npz
@@ -73,10 +74,6 @@ def _heads(session: Session, layer: int, heads: str | None) -> list[int]:
         raise _error("heads", exc.message) from None
 
 
-def _finite(values: np.ndarray) -> list[float | None]:
-    return [float(v) if math.isfinite(v) else None for v in values.tolist()]
-
-
 # Integers are bounded to int64 here: SQLite cannot compare anything larger (a 500 before).
 Layer = Annotated[int, Query(ge=0, le=INT64_MAX, description="layer index, 0-based")]
 Heads = Annotated[str | None, Query(max_length=65536,
@@ -119,7 +116,7 @@ def history_index(run_id: str, service: ServiceDep, layer: Layer = 0, heads: Hea
             if row.heads is None or layer >= row.heads.shape[0]:
                 values[name].append([None] * len(chosen))
             else:
-                values[name].append(_finite(row.heads[layer, i, chosen]))
+                values[name].append(json_safe(row.heads[layer, i, chosen].tolist()))
     names = sorted({k for row in rows for k in row.scalars})
     base = f"/api/v1/runs/{run_id}/history"
     return HistoryIndex(
@@ -199,14 +196,7 @@ def history_data(run_id: str, service: ServiceDep, request: Request, layer: Laye
 def _json(obj: Any) -> bytes:
     import json
 
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, list):
-            return [clean(v) for v in x]
-        return x
-
-    return json.dumps({k: clean(v) for k, v in obj.items()}, separators=(",", ":")).encode()
+    return json.dumps(json_safe(obj), separators=(",", ":")).encode()
 
 
 @router.get("/runs/{run_id:path}/history/frame", responses={404: {"description": "no snapshot"}},

@@ -24,11 +24,11 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..api.deps import RegistryDep
-from ..runs import UnknownRunError
+from ..run_base import ScalarHistory, UnknownRunError
 from ..stream.plan import Plan
 from .checks import AnnounceLimits, FrameError, check_announce, check_frame_header, check_steps
 from .history import HistoryInbox, config_message
-from .run import RemoteRun, history_from_dict
+from .run import RemoteRun
 from .wire import WIRE_VERSION, decode_capture, plan_to_message, unpack_binary
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def _attach_run(registry: Any, hello: Announce, limits: AnnounceLimits,
         raise FrameError("history.steps", f"at most {MAX_HISTORY_POINTS} points")
     if hello.history is not None:
         try:  # what attach() will read: refuse a malformed history here, not mid-attach
-            history_from_dict(hello.history)
+            ScalarHistory.from_dict(hello.history)
         except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
             raise FrameError("history", f"malformed scalar history: {exc}") from None
     try:
@@ -262,7 +262,8 @@ async def _receive_loop(websocket: WebSocket, run: RemoteRun, link: _Link,
             else:
                 await websocket.close(1003, "unknown message type")
                 return False
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError,
+                RecursionError) as exc:  # RecursionError: a frame header nested too deep
             # Client input, not a server fault: one line, an error back, the message dropped.
             bad += 1
             if bad == 1 or bad % 10 == 0:

@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnscope.cli
-from attnscope.remote.wire import pack_binary
+from attnscope.protocol import pack as pack_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 FUZZ_EXAMPLES = int(os.environ.get("ATTNSCOPE_FUZZ_EXAMPLES", "60"))

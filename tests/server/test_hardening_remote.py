@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 from typing import Any
 
 import numpy as np
@@ -16,8 +17,8 @@ from auth_support import log_of
 from stream_support import Served, connect, recv_frame, recv_json, run_async, small_encoder
 
 from attnscope import Dashboard
+from attnscope.protocol import pack as pack_binary
 from attnscope.remote.publisher import RunRefused
-from attnscope.remote.wire import pack_binary
 from attnscope.runs import RunRegistry
 from transformer_core.events import EventDispatcher
 
@@ -81,7 +82,8 @@ def test_a_bad_frame_is_refused_and_viewers_never_see_it(served: Served) -> None
         error = await next_of(pub, "error")
         assert error["field"] == "shape", error
         for bad in (frame([2, 4, 4], [0, 0]), frame([2, 4, 4], [0, 1], layer=7),
-                    frame([2, 4, 4], [0, 5]), b"\x00", pack_binary({"kind": "attention"}, b"")):
+                    frame([2, 4, 4], [0, 5]), b"\x00", pack_binary({"kind": "attention"}, b""),
+                    struct.pack("<I", 20000) + b"[" * 10000 + b"]" * 10000):
             await pub.send(bad)
             await next_of(pub, "error")
         await pub.send(frame([2, 4, 4], [0, 1], step=2))  # a good one still goes through

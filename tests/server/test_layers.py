@@ -21,7 +21,8 @@ WEB_STACK = ("fastapi", "starlette", "uvicorn")
 
 # Core: run state, model layout, statistics, frames and the wire format.
 CORE = {
-    "attnscope", "attnscope.layout", "attnscope.runs", "attnscope.protocol",
+    "attnscope", "attnscope.layout", "attnscope.run_base", "attnscope.jsonsafe",
+    "attnscope.protocol",
     "attnscope.storage", "attnscope.stream", "attnscope.stream.plan", "attnscope.stream.stats",
     "attnscope.stream.frames", "attnscope.remote", "attnscope.remote.wire",
     "attnscope.captures", "attnscope.captures.capture", "attnscope.captures.store",
@@ -30,9 +31,10 @@ CORE = {
 }
 # Training side: Dashboard, the publishers, the history recorder and outbox, the demo.
 TRAINING = {
-    "attnscope.dashboard", "attnscope.stream.publisher", "attnscope.remote.publisher",
-    "attnscope.remote.captures", "attnscope.remote.history", "attnscope.history.recorder",
-    "attnscope.history.service", "attnscope.demo", "attnscope.demo_run", "attnscope.client",
+    "attnscope.dashboard", "attnscope.runs", "attnscope.stream.publisher",
+    "attnscope.remote.publisher", "attnscope.remote.captures", "attnscope.remote.history",
+    "attnscope.history.recorder", "attnscope.history.service", "attnscope.demo",
+    "attnscope.demo_run", "attnscope.client",
 }
 # Everything else is the web side (app, routers, hub, endpoints, auth, settings, CLI).
 LAYER_NAMES = ("core", "training side", "web side")
