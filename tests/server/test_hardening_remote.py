@@ -245,3 +245,34 @@ def test_a_full_server_is_retried_not_refused_for_good() -> None:
         finally:
             first.close()
             second.close()
+
+
+def test_a_capture_that_cannot_be_encoded_is_dropped_not_a_1011() -> None:
+    """Defence in depth behind the frame checks: the hub drops what it cannot encode."""
+    import torch
+
+    from attnscope.stream.plan import Capture
+
+    registry = RunRegistry()
+    with Served(registry) as served:
+        async def body() -> None:
+            pub, _ = await publisher(served, announce())
+            viewer = await connect(served.ws_url)
+            await viewer.send(json.dumps({"type": "subscribe", "run": RUN,
+                                          "kinds": ["attention"], "layers": [0]}))
+            await recv_json(viewer, "subscribed")
+            bad = Capture(kind="attention", layer=0, sample=0, heads=(0, 1),
+                          data=torch.zeros(8, 8, dtype=torch.float16), role="self", time=1.0)
+            registry.get(RUN).deliver(bad, None)  # as if it had passed the checks
+            await asyncio.sleep(0.5)
+            await viewer.send(json.dumps({"type": "ping"}))
+            assert (await recv_json(viewer, "pong"))["type"] == "pong"  # still open
+            await pub.send(frame([2, 4, 4], [0, 1], step=3))
+            header, _ = await recv_frame(viewer, "attention", 0)
+            assert header["step"] == 3
+            await viewer.close()
+            await pub.close()
+
+        with log_of("attnscope") as log:
+            run_async(body)
+    assert "dropped an unencodable attention capture" in log.getvalue()
