@@ -1,4 +1,4 @@
-"""The training side of remote publishing: ``Dashboard.connect(url, run=..., token=...)``.
+"""The training side of remote publishing: ``Dashboard.connect(model, url, run=...)``.
 
 :class:`RemotePublisher` keeps a local :class:`~attnscope.runs.Run` of the model and a
 stream :class:`~attnscope.stream.publisher.Publisher` on it, exactly as an in-process

@@ -127,7 +127,7 @@ def test_import_and_connect_load_no_web_framework() -> None:
     loaded = _loaded_after(
         "import attnscope\n"
         "from attnscope import Dashboard\n"
-        "dash = Dashboard.connect('http://127.0.0.1:9', run='x', model=net)  # nobody there\n"
+        "dash = Dashboard.connect(net, 'http://127.0.0.1:9', run='x')  # nobody there\n"
         "dash.step(0, loss=1.0)\n"
         "dash.close(timeout=1)\n")
     assert loaded == []

@@ -40,7 +40,7 @@ def served() -> Iterator[Served]:
 
 
 def _publish(served: Served, model: torch.nn.Module, **kwargs: Any) -> Any:
-    dash = Dashboard.connect(served.url, run=RUN, model=model, **kwargs)
+    dash = Dashboard.connect(model, served.url, run=RUN, **kwargs)
     wait_for(lambda: RUN in served.http.get("/api/v1/runs").text and dash.connections == 1,
              10, "the remote run")
     return dash
