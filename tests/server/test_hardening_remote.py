@@ -160,10 +160,10 @@ def test_a_second_publisher_cannot_take_a_run_over(served: Served) -> None:
 
 def test_dashboard_connect_says_when_a_run_is_taken(served: Served) -> None:
     model = small_encoder(EventDispatcher())
-    first = Dashboard.connect(served.url, run=RUN, model=model)
+    first = Dashboard.connect(model, served.url, run=RUN)
     try:
         with pytest.raises(RunRefused, match="belongs to another publisher"):
-            Dashboard.connect(served.url, run=RUN, model=small_encoder(EventDispatcher()))
+            Dashboard.connect(small_encoder(EventDispatcher()), served.url, run=RUN)
         assert first.connected.is_set()
     finally:
         first.close()
@@ -233,9 +233,9 @@ def test_remote_runs_are_capped_oldest_ended_forgotten_first() -> None:
 
 def test_a_full_server_is_retried_not_refused_for_good() -> None:
     with Served(RunRegistry(), max_remote_runs=1) as served:
-        first = Dashboard.connect(served.url, run="full/a", model=small_encoder(EventDispatcher()))
-        second = Dashboard.connect(served.url, run="full/b",
-                                   model=small_encoder(EventDispatcher()))  # does not raise
+        first = Dashboard.connect(small_encoder(EventDispatcher()), served.url, run="full/a")
+        second = Dashboard.connect(small_encoder(EventDispatcher()), served.url,
+                                   run="full/b")  # does not raise
         try:
             assert second.refused is None and not second.connected.is_set()
             first.close()  # ended: its slot can be taken
