@@ -24,6 +24,7 @@ from .auth import AuthMiddleware
 from .captures.router import build_router as build_captures_router
 from .captures.service import CaptureLimits
 from .captures.store import CaptureStore, StoreLocked, open_store
+from .guard import RequestGuard
 from .history import service as history_service
 from .history.heads import router as heads_router
 from .history.router import router as history_router
@@ -101,6 +102,9 @@ def create_app(settings: Settings | None = None, registry: RunRegistry | None = 
     app.include_router(publish_router)  # /ws/publish: Dashboard.connect publishers
     # Outermost: every route (REST, websockets, the page) needs the token but health.
     app.add_middleware(AuthMiddleware, token=settings.token_value,
+                       allowed_origins=settings.allowed_origins)
+    # Outside auth: Host allow-list, Origin and JSON-only on state-changing requests.
+    app.add_middleware(RequestGuard, bind=settings.host, allowed_hosts=settings.allowed_hosts,
                        allowed_origins=settings.allowed_origins)
 
     plotly_js = plotly_js_path()

@@ -125,7 +125,7 @@ class AuthMiddleware:
             if origin is not None and not same_origin(origin, headers.get("host"),
                                                       self.allowed_origins):
                 logger.warning("refused a websocket from foreign origin %r", origin)
-                await _deny_websocket(scope, receive, send, 403)
+                await deny_websocket(scope, receive, send, 403)
                 return
         if self.token is None or scope["path"] in PUBLIC_PATHS:
             await self.app(scope, receive, send)
@@ -133,7 +133,7 @@ class AuthMiddleware:
         verdict = self._check(scope, headers)
         if verdict is None:
             if scope["type"] == "websocket":
-                await _deny_websocket(scope, receive, send, 401)
+                await deny_websocket(scope, receive, send, 401)
             else:
                 await _deny_http(send)
             return
@@ -182,7 +182,7 @@ async def _deny_http(send: Send) -> None:
     await send({"type": "http.response.body", "body": _UNAUTHORIZED})
 
 
-async def _deny_websocket(scope: Scope, receive: Receive, send: Send, status: int) -> None:
+async def deny_websocket(scope: Scope, receive: Receive, send: Send, status: int) -> None:
     """Refuse an upgrade with an HTTP status where the server can, else close with 1008."""
     _refused_upgrade.set(True)
     await receive()  # websocket.connect

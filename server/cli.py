@@ -124,11 +124,15 @@ def _serve(settings: Settings, registry: RunRegistry, open_browser: bool,
         return 1
     url = url_of(sock)
     server = uvicorn.Server(uvicorn_config(create_app(settings, registry), settings))
-    if settings.token_value is not None:  # as Jupyter does: the URL that logs you in
-        url = f"{url}/?token={settings.token_value}"
-    print(f"attnscope {__version__}: dashboard at {url}  (Ctrl-C to stop)", flush=True)
+    login = url if settings.token_value is None else f"{url}/?token={settings.token_value}"
+    # As Jupyter does: a generated token is printed in the URL that logs you in (the user
+    # has no other way to learn it); a user-supplied one never is (it would land in logs).
+    shown = login if settings.token_generated else url
+    hint = "  (token: ATTNSCOPE_TOKEN)" if settings.token_value and not settings.token_generated \
+        else ""
+    print(f"attnscope {__version__}: dashboard at {shown}{hint}  (Ctrl-C to stop)", flush=True)
     if open_browser:
-        threading.Timer(1.0, webbrowser.open, args=(url,)).start()
+        threading.Timer(1.0, webbrowser.open, args=(login,)).start()
     if progress is not None:
         progress.start()
     # uvicorn shuts down gracefully on SIGINT / SIGTERM, then re-raises the signal to

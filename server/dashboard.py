@@ -62,16 +62,20 @@ class Dashboard:
 
         if not select_rank(0)[0]:
             return SilentDashboard()
-        settings = (settings or Settings()).model_copy(update={"host": host, "port": port})
+        given = settings or Settings()
+        settings = given.model_copy(update={"host": host, "port": port})
         settings = Settings.model_validate(settings.model_dump())
+        generated = settings.token_generated or given.token_generated
         registry = RunRegistry()
         run = registry.add(Run(model, run_id=slugify(name or "run"), name=name or "run"))
         server = BackgroundServer(create_app(settings, registry), settings)
         server.start()
         dash = cls(run, registry, server)
         if not quiet:
+            # A generated token is shown in the URL (the user has no other way to learn
+            # it); a user-supplied one is never printed (it would land in logs).
             token = settings.token_value
-            shown = dash.url if token is None else f"{dash.url}/?token={token}"
+            shown = f"{dash.url}/?token={token}" if token is not None and generated else dash.url
             print(f"attnscope dashboard: {shown}", flush=True)  # the user needs the URL
         if open_browser:
             try:

@@ -40,7 +40,7 @@ class Subscribe(BaseModel):
                               max_length=len(KINDS))
     layers: list[int] | None = Field(None, max_length=4096)
     heads: list[int] | None = Field(None, max_length=4096)
-    sample: int = Field(0, ge=0)
+    sample: int = Field(0, ge=0, le=2**31 - 1)
     max_fps: float = Field(10.0, gt=0, le=60)
     max_side: int = Field(128, ge=4, le=1024)
     dtype: Literal["float16", "uint8"] = "float16"

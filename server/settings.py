@@ -49,6 +49,21 @@ class Settings(BaseSettings):
     max_publish_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024, le=1024 * 1024 * 1024)
     # 64 concurrent websockets: a team's worth of browser tabs; each costs one sender task.
     max_subscribers: int = Field(64, ge=1, le=10_000)
+    # 64 concurrent publishers (Dashboard.connect): a team's training jobs; each holds
+    # up to max_publish_bytes in flight, so this also bounds their memory.
+    max_publishers: int = Field(64, ge=1, le=10_000)
+    # What a publisher's announce may describe (docs/security.md): 1024 layers and 1024
+    # heads are far above any model in use; 65536 positions is a long-context model.
+    # The layout is echoed to every viewer (GET /api/v1/runs), so it must stay small.
+    max_remote_layers: int = Field(1024, ge=1, le=1_000_000)
+    max_remote_heads: int = Field(1024, ge=1, le=1_000_000)
+    max_remote_seq_len: int = Field(65536, ge=1, le=10_000_000)
+    # 256 remote runs listed at most: past it the oldest ended (then idle) one is
+    # forgotten (its recorded history stays); all of them live: a new run is refused.
+    max_remote_runs: int = Field(256, ge=1, le=100_000)
+    # 256 MiB: the largest REST response built in memory (history data and frames);
+    # a 200-snapshot history of 12 heads at L = S = 128 is 157 MiB of float32.
+    max_response_bytes: int = Field(256 << 20, ge=1024)
     # Caps on what a subscriber may ask for (the protocol's own maxima by default).
     max_side: int = Field(PROTOCOL_MAX_SIDE, ge=4, le=PROTOCOL_MAX_SIDE)
     max_fps: float = Field(PROTOCOL_MAX_FPS, gt=0, le=PROTOCOL_MAX_FPS)
@@ -67,6 +82,10 @@ class Settings(BaseSettings):
     captures_max_length: int = Field(4096, ge=1)
     # 1 GiB per capture file: a 12-layer, 12-head L=512 attention capture is ~150 MiB.
     captures_max_capture_bytes: int = Field(1 << 30, ge=1)
+    # 20 GiB of capture files in all (ATTNSCOPE_MAX_CAPTURE_BYTES): past it a new capture
+    # is refused with 507 before its forward pass; captures are never deleted behind a
+    # user's back (unlike history snapshots, which are thinned by design).
+    max_capture_bytes: int = Field(20 << 30, ge=1)
     # 16 MiB request bodies: token lists and small feature tensors only.
     captures_max_body_bytes: int = Field(16 << 20, ge=1)
     # JSON downloads above 32 MiB are refused in favour of npz / safetensors.
@@ -90,8 +109,13 @@ class Settings(BaseSettings):
     # Access token (server/auth.py). None on loopback: no token needed. None on any other
     # bind: one is generated at start and printed in the URL (as Jupyter does).
     token: SecretStr | None = None
-    # Websocket origins accepted besides the server's own (e.g. a reverse proxy's URL).
+    # Websocket and state-changing REST origins accepted besides the server's own (e.g. a
+    # reverse proxy's URL).
     allowed_origins: list[str] = Field(default_factory=list)
+    # Host names accepted besides loopback names and the bound address (DNS rebinding:
+    # docs/security.md), e.g. ["dash.example.org"]; ["*"] turns the check off. Off a
+    # loopback bind the check is off unless this is set: the (required) token guards.
+    allowed_hosts: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check_token(self) -> Settings:

@@ -2,12 +2,14 @@
 
 The receive loop parses client messages and answers them; a per-socket sender
 task (see :mod:`attnscope.stream.hub`) pushes data. Close codes: 1003 for data the
-protocol does not accept (non-JSON text, binary), 1013 when the server has its
-maximum number of sockets, 1011 on an internal error.
+protocol does not accept (non-JSON text, JSON nested too deep, binary), sent
+after an ``error`` message saying why; 1013 when the server has its maximum
+number of sockets; 1011 only on a fault of the server itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from typing import Any
@@ -46,6 +48,9 @@ async def stream(websocket: WebSocket, hub: HubDep) -> None:
             if reply is not None:
                 await conn.send_json(reply)
     except _Close as close:
+        logger.info("closed a viewer websocket with %d: %s", close.code, close.reason)
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+            await conn.send_json(ProtocolError(None, close.reason).to_message())
         await conn.close(close.code, close.reason)
     except WebSocketDisconnect:
         pass
@@ -69,6 +74,8 @@ def _handle(hub: Hub, conn: Connection, message: dict[str, Any]) -> dict[str, An
         data = json.loads(text)
     except ValueError:
         raise _Close(1003, "messages must be JSON text") from None
+    except RecursionError:  # the C parser's guard against deep nesting: input, not a fault
+        raise _Close(1003, "JSON nested too deeply") from None
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
         return ProtocolError("type", "every message must be a JSON object with a string "
                                      "'type' field").to_message()

@@ -12,5 +12,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health")
-def health(registry: RegistryDep) -> HealthPublic:
+async def health(registry: RegistryDep) -> HealthPublic:
+    # async: answered on the event loop, without a hop to the threadpool (where heavy
+    # requests may be waiting), so a liveness probe stays fast while the server is busy.
     return HealthPublic(status="ok", version=__version__, runs=len(registry.ids()))

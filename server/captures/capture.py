@@ -33,6 +33,7 @@ import torch.nn as nn
 from transformer_core.events import AttentionEvent, IntermediateOutput, QKVEvent
 
 from ..layout import LocalModel, ModelLayout
+from ..limits import LimitError, check_indices
 
 logger = logging.getLogger(__name__)
 
@@ -64,21 +65,17 @@ class CaptureUnavailable(RuntimeError):
 def check_selection(info: ModelLayout, layers: Sequence[int] | None,
                     heads: Sequence[int] | None) -> tuple[list[int], list[int] | None]:
     """Resolve ``layers`` (None = all) and validate ``heads``; raise :class:`CaptureError`."""
-    if layers is None:
-        layers = list(range(info.n_layers))
-    for i in layers:
-        if not 0 <= i < info.n_layers:
-            raise CaptureError(
-                "layers", f"layer {i} out of range: the model has {info.n_layers} layers "
-                f"(0-{info.n_layers - 1})")
-    if heads is not None:
-        for layer in layers:
-            h = info.sites[layer].heads
-            for head in heads:
-                if h is not None and not 0 <= head < h:
-                    raise CaptureError("heads", f"head {head} out of range: layer {layer} "
-                                       f"has {h} heads (0-{h - 1})")
-    return list(dict.fromkeys(layers)), list(heads) if heads is not None else None
+    try:
+        layers = list(range(info.n_layers)) if layers is None else list(
+            check_indices("layers", layers, info.n_layers, where="the model"))
+        if heads is not None:
+            counts = [(s.heads, s.index) for s in (info.sites[i] for i in layers)
+                      if s.heads is not None]
+            n_heads, where = min(counts) if counts else (1 << 16, None)
+            heads = list(check_indices("heads", heads, n_heads, where=f"layer {where}"))
+    except LimitError as exc:
+        raise CaptureError(exc.field, exc.message) from None
+    return layers, heads
 
 
 def estimate_bytes(info: ModelLayout, n: int, length: int, kinds: Sequence[str],

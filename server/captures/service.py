@@ -19,7 +19,7 @@ from ..layout import ModelLayout
 from ..run_base import BaseRun, RunStateError
 from .capture import CaptureError, CaptureUnavailable, check_selection, estimate_bytes
 from .models import CaptureCreate
-from .store import CaptureRecord, CaptureStore
+from .store import CaptureRecord, CaptureStore, StoreFull
 
 logger = logging.getLogger(__name__)
 MiB = 1 << 20
@@ -44,12 +44,17 @@ class CaptureLimits:
     max_json_bytes: int = 32 * MiB
     # 60 s to wait for the training thread to reach a step boundary.
     timeout_s: float = 60.0
+    # 20 GiB of capture files in all (settings.max_capture_bytes); past it: 507.
+    max_total_bytes: int = 20 * 1024 * MiB
 
     @classmethod
     def from_settings(cls, settings: Any) -> CaptureLimits:
-        """Read ``captures_<field>`` attributes of the server settings where present."""
+        """Read ``captures_<field>`` attributes of the server settings where present
+        (and ``max_capture_bytes``, the store's total budget)."""
         values = {f: getattr(settings, f"captures_{f}") for f in cls.__dataclass_fields__
                   if hasattr(settings, f"captures_{f}")}
+        if hasattr(settings, "max_capture_bytes"):
+            values["max_total_bytes"] = settings.max_capture_bytes
         return cls(**values)
 
 
@@ -185,6 +190,20 @@ def create_capture(body: CaptureCreate, run: BaseRun, store: CaptureStore,
                           f"limit of {limits.max_capture_bytes}: ask for fewer kinds, layers, "
                           "heads or positions")
 
+    try:  # the budget is checked before the forward pass; only reserve() raises StoreFull
+        with store.reserve(expected + x.numel() * 8, limits.max_total_bytes):
+            return _capture_and_save(body, run, store, limits, x, field, kinds, layers, heads,
+                                     tokens, labels)
+    except StoreFull as exc:
+        raise HTTPException(507, detail=str(exc)) from None
+
+
+def _capture_and_save(body: CaptureCreate, run: BaseRun,
+                      store: CaptureStore, limits: CaptureLimits, x: torch.Tensor, field: str,
+                      kinds: list[str], layers: list[int], heads: list[int] | None,
+                      tokens: torch.Tensor | None,
+                      labels: list[list[str]] | None) -> CaptureRecord:
+    """The forward pass (here or in a publisher's process), then the store."""
     try:
         arrays, step = run.capture(x, kinds, layers, heads, limits.max_capture_bytes,
                                    limits.timeout_s)

@@ -18,12 +18,14 @@ then unlinks the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,6 +59,10 @@ DATA_SUFFIX = ".safetensors"
 
 class StoreLocked(FolderLocked):
     """Another process already owns this capture store."""
+
+
+class StoreFull(RuntimeError):
+    """A capture would take the store past its total byte budget (HTTP 507)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,7 @@ class CaptureStore:
         self._db_lock = threading.Lock()
         # FULL: a committed row survives power loss too
         self._db = open_index(self.root / "index.sqlite3", _SCHEMA, "FULL")
+        self._reserved = 0  # bytes promised to captures being taken (see reserve)
         self._recover()
 
     # -- lifecycle -------------------------------------------------------------
@@ -141,6 +148,32 @@ class CaptureStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- budget ----------------------------------------------------------------
+
+    def used_bytes(self) -> int:
+        """Bytes of all stored capture files (as indexed)."""
+        with self._db_lock:
+            return int(self._db.execute(
+                "SELECT COALESCE(SUM(file_bytes), 0) FROM captures").fetchone()[0])
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int, budget: int) -> Iterator[None]:
+        """Hold ``nbytes`` of ``budget`` while a capture is taken and saved; raise
+        :class:`StoreFull` (before any work) when stored plus reserved bytes would pass it."""
+        used = self.used_bytes()
+        with self._db_lock:
+            if used + self._reserved + nbytes > budget:
+                raise StoreFull(
+                    f"the capture store holds {used} bytes (+{self._reserved} being written) of "
+                    f"its {budget}-byte budget (ATTNSCOPE_MAX_CAPTURE_BYTES); this capture "
+                    f"needs about {nbytes}: delete old captures or raise the budget")
+            self._reserved += nbytes
+        try:
+            yield
+        finally:
+            with self._db_lock:
+                self._reserved -= nbytes
 
     # -- writing ---------------------------------------------------------------
 

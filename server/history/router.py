@@ -16,6 +16,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 
 from ..jsonsafe import json_safe
+from ..limits import INT64_MAX, INT64_MIN, LimitError, check_size, parse_index_list
 from ..protocol import encode_frame
 from ..stream.frames import pool_factor, pool_labels
 from ..stream.stats import HEAD_STATISTICS
@@ -68,19 +69,21 @@ def _heads(session: Session, layer: int, heads: str | None) -> list[int]:
     if heads is None or heads.strip() == "":
         return list(range(n))
     try:
-        chosen = [int(h) for h in heads.split(",")]
-    except ValueError:
-        raise _error("heads", f"heads must be comma-separated ints, got {heads!r}") from None
-    for h in chosen:
-        if not 0 <= h < n:
-            raise _error("heads", f"head {h} out of range: layer {layer} has {n} heads (0-{n - 1})")
-    return chosen
+        return list(parse_index_list("heads", heads, n, where=f"layer {layer}"))
+    except LimitError as exc:
+        raise _error("heads", exc.message) from None
 
 
-Layer = Annotated[int, Query(description="layer index, 0-based")]
-Heads = Annotated[str | None, Query(description="comma-separated head indices (default all)")]
-From = Annotated[int | None, Query(alias="from", description="first step (inclusive)")]
-To = Annotated[int | None, Query(alias="to", description="last step (inclusive)")]
+# Integers are bounded to int64 here: SQLite cannot compare anything larger (a 500 before).
+Layer = Annotated[int, Query(ge=0, le=INT64_MAX, description="layer index, 0-based")]
+Heads = Annotated[str | None, Query(max_length=65536,
+                                    description="comma-separated head indices (default all)")]
+From = Annotated[int | None, Query(alias="from", ge=INT64_MIN, le=INT64_MAX,
+                                   description="first step (inclusive)")]
+To = Annotated[int | None, Query(alias="to", ge=INT64_MIN, le=INT64_MAX,
+                                 description="last step (inclusive)")]
+Step = Annotated[int, Query(ge=INT64_MIN, le=INT64_MAX, description="a training step")]
+Sample = Annotated[int, Query(ge=0, le=INT64_MAX, description="probe sample, 0-based")]
 SessionQ = Annotated[str | None, Query(description="a session id (default: the newest)")]
 
 
@@ -137,9 +140,12 @@ def _empty_index(run_id: str) -> HistoryIndex:
 
 
 def _evolution(service: HistoryService, s: Session, layer: int, chosen: list[int],
-               start: int | None, end: int | None, sample: int) -> tuple[np.ndarray, np.ndarray]:
+               start: int | None, end: int | None, sample: int,
+               limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """(steps (T,), attention (T, h, L, S) float32); 422 before building past ``limit`` bytes."""
     steps, arrays = [], []
-    for step, _ in service.store.snapshots(s.id, start, end):
+    snapshots = service.store.snapshots(s.id, start, end)
+    for step, _ in snapshots:
         data = service.store.load_snapshot(s.id, step, [f"attention.{layer}"])
         if not data:
             continue
@@ -147,6 +153,12 @@ def _evolution(service: HistoryService, s: Session, layer: int, chosen: list[int
         if sample >= a.shape[0]:
             raise _error("sample", f"sample {sample} out of range: the probe has "
                                    f"{a.shape[0]} samples")
+        if not arrays:  # the first snapshot tells the size of all: check before the rest
+            try:
+                check_size("heads", len(snapshots), len(chosen), a.shape[2], a.shape[3],
+                           limit=limit)
+            except LimitError as exc:
+                raise _error(exc.field, exc.message + " (or use from/to)") from None
         steps.append(step)
         arrays.append(a[sample, chosen].astype(np.float32))  # (h, L, S)
     if not arrays:
@@ -155,19 +167,19 @@ def _evolution(service: HistoryService, s: Session, layer: int, chosen: list[int
 
 
 @router.get("/runs/{run_id:path}/history/data", responses={404: {"description": "no history"}})
-def history_data(run_id: str, service: ServiceDep, layer: Layer = 0, heads: Heads = None,
-                 start: From = None, end: To = None, session: SessionQ = None,
-                 sample: Annotated[int, Query(ge=0)] = 0,
+def history_data(run_id: str, service: ServiceDep, request: Request, layer: Layer = 0,
+                 heads: Heads = None, start: From = None, end: To = None, session: SessionQ = None,
+                 sample: Sample = 0,
                  format: Literal["npz", "json"] = "npz") -> Response:
     """The heads' evolution on the probe: ``steps`` (T,) and ``attention`` (T, h, L, S)."""
     s = _session(service, run_id, session)
     layer = _layer(s, layer)
     chosen = _heads(s, layer, heads)
-    steps, attention = _evolution(service, s, layer, chosen, start, end, sample)
+    limit = request.app.state.settings.max_response_bytes
+    if format == "json":  # ~10 bytes of text per number, and a python float (24 B) each
+        limit = min(limit, 4 * MAX_JSON_VALUES)
+    steps, attention = _evolution(service, s, layer, chosen, start, end, sample, limit)
     if format == "json":
-        if attention.size > MAX_JSON_VALUES:
-            raise _error("format", f"{attention.size} values are too many for json "
-                                   f"(limit {MAX_JSON_VALUES}): use format=npz or fewer steps")
         return Response(
             content=_json({"run": s.run, "session": s.id, "layer": layer, "heads": chosen,
                            "steps": steps.tolist(), "shape": list(attention.shape),
@@ -189,9 +201,9 @@ def _json(obj: Any) -> bytes:
 
 @router.get("/runs/{run_id:path}/history/frame", responses={404: {"description": "no snapshot"}},
             response_class=Response)
-def history_frame(run_id: str, service: ServiceDep, step: int, layer: Layer = 0,
+def history_frame(run_id: str, service: ServiceDep, step: Step, layer: Layer = 0,
                   heads: Heads = None, session: SessionQ = None,
-                  sample: Annotated[int, Query(ge=0)] = 0,
+                  sample: Sample = 0,
                   max_side: Annotated[int, Query(ge=4, le=1024)] = 128) -> Response:
     """The snapshot at or before ``step`` as one binary frame of docs/protocol.md
     (kind ``attention``, float16, pooled to ``max_side``)."""

@@ -58,6 +58,14 @@ MAX_PENDING_STEPS = 4096
 STEPS_PERIOD_S = 0.1
 
 
+class RunRefused(ValueError):
+    """The server refused this run (its id belongs to another publisher, or a bad announce)."""
+
+
+# Dashboard.connect waits this long for the server's first answer, to report a refusal.
+FIRST_ANSWER_S = 3.0
+
+
 def publish_url(url: str) -> str:
     """``http://host:8000`` -> ``ws://host:8000/ws/publish`` (https -> wss).
 
@@ -96,6 +104,8 @@ class RemotePublisher:
         self._answers: deque[bytes | str] = deque()  # capture results: never dropped
         self._sent: dict[Any, int] = {}
         self.dropped = 0
+        self.refused: str | None = None  # the server's reason when it refused the run
+        self._secret: str | None = None  # from the first welcome: proves the run is ours
         self.connected = threading.Event()
         self.connections = 0  # successful connections so far (reconnections included)
         self._closing = False
@@ -110,11 +120,18 @@ class RemotePublisher:
         self._history: HistoryOutbox | None = None
         self._recorder: RunRecorder | None = None
         self._ready = threading.Event()
+        self._answered = threading.Event()  # the first connection attempt has an outcome
         self.run.add_step_hook(self._on_step)
         self._thread = threading.Thread(target=self._main, name=f"attnscope-publish-{run_id}",
                                         daemon=True)
         self._thread.start()
         self._ready.wait(5)
+        # A refusal (the run id is another publisher's) is final: say so here. An
+        # unreachable server is not: training goes on and the thread keeps trying.
+        self._answered.wait(FIRST_ANSWER_S)
+        if self.refused is not None:
+            self.close(timeout=1.0)
+            raise RunRefused(f"run {run_id!r}: the server at {url} refused it: {self.refused}")
 
     # -- training thread -------------------------------------------------------
 
@@ -206,6 +223,7 @@ class RemotePublisher:
                 logger.info("publisher for run %r: %s; retrying in %.2g s", self.run.id,
                             exc, backoff)
             finally:
+                self._answered.set()
                 self._disconnected()
             if self._closing:
                 break
@@ -241,7 +259,7 @@ class RemotePublisher:
             "host": f"{socket.gethostname()}:{os.getpid()}", "model": model,
             "config": self.config, "capture": self._model_info,
             "records_history": self._record_history,
-            "history": self.run.history.to_dict(),
+            "history": self.run.history.to_dict(), "secret": self._secret,
         }, separators=(",", ":"), allow_nan=False)
 
     async def _session(self, ws: Any) -> None:
@@ -251,12 +269,21 @@ class RemotePublisher:
         self.connected.set()
         await ws.send(self._announce())
         welcome = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        if welcome.get("type") != "welcome" and welcome.get("retry"):
+            self.connected.clear()  # the server is full for now: retried with backoff
+            logger.warning("attnscope server: %s", welcome.get("message"))
+            self._answered.set()
+            return
         if welcome.get("type") != "welcome":
             self.connected.clear()
-            logger.error("attnscope server refused run %r: %s", self.run.id,
-                         welcome.get("message", welcome))
+            self.refused = str(welcome.get("message", welcome))
+            logger.error("attnscope server refused run %r: %s", self.run.id, self.refused)
+            self._answered.set()
             await self._sleep(BACKOFF_MAX_S)
             return
+        self.refused = None
+        self._answered.set()
+        self._secret = welcome.get("secret") or self._secret
         self._sent = {}
         self.connections += 1
         self._history_wanted = welcome.get("history") if self._record_history else None
@@ -282,6 +309,8 @@ class RemotePublisher:
                 task = asyncio.create_task(self._capture(data))
                 captures.add(task)
                 task.add_done_callback(captures.discard)
+            elif data.get("type") == "error":  # the server dropped something we sent
+                logger.warning("attnscope server: %s", data.get("message"))
 
     async def _capture(self, request: dict[str, Any]) -> None:
         """Serve a capture request: wait (in a worker thread) for the training thread to

@@ -58,6 +58,9 @@ class RemoteRun(BaseRun):
         self._capture_layout: ModelLayout | None = None  # from the announce; None: no captures
         self.captures = CaptureRequests()
         self.history_inbox: Any = None  # a remote.history.HistoryInbox when history is on
+        # Issued at the first announce (remote.endpoint): proves a reconnecting publisher
+        # is the one that owns this run id.
+        self.secret: str | None = None
 
     @property
     def status(self) -> str:

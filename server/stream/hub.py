@@ -19,6 +19,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .. import __version__
+from ..limits import LimitError, check_indices
 from ..protocol import KINDS, PROTOCOL_VERSION, ProtocolError, Subscribe
 from ..run_base import BaseRun, RunRegistry, StreamSource, UnknownRunError
 from ..settings import Settings
@@ -64,19 +65,16 @@ class Resolved:
 def resolve(sub: Subscribe, run: BaseRun, settings: Settings) -> Resolved:
     """Check ``sub`` against ``run`` and the server limits; raise :class:`ProtocolError`."""
     n_layers = len(run.sites)
-    layers = tuple(range(n_layers)) if sub.layers is None else tuple(sorted(set(sub.layers)))
-    for layer in layers:
-        if not 0 <= layer < n_layers:
-            raise ProtocolError("layers", f"layer {layer} out of range: run {run.id!r} has "
-                                          f"{n_layers} layers (0-{n_layers - 1})")
-    counts = [(run.sites[i].heads, i) for i in layers if run.sites[i].heads is not None]
-    n_heads, where = min(counts) if counts else (None, None)
-    heads = None if sub.heads is None else tuple(sorted(set(sub.heads)))
-    if heads is not None and n_heads is not None:
-        for head in heads:
-            if not 0 <= head < n_heads:
-                raise ProtocolError("heads", f"head {head} out of range: layer {where} of run "
-                                             f"{run.id!r} has {n_heads} heads (0-{n_heads - 1})")
+    try:
+        layers = tuple(range(n_layers)) if sub.layers is None else tuple(sorted(check_indices(
+            "layers", sub.layers, n_layers, where=f"run {run.id!r}")))
+        counts = [(run.sites[i].heads, i) for i in layers if run.sites[i].heads is not None]
+        n_heads, where = min(counts) if counts else (None, None)
+        heads = None if sub.heads is None else tuple(sorted(check_indices(
+            "heads", sub.heads, 1 << 16 if n_heads is None else n_heads,
+            where=f"layer {where} of run {run.id!r}")))
+    except LimitError as exc:
+        raise ProtocolError(exc.field, exc.message) from None
     if run.batch_size is not None and sub.sample >= run.batch_size:
         raise ProtocolError("sample", f"sample {sub.sample} out of range: run {run.id!r} has "
                                       f"batches of {run.batch_size} (0-{run.batch_size - 1})")
@@ -242,11 +240,24 @@ class Connection:
                 if cap is None or cap.seq <= self.sent.get(key, 0):
                     continue
                 self.sent[key] = cap.seq
-                if cap.kind == "head_stats":
-                    await self.send_text(encode_stats(run.id, cap))
+                try:
+                    if cap.kind == "head_stats":
+                        encoded: str | bytes = encode_stats(run.id, cap)
+                    else:
+                        encoded = encode_binary(run.id, cap, sub.heads, sub.max_side, sub.dtype)
+                except (ValueError, IndexError, RuntimeError) as exc:
+                    # A capture that cannot be encoded (publishers' frames are checked on
+                    # arrival, so this is a bug): drop it from its slot so that no viewer,
+                    # now or later, is closed over it.
+                    logger.error("dropped an unencodable %s capture of run %r layer %d: %s",
+                                 cap.kind, run.id, cap.layer, exc)
+                    if publisher.slots.get(key) is cap:
+                        del publisher.slots[key]
+                    continue
+                if isinstance(encoded, str):
+                    await self.send_text(encoded)
                 else:
-                    await self.send_bytes(
-                        encode_binary(run.id, cap, sub.heads, sub.max_side, sub.dtype))
+                    await self.send_bytes(encoded)
                 sent = True
                 if self.sub is not sub:  # resubscribed meanwhile: start over with the new one
                     return sent

@@ -245,6 +245,8 @@ def test_non_json_text_and_binary_close_with_1003(setup, message):
     async def body():
         ws = await connect(served.ws_url)
         await ws.send(message)
+        error = await recv_json(ws, "error")  # says why, then closes
+        assert "JSON" in error["message"]
         with pytest.raises(websockets.ConnectionClosed) as info:
             await recv_json(ws)
         assert info.value.rcvd.code == 1003

@@ -1,0 +1,125 @@
+"""Browser-borne attacks on a server the user can reach: DNS rebinding and cross-site requests.
+
+:class:`RequestGuard` wraps the whole app (outside :class:`~attnscope.auth.AuthMiddleware`)
+and refuses, before any route runs:
+
+- a ``Host`` header that is not a loopback name, the bound address or one of
+  ``allowed_hosts`` (400; a websocket upgrade gets 403): a page on a rebound
+  domain reaches the server under its own name, so it is refused (as Starlette's
+  ``TrustedHostMiddleware`` and Jupyter do). Off on a non-loopback bind unless
+  ``allowed_hosts`` is set, and with ``["*"]``;
+- a state-changing request (POST, PUT, PATCH, DELETE) whose ``Origin`` is not the
+  server's own or allowed (403): a form or ``fetch`` from another site;
+- a state-changing request with a body or ``Content-Type`` other than
+  ``application/json`` (415): what a browser may send cross-site without a
+  preflight (``text/plain``, forms) never reaches a route.
+
+Scripts send no ``Origin`` and are unaffected. Health is exempt from the Host
+check (load balancers probe it by IP). Threat model: docs/security.md.
+
+>>> host_name("[::1]:8000"), host_name("Example.org:80"), host_name("localhost")
+('::1', 'example.org', 'localhost')
+>>> allowed_host("127.0.0.2", frozenset()), allowed_host("evil.example", frozenset())
+(True, False)
+>>> allowed_host("a.dash.example", frozenset({"*.dash.example"}))
+True
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .auth import PUBLIC_PATHS, deny_websocket, same_origin
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+WILDCARD_BINDS = frozenset({"0.0.0.0", "::", ""})
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def host_name(header: str) -> str:
+    """The name part of a Host header, lower case, without port or IPv6 brackets."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+def allowed_host(name: str, allowed: frozenset[str]) -> bool:
+    """True for loopback names, 127.x.y.z and ``allowed`` (``*.domain`` patterns included)."""
+    if name in LOOPBACK_NAMES or name in allowed or name.endswith(".localhost"):
+        return True
+    if name.startswith("127.") and name.replace(".", "").isdigit():
+        return True
+    return any(p.startswith("*.") and name.endswith(p[1:]) for p in allowed)
+
+
+def host_allow_list(bind: str, extra: Iterable[str]) -> frozenset[str] | None:
+    """The names accepted besides loopback ones, or None when the Host check is off.
+
+    Off a loopback bind the check is off unless ``extra`` is given, as Jupyter's
+    ``allow_remote_access``: clients there use any name of the machine, and the
+    token (required off loopback) is what a rebound page cannot have.
+    """
+    extra = [h.strip().lower() for h in extra]
+    loopback = allowed_host(host_name(bind) if not bind.startswith("[") else bind[1:-1],
+                            frozenset())
+    if "*" in extra or (not loopback and not extra):
+        return None
+    names = {host_name(h) if not h.startswith("*.") else h for h in extra}
+    if bind not in WILDCARD_BINDS:
+        names.add(host_name(bind) if not bind.startswith("[") else bind[1:-1])
+    return frozenset(names)
+
+
+class RequestGuard:
+    """ASGI middleware: Host allow-list; Origin and JSON-only checks on state-changing HTTP."""
+
+    def __init__(self, app: ASGIApp, bind: str, allowed_hosts: Iterable[str] = (),
+                 allowed_origins: Iterable[str] = ()) -> None:
+        self.app = app
+        self.hosts = host_allow_list(bind, allowed_hosts)
+        self.allowed_origins = tuple(allowed_origins)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host", "")
+        if self.hosts is not None and scope["path"] not in PUBLIC_PATHS \
+                and not allowed_host(host_name(host), self.hosts):
+            logger.warning("refused a request for host %r (not in the allowed hosts; "
+                           "see ATTNSCOPE_ALLOWED_HOSTS)", host[:100])
+            if scope["type"] == "websocket":
+                await deny_websocket(scope, receive, send, 403)
+            else:
+                await _deny(send, 400, "invalid host header")
+            return
+        if scope["type"] == "http" and scope["method"] in STATE_CHANGING:
+            origin = headers.get("origin")
+            if origin is not None and not same_origin(origin, host, self.allowed_origins):
+                logger.warning("refused a cross-origin %s %s from %r", scope["method"],
+                               scope["path"], origin[:100])
+                await _deny(send, 403, "cross-origin request refused")
+                return
+            kind = headers.get("content-type", "").partition(";")[0].strip().lower()
+            has_body = headers.get("content-length", "0") not in ("", "0") \
+                or "transfer-encoding" in headers
+            if (kind or has_body) and kind != "application/json":
+                await _deny(send, 415, "state-changing requests take application/json bodies "
+                                       "only")
+                return
+        await self.app(scope, receive, send)
+
+
+async def _deny(send: Send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
