@@ -193,7 +193,7 @@ def create_capture(body: CaptureCreate, run: BaseRun, store: CaptureStore,
     try:  # the budget is checked before the forward pass; only reserve() raises StoreFull
         with store.reserve(expected + x.numel() * 8, limits.max_total_bytes):
             return _capture_and_save(body, run, store, limits, x, field, kinds, layers, heads,
-                                     tokens, labels)
+                                     tokens, labels, extra_meta)
     except StoreFull as exc:
         raise HTTPException(507, detail=str(exc)) from None
 
@@ -201,8 +201,8 @@ def create_capture(body: CaptureCreate, run: BaseRun, store: CaptureStore,
 def _capture_and_save(body: CaptureCreate, run: BaseRun,
                       store: CaptureStore, limits: CaptureLimits, x: torch.Tensor, field: str,
                       kinds: list[str], layers: list[int], heads: list[int] | None,
-                      tokens: torch.Tensor | None,
-                      labels: list[list[str]] | None) -> CaptureRecord:
+                      tokens: torch.Tensor | None, labels: list[list[str]] | None,
+                      extra_meta: dict[str, Any] | None) -> CaptureRecord:
     """The forward pass (here or in a publisher's process), then the store."""
     try:
         arrays, step = run.capture(x, kinds, layers, heads, limits.max_capture_bytes,
