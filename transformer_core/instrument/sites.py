@@ -81,6 +81,11 @@ def _found(module: nn.Module) -> bool:
             or is_hf_attention(module) or calls_sdpa(module))
 
 
+# What hand-written attention modules call their head count and width (nanoGPT, timm, HF 4.x).
+_HEAD_NAMES = ("n_head", "n_heads", "num_heads", "num_attention_heads", "nhead", "heads")
+_WIDTH_NAMES = ("n_embd", "d_model", "embed_dim", "dim", "hidden_size", "all_head_size")
+
+
 def _int_attr(module: nn.Module, names: tuple[str, ...]) -> int | None:
     """The first of ``names`` that ``module`` has as an int (a hand-written module's
     head count or width, whatever it calls it)."""
@@ -107,8 +112,7 @@ def _site(model: nn.Module, name: str, module: nn.Module, index: int,
         return instrument_hf(name, module, index)
     return instrument_sdpa(
         name, module, index,
-        heads=_int_attr(module, ("n_head", "n_heads", "num_heads", "nhead", "heads")),
-        d_model=_int_attr(module, ("n_embd", "d_model", "embed_dim", "dim", "hidden_size")))
+        heads=_int_attr(module, _HEAD_NAMES), d_model=_int_attr(module, _WIDTH_NAMES))
 
 
 def instrument(model: nn.Module, include: Include | None = None) -> list[AttentionSite]:
