@@ -166,3 +166,17 @@ def test_generate_static_cache_late_read_is_detected():
     # read in the handler (a slice: not cached) or kept as a copy, it is the right matrix
     torch.testing.assert_close(copies[0].attention(sample=0), in_handler[0])
     assert in_handler[0].shape == (4, 4, 6)  # (H, L, S): S is the static cache's length
+
+
+@pytest.mark.slow  # compiling takes seconds
+# torch.compile imports code that uses torch.jit (deprecated) on its first use
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compiled_gpt2_no_graph_break_without_listener():
+    model = _tiny("gpt2")
+    sites = instrument(model)
+    ids = torch.randint(3, 50, (2, 6))
+    assert torch._dynamo.explain(model)(ids).graph_break_count == 0
+    seen = _record(sites)
+    with torch.no_grad():
+        torch.compile(model)(ids)
+    assert [ev.source for ev in seen] == [s.module for s in sites]

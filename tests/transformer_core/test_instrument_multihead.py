@@ -163,3 +163,19 @@ def test_sample_copy_and_concat_read_as_the_event():
     joined = type(event).concat(copies)
     torch.testing.assert_close(joined.attention_matrix, event.attention_matrix)
     torch.testing.assert_close(copies[2].attention_matrix[0], event.attention(sample=2))
+
+
+@pytest.mark.slow  # compiling takes seconds
+# torch.compile imports code that uses torch.jit (deprecated) on its first use
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compiled_encoder_graph_breaks_only_while_listening():
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    sites = instrument(encoder)
+    x = torch.randn(2, 5, 16)
+    assert torch._dynamo.explain(encoder)(x).graph_break_count == 0
+    seen = _record(sites)
+    compiled = torch.compile(encoder)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), encoder(x))
+    assert len(seen) == 4 and seen[0].shape == (2, 4, 5, 5)  # two calls, two layers

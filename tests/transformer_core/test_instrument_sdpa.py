@@ -176,6 +176,9 @@ def test_stale_read_is_detected():
         events[0].attention(sample=0)
 
 
+@pytest.mark.slow  # compiling takes seconds
+# torch.compile imports code that uses torch.jit (deprecated) on its first use
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compiled_model_no_graph_break_without_listener():
     model = TinyGPT().eval()
     instrument(model)

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from .lazy import SDPACall, sdpa_event
 from .sites import AttentionSite
-from .wrapping import dispatcher_of
+from .wrapping import dispatcher_of, emit_eagerly
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,13 @@ def hf_call(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     return SDPACall.of(query, key, mask, is_causal, kwargs.get("scaling"), kwargs.get("softcap"))
 
 
+def _dispatch(module: nn.Module, role: str, query: torch.Tensor, key: torch.Tensor,
+              attention_mask: torch.Tensor | None, kwargs: dict[str, Any],
+              implementation: str) -> None:
+    call = hf_call(module, query, key, attention_mask, kwargs, implementation)
+    module.event_dispatcher.dispatch(sdpa_event(module, call, role=role))
+
+
 def _emitting(fn: Callable, implementation: str) -> Callable:
     """``fn`` (an attention-interface function) that also dispatches the event of an
     instrumented module while its dispatcher has listeners."""
@@ -77,8 +84,8 @@ def _emitting(fn: Callable, implementation: str) -> Callable:
         if role is not None and module.event_dispatcher.has_listeners:
             if args:  # positional dropout/scaling, as some models pass them
                 kwargs = {**dict(zip(("dropout", "scaling"), args, strict=False)), **kwargs}
-            call = hf_call(module, query, key, attention_mask, kwargs, implementation)
-            module.event_dispatcher.dispatch(sdpa_event(module, call, role=role))
+            emit_eagerly(_dispatch, module, role, query, key, attention_mask, kwargs,
+                         implementation)
         return out
 
     setattr(attention, _MARK, True)

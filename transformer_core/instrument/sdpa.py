@@ -19,10 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..events import EventDispatcher
 from .lazy import SDPACall, sdpa_event
 from .sites import AttentionSite
-from .wrapping import dispatcher_of, wrap_forward
+from .wrapping import dispatcher_of, emit_eagerly, wrap_forward
 
 KIND = "sdpa"
 _SDPA = F.scaled_dot_product_attention
@@ -51,12 +50,15 @@ class _SDPAMode(TorchFunctionMode):
         out = func(*args, **kwargs)
         if func is _SDPA and _watching.stack:
             module = _watching.stack[-1]
-            dispatcher: EventDispatcher = module.event_dispatcher
-            if dispatcher.has_listeners:
-                query, key, mask, is_causal, scale = _sdpa_args(*args, **kwargs)
-                call = SDPACall.of(query, key, mask, is_causal, scale)
-                dispatcher.dispatch(sdpa_event(module, call, role=module.attnscope_role))
+            if module.event_dispatcher.has_listeners:
+                emit_eagerly(_dispatch, module, args, kwargs)
         return out
+
+
+def _dispatch(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    query, key, mask, is_causal, scale = _sdpa_args(*args, **kwargs)
+    call = SDPACall.of(query, key, mask, is_causal, scale)
+    module.event_dispatcher.dispatch(sdpa_event(module, call, role=module.attnscope_role))
 
 
 @contextmanager

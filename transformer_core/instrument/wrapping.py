@@ -11,6 +11,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from ..events import EventDispatcher
@@ -55,8 +56,15 @@ class WrappedForward:
         with self.around(self.module) if self.around is not None else nullcontext():
             out = self._forward(args, kwargs)
         if self.emit is not None:
-            self.emit(self.module, args, kwargs, out)
+            emit_eagerly(self.emit, self.module, args, kwargs, out)
         return out
+
+
+@torch.compiler.disable
+def emit_eagerly(emit: Callable[..., None], *args: Any) -> None:
+    """``emit(*args)`` outside any ``torch.compile`` graph: a compiled model breaks its
+    graph here, and only while someone listens (the call is skipped otherwise)."""
+    emit(*args)
 
 
 def wrap_forward(module: nn.Module, dispatcher: EventDispatcher, emit: Emitter | None = None,
