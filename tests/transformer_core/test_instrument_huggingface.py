@@ -180,3 +180,18 @@ def test_compiled_gpt2_no_graph_break_without_listener():
     with torch.no_grad():
         torch.compile(model)(ids)
     assert [ev.source for ev in seen] == [s.module for s in sites]
+
+
+def test_flash_style_call_rebuilds_padding_causal_and_window():
+    from transformer_core.instrument.huggingface import hf_call
+
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 5, 4)  # 3 new queries, 5 cached keys
+    padding = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])  # sample 1: left-padded
+    call = hf_call(module, q, k, padding, {"sliding_window": 3}, "flash_attention_2")
+    allowed = call.matrix(slice(None), slice(None)) > 0  # (N, H, L, S)
+    # query i is token 2 + i: it sees keys 2+i-2 .. 2+i (window 3, causal bottom-right)
+    expected = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1]]).bool()
+    assert torch.equal(allowed[0, 0], expected)
+    assert torch.equal(allowed[1, 1], expected & padding[1].bool())

@@ -47,7 +47,9 @@ def hf_call(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     applied before the mask; ``is_causal`` is taken as ``sdpa`` takes it (only when
     no mask is given and L > 1); ``eager`` relies on its mask alone.
     """
-    S = key.shape[2]
+    L, S = query.shape[2], key.shape[2]
+    if attention_mask is not None and attention_mask.ndim == 2:
+        return _flash_call(module, query, key, attention_mask, kwargs)
     mask = None if attention_mask is None else attention_mask[..., :S]  # (N|1, 1|H, L, S)
     bias = kwargs.get("position_bias")
     if bias is not None:
@@ -62,8 +64,32 @@ def hf_call(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if implementation != "eager" and attention_mask is None:
         flag = kwargs.get("is_causal")
         flag = getattr(module, "is_causal", True) if flag is None else flag
-        is_causal = bool(flag) and query.shape[2] > 1
+        is_causal = bool(flag) and L > 1
+        if is_causal and implementation != "sdpa":  # flash/flex: bottom-right aligned
+            return _flash_call(module, query, key, None, kwargs)
     return SDPACall.of(query, key, mask, is_causal, kwargs.get("scaling"), kwargs.get("softcap"))
+
+
+def _flash_call(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                padding: torch.Tensor | None, kwargs: dict[str, Any]) -> SDPACall:
+    """For kernels given a (N, S) padding mask (1: keep) instead of an (L, S) mask:
+    causal aligned bottom-right (the last query sees the last key), an optional
+    ``sliding_window``, and the padding, as one bool mask (N|1, 1, L, S)."""
+    L, S = query.shape[2], key.shape[2]
+    flag = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if flag is None else flag
+    rows = torch.arange(L, device=query.device)[:, None] + (S - L)  # (L, 1)
+    cols = torch.arange(S, device=query.device)[None, :]  # (1, S)
+    keep = torch.ones(L, S, dtype=torch.bool, device=query.device)
+    if causal:
+        keep = keep & (cols <= rows)
+    window = kwargs.get("sliding_window")
+    if window:
+        keep = keep & (rows - cols < window)
+    mask = keep[None, None]  # (1, 1, L, S)
+    if padding is not None:
+        mask = mask & padding[:, None, None, -S:].bool()  # (N, 1, L, S)
+    return SDPACall.of(query, key, mask, False, kwargs.get("scaling"), kwargs.get("softcap"))
 
 
 def _dispatch(module: nn.Module, role: str, query: torch.Tensor, key: torch.Tensor,
