@@ -21,19 +21,21 @@ deps = tomllib.load(open("/app/pyproject.toml", "rb"))["project"]["dependencies"
 print("\n".join(d for d in deps if not d.startswith("torch")))
 PY
 RUN pip install -c /app/constraints.txt -r /tmp/requirements.txt
-# Then the code. Editable, so server/app.py finds ../frontend; /app is the same path
-# in the runtime stage. No dependency resolution: they are all installed.
+# Then the code, built into the wheel and installed like any user's (not editable): the
+# image runs what `pip install attnscope-*.whl` gives, page included. No dependency
+# resolution: they are all installed.
 COPY transformer_core /app/transformer_core
 COPY server /app/server
 COPY frontend /app/frontend
-COPY examples /app/examples
-RUN pip install --no-deps -e /app
+RUN pip wheel --no-deps --wheel-dir /tmp/dist /app \
+    && pip install --no-deps /tmp/dist/attnscope-*.whl
 
-# --- runtime: the venv and the code, as a non-root user -----------------------------
+# --- runtime: the venv (the code installed in it), as a non-root user ------------------
 FROM python:${PYTHON_VERSION}-slim AS runtime
 RUN useradd --create-home --uid 10001 attnscope && mkdir /data && chown attnscope /data
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build /app /app
+# Only the examples (docker-compose's trainer runs one); the code is in the venv.
+COPY examples /app/examples
 WORKDIR /app
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -11,7 +11,7 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run test lint bench wheel clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,5 +34,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/core.py
 
+# The product: one wheel holding attnscope (page included) and transformer_core.
+wheel: $(STAMP)
+	$(PY) -m pip wheel --no-deps --wheel-dir dist .
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist

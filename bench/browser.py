@@ -151,10 +151,10 @@ def free_port() -> int:
 
 
 def first_heatmap_ms(browser, repeats: int) -> list[float]:
-    """Page open -> first overview cell drawn, against the real demo server (server.cli demo)."""
+    """Page open -> first overview cell drawn, against the real demo server (attnscope.cli demo)."""
     port = free_port()
-    argv = [sys.executable, "-m", "server.cli", "demo", "--port", str(port), "--host", "127.0.0.1",
-            "--no-browser"]
+    argv = [sys.executable, "-m", "attnscope.cli", "demo", "--port", str(port),
+            "--host", "127.0.0.1", "--no-browser"]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import uvicorn  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 
-from server.captures import CaptureLimits, CaptureStore, build_router, run_capture  # noqa: E402
-from server.demo import DemoConfig, DemoModel, resolve_device  # noqa: E402
-from server.runs import Run, RunRegistry  # noqa: E402
+from attnscope.captures import CaptureLimits, CaptureStore, build_router, run_capture  # noqa: E402
+from attnscope.demo import DemoConfig, DemoModel, resolve_device  # noqa: E402
+from attnscope.runs import Run, RunRegistry  # noqa: E402
 from transformer_core.builders import TransformerEncoderBuilder  # noqa: E402
 from transformer_core.events import EventDispatcher  # noqa: E402
 

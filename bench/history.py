@@ -55,9 +55,9 @@ def _train_window(training, run, seconds: float) -> tuple[float, float]:
 def recording_cost(seconds: float, repeats: int) -> dict:
     """One training loop, history attached for every other window (so both variants run
     the same model: two model instances differ in speed by up to 2% on their own)."""
-    from server.demo import DemoConfig, DemoTraining
-    from server.history import HistoryConfig, HistoryService, HistoryStore
-    from server.runs import Run
+    from attnscope.demo import DemoConfig, DemoTraining
+    from attnscope.history import HistoryConfig, HistoryService, HistoryStore
+    from attnscope.runs import Run
     from transformer_core.events import EventDispatcher
 
     training = DemoTraining(DemoConfig(device="cpu"), event_dispatcher=EventDispatcher())
@@ -103,9 +103,9 @@ def disk_per_1000(layers: int, heads: int, length: int, d_head: int) -> dict:
     """Bytes of history per 1,000 steps at the defaults, measured on a real model."""
     import numpy as np
 
-    from server.history import HistoryConfig, HistoryService, HistoryStore
-    from server.history.store import STAT_NAMES, StatRow
-    from server.runs import Run
+    from attnscope.history import HistoryConfig, HistoryService, HistoryStore
+    from attnscope.history.store import STAT_NAMES, StatRow
+    from attnscope.runs import Run
     from transformer_core.builders import TransformerEncoderBuilder
     from transformer_core.events import EventDispatcher
 

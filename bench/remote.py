@@ -38,8 +38,8 @@ import websockets
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from server import Dashboard  # noqa: E402
-from server.demo import DemoConfig, DemoTraining  # noqa: E402
+from attnscope import Dashboard  # noqa: E402
+from attnscope.demo import DemoConfig, DemoTraining  # noqa: E402
 
 TOKEN = "bench-remote-token-0123456789abcdef"
 
@@ -65,7 +65,7 @@ def _free_port() -> int:
 def _serve(port: int, data_dir: str, history: bool = True) -> subprocess.Popen:
     env = {**os.environ, "ATTNSCOPE_TOKEN": TOKEN, "ATTNSCOPE_PORT": str(port),
            "ATTNSCOPE_DATA_DIR": data_dir, "ATTNSCOPE_HISTORY_ENABLED": str(history).lower()}
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "attnscope.cli", "serve"], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             preexec_fn=_elsewhere)
     for _ in range(300):

@@ -48,7 +48,7 @@ STALLED = SUBSCRIBE  # the same subscription as (b), never read
 async def _subscriber(url: str, deadline: float, stats: dict) -> None:
     import websockets
 
-    from server.protocol import decode_frame
+    from attnscope.protocol import decode_frame
 
     async with websockets.connect(url, max_size=None, compression=None) as ws:
         await ws.recv()  # hello
@@ -102,11 +102,11 @@ def _measure(training, run, seconds: float) -> dict:
 
 
 def one_window(mode: str, seconds: float, device: str) -> dict:
-    from server.app import create_app
-    from server.demo import DemoConfig, DemoTraining
-    from server.runs import Run, RunRegistry
-    from server.serving import BackgroundServer
-    from server.settings import Settings
+    from attnscope.app import create_app
+    from attnscope.demo import DemoConfig, DemoTraining
+    from attnscope.runs import Run, RunRegistry
+    from attnscope.serving import BackgroundServer
+    from attnscope.settings import Settings
     from transformer_core.events import EventDispatcher
 
     dispatcher = EventDispatcher()
@@ -162,8 +162,8 @@ def update_size() -> dict:
     """Bytes of one 4-layer x 4-head x 128 x 128 attention update, binary vs JSON."""
     import torch
 
-    from server.stream.frames import encode_binary
-    from server.stream.publisher import Capture
+    from attnscope.stream.frames import encode_binary
+    from attnscope.stream.publisher import Capture
 
     torch.manual_seed(0)
     labels = [f"t{i}" for i in range(128)]

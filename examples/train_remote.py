@@ -17,8 +17,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from server import Dashboard
-from server.demo import DemoConfig, DemoTraining
+from attnscope import Dashboard
+from attnscope.demo import DemoConfig, DemoTraining
 
 
 def _args() -> argparse.Namespace:

@@ -1,7 +1,13 @@
-"""attnscope server: the FastAPI app, the live stream and ``Dashboard.start(model)``.
+"""attnscope: a live window into a transformer's attention while it trains.
 
->>> import server
->>> server.__version__
+``from attnscope import Dashboard`` is the way in (``Dashboard.start(model)`` in
+process, ``Dashboard.connect(...)`` to a team server); :class:`Client` calls the
+captures API; :func:`create_app` builds the server, :class:`Settings` configures it.
+Everything here is imported lazily, so ``import attnscope`` loads neither FastAPI
+nor uvicorn.
+
+>>> import attnscope
+>>> attnscope.__version__
 '0.1.0'
 """
 
@@ -9,22 +15,25 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+# The one version string: pyproject.toml reads it (setuptools dynamic version).
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # pragma: no cover
     from .app import create_app
+    from .client import Client
     from .dashboard import Dashboard
     from .settings import Settings
 
-__all__ = ["Dashboard", "Settings", "__version__", "create_app"]
+__all__ = ["Client", "Dashboard", "Settings", "__version__", "create_app"]
 
-_LAZY = {"Dashboard": ".dashboard", "create_app": ".app", "Settings": ".settings"}
+_LAZY = {"Client": ".client", "Dashboard": ".dashboard", "create_app": ".app",
+         "Settings": ".settings"}
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so ``import server.runs`` does not import FastAPI and uvicorn.
+    # Lazy, so ``import attnscope.runs`` does not import FastAPI and uvicorn.
     if name in _LAZY:
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module 'server' has no attribute {name!r}")
+    raise AttributeError(f"module 'attnscope' has no attribute {name!r}")

@@ -1,12 +1,14 @@
 """``create_app(settings, registry)``: the FastAPI application.
 
-Routes: ``/api/v1/...`` (REST, see :mod:`server.api`), ``/ws`` (the stream,
+Routes: ``/api/v1/...`` (REST, see :mod:`attnscope.api`), ``/ws`` (the stream,
 docs/protocol.md), ``/vendor/plotly.min.js`` (from the installed ``plotly``
-package: no CDN) and the page in ``frontend/`` at ``/``.
+package: no CDN) and the page at ``/``: package data ``attnscope.frontend``, found
+with :mod:`importlib.resources` (in the wheel, or ``frontend/`` of a checkout).
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,7 +29,17 @@ from .ws import router as ws_router
 
 logger = logging.getLogger(__name__)
 
-FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
+
+
+def frontend_dir() -> Path | None:
+    """The folder holding the page (``index.html`` and its scripts), or None if missing."""
+    try:
+        index = importlib.resources.files("attnscope.frontend").joinpath("index.html")
+    except ModuleNotFoundError:  # pragma: no cover - an install without the page
+        return None
+    # A real folder whenever the package is installed as files (wheel or editable);
+    # StaticFiles serves folders only.
+    return index.parent if isinstance(index, Path) and index.is_file() else None
 
 
 def plotly_js_path() -> Path | None:
@@ -92,8 +104,10 @@ def create_app(settings: Settings | None = None, registry: RunRegistry | None = 
             raise HTTPException(404, detail="plotly.min.js not found in the installed plotly")
         return FileResponse(plotly_js, media_type="text/javascript")
 
-    if FRONTEND_DIR.is_dir():
-        app.mount("/", StaticFiles(directory=FRONTEND_DIR, html=True), name="frontend")
-    else:  # pragma: no cover - a wheel without the page
-        logger.warning("frontend/ not found at %s; serving the API only", FRONTEND_DIR)
+    page = frontend_dir()
+    if page is not None:
+        app.mount("/", StaticFiles(directory=page, html=True), name="frontend")
+    else:  # pragma: no cover - an install without the page
+        logger.warning("the page (package attnscope.frontend) is not installed; "
+                       "serving the API only")
     return app

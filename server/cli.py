@@ -2,7 +2,7 @@
 ``capture`` (a REST capture saved to a file).
 
 Runs in the foreground; Ctrl-C or SIGTERM stops the server and the demo cleanly.
-Also runnable as ``python -m server.cli ...``.
+Also runnable as ``python -m attnscope.cli ...``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Python client of the captures API, and the ``attnscope capture`` command.
 
->>> from server.client import Client                      # doctest: +SKIP
+>>> from attnscope.client import Client                      # doctest: +SKIP
 >>> with Client("http://127.0.0.1:8000") as client:        # doctest: +SKIP
 ...     arrays = client.capture("demo", [[1, 2, 3, 4]], kinds=["attention", "qkv"])
 ...     arrays["attention.0"].shape                          # (N, H, L, S)
@@ -272,7 +272,7 @@ def capture_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m server.client --run demo --tokens "1 2 3" --out a.npz``."""
+    """``python -m attnscope.client --run demo --tokens "1 2 3" --out a.npz``."""
     parser = argparse.ArgumentParser(prog="attnscope capture",
                                      description="Capture attention of a run into a file.")
     add_capture_arguments(parser)

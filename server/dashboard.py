@@ -2,7 +2,7 @@
 
 Three lines in your loop::
 
-    from server import Dashboard
+    from attnscope import Dashboard
     dash = Dashboard.start(model)           # serves http://127.0.0.1:8000, prints the URL
     for step, batch in enumerate(loader):
         loss = train_step(model, batch)
@@ -15,14 +15,15 @@ import logging
 import os
 import webbrowser
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.nn as nn
 
-from .app import create_app
 from .runs import Run, RunRegistry, slugify
-from .serving import BackgroundServer
 from .settings import Settings
+
+if TYPE_CHECKING:  # the web stack loads in start(), not on import (connect never needs it)
+    from .serving import BackgroundServer
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,9 @@ class Dashboard:
         only rank 0 serves; the other ranks get a dashboard that does nothing
         (to see every rank, use :meth:`connect` with ``ranks="all"``).
         """
+        from .app import create_app
         from .remote.publisher import SilentDashboard, select_rank
+        from .serving import BackgroundServer
 
         if not select_rank(0)[0]:
             return SilentDashboard()
@@ -83,7 +86,7 @@ class Dashboard:
         """Publish ``model`` to a running ``attnscope serve`` at ``url`` as run ``run``.
 
         Same ``.step()`` / ``.close()`` API as :meth:`start`; the network is used from a
-        background thread only (see :mod:`server.remote.publisher`). ``token``: the
+        background thread only (see :mod:`attnscope.remote.publisher`). ``token``: the
         server's token (default: ``ATTNSCOPE_TOKEN``). Under torchrun / DDP only the
         ranks in ``ranks`` publish (default rank 0); ``ranks="all"`` publishes every
         rank as ``run/rank-N``. The others get a dashboard that does nothing.
@@ -106,7 +109,7 @@ class Dashboard:
                                buffer_frames=buffer_frames, symbols=symbols, history=history)
 
     def step(self, step: int, loss: Any = None, tokens: Any = None, **scalars: Any) -> None:
-        """Mark the end of training step ``step`` (see :meth:`server.runs.Run.step`).
+        """Mark the end of training step ``step`` (see :meth:`attnscope.runs.Run.step`).
 
         ``tokens``: this batch's token labels, a list of N lists of L strings
         or an (N, L) tensor of ids (then labelled by their numbers).

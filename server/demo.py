@@ -18,7 +18,7 @@ True
 Shape legend: N batch, L sequence length (queries), S keys (= L here),
 H heads, V number of symbols.
 
-Run ``python -m server.demo --max-seconds 180`` to train in the terminal and
+Run ``python -m attnscope.demo --max-seconds 180`` to train in the terminal and
 print the time it takes to reach 95% token accuracy.
 """
 
@@ -73,7 +73,7 @@ class DemoConfig:
     """Settings of the demo run; :meth:`validate` raises ``ValueError`` naming a bad field.
 
     The defaults reach 95% held-out token accuracy in about 50 steps, under a
-    second on two CPU cores (``python -m server.demo --threads 2``); sequence
+    second on two CPU cores (``python -m attnscope.demo --threads 2``); sequence
     lengths 16-32 and 1-2 layers take 15-60 steps.
     """
 
@@ -455,7 +455,7 @@ def train_until(
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m server.demo",
+        prog="python -m attnscope.demo",
         description="Train the demo (reverse a sequence) in the terminal, report time to target.",
     )
     parser.add_argument("--max-seconds", type=float, default=180.0,

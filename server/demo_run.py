@@ -1,4 +1,4 @@
-"""The demo run: :class:`server.demo.DemoTraining` in a background thread, as a :class:`Run`.
+"""The demo run: :class:`attnscope.demo.DemoTraining` in a background thread, as a :class:`Run`.
 
 Controls: pause / resume (the training thread waits inside ``Run.step``),
 restart (start over from the same seed; also revives a run that failed).

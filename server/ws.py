@@ -1,7 +1,7 @@
 """``GET /ws``: the live stream (docs/protocol.md).
 
 The receive loop parses client messages and answers them; a per-socket sender
-task (see :mod:`server.stream.hub`) pushes data. Close codes: 1003 for data the
+task (see :mod:`attnscope.stream.hub`) pushes data. Close codes: 1003 for data the
 protocol does not accept (non-JSON text, binary), 1013 when the server has its
 maximum number of sockets, 1011 on an internal error.
 """

@@ -62,6 +62,17 @@ def test_dockerfile_is_multi_stage_cpu_by_default_non_root() -> None:
     assert deps < code
 
 
+def test_dockerfile_installs_the_built_wheel_not_the_checkout() -> None:
+    # The image runs what a user's `pip install attnscope-*.whl` gives (the page is package
+    # data): an editable install would find frontend/ beside the code and hide a wheel
+    # without it.
+    runs = " ".join(a for i, a in instructions() if i == "RUN")
+    assert "pip wheel" in runs and ".whl" in runs
+    assert " -e " not in runs and "--editable" not in runs
+    runtime = DOCKERFILE[DOCKERFILE.upper().index(" AS RUNTIME"):]
+    assert "COPY --from=build /app " not in runtime  # no source tree beside the venv
+
+
 def test_dockerfile_copies_only_what_exists() -> None:
     for i, a in instructions():
         if i == "COPY" and not a.startswith("--from"):

@@ -224,7 +224,7 @@ def _run_local(run: CaptureRun, x: torch.Tensor, kinds: list[str], layers: list[
 def _run_remote(run: RemoteCaptureRun, x: torch.Tensor, kinds: list[str], layers: list[int],
                 heads: list[int] | None,
                 limits: CaptureLimits) -> tuple[dict[str, np.ndarray], int | None]:
-    """The capture in the publisher's training thread (:mod:`server.remote.captures`)."""
+    """The capture in the publisher's training thread (:mod:`attnscope.remote.captures`)."""
     given = {"tokens" if x.dtype == torch.long else "features": x.tolist()}
     request = {"input": given, "kinds": kinds, "layers": layers, "heads": heads}
     return run.capture(request, limits.max_capture_bytes, limits.timeout_s)

@@ -123,7 +123,7 @@ class StoredSnapshot:
 
 class RecorderSink(Protocol):
     """Where a :class:`RunRecorder` sends what it records: a :class:`HistoryService`, or a
-    remote publisher's link to the server's (``server.remote.history``)."""
+    remote publisher's link to the server's (``attnscope.remote.history``)."""
 
     config: HistoryConfig
 
@@ -348,7 +348,7 @@ class HistoryService:
         return self.store.new_session(run_id, name, meta).id
 
     def _remote_inbox(self, run_id: str) -> Any:
-        """The inbox of a live remote run whose publisher records (server.remote.history)."""
+        """The inbox of a live remote run whose publisher records (attnscope.remote.history)."""
         try:
             run = self._registry.get(run_id) if self._registry is not None else None
         except KeyError:
@@ -362,7 +362,7 @@ class HistoryService:
 
     def live_sessions(self) -> set[str]:
         """Sessions being recorded now: local runs' and live remote runs' (whose
-        publishers record and send them, see ``server.remote.history``)."""
+        publishers record and send them, see ``attnscope.remote.history``)."""
         live = {r.session for r in self.recorders.values() if r.session is not None}
         for run in self._registry.list() if self._registry is not None else ():
             inbox = self._remote_inbox(run.id)

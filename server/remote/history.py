@@ -2,7 +2,7 @@
 
 The server's ``welcome`` says whether it records history, and how
 (:func:`config_message`). If it does, the publisher attaches a
-:class:`~server.history.recorder.RunRecorder` to its run exactly as the server does
+:class:`~attnscope.history.recorder.RunRecorder` to its run exactly as the server does
 to a local run (the probe, one sample copy per layer and step, snapshots every K
 steps within the time budget). The recorder's sink is a :class:`HistoryOutbox`,
 which holds the records (bounded by ``queue_bytes``) for the publisher's sending
@@ -102,7 +102,7 @@ def encode_snapshot(item: SnapshotItem) -> bytes:
 # -- publisher end -----------------------------------------------------------------
 
 class HistoryOutbox:
-    """The sink of a publisher's :class:`~server.history.recorder.RunRecorder`.
+    """The sink of a publisher's :class:`~attnscope.history.recorder.RunRecorder`.
 
     The training thread adds records (:meth:`submit`, never blocking: past
     ``queue_size`` records or ``queue_bytes`` they are dropped and counted); the

@@ -1,7 +1,7 @@
 """The training side of remote publishing: ``Dashboard.connect(url, run=..., token=...)``.
 
-:class:`RemotePublisher` keeps a local :class:`~server.runs.Run` of the model and a
-stream :class:`~server.stream.publisher.Publisher` on it, exactly as an in-process
+:class:`RemotePublisher` keeps a local :class:`~attnscope.runs.Run` of the model and a
+stream :class:`~attnscope.stream.publisher.Publisher` on it, exactly as an in-process
 dashboard does; only the plan comes from the server (what the run's viewers
 subscribe to right now) and the captures leave over one websocket, from a
 background thread. The training thread never touches the network:
@@ -14,10 +14,10 @@ background thread. The training thread never touches the network:
   scalar history, so the server's copy continues where it stopped;
 - capture requests (``POST /api/v1/captures`` on the server) run in the training
   thread between two steps, as local ones do; their results are encoded and
-  sent from the background (:mod:`server.remote.captures`);
+  sent from the background (:mod:`attnscope.remote.captures`);
 - when the server records history, the run's history is recorded here, as the
   server records a local run's, and sent from the background
-  (:mod:`server.remote.history`).
+  (:mod:`attnscope.remote.history`).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def publish_url(url: str) -> str:
 class RemotePublisher:
     """Publishes ``model`` as run ``run_id`` to the server at ``url``; see :meth:`step`.
 
-    Same API as :class:`server.Dashboard`: :meth:`step`, :meth:`close`, context manager.
+    Same API as :class:`attnscope.Dashboard`: :meth:`step`, :meth:`close`, context manager.
     """
 
     def __init__(self, model: nn.Module, url: str, run_id: str, *, name: str | None = None,
@@ -123,7 +123,7 @@ class RemotePublisher:
     # -- training thread -------------------------------------------------------
 
     def step(self, step: int, loss: Any = None, tokens: Any = None, **scalars: Any) -> None:
-        """Mark the end of training step ``step`` (as :meth:`server.Dashboard.step`). Never
+        """Mark the end of training step ``step`` (as :meth:`attnscope.Dashboard.step`). Never
         waits for the network."""
         self.run.step(step, loss=loss, tokens=tokens, **scalars)
 

@@ -1,4 +1,4 @@
-"""The server side of a remote run: a :class:`~server.runs.Run` fed over ``/ws/publish``.
+"""The server side of a remote run: a :class:`~attnscope.runs.Run` fed over ``/ws/publish``.
 
 A :class:`RemoteRun` has no model here: its layers, heads and roles come from the
 publisher's ``announce``; its steps, scalars and captures arrive over the network.
@@ -144,7 +144,7 @@ class RemoteRun(Run):
 
     def capture(self, request: dict[str, Any], max_bytes: int,
                 timeout: float) -> tuple[dict[str, Any], int | None]:
-        """Run a capture in the publisher's process (see :mod:`server.remote.captures`).
+        """Run a capture in the publisher's process (see :mod:`attnscope.remote.captures`).
 
         ``request``: ``input`` ({"tokens": (N, L)} or {"features": (N, L, d_model)}
         as lists), ``kinds``, ``layers``, ``heads``. Returns (name -> numpy array, the

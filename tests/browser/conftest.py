@@ -98,7 +98,7 @@ class ServerProcess:
 
 
 def demo_server(port: int, name: str, env: dict[str, str] | None = None) -> ServerProcess:
-    argv = [sys.executable, "-m", "server.cli", "demo", "--port", str(port),
+    argv = [sys.executable, "-m", "attnscope.cli", "demo", "--port", str(port),
             "--host", "127.0.0.1", "--no-browser"]
     return ServerProcess(argv, port, ARTIFACTS / f"{name}.log", env)
 

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from server import Dashboard
+from attnscope import Dashboard
 from transformer_core.builders import TransformerEncoderBuilder
 
 LAYERS, HEADS, E, SEQ = 2, 4, 8, 12

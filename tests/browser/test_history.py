@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from server.protocol import decode_frame
+from attnscope.protocol import decode_frame
 
 from .conftest import ARTIFACTS, REPO, ServerProcess, demo_server, free_port, get_json, screenshot
 
@@ -155,7 +155,7 @@ def remote_history() -> Iterator[tuple[ServerProcess, str]]:
              f"http://127.0.0.1:{port}", "--run-id", run, "--sleep", "0.05", "--seq-len", "8",
              "--device", "cpu"], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        server = ServerProcess([sys.executable, "-m", "server.cli", "serve", "--port", str(port),
+        server = ServerProcess([sys.executable, "-m", "attnscope.cli", "serve", "--port", str(port),
                                 "--host", "127.0.0.1"], port, ARTIFACTS / "remote-history.log",
                                env)
         try:

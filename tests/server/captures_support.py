@@ -1,6 +1,6 @@
 """Shared by the captures tests: an app with the captures API, served for real.
 
-When ``server.app.create_app`` wires the captures router in (and ``Settings``
+When ``attnscope.app.create_app`` wires the captures router in (and ``Settings``
 has the ``captures_*`` limit fields), the tests run on the real app. Until
 then they build the same thing by hand: the captures router, a lifespan that
 opens the :class:`CaptureStore` under ``data_dir`` and closes it, and a run
@@ -20,10 +20,10 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
-from server.captures import CaptureLimits, build_router, open_store
-from server.captures.router import PREFIX
-from server.demo import DemoConfig, DemoModel
-from server.runs import Run, RunRegistry
+from attnscope.captures import CaptureLimits, build_router, open_store
+from attnscope.captures.router import PREFIX
+from attnscope.demo import DemoConfig, DemoModel
+from attnscope.runs import Run, RunRegistry
 
 SMALL = DemoConfig(seq_len=8, n_symbols=10, n_layers=2, n_heads=2, d_head=4, feed_forward=16,
                    device="cpu")
@@ -34,7 +34,7 @@ BIG = DemoConfig(seq_len=64, n_symbols=10, n_layers=2, n_heads=4, d_head=8, feed
 
 def demo_run(run_id: str = "demo", config: DemoConfig = SMALL, ended: bool = True) -> Run:
     """A run of a small demo model whose training thread has ended (captures run inline)."""
-    from server.demo import symbol_labels
+    from attnscope.demo import symbol_labels
 
     run = Run(DemoModel(config), run_id=run_id, symbols=symbol_labels(config.n_symbols))
     if ended:
@@ -78,8 +78,8 @@ class _FakeSettings:
 
 def _real_app(data_dir: Path, registry: RunRegistry, limits: CaptureLimits) -> FastAPI | None:
     """``create_app`` with these limits, if it serves captures already; else None."""
-    from server.app import create_app
-    from server.settings import Settings
+    from attnscope.app import create_app
+    from attnscope.settings import Settings
 
     values = {f"captures_{k}": v for k, v in dataclasses.asdict(limits).items()}
     if not set(values) <= set(Settings.model_fields):

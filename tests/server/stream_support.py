@@ -18,11 +18,11 @@ import torch
 import torch.nn as nn
 import websockets
 
-from server.app import create_app
-from server.protocol import decode_frame
-from server.runs import Run, RunRegistry
-from server.serving import BackgroundServer
-from server.settings import Settings
+from attnscope.app import create_app
+from attnscope.protocol import decode_frame
+from attnscope.runs import Run, RunRegistry
+from attnscope.serving import BackgroundServer
+from attnscope.settings import Settings
 from transformer_core.builders import TransformerEncoderBuilder
 from transformer_core.events import EventDispatcher
 

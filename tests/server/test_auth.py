@@ -8,9 +8,9 @@ from auth_support import BEARER, TOKEN, log_of, ws_status
 from pydantic import ValidationError
 from stream_support import Served
 
-from server.auth import COOKIE_NAME
-from server.runs import RunRegistry
-from server.settings import Settings
+from attnscope.auth import COOKIE_NAME
+from attnscope.runs import RunRegistry
+from attnscope.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_bad_tokens_fail_at_start_naming_the_field(host: str, token: str, messag
 
 def test_cli_serve_prints_a_login_url(monkeypatch: pytest.MonkeyPatch,
                                       capsys: pytest.CaptureFixture[str]) -> None:
-    from server import cli
+    from attnscope import cli
 
     ran = []
     monkeypatch.setattr("uvicorn.Server.run", lambda self, sockets: ran.append(sockets))

@@ -10,8 +10,8 @@ from fastapi.routing import APIRoute, APIWebSocketRoute
 from starlette.routing import Mount, Route, WebSocketRoute
 from stream_support import Served
 
-from server.auth import PUBLIC_PATHS
-from server.runs import RunRegistry
+from attnscope.auth import PUBLIC_PATHS
+from attnscope.runs import RunRegistry
 
 
 def _concrete(path: str) -> str:

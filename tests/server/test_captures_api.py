@@ -21,8 +21,8 @@ import safetensors.numpy
 import torch
 from captures_support import demo_run, make_app, serve
 
-from server.captures import CaptureLimits
-from server.runs import Run
+from attnscope.captures import CaptureLimits
+from attnscope.runs import Run
 from transformer_core.builders import TransformerEncoderBuilder
 from transformer_core.events import EventDispatcher
 

@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 
-from server.captures.capture import (
+from attnscope.captures.capture import (
     CaptureError,
     CaptureTooLarge,
     describe_model,
     estimate_bytes,
     run_capture,
 )
-from server.demo import DemoConfig, DemoModel
-from server.runs import find_attention_sites
+from attnscope.demo import DemoConfig, DemoModel
+from attnscope.runs import find_attention_sites
 from transformer_core.builders import TransformerEncoderBuilder
 from transformer_core.events import EventDispatcher
 

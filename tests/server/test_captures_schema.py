@@ -20,7 +20,7 @@ from captures_support import make_app, serve
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import positive_data_acceptance
 
-from server.captures import CaptureLimits
+from attnscope.captures import CaptureLimits
 
 EXAMPLES_PER_OPERATION = 40
 

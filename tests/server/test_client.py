@@ -1,4 +1,4 @@
-"""server.client.Client and ``attnscope capture`` against a real server."""
+"""attnscope.client.Client and ``attnscope capture`` against a real server."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import safetensors.numpy
 import torch
 from captures_support import make_app, serve
 
-from server.client import Capture, CaptureAPIError, Client, main
+from attnscope.client import Capture, CaptureAPIError, Client, main
 
 
 @pytest.fixture

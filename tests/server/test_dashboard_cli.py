@@ -16,7 +16,7 @@ import pytest
 import torch
 from stream_support import Wrapped, connect, recv_frame, run_async, small_encoder
 
-from server import Dashboard
+from attnscope import Dashboard
 from transformer_core.events import EventDispatcher
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,14 +76,14 @@ def free_port() -> int:
 
 @pytest.mark.parametrize("args", [["--help"], ["demo", "--help"], ["serve", "--help"]])
 def test_cli_help(args):
-    out = subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "attnscope.cli", *args], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
     assert "usage: attnscope" in out.stdout
 
 
 def test_cli_rejects_a_bad_setting():
-    out = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--port", "70000"],
+    out = subprocess.run([sys.executable, "-m", "attnscope.cli", "serve", "--port", "70000"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "port" in out.stderr
 
@@ -93,7 +93,7 @@ def test_cli_demo_serves_and_stops_cleanly_on_signal(sig):
     port = free_port()
     env = {**os.environ, "ATTNSCOPE_DEVICE": "cpu"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "demo", "--port", str(port), "--no-browser",
+        [sys.executable, "-m", "attnscope.cli", "demo", "--port", str(port), "--no-browser",
          "--host", "127.0.0.1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     try:

@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-import server.demo as demo
-from server.demo import (
+import attnscope.demo as demo
+from attnscope.demo import (
     DemoConfig,
     DemoModel,
     DemoTraining,

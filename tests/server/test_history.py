@@ -7,10 +7,10 @@ import pytest
 import torch
 from stream_support import Wrapped, small_encoder
 
-from server.captures import run_capture
-from server.history import HistoryConfig, HistoryService, HistoryStore, thinning_victim
-from server.history.store import StatRow
-from server.runs import Run
+from attnscope.captures import run_capture
+from attnscope.history import HistoryConfig, HistoryService, HistoryStore, thinning_victim
+from attnscope.history.store import StatRow
+from attnscope.runs import Run
 from transformer_core.events import EventDispatcher
 
 
@@ -135,7 +135,7 @@ def test_snapshots_are_of_the_probe_not_of_later_batches(tmp_path):
 
 
 def test_a_capture_between_steps_does_not_leak_into_the_next_steps_statistics(tmp_path):
-    from server.stream.stats import head_stats
+    from attnscope.stream.stats import head_stats
 
     run, model = make_run()
     service = service_on(tmp_path, every=100)
@@ -251,7 +251,7 @@ def test_a_full_writer_queue_drops_records_instead_of_blocking(tmp_path):
 
 
 def test_a_second_process_cannot_open_the_same_history(tmp_path):
-    from server.history import HistoryLocked
+    from attnscope.history import HistoryLocked
 
     with HistoryStore(tmp_path), pytest.raises(HistoryLocked, match="in use"):
         HistoryStore(tmp_path)

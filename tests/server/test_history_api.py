@@ -13,8 +13,8 @@ import pytest
 import torch
 from stream_support import Served, connect, run_async, small_encoder
 
-from server.protocol import decode_frame
-from server.runs import Run, RunRegistry
+from attnscope.protocol import decode_frame
+from attnscope.runs import Run, RunRegistry
 from transformer_core.events import EventDispatcher
 
 STEPS = 24

@@ -21,12 +21,12 @@ import websockets
 from auth_support import BEARER, TOKEN
 from stream_support import Served, recv_frame, recv_json, run_async, small_encoder
 
-from server import Dashboard
-from server.remote.publisher import STEPS_PERIOD_S, RemotePublisher
-from server.remote.run import RemoteRun
-from server.remote.wire import decode_capture, unpack_binary
-from server.runs import RunRegistry
-from server.stream.publisher import Capture
+from attnscope import Dashboard
+from attnscope.remote.publisher import STEPS_PERIOD_S, RemotePublisher
+from attnscope.remote.run import RemoteRun
+from attnscope.remote.wire import decode_capture, unpack_binary
+from attnscope.runs import RunRegistry
+from attnscope.stream.publisher import Capture
 from transformer_core.events import EventDispatcher
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,9 +134,9 @@ class _ServedOn(Served):
     """Served on a given port (to restart a server where publishers expect it)."""
 
     def __init__(self, registry: RunRegistry, port: int, **settings) -> None:
-        from server.app import create_app
-        from server.serving import BackgroundServer
-        from server.settings import Settings
+        from attnscope.app import create_app
+        from attnscope.serving import BackgroundServer
+        from attnscope.settings import Settings
 
         self.settings = Settings(port=port, **settings)
         self.app = create_app(self.settings, registry)
@@ -235,7 +235,7 @@ def test_wrong_token_publishes_nothing(caplog: pytest.LogCaptureFixture) -> None
     registry = RunRegistry()
     model = small_encoder(EventDispatcher())
     with Served(registry, token=TOKEN) as served, \
-            caplog.at_level("ERROR", logger="server.remote.publisher"):
+            caplog.at_level("ERROR", logger="attnscope.remote.publisher"):
         dash = Dashboard.connect(served.url, run=RUN, token="wrong-token-0123456789",
                                  model=model)
         try:

@@ -14,13 +14,13 @@ import torch
 from stream_support import Served, Trainer, small_encoder
 from test_remote import wait_for
 
-from server import Dashboard
-from server.captures import run_capture
-from server.captures.capture import CaptureError, CaptureTooLarge, CaptureUnavailable
-from server.demo import DemoConfig, DemoModel, symbol_labels
-from server.remote.captures import CHUNK_BYTES, CaptureRequests, answer_capture
-from server.remote.wire import pack_binary, unpack_binary
-from server.runs import Run, RunRegistry
+from attnscope import Dashboard
+from attnscope.captures import run_capture
+from attnscope.captures.capture import CaptureError, CaptureTooLarge, CaptureUnavailable
+from attnscope.demo import DemoConfig, DemoModel, symbol_labels
+from attnscope.remote.captures import CHUNK_BYTES, CaptureRequests, answer_capture
+from attnscope.remote.wire import pack_binary, unpack_binary
+from attnscope.runs import Run, RunRegistry
 from transformer_core.events import EventDispatcher
 
 RUN = "bob/remote-captures"

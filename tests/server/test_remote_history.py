@@ -12,12 +12,12 @@ import torch
 from stream_support import Served
 from test_remote import _ServedOn, wait_for
 
-from server import Dashboard
-from server.demo import DemoConfig, DemoTraining
-from server.history.store import StatRow
-from server.remote.history import decode_stats, encode_stats
-from server.remote.wire import unpack_binary
-from server.runs import RunRegistry
+from attnscope import Dashboard
+from attnscope.demo import DemoConfig, DemoTraining
+from attnscope.history.store import StatRow
+from attnscope.remote.history import decode_stats, encode_stats
+from attnscope.remote.wire import unpack_binary
+from attnscope.runs import RunRegistry
 from transformer_core.events import AttentionEvent, EventDispatcher, dispatching_to
 
 CONFIG = DemoConfig(seq_len=8, n_symbols=10, n_layers=2, n_heads=2, d_head=4, feed_forward=16,

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from stream_support import Served, Trainer, small_encoder
 
-from server.app import FRONTEND_DIR
-from server.demo import DemoConfig
-from server.demo_run import DemoRun
-from server.runs import Run, RunRegistry
+from attnscope.demo import DemoConfig
+from attnscope.demo_run import DemoRun
+from attnscope.runs import Run, RunRegistry
 from transformer_core.events import EventDispatcher
 
 TINY_DEMO = DemoConfig(seq_len=8, n_symbols=4, n_layers=1, n_heads=2, d_head=8,
@@ -98,9 +98,7 @@ def test_static_page_and_vendored_plotly(toy):
     assert response.status_code == 200
     assert "javascript" in response.headers["content-type"]
     assert len(response.content) > 1_000_000  # the real bundle, not a placeholder
-    index = FRONTEND_DIR / "index.html"
-    if not index.exists():
-        pytest.skip("frontend/index.html not written yet")
+    index = Path(__file__).resolve().parents[2] / "frontend" / "index.html"
     page = served.http.get("/")
     assert page.status_code == 200 and page.text == index.read_text()
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from server.protocol import decode_frame, dequantise
-from server.settings import Settings
-from server.stream.frames import encode_binary, encode_stats, pool_factor, quantise
-from server.stream.publisher import Capture
-from server.stream.stats import MaskInfo, head_stats, valid_key_counts
+from attnscope.protocol import decode_frame, dequantise
+from attnscope.settings import Settings
+from attnscope.stream.frames import encode_binary, encode_stats, pool_factor, quantise
+from attnscope.stream.publisher import Capture
+from attnscope.stream.stats import MaskInfo, head_stats, valid_key_counts
 from transformer_core.masking import FullMask, LengthMask
 
 
