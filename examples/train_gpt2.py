@@ -19,7 +19,7 @@ import time
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from server import Dashboard
+from attnscope import Dashboard
 
 LETTERS = list(string.ascii_lowercase[:16])
 

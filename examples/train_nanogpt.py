@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from server import Dashboard
+from attnscope import Dashboard
 
 SYMBOLS = [str(d) for d in range(10)] + ["|"]
 SEP = len(SYMBOLS) - 1

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 class DashboardOwner:
     """Starts a dashboard on the trained model (unless given one) and closes the one it
-    started. ``start_kwargs`` go to :meth:`~server.dashboard.Dashboard.start`."""
+    started. ``start_kwargs`` go to :meth:`~attnscope.dashboard.Dashboard.start`."""
 
     def __init__(self, dashboard: Any = None, **start_kwargs: Any) -> None:
         self.dashboard = dashboard

@@ -30,7 +30,7 @@ class Regressor(nn.Module):
 
 
 def test_integrations_package_imports_neither_framework():
-    code = ("import sys, server.integrations; "
+    code = ("import sys, attnscope.integrations; "
             "print(any(m.split('.')[0] in ('transformers', 'lightning', 'pytorch_lightning') "
             "for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -41,7 +41,7 @@ def test_integrations_package_imports_neither_framework():
 def test_trainer_callback_marks_steps_with_logged_loss(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from server.integrations.huggingface import AttnscopeCallback
+    from attnscope.integrations.huggingface import AttnscopeCallback
 
     data = [{"x": torch.randn(5, 3), "labels": torch.tensor(1.0)} for _ in range(12)]
     args = transformers.TrainingArguments(
@@ -74,7 +74,7 @@ def test_lightning_callback_marks_steps_with_loss():
         import lightning.pytorch as pl
     except ImportError:
         pl = pytest.importorskip("pytorch_lightning")
-    from server.integrations.lightning import AttnscopeCallback
+    from attnscope.integrations.lightning import AttnscopeCallback
 
     class Module(pl.LightningModule):
         def __init__(self):
