@@ -95,6 +95,7 @@ def test_events_equal_plain_softmax(n_kv_head):
         x0 = model.blocks[0].ln(model.wte(idx))
         ref = _reference(model.blocks[0].attn, x0)
     assert len(seen) == 2 and seen[0].source is model.blocks[0].attn
+    assert seen[0].attn_mask.lower_triangular  # readers counting visible keys see causal
     torch.testing.assert_close(seen[0].attention_matrix, ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(seen[0].attention(sample=1, heads=3), ref[1, 3], atol=1e-5,
                                rtol=0)

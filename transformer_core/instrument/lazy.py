@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..events import AttentionEvent
+from ..masking import FullMask
 
 
 class StaleEventError(RuntimeError):
@@ -69,6 +70,21 @@ class SDPACall:
     def shape(self) -> tuple[int, int, int, int]:
         N, L, H, _ = self.queries.shape
         return (N, H, L, self.keys.shape[1])
+
+    def shared_mask(self) -> FullMask | None:
+        """The (L, S) pattern every sample and head shares (causal and/or a broadcast bool
+        mask), for readers that count the keys a query may see; None when the mask
+        differs per sample or head, or is a float mask."""
+        N, H, L, S = self.shape
+        mask = self.mask
+        if mask is not None and (mask.dtype != torch.bool or mask.shape[0] != 1
+                                 or mask.shape[1] != 1):
+            return None
+        keep = None if mask is None else mask[0, 0, :, :S].expand(L, S)  # (L, S)
+        if self.is_causal:
+            tri = torch.ones(L, S, dtype=torch.bool, device=self.queries.device).tril()
+            keep = tri if keep is None else keep & tri
+        return None if keep is None else FullMask(keep)
 
     def check_fresh(self) -> None:
         """Raise :class:`StaleEventError` if queries or keys changed since dispatch."""
@@ -170,7 +186,8 @@ def sdpa_event(source: Any, call: SDPACall, role: str = "self",
 
     event = AttentionEvent(
         source, call.shape, call.logits, call.matrix,
-        queries=call.queries, keys=keys, softmax_temp=call.scale, role=role,
+        queries=call.queries, keys=keys, attn_mask=call.shared_mask(),
+        softmax_temp=call.scale, role=role,
         attention_type=attention_type, copy_fn=copy, concat_fn=concat)
     event.sdpa_call = call
     return event
