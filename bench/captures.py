@@ -40,7 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import uvicorn  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 
-from attnscope.captures import CaptureLimits, CaptureStore, build_router, run_capture  # noqa: E402
+from attnscope.captures.capture import run_capture  # noqa: E402
+from attnscope.captures.router import build_router  # noqa: E402
+from attnscope.captures.service import CaptureLimits  # noqa: E402
+from attnscope.captures.store import CaptureStore  # noqa: E402
 from attnscope.demo import DemoConfig, DemoModel, resolve_device  # noqa: E402
 from attnscope.runs import Run, RunRegistry  # noqa: E402
 from transformer_core.builders import TransformerEncoderBuilder  # noqa: E402

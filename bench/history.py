@@ -56,7 +56,9 @@ def recording_cost(seconds: float, repeats: int) -> dict:
     """One training loop, history attached for every other window (so both variants run
     the same model: two model instances differ in speed by up to 2% on their own)."""
     from attnscope.demo import DemoConfig, DemoTraining
-    from attnscope.history import HistoryConfig, HistoryService, HistoryStore
+    from attnscope.history.config import HistoryConfig
+    from attnscope.history.service import HistoryService
+    from attnscope.history.store import HistoryStore
     from attnscope.runs import Run
     from transformer_core.events import EventDispatcher
 
@@ -103,8 +105,9 @@ def disk_per_1000(layers: int, heads: int, length: int, d_head: int) -> dict:
     """Bytes of history per 1,000 steps at the defaults, measured on a real model."""
     import numpy as np
 
-    from attnscope.history import HistoryConfig, HistoryService, HistoryStore
-    from attnscope.history.store import STAT_NAMES, StatRow
+    from attnscope.history.config import HistoryConfig
+    from attnscope.history.service import HistoryService
+    from attnscope.history.store import STAT_NAMES, HistoryStore, StatRow
     from attnscope.runs import Run
     from transformer_core.builders import TransformerEncoderBuilder
     from transformer_core.events import EventDispatcher

@@ -18,13 +18,18 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from . import __version__, captures, history
+from . import __version__
 from .api import api_router
 from .auth import AuthMiddleware
+from .captures.router import build_router as build_captures_router
+from .captures.service import CaptureLimits
+from .captures.store import CaptureStore, StoreLocked, open_store
+from .history import service as history_service
+from .history.router import router as history_router
 from .remote.endpoint import router as publish_router
 from .runs import RunRegistry
 from .settings import Settings
-from .stream import Hub
+from .stream.hub import Hub
 from .ws import router as ws_router
 
 logger = logging.getLogger(__name__)
@@ -52,11 +57,11 @@ def plotly_js_path() -> Path | None:
     return path if path.is_file() else None
 
 
-def _open_capture_store(settings: Settings) -> captures.CaptureStore | None:
+def _open_capture_store(settings: Settings) -> CaptureStore | None:
     """The capture store, or None (captures answer 503) when another process owns it."""
     try:
-        return captures.open_store(settings)
-    except captures.StoreLocked as exc:
+        return open_store(settings)
+    except StoreLocked as exc:
         logger.warning("captures disabled: %s (set ATTNSCOPE_DATA_DIR to a folder of its own)",
                        exc)
         return None
@@ -73,7 +78,7 @@ def create_app(settings: Settings | None = None, registry: RunRegistry | None = 
         await hub.start()
         app.state.hub = hub
         app.state.capture_store = _open_capture_store(settings)
-        app.state.history = history.start(settings, registry)  # None: off, or dir in use
+        app.state.history = history_service.start(settings, registry)  # None: off, or dir in use
         try:
             yield
         finally:
@@ -87,9 +92,9 @@ def create_app(settings: Settings | None = None, registry: RunRegistry | None = 
                   summary="A live window into a transformer while it trains.")
     app.state.settings = settings
     app.state.runs = registry
-    app.include_router(history.router)  # before api_router: its /runs/{id:path} takes all
+    app.include_router(history_router)  # before api_router: its /runs/{id:path} takes all
     app.include_router(api_router)
-    app.include_router(captures.build_router(captures.CaptureLimits.from_settings(settings)))
+    app.include_router(build_captures_router(CaptureLimits.from_settings(settings)))
     app.include_router(ws_router)
     app.include_router(publish_router)  # /ws/publish: Dashboard.connect publishers
     # Outermost: every route (REST, websockets, the page) needs the token but health.

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 import torch.nn as nn
 
 from .runs import Run, RunRegistry, slugify
-from .settings import Settings
 
-if TYPE_CHECKING:  # the web stack loads in start(), not on import (connect never needs it)
+if TYPE_CHECKING:  # the web side loads in start(), not on import (connect never needs it)
     from .serving import BackgroundServer
+    from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class Dashboard:
         from .app import create_app
         from .remote.publisher import SilentDashboard, select_rank
         from .serving import BackgroundServer
+        from .settings import Settings
 
         if not select_rank(0)[0]:
             return SilentDashboard()

@@ -16,7 +16,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from .api.deps import HubDep
 from .protocol import ProtocolError, parse_subscribe
-from .stream import Connection, Hub
+from .stream.hub import Connection, Hub
 
 logger = logging.getLogger(__name__)
 router = APIRouter()

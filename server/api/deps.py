@@ -9,7 +9,7 @@ from starlette.requests import HTTPConnection
 
 from ..runs import Run, RunRegistry, UnknownRunError
 from ..settings import Settings
-from ..stream import Hub
+from ..stream.hub import Hub
 
 
 def get_settings(conn: HTTPConnection) -> Settings:

@@ -3,38 +3,16 @@ model between training steps and stores the tensors it asked for (an SQLite
 index plus one safetensors file each); ``GET`` downloads them as npz,
 safetensors or json.
 
+- :mod:`.capture` (core): :func:`~.capture.run_capture`, one forward pass with a
+  private listener;
+- :mod:`.store`, :mod:`.formats` (core): the store and the download formats;
+- :mod:`.service`, :mod:`.router`, :mod:`.models` (web side): the REST API.
+
 Wiring (in ``create_app``)::
 
-    app.include_router(captures.build_router(captures.CaptureLimits.from_settings(settings)))
+    app.include_router(router.build_router(service.CaptureLimits.from_settings(settings)))
     # in the lifespan:
-    app.state.capture_store = captures.open_store(settings)   # ... store.close() at shutdown
+    app.state.capture_store = store.open_store(settings)   # ... store.close() at shutdown
+
+Nothing is imported here, so that the training side loads no web framework.
 """
-
-from __future__ import annotations
-
-from pathlib import Path
-from typing import Any
-
-from .capture import KINDS, CaptureError, describe_model, run_capture
-from .router import build_router
-from .service import CaptureLimits
-from .store import CaptureRecord, CaptureStore, StoreLocked
-
-
-def open_store(settings: Any) -> CaptureStore:
-    """The capture store under ``settings.data_dir / "captures"`` (created if missing)."""
-    return CaptureStore(Path(settings.data_dir) / "captures")
-
-
-__all__ = [
-    "KINDS",
-    "CaptureError",
-    "CaptureLimits",
-    "CaptureRecord",
-    "CaptureStore",
-    "StoreLocked",
-    "build_router",
-    "describe_model",
-    "open_store",
-    "run_capture",
-]

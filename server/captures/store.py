@@ -230,3 +230,8 @@ class CaptureStore:
             return None
         with opened[1] as f:
             return dict(read_safetensors(f))
+
+
+def open_store(settings: Any) -> CaptureStore:
+    """The capture store under ``settings.data_dir / "captures"`` (created if missing)."""
+    return CaptureStore(Path(settings.data_dir) / "captures")

@@ -2,53 +2,18 @@
 logarithmically to about 200 snapshots), plus head statistics and scalars at
 every step, stored under the data dir and served over REST.
 
+- :mod:`.store`, :mod:`.config`, :mod:`.thinning` (core): the store and its settings;
+- :mod:`.recorder` (training side): :class:`~.recorder.RunRecorder`, in the training thread;
+- :mod:`.service` (training side): :class:`~.service.HistoryService`, the writer thread;
+- :mod:`.router` (web side): ``/api/v1/runs/{id}/history`` and ``/api/v1/history``.
+
 Wiring (in ``create_app``)::
 
-    app.include_router(history.router)
+    app.include_router(history.router.router)
     # in the lifespan:
-    app.state.history = history.start(settings, registry)   # None when off or locked
+    app.state.history = history.service.start(settings, registry)  # None: off or locked
     ...
     if app.state.history is not None: app.state.history.close()
+
+Nothing is imported here, so that the training side loads no web framework.
 """
-
-from __future__ import annotations
-
-import logging
-from pathlib import Path
-from typing import Any
-
-from .config import HistoryConfig
-from .recorder import HistoryService, RunRecorder
-from .router import router
-from .store import HistoryLocked, HistoryStore
-from .thinning import thinning_victim
-
-logger = logging.getLogger(__name__)
-
-
-def open_service(settings: Any, **overrides: Any) -> HistoryService | None:
-    """A recording service on ``settings.data_dir / "history"``, or None when disabled."""
-    config = HistoryConfig.from_settings(settings, **overrides)
-    if not config.enabled:
-        return None
-    store = HistoryStore(Path(settings.data_dir) / "history", max_snapshots=config.max_snapshots,
-                         max_bytes=config.max_bytes, max_stat_points=config.max_stat_points,
-                         max_sessions=config.max_sessions)
-    return HistoryService(store, config)
-
-
-__all__ = ["HistoryConfig", "HistoryLocked", "HistoryService", "HistoryStore", "RunRecorder",
-           "open_service", "router", "start", "thinning_victim"]
-
-
-def start(settings: Any, registry: Any) -> HistoryService | None:
-    """Record every run of ``registry``; None (history answers 503) when disabled or when
-    another process owns the data dir's history."""
-    try:
-        service = open_service(settings)
-    except HistoryLocked as exc:
-        logger.warning("history disabled: %s", exc)
-        return None
-    if service is not None:
-        service.watch(registry)
-    return service

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from ..protocol import encode_frame
 from ..stream.frames import pool_factor, pool_labels
 from .models import HistoryIndex, SessionPublic, StatsPublic
-from .recorder import HistoryService
+from .service import HistoryService
 from .store import STAT_NAMES, Session
 
 router = APIRouter(prefix="/api/v1", tags=["history"])

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..api.deps import RegistryDep
 from ..runs import UnknownRunError
-from ..stream.publisher import Plan
+from ..stream.plan import Plan
 from .history import HistoryInbox, config_message
 from .run import RemoteRun
 from .wire import WIRE_VERSION, decode_capture, plan_to_message, unpack_binary

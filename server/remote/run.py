@@ -25,7 +25,7 @@ from transformer_core.masking import FullMask
 
 from ..captures.capture import ModelInfo
 from ..runs import AttentionSite, Run, RunStateError, ScalarHistory
-from ..stream.publisher import EMPTY_PLAN, Capture, Plan, SlotKey
+from ..stream.plan import EMPTY_PLAN, Capture, Plan, SlotKey
 from ..stream.stats import MaskInfo
 from .captures import CaptureRequests, model_info_from_message
 

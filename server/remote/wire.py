@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..stream.publisher import EMPTY_PLAN, Capture, Plan, SampleNeed
+from ..stream.plan import EMPTY_PLAN, Capture, Plan, SampleNeed
 
 WIRE_VERSION = 1
 _DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}

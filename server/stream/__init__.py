@@ -1,7 +1,10 @@
-"""The live stream: training-thread publishers, latest-value slots, websocket fan-out."""
+"""The live stream.
 
-from .hub import Connection, Hub, Resolved, build_plan, resolve
-from .publisher import Capture, Plan, Publisher, SampleNeed
+- :mod:`.plan` (core): :class:`~.plan.Plan` and :class:`~.plan.Capture`, what is captured;
+- :mod:`.stats`, :mod:`.frames` (core): head statistics, captures encoded as frames;
+- :mod:`.publisher` (training side): the in-process publisher, filling latest-value slots;
+- :mod:`.hub` (web side): subscriptions, plans and per-socket senders.
 
-__all__ = ["Capture", "Connection", "Hub", "Plan", "Publisher", "Resolved", "SampleNeed",
-           "build_plan", "resolve"]
+Nothing is imported here, so that the training side can use the core modules
+without loading the web stack.
+"""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..protocol import encode_frame
-from .publisher import Capture
+from .plan import Capture
 from .stats import STAT_NAMES, head_stats, valid_key_counts
 
 

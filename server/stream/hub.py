@@ -23,7 +23,8 @@ from ..protocol import KINDS, PROTOCOL_VERSION, ProtocolError, Subscribe
 from ..runs import Run, RunRegistry, UnknownRunError
 from ..settings import Settings
 from .frames import encode_binary, encode_stats
-from .publisher import EMPTY_PLAN, Plan, Publisher, SampleNeed, SlotKey
+from .plan import EMPTY_PLAN, Plan, SampleNeed, SlotKey
+from .publisher import Publisher
 
 logger = logging.getLogger(__name__)
 

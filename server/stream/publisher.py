@@ -18,7 +18,6 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,74 +25,10 @@ import torch
 from transformer_core.events import AttentionEvent, QKVEvent
 
 from ..runs import Run
+from .plan import EMPTY_PLAN, Capture, Plan, SampleNeed, SlotKey
 from .stats import MaskInfo
 
-SlotKey = tuple[str, int, int]  # (kind, layer, sample)
-
-
-@dataclass(frozen=True)
-class SampleNeed:
-    """What the union of subscriptions wants from one layer for one sample.
-
-    ``*_heads`` are the heads to capture: a sorted tuple, or None for all heads.
-    ``attention_heads`` is None (all) whenever ``stats`` is set.
-    """
-
-    sample: int
-    attention: bool = False
-    attention_heads: tuple[int, ...] | None = None
-    logits: bool = False
-    logits_heads: tuple[int, ...] | None = None
-    stats: bool = False
-    qkv: bool = False
-    qkv_heads: tuple[int, ...] | None = None
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The union of a run's subscriptions, swapped atomically into the publisher.
-
-    ``sources`` maps ``id(module)`` to ``("attn" | "qkv", layer)`` for the
-    modules whose events are wanted; ``needs[layer]`` lists per-sample needs.
-    """
-
-    interval: float = 1.0
-    sources: dict[int, tuple[str, int]] = field(default_factory=dict)
-    needs: dict[int, tuple[SampleNeed, ...]] = field(default_factory=dict)
-    scalars: bool = False
-
-    @property
-    def empty(self) -> bool:
-        return not self.sources and not self.scalars
-
-
-EMPTY_PLAN = Plan()
-
-
-@dataclass(eq=False, slots=True)
-class Capture:
-    """One captured array, as put into a latest-value slot.
-
-    ``data`` is on the CPU: attention (h, L, S) float16, qk_logits (h, L, S)
-    float32, qkv_norms (3, h, P) float32, head_stats: the attention of all H
-    heads (H, L, S) float16 with ``masks``, from which the event loop computes
-    the statistics (in the training thread there is only the copy).
-    ``cache`` holds its encodings by view, filled lazily by the event loop.
-    """
-
-    kind: str
-    layer: int
-    sample: int
-    heads: tuple[int, ...]
-    data: torch.Tensor
-    role: str
-    time: float
-    step: int = 0
-    seq: int = 0
-    labels: tuple[list[str] | None, list[str] | None] | None = None
-    masks: MaskInfo | None = None
-    cache: dict[Any, Any] = field(default_factory=dict)
-
+__all__ = ["EMPTY_PLAN", "Capture", "Plan", "Publisher", "SampleNeed", "SlotKey"]
 
 def _kinds(need: SampleNeed) -> list[str]:
     flags = (("attention", need.attention), ("qk_logits", need.logits),

@@ -20,8 +20,9 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
-from attnscope.captures import CaptureLimits, build_router, open_store
-from attnscope.captures.router import PREFIX
+from attnscope.captures.router import PREFIX, build_router
+from attnscope.captures.service import CaptureLimits
+from attnscope.captures.store import open_store
 from attnscope.demo import DemoConfig, DemoModel
 from attnscope.runs import Run, RunRegistry
 

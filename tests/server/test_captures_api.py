@@ -21,7 +21,7 @@ import safetensors.numpy
 import torch
 from captures_support import demo_run, make_app, serve
 
-from attnscope.captures import CaptureLimits
+from attnscope.captures.service import CaptureLimits
 from attnscope.runs import Run
 from transformer_core.builders import TransformerEncoderBuilder
 from transformer_core.events import EventDispatcher

@@ -7,9 +7,11 @@ import pytest
 import torch
 from stream_support import Wrapped, small_encoder
 
-from attnscope.captures import run_capture
-from attnscope.history import HistoryConfig, HistoryService, HistoryStore, thinning_victim
-from attnscope.history.store import StatRow
+from attnscope.captures.capture import run_capture
+from attnscope.history.config import HistoryConfig
+from attnscope.history.service import HistoryService
+from attnscope.history.store import HistoryStore, StatRow
+from attnscope.history.thinning import thinning_victim
 from attnscope.runs import Run
 from transformer_core.events import EventDispatcher
 
@@ -251,7 +253,7 @@ def test_a_full_writer_queue_drops_records_instead_of_blocking(tmp_path):
 
 
 def test_a_second_process_cannot_open_the_same_history(tmp_path):
-    from attnscope.history import HistoryLocked
+    from attnscope.history.store import HistoryLocked
 
     with HistoryStore(tmp_path), pytest.raises(HistoryLocked, match="in use"):
         HistoryStore(tmp_path)

@@ -15,8 +15,12 @@ from stream_support import Served, Trainer, small_encoder
 from test_remote import wait_for
 
 from attnscope import Dashboard
-from attnscope.captures import run_capture
-from attnscope.captures.capture import CaptureError, CaptureTooLarge, CaptureUnavailable
+from attnscope.captures.capture import (
+    CaptureError,
+    CaptureTooLarge,
+    CaptureUnavailable,
+    run_capture,
+)
 from attnscope.demo import DemoConfig, DemoModel, symbol_labels
 from attnscope.remote.captures import CHUNK_BYTES, CaptureRequests, answer_capture
 from attnscope.remote.wire import pack_binary, unpack_binary

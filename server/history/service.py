@@ -1,0 +1,252 @@
+"""The history writer: one :class:`HistoryService` per server records every run of its
+registry into a :class:`~.store.HistoryStore`, with one writer thread.
+
+Local runs are recorded by a :class:`~.recorder.RunRecorder` in their training thread;
+remote runs by their publisher, whose records arrive through the run's inbox
+(:mod:`attnscope.remote.history`). Either way the items end up in :meth:`HistoryService.submit`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from ..runs import Run, RunRegistry
+from .config import HistoryConfig
+from .recorder import (
+    RunRecorder,
+    SnapshotItem,
+    StepItem,
+    StoredSnapshot,
+    StoredStats,
+    stat_rows,
+)
+from .store import HistoryLocked, HistoryStore
+
+logger = logging.getLogger(__name__)
+
+WRITE_PERIOD_S = 0.25  # the writer collects records this long before writing them
+
+
+class HistoryService:
+    """Records the runs of a registry into a :class:`HistoryStore` with one writer thread."""
+
+    def __init__(self, store: HistoryStore, config: HistoryConfig | None = None) -> None:
+        self.store = store
+        self.config = (config or HistoryConfig()).validate()
+        self.recorders: dict[str, RunRecorder] = {}
+        self.dropped = 0
+        self._queue: queue.Queue = queue.Queue(self.config.queue_size)
+        self._registry: RunRegistry | None = None
+        self._closed = False
+        self._queued_bytes = 0  # bytes of tensors waiting for the writer
+        self._bytes_lock = threading.Lock()
+        self._wake = threading.Event()  # set by flush() and close(): write now
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._write_loop, name="attnscope-history",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- runs ------------------------------------------------------------------
+
+    def attach(self, run: Run) -> RunRecorder:
+        """Start recording ``run`` (its model must be in this process)."""
+        if not isinstance(getattr(run, "model", None), nn.Module):
+            raise TypeError(f"run {run.id!r} has no model in this process: history records "
+                            "local runs only")
+        with self._lock:
+            recorder = self.recorders.get(run.id)
+            if recorder is None or recorder.run is not run:
+                if recorder is not None:
+                    recorder.detach()
+                recorder = self.recorders[run.id] = RunRecorder(run, self)
+            return recorder
+
+    def detach(self, run_id: str) -> None:
+        with self._lock:
+            recorder = self.recorders.pop(run_id, None)
+        if recorder is not None:
+            recorder.detach()
+
+    def watch(self, registry: RunRegistry) -> None:
+        """Record every run of ``registry``, now and as runs are added or removed."""
+        self._registry = registry
+        registry.add_listener(self._sync)
+        self._sync()
+
+    def _sync(self) -> None:
+        registry = self._registry
+        if registry is None:
+            return
+        # Runs with a model in this process; a remote run's model is elsewhere (not recorded).
+        runs = {run.id: run for run in registry.list()
+                if isinstance(getattr(run, "model", None), nn.Module)}
+        for run in runs.values():
+            recorder = self.recorders.get(run.id)
+            if recorder is None or recorder.run is not run:
+                self.attach(run)
+        for run_id in [r for r in self.recorders if r not in runs]:
+            self.detach(run_id)
+
+    def new_session(self, run_id: str, name: str | None, meta: dict[str, Any]) -> str:
+        """A new stored session of run ``run_id``; its id."""
+        return self.store.new_session(run_id, name, meta).id
+
+    def _remote_inbox(self, run_id: str) -> Any:
+        """The inbox of a live remote run whose publisher records (attnscope.remote.history)."""
+        try:
+            run = self._registry.get(run_id) if self._registry is not None else None
+        except KeyError:
+            return None
+        inbox = getattr(run, "history_inbox", None)
+        return inbox if inbox is not None and run.status == "live" else None
+
+    def is_recording(self, run_id: str) -> bool:
+        """Whether run ``run_id`` is being recorded now (here, or by its publisher)."""
+        return run_id in self.recorders or self._remote_inbox(run_id) is not None
+
+    def live_sessions(self) -> set[str]:
+        """Sessions being recorded now: local runs' and live remote runs' (whose
+        publishers record and send them, see ``attnscope.remote.history``)."""
+        live = {r.session for r in self.recorders.values() if r.session is not None}
+        for run in self._registry.list() if self._registry is not None else ():
+            inbox = self._remote_inbox(run.id)
+            if inbox is not None and inbox.session is not None:
+                live.add(inbox.session)
+        return live
+
+    def session_of(self, run_id: str) -> str | None:
+        """The session being recorded for a live run id (None before its first step),
+        else the newest stored one of that id."""
+        recorder = self.recorders.get(run_id) or self._remote_inbox(run_id)
+        if recorder is not None:
+            return recorder.session
+        session = self.store.latest_session(run_id)
+        return None if session is None else session.id
+
+    # -- writer ----------------------------------------------------------------
+
+    def submit(self, item: Any) -> None:
+        """Queue an item for the writer; never blocks (a full queue drops the item)."""
+        size = getattr(item, "nbytes", 0)
+        with self._bytes_lock:
+            fits = self._queued_bytes + size <= self.config.queue_bytes
+            if fits:
+                self._queued_bytes += size
+        try:
+            if not fits:
+                raise queue.Full
+            self._queue.put_nowait(item)
+        except queue.Full:
+            if fits:
+                with self._bytes_lock:
+                    self._queued_bytes -= size
+            self.dropped += 1
+            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+                logger.warning("history: writer behind, %d records dropped", self.dropped)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything queued so far is written; False on timeout."""
+        done = threading.Event()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self._queue.put(done, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        else:
+            return False
+        self._wake.set()
+        return done.wait(max(0.0, deadline - time.monotonic()))
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop recording every run, write what is queued, stop the writer, close the store."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._registry is not None:
+            self._registry.remove_listener(self._sync)
+        for run_id in list(self.recorders):
+            self.detach(run_id)
+        self._queue.put(None)
+        self._wake.set()
+        self._thread.join(timeout)
+        self.store.close()
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if isinstance(item, StepItem | SnapshotItem):
+                # Wake a few times a second, not once per step: fewer GIL hand-offs with
+                # the training thread, and one SQLite transaction for many rows.
+                self._wake.wait(WRITE_PERIOD_S)
+                self._wake.clear()
+            batch = [item]
+            while item is not None and len(batch) < 1024:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._write(batch)
+            except Exception:
+                logger.exception("history: writing failed")
+            if any(x is None for x in batch):
+                return
+
+    def _write(self, batch: list[Any]) -> None:
+        steps: list[StepItem] = []
+        for item in batch:
+            with self._bytes_lock:
+                self._queued_bytes -= getattr(item, "nbytes", 0)
+            if isinstance(item, StepItem):
+                steps.append(item)
+                continue
+            self._write_stats(steps)  # keep the order of the items
+            steps = []
+            if isinstance(item, StoredStats):
+                self.store.add_stats(item.session, item.rows)
+            elif isinstance(item, SnapshotItem | StoredSnapshot):
+                tensors = item.arrays()
+                self.store.add_snapshot(item.session, item.step, item.time, tensors)
+                if item.labels is not None:
+                    self.store.update_meta(item.session, probe_labels=item.labels,
+                                           probe_shape=list(next(iter(tensors.values())).shape))
+            elif isinstance(item, threading.Event):
+                item.set()
+        self._write_stats(steps)
+
+    def _write_stats(self, steps: list[StepItem]) -> None:
+        for session, rows in stat_rows(steps).items():
+            self.store.add_stats(session, rows)
+
+
+def open_service(settings: Any, **overrides: Any) -> HistoryService | None:
+    """A recording service on ``settings.data_dir / "history"``, or None when disabled."""
+    config = HistoryConfig.from_settings(settings, **overrides)
+    if not config.enabled:
+        return None
+    store = HistoryStore(Path(settings.data_dir) / "history", max_snapshots=config.max_snapshots,
+                         max_bytes=config.max_bytes, max_stat_points=config.max_stat_points,
+                         max_sessions=config.max_sessions)
+    return HistoryService(store, config)
+
+
+def start(settings: Any, registry: Any) -> HistoryService | None:
+    """Record every run of ``registry``; None (history answers 503) when disabled or when
+    another process owns the data dir's history."""
+    try:
+        service = open_service(settings)
+    except HistoryLocked as exc:
+        logger.warning("history disabled: %s", exc)
+        return None
+    if service is not None:
+        service.watch(registry)
+    return service
