@@ -33,6 +33,8 @@ TRAINING = {
     "attnscope.dashboard", "attnscope.stream.publisher", "attnscope.remote.publisher",
     "attnscope.remote.captures", "attnscope.remote.history", "attnscope.history.recorder",
     "attnscope.history.service", "attnscope.demo", "attnscope.demo_run", "attnscope.client",
+    "attnscope.integrations", "attnscope.integrations._common",
+    "attnscope.integrations.huggingface", "attnscope.integrations.lightning",
 }
 # Everything else is the web side (app, routers, hub, endpoints, auth, settings, CLI).
 LAYER_NAMES = ("core", "training side", "web side")
