@@ -186,3 +186,16 @@ def test_compiled_model_no_graph_break_without_listener():
     idx = torch.randint(0, 11, (2, 7))
     explain = torch._dynamo.explain(model)(idx)
     assert explain.graph_break_count == 0
+
+
+def test_dispatching_to_redirects_foreign_sites():
+    from transformer_core.events import EventDispatcher, dispatching_to
+
+    model = TinyGPT().eval()
+    sites = instrument(model)
+    own = _record(sites)
+    private, seen = EventDispatcher(), []
+    private.listen(lambda ev: True, seen.append)
+    with dispatching_to(model, private), torch.no_grad():  # a probe pass, say
+        model(torch.randint(0, 11, (1, 4)))
+    assert own == [] and [ev.source for ev in seen] == [s.module for s in sites]
