@@ -29,6 +29,17 @@ def _tiny(name: str) -> torch.nn.Module:
             num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
             pad_token_id=2, **common)
         return transformers.LlamaForCausalLM(config).eval()
+    if name == "gemma2":  # soft-capped logits, a sliding-window layer (window 3 < L)
+        config = transformers.Gemma2Config(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, sliding_window=3, attn_logit_softcapping=5.0,
+            max_position_embeddings=64, pad_token_id=2, **common)
+        return transformers.Gemma2ForCausalLM(config).eval()
+    if name == "vit":
+        config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=2,
+                                        num_attention_heads=2, intermediate_size=32,
+                                        image_size=8, patch_size=4, num_channels=3)
+        return transformers.ViTModel(config).eval()
     if name == "bert":
         config = transformers.BertConfig(hidden_size=16, num_hidden_layers=2,
                                          num_attention_heads=2, intermediate_size=32,
@@ -58,10 +69,13 @@ def _record(sites) -> list:
 
 
 def _inputs(name: str) -> dict:
+    if name == "vit":
+        return {"pixel_values": torch.randn(2, 3, 8, 8)}
     ids = torch.randint(3, 50, (2, 6))
     mask = torch.ones(2, 6, dtype=torch.long)
-    mask[1, :2] = 0 if name in ("gpt2", "llama") else 1  # left padding for decoders
-    mask[1, 4:] = 1 if name in ("gpt2", "llama") else 0  # right padding for encoders
+    decoder = name in ("gpt2", "llama", "gemma2")
+    mask[1, :2] = 0 if decoder else 1  # left padding for decoders
+    mask[1, 4:] = 1 if decoder else 0  # right padding for encoders
     inputs = {"input_ids": ids, "attention_mask": mask}
     if name == "t5":
         inputs["decoder_input_ids"] = torch.randint(3, 50, (2, 4))
@@ -77,10 +91,12 @@ def _references(name: str, out) -> list[torch.Tensor]:
     return [*out.encoder_attentions, *decoder]
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", pytest.param("t5", marks=needs_t5)])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gemma2", "bert", "vit",
+                                  pytest.param("t5", marks=needs_t5)])
 def test_events_equal_eager_output_attentions(name):
     model = _tiny(name)
-    assert model.config._attn_implementation == "sdpa"
+    # Gemma2 soft-caps its logits, which sdpa cannot: it defaults to eager
+    assert model.config._attn_implementation == ("eager" if name == "gemma2" else "sdpa")
     inputs = _inputs(name)
     with torch.no_grad():
         plain = model(**inputs)
@@ -97,7 +113,7 @@ def test_events_equal_eager_output_attentions(name):
     assert torch.equal(watched[0], plain[0])
     expected = _references(name, reference)
     assert len(seen) == len(sites) == len(expected)
-    query_ok = inputs["attention_mask"].bool()  # (N, L): rows of padded queries differ
+    query_ok = inputs.get("attention_mask", torch.ones(2, 1)).bool()  # (N, L)
     for site, event, ref in zip(sites, seen, expected, strict=True):
         assert event.source is site.module and event.role == site.role
         assert event.shape == tuple(ref.shape)
