@@ -27,21 +27,20 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 
-from transformer_core.attention import ATTENTION_TYPES, AttentionLayer
 from transformer_core.events import EventDispatcher
+
+from .layout import LocalModel, ModelLayout, SiteLayout
 
 logger = logging.getLogger(__name__)
 
 Status = Literal["live", "paused", "idle", "ended"]
 CONTROLS = ("pause", "resume", "restart")
-_INNER_TYPES = tuple(ATTENTION_TYPES.values())
 
 
 class RunStateError(RuntimeError):
@@ -58,52 +57,6 @@ class UnknownRunError(KeyError):
 
     def __str__(self) -> str:
         return self.message
-
-
-@dataclass(frozen=True)
-class AttentionSite:
-    """One "layer" of a run: an inner attention module and the AttentionLayer around it.
-
-    ``inner`` dispatches AttentionEvents (N, H, L, S) on ``dispatcher``;
-    ``outer`` (the AttentionLayer, None if the inner attention is used bare)
-    dispatches QKVEvents on ``outer.event_dispatcher``.
-    """
-
-    index: int
-    name: str
-    inner: nn.Module
-    outer: nn.Module | None
-    heads: int | None
-    d_model: int | None
-    role: str
-    attention_type: str
-
-    @property
-    def dispatcher(self) -> EventDispatcher:
-        return self.inner.event_dispatcher
-
-    @property
-    def qkv_dispatcher(self) -> EventDispatcher | None:
-        return None if self.outer is None else self.outer.event_dispatcher
-
-
-def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
-    """The inner-attention modules of ``model`` in ``named_modules()`` order."""
-    outers = {
-        id(m.inner_attention): m for m in model.modules() if isinstance(m, AttentionLayer)
-    }
-    sites = []
-    for name, module in model.named_modules():
-        if not isinstance(module, _INNER_TYPES):
-            continue
-        outer = outers.get(id(module))
-        sites.append(AttentionSite(
-            index=len(sites), name=name, inner=module, outer=outer,
-            heads=getattr(outer, "n_heads", None), d_model=getattr(outer, "d_model", None),
-            role=getattr(module, "role", "self"),
-            attention_type=getattr(module, "attention_type", type(module).__name__),
-        ))
-    return sites
 
 
 def slugify(name: str) -> str:
@@ -206,12 +159,8 @@ class Run:
         unknown = set(controls) - set(CONTROLS)
         if unknown:
             raise ValueError(f"controls: unknown {sorted(unknown)}; allowed: {list(CONTROLS)}")
-        self.sites = find_attention_sites(model)
-        if not self.sites:
-            raise ValueError(
-                f"model: no transformer_core attention module found in {type(model).__name__} "
-                "(build it with transformer_core builders or AttentionLayer)"
-            )
+        self.local = LocalModel(model)  # raises ValueError when it has no attention site
+        self.layout: ModelLayout = self.local.layout
         self.model = model
         self.id = run_id
         self.name = name or run_id
@@ -235,7 +184,7 @@ class Run:
         self._jobs: deque[tuple[Callable[[], Any], Future]] = deque()
         self._step_hooks: tuple[Callable[[Run], None], ...] = ()
         self._change_listeners: tuple[Callable[[Run], None], ...] = ()
-        self._seq_hook = self.sites[0].inner.register_forward_pre_hook(self._see_input)
+        self._seq_hook = self.local.sites[0].module.register_forward_pre_hook(self._see_input)
 
     # -- read side ---------------------------------------------------------
 
@@ -246,32 +195,18 @@ class Run:
         return "paused" if self._paused else "live"
 
     @property
+    def sites(self) -> tuple[SiteLayout, ...]:
+        """The run's attention sites (its "layers"): ``self.layout.sites``."""
+        return self.layout.sites
+
+    @property
     def dispatchers(self) -> list[EventDispatcher]:
         """The distinct dispatchers this run's modules talk to."""
-        seen: dict[int, EventDispatcher] = {}
-        for site in self.sites:
-            for d in (site.dispatcher, site.qkv_dispatcher):
-                if d is not None:
-                    seen.setdefault(id(d), d)
-        return list(seen.values())
+        return self.local.dispatchers()
 
     def model_summary(self) -> dict[str, Any]:
         """layers, heads, attention_type, d_model, seq_len (and per-layer details)."""
-        heads = [s.heads for s in self.sites if s.heads is not None]
-        types = sorted({s.attention_type for s in self.sites})
-        d_models = [s.d_model for s in self.sites if s.d_model is not None]
-        return {
-            "layers": len(self.sites),
-            "heads": max(heads) if heads else None,
-            "attention_type": types[0] if len(types) == 1 else "mixed",
-            "d_model": d_models[0] if d_models else None,
-            "seq_len": self.seq_len,
-            "layer_details": [
-                {"index": s.index, "name": s.name, "role": s.role,
-                 "attention_type": s.attention_type, "heads": s.heads}
-                for s in self.sites
-            ],
-        }
+        return self.layout.summary(self.seq_len)
 
     def summary(self) -> dict[str, Any]:
         """The RunSummary of docs/protocol.md."""

@@ -4,8 +4,8 @@ Independent of the run registry: :func:`run_capture` takes a model and an input
 tensor and returns named CPU tensors. The server calls it between training steps
 (in the training thread), but it is safe anywhere nobody else uses the model.
 
-"Layers" are the inner-attention modules of the model in ``named_modules()``
-order (the numbering the stream and the page use). For layer ``i``:
+"Layers" are the attention sites of the model's :class:`~attnscope.layout.ModelLayout`
+(the numbering the stream and the page use). For layer ``i``:
 
 * ``attention``: ``attention.i`` (N, h, L, S), the softmax before dropout;
 * ``qk_logits``: ``qk_logits.i`` (N, h, L, S), the pre-softmax scores
@@ -25,19 +25,18 @@ import logging
 import threading
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from transformer_core.attention import ATTENTION_TYPES, AttentionLayer
 from transformer_core.events import AttentionEvent, IntermediateOutput, QKVEvent
+
+from ..layout import LocalModel, ModelLayout
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("attention", "qkv", "qk_logits", "intermediate")
-_INNER_TYPES = tuple(ATTENTION_TYPES.values())
 
 # One capture at a time per model: eval()/train() toggling must not interleave.
 _model_locks: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
@@ -62,93 +61,9 @@ class CaptureUnavailable(RuntimeError):
     publisher failed or went away (HTTP 502)."""
 
 
-@dataclass(frozen=True)
-class AttentionSite:
-    """Where layer ``index`` lives: its inner attention, AttentionLayer and transformer layer.
-
-    ``attention_layer`` (dispatches QKVEvents) and ``block`` (the encoder or
-    decoder layer, dispatches IntermediateOutput) are None when absent;
-    ``n_heads`` is None when there is no AttentionLayer to tell it.
-    """
-
-    index: int
-    name: str
-    inner: nn.Module
-    attention_layer: nn.Module | None
-    block: nn.Module | None
-    n_heads: int | None
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a capture needs to know about a model.
-
-    ``vocab_size`` is the first ``nn.Embedding``'s size when the model reads
-    token ids (None otherwise: it reads features (N, L, d_model));
-    ``max_len`` the longest sequence it accepts, when known.
-    """
-
-    sites: tuple[AttentionSite, ...]
-    vocab_size: int | None
-    d_model: int | None
-    max_len: int | None
-    device: torch.device = field(default=torch.device("cpu"))
-    dtype: torch.dtype = torch.float32  # of the parameters: float inputs are cast to it
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.sites)
-
-    @property
-    def n_heads(self) -> int:
-        return max((s.n_heads or 0 for s in self.sites), default=0)
-
-
-def _ancestors(name: str):
-    """Names of the modules above ``name``, nearest first: "a.b.c" -> "a.b", "a", ""."""
-    while name:
-        name = name.rsplit(".", 1)[0] if "." in name else ""
-        yield name
-
-
-def describe_model(model: nn.Module) -> ModelInfo:
-    """Find the attention sites (numbered as the run registry does), input kind and limits."""
-    modules = dict(model.named_modules())
-    outers = {id(m.inner_attention): m for m in modules.values() if isinstance(m, AttentionLayer)}
-    sites: list[AttentionSite] = []
-    for name, inner in modules.items():
-        if not isinstance(inner, _INNER_TYPES):
-            continue
-        outer = outers.get(id(inner))
-        block = next((modules[a] for a in _ancestors(name)
-                      if not isinstance(modules[a], AttentionLayer)
-                      and hasattr(modules[a], "event_dispatcher")
-                      and hasattr(modules[a], "d_model")), None)
-        n_heads = getattr(outer, "n_heads", None)
-        sites.append(AttentionSite(len(sites), name, inner, outer, block, n_heads))
-    embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
-    d_model = next((int(s.attention_layer.d_model) for s in sites
-                    if getattr(s.attention_layer, "d_model", None)), None)
-    max_len = getattr(model, "seq_len", None)
-    max_len = int(max_len) if isinstance(max_len, int) and not isinstance(max_len, bool) else None
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    return ModelInfo(
-        sites=tuple(sites),
-        vocab_size=int(embedding.num_embeddings) if embedding is not None else None,
-        d_model=d_model,
-        max_len=max_len,
-        device=device,
-        dtype=dtype,
-    )
-
-
-def check_selection(info: ModelInfo, layers: Sequence[int] | None,
+def check_selection(info: ModelLayout, layers: Sequence[int] | None,
                     heads: Sequence[int] | None) -> tuple[list[int], list[int] | None]:
     """Resolve ``layers`` (None = all) and validate ``heads``; raise :class:`CaptureError`."""
-    if info.n_layers == 0:
-        raise CaptureError("run", "this run's model has no transformer_core attention layers")
     if layers is None:
         layers = list(range(info.n_layers))
     for i in layers:
@@ -158,7 +73,7 @@ def check_selection(info: ModelInfo, layers: Sequence[int] | None,
                 f"(0-{info.n_layers - 1})")
     if heads is not None:
         for layer in layers:
-            h = info.sites[layer].n_heads
+            h = info.sites[layer].heads
             for head in heads:
                 if h is not None and not 0 <= head < h:
                     raise CaptureError("heads", f"head {head} out of range: layer {layer} "
@@ -166,14 +81,14 @@ def check_selection(info: ModelInfo, layers: Sequence[int] | None,
     return list(dict.fromkeys(layers)), list(heads) if heads is not None else None
 
 
-def estimate_bytes(info: ModelInfo, n: int, length: int, kinds: Sequence[str],
+def estimate_bytes(info: ModelLayout, n: int, length: int, kinds: Sequence[str],
                    layers: Sequence[int], heads: Sequence[int] | None) -> int:
     """Bytes of float32 tensors a capture will produce, taking S = L (self-attention)."""
     total = 0
     d_model = info.d_model or 0
     for layer in layers:
         site = info.sites[layer]
-        n_heads = site.n_heads or 1
+        n_heads = site.heads or 1
         h = len(heads) if heads is not None else n_heads
         e = d_model // n_heads
         if "attention" in kinds:
@@ -206,19 +121,29 @@ def _to_cpu(t: torch.Tensor) -> torch.Tensor:
 class _Collector:
     """The private handler: copies what was asked from each event it gets."""
 
-    def __init__(self, sites: Sequence[AttentionSite], kinds: Sequence[str],
+    def __init__(self, local: LocalModel, layers: Sequence[int], kinds: Sequence[str],
                  heads: Sequence[int] | None, max_bytes: int | None) -> None:
         self.kinds = set(kinds)
         self.heads = list(heads) if heads is not None else None
         self.max_bytes = max_bytes
         self.size = 0
         self.out: dict[str, torch.Tensor] = {}
-        self.inner = {id(s.inner): s.index for s in sites}
-        self.qkv = {id(s.attention_layer): s.index for s in sites if s.attention_layer is not None}
+        sites = [local.sites[i] for i in layers]
+        self.inner = {id(s.module): s.index for s in sites}
+        self.qkv = {id(s.qkv_source): s.index for s in sites if s.qkv_source is not None}
         self.blocks: dict[int, list[int]] = {}
-        for s in sites:
-            if s.block is not None:
-                self.blocks.setdefault(id(s.block), []).append(s.index)
+        for i in layers:
+            block = local.blocks[i]
+            if block is not None:
+                self.blocks.setdefault(id(block), []).append(i)
+        # Where the selected sites' events go: attention, QKV, their block's output.
+        self.dispatchers: list[Any] = []
+        for i in layers:
+            block = local.blocks[i]
+            for d in (local.sites[i].dispatcher, local.sites[i].qkv_dispatcher,
+                      None if block is None else block.event_dispatcher):
+                if d is not None and all(d is not x for x in self.dispatchers):
+                    self.dispatchers.append(d)
 
     def accepts(self, event: Any) -> bool:
         source = id(getattr(event, "source", None))
@@ -266,6 +191,7 @@ def run_capture(
     layers: Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
     max_bytes: int | None = None,
+    local: LocalModel | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run ``model(inputs)`` once, in eval mode without grad, and return what was asked.
 
@@ -274,25 +200,21 @@ def run_capture(
     the module docstring for names and shapes), CPU tensors, float32 for floats.
     Each module's training mode is restored afterwards and the private listener
     removed, even when the forward pass fails. Raises :class:`CaptureError` for
-    a bad selection or when the output would exceed ``max_bytes``.
+    a bad selection or when the output would exceed ``max_bytes``. ``local``: the
+    model's :class:`~attnscope.layout.LocalModel` when the caller keeps one (a run does).
     """
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
         raise CaptureError("kinds", f"unknown kinds {unknown}; expected some of {list(KINDS)}")
+    local = local if local is not None and local.model is model else LocalModel(model)
     if isinstance(model, nn.parallel.DistributedDataParallel):
         # Only this rank runs the capture: DDP's forward could start a collective
         # (buffer broadcast) that the other ranks never join.
         model = model.module
-    info = describe_model(model)
-    layers, heads = check_selection(info, layers, heads)
-    sites = [info.sites[i] for i in layers]
-    collector = _Collector(sites, kinds, heads, max_bytes)
-    dispatchers = []
-    for site in sites:
-        for module in (site.inner, site.attention_layer, site.block):
-            dispatcher = getattr(module, "event_dispatcher", None)
-            if dispatcher is not None and all(dispatcher is not d for d in dispatchers):
-                dispatchers.append(dispatcher)
+    layers, heads = check_selection(local.layout, layers, heads)
+    collector = _Collector(local, layers, kinds, heads, max_bytes)
+    dispatchers = collector.dispatchers
+    device, dtype = local.parameters_device_dtype()
     with _model_lock(model):
         modes = {m: m.training for m in model.modules()}
         try:
@@ -301,9 +223,9 @@ def run_capture(
             model.eval()
             with torch.no_grad():
                 if inputs.is_floating_point():
-                    model(inputs.to(info.device, info.dtype))
+                    model(inputs.to(device, dtype))
                 else:
-                    model(inputs.to(info.device))
+                    model(inputs.to(device))
         finally:
             for dispatcher in dispatchers:
                 dispatcher.remove(collector)

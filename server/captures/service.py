@@ -17,15 +17,9 @@ import torch
 import torch.nn as nn
 from fastapi import HTTPException
 
+from ..layout import ModelLayout
 from ..runs import RunStateError
-from .capture import (
-    CaptureError,
-    CaptureUnavailable,
-    ModelInfo,
-    check_selection,
-    describe_model,
-    estimate_bytes,
-)
+from .capture import CaptureError, CaptureUnavailable, check_selection, estimate_bytes
 from .capture import run_capture as _run_capture
 from .models import CaptureCreate
 from .store import CaptureRecord, CaptureStore
@@ -39,6 +33,7 @@ class CaptureRun(Protocol):
     """What the captures API needs from a run whose model is in this process."""
 
     model: nn.Module
+    layout: ModelLayout
 
     def call_between_steps(self, fn: Callable[[], T], timeout: float) -> T: ...
 
@@ -48,7 +43,7 @@ class RemoteCaptureRun(Protocol):
     the model's description and a way to have the publisher run the capture."""
 
     model: None
-    capture_info: ModelInfo | None
+    capture_info: ModelLayout | None
 
     def capture(self, request: dict[str, Any], max_bytes: int,
                 timeout: float) -> tuple[dict[str, np.ndarray], int | None]: ...
@@ -115,7 +110,7 @@ def tokenize(text: str, symbols: Sequence[str], loc: Sequence[str | int]) -> lis
     return ids
 
 
-def _check_rows(rows: list[list], field: str, limits: CaptureLimits, info: ModelInfo) -> int:
+def _check_rows(rows: list[list], field: str, limits: CaptureLimits, info: ModelLayout) -> int:
     """Check a batch is non-empty, rectangular and within limits; return L."""
     if not rows:
         raise field_error([field], "empty input: give at least one sequence")
@@ -135,7 +130,7 @@ def _check_rows(rows: list[list], field: str, limits: CaptureLimits, info: Model
     return length
 
 
-def prepare_input(body: CaptureCreate, info: ModelInfo, symbols: list[str] | None,
+def prepare_input(body: CaptureCreate, info: ModelLayout, symbols: list[str] | None,
                   limits: CaptureLimits) -> tuple[torch.Tensor, str]:
     """The input tensor (N, L) long or (N, L, d_model) float, and the body field it came from."""
     if body.features is not None:
@@ -190,9 +185,9 @@ def resolve_labels(body: CaptureCreate, shape: tuple[int, ...], tokens: torch.Te
     return [list(row) for row in labels]
 
 
-def _model_info(body: CaptureCreate, run: CaptureRun | RemoteCaptureRun) -> ModelInfo:
+def _model_info(body: CaptureCreate, run: CaptureRun | RemoteCaptureRun) -> ModelLayout:
     if run.model is not None:
-        return describe_model(run.model)
+        return run.layout
     info = getattr(run, "capture_info", None)
     if info is None:
         raise field_error(["run"], f"run {body.run!r} is published from another process "

@@ -148,7 +148,7 @@ class RunRecorder:
         self.probe: tuple[tuple, dict] | None = None
         self.probe_labels: list[str] | None = None
         self.probe_failed = False
-        self._layer_of = {id(site.inner): site.index for site in run.sites}
+        self._layer_of = {id(site.module): site.index for site in run.local.sites}
         self._pending: dict[int, AttentionEvent] = {}
         self._stride = 1  # snapshots every ``every * stride`` steps (the time budget)
         self._step_started = time.perf_counter()

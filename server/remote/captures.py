@@ -13,8 +13,8 @@ The model is in the training process, so the capture runs there. Both ends live 
 
 >>> info = model_info_from_message({"vocab_size": 10, "d_model": 8, "max_len": None,
 ...                                 "layers": [{"name": "a", "heads": 2}], "symbols": None})
->>> info.n_layers, info.n_heads, info.vocab_size
-(1, 2, 10)
+>>> info.n_layers, info.n_heads, info.vocab_size, info.d_model
+(1, 2, 10, 8)
 """
 
 from __future__ import annotations
@@ -34,15 +34,8 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from ..captures.capture import (
-    AttentionSite,
-    CaptureError,
-    CaptureTooLarge,
-    CaptureUnavailable,
-    ModelInfo,
-    describe_model,
-    run_capture,
-)
+from ..captures.capture import CaptureError, CaptureTooLarge, CaptureUnavailable, run_capture
+from ..layout import ModelLayout
 from ..runs import Run
 from .wire import pack_binary
 
@@ -59,26 +52,17 @@ TRANSFER_GRACE_S = 30.0
 
 # -- what the server knows of the remote model -----------------------------------
 
-def model_info_message(model: nn.Module, symbols: Sequence[str] | None) -> dict[str, Any]:
-    """What captures need to know of ``model`` (sent in the publisher's announce)."""
-    info = describe_model(model)
-    return {"vocab_size": info.vocab_size, "d_model": info.d_model, "max_len": info.max_len,
-            "layers": [{"name": s.name, "heads": s.n_heads} for s in info.sites],
+def model_info_message(layout: ModelLayout, symbols: Sequence[str] | None) -> dict[str, Any]:
+    """What captures need to know of a model (the ``capture`` of a publisher's announce)."""
+    return {"vocab_size": layout.vocab_size, "d_model": layout.d_model,
+            "max_len": layout.max_len,
+            "layers": [{"name": s.name, "heads": s.heads} for s in layout.sites],
             "symbols": None if symbols is None else list(symbols)}
 
 
-def model_info_from_message(message: dict[str, Any]) -> ModelInfo:
-    """The inverse of :func:`model_info_message` (the sites hold no modules here)."""
-    sites = tuple(AttentionSite(i, str(layer["name"]), None, None, None,  # type: ignore[arg-type]
-                                None if layer.get("heads") is None else int(layer["heads"]))
-                  for i, layer in enumerate(message["layers"]))
-
-    def optional_int(key: str) -> int | None:
-        value = message.get(key)
-        return None if value is None else int(value)
-
-    return ModelInfo(sites=sites, vocab_size=optional_int("vocab_size"),
-                     d_model=optional_int("d_model"), max_len=optional_int("max_len"))
+def model_info_from_message(message: dict[str, Any]) -> ModelLayout:
+    """The inverse of :func:`model_info_message`: the layout captures check requests by."""
+    return ModelLayout.from_message(message)
 
 
 # -- server end --------------------------------------------------------------------
@@ -221,7 +205,7 @@ def answer_capture(run: Run, model: nn.Module, message: dict[str, Any]) -> list[
         def job() -> tuple[dict[str, torch.Tensor] | None, int | None, Exception | None]:
             # Runs in the training thread: never let an exception escape into it.
             try:
-                out = run_capture(model, x, kinds, layers, heads, max_bytes)
+                out = run_capture(model, x, kinds, layers, heads, max_bytes, local=run.local)
                 return out, run.step_index, None
             except Exception as exc:  # noqa: BLE001 (handed back to this thread)
                 return None, None, exc

@@ -86,15 +86,10 @@ class RemotePublisher:
         self.ws_url = publish_url(url)
         self.model = model
         self.run = Run(model, run_id=run_id, name=name or run_id, controls=(), symbols=symbols)
-        self._model_info = model_info_message(model, self.run.symbols)
+        self._model_info = model_info_message(self.run.layout, self.run.symbols)
         self.config = dict(config or {})
         self._token = token
         self._publisher = Publisher(self.run, self._wake)
-        self._modules: dict[tuple[str, int], int] = {}
-        for site in self.run.sites:
-            self._modules[("attn", site.index)] = id(site.inner)
-            if site.outer is not None:
-                self._modules[("qkv", site.index)] = id(site.outer)
         self._frames: deque[bytes] = deque(maxlen=buffer_frames)
         self._steps: deque[list[Any]] = deque(maxlen=MAX_PENDING_STEPS)
         self._answers: deque[bytes | str] = deque()  # capture results: never dropped
@@ -239,7 +234,7 @@ class RemotePublisher:
     def _announce(self) -> str:
         model = self.run.model_summary()
         for site, layer in zip(self.run.sites, model["layer_details"], strict=True):
-            layer["qkv"] = site.outer is not None
+            layer["qkv"] = site.qkv
         return json.dumps({
             "type": "announce", "wire": WIRE_VERSION, "run": self.run.id, "name": self.run.name,
             "host": f"{socket.gethostname()}:{os.getpid()}", "model": model,
@@ -280,7 +275,7 @@ class RemotePublisher:
         async for message in ws:
             data = json.loads(message)
             if data.get("type") == "plan":
-                self._publisher.set_plan(plan_from_message(data, self._modules))
+                self._publisher.set_plan(plan_from_message(data))
                 self._sent = {}
             elif data.get("type") == "capture":
                 task = asyncio.create_task(self._capture(data))

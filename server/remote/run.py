@@ -23,34 +23,13 @@ import torch
 
 from transformer_core.masking import FullMask
 
-from ..captures.capture import ModelInfo
-from ..runs import AttentionSite, Run, RunStateError, ScalarHistory
+from ..layout import ModelLayout, SiteLayout
+from ..runs import Run, RunStateError, ScalarHistory
 from ..stream.plan import EMPTY_PLAN, Capture, Plan, SlotKey
 from ..stream.stats import MaskInfo
 from .captures import CaptureRequests, model_info_from_message
 
 logger = logging.getLogger(__name__)
-
-
-class _Placeholder:
-    """Stands for a module of the remote model (the hub keys its plans by module identity)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-
-def _sites(layers: list[dict[str, Any]]) -> list[AttentionSite]:
-    sites = []
-    for index, layer in enumerate(layers):
-        name = str(layer.get("name", f"layer{index}"))
-        heads = layer.get("heads")
-        sites.append(AttentionSite(
-            index=index, name=name, inner=_Placeholder(name),  # type: ignore[arg-type]
-            outer=_Placeholder(name + ".outer") if layer.get("qkv", True) else None,
-            heads=None if heads is None else int(heads), d_model=layer.get("d_model"),
-            role=str(layer.get("role", "self")),
-            attention_type=str(layer.get("attention_type", "full"))))
-    return sites
 
 
 def history_from_dict(history: dict[str, Any], max_points: int = 2048) -> ScalarHistory:
@@ -81,7 +60,10 @@ class RemoteRun(Run):
         layers = model.get("layer_details") or []
         if not layers:
             raise ValueError("model.layer_details: a remote run needs at least one layer")
-        self.sites = _sites(layers)
+        d_model = model.get("d_model")
+        self.layout = ModelLayout(
+            sites=tuple(SiteLayout.from_message(i, layer) for i, layer in enumerate(layers)),
+            d_model=None if d_model is None else int(d_model))
         self.model = None
         self.id, self.name = run_id, name
         self.host, self.config = host, dict(config or {})
@@ -99,7 +81,6 @@ class RemoteRun(Run):
         self.symbols = None
         self._labeler = None
         self._on_restart = None
-        self._model_info = dict(model)
         self._ended = True  # until a publisher attaches
         self._dropped = False  # the last connection dropped without close(): idle
         self._paused = False
@@ -111,16 +92,13 @@ class RemoteRun(Run):
         self.link: Any = None  # the attached publisher connection (endpoint._Link)
         self.proxy: RemotePlanPublisher | None = None
         self.publisher_factory = RemotePlanPublisher
-        self.capture_info: ModelInfo | None = None  # from the announce; None: no captures
+        self.capture_info: ModelLayout | None = None  # from the announce; None: no captures
         self.captures = CaptureRequests()
         self.history_inbox: Any = None  # a remote.history.HistoryInbox when history is on
 
     @property
     def status(self) -> str:
         return "idle" if self._ended and self._dropped else super().status
-
-    def model_summary(self) -> dict[str, Any]:
-        return {**super().model_summary(), "d_model": self._model_info.get("d_model")}
 
     def summary(self) -> dict[str, Any]:
         return {**super().summary(), "host": self.host, "config": self.config}

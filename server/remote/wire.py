@@ -11,11 +11,11 @@ run's viewers subscribe to, so the publisher captures and sends only that, and
 Every binary message is :func:`pack_binary`'s: a little-endian uint32 header length,
 a JSON header whose ``kind`` says what follows, then the payload bytes.
 
->>> plan = Plan(interval=0.1, sources={1: ("attn", 0)}, scalars=True,
+>>> plan = Plan(interval=0.1, sources=frozenset({("attn", 0)}), scalars=True,
 ...             needs={0: (SampleNeed(sample=0, attention=True, attention_heads=(1,)),)})
->>> back = plan_from_message(plan_to_message(plan), {("attn", 0): 7})
->>> back.sources, back.needs[0][0].attention_heads, back.interval
-({7: ('attn', 0)}, (1,), 0.1)
+>>> back = plan_from_message(plan_to_message(plan))
+>>> back == plan, back.needs[0][0].attention_heads
+(True, (1,))
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ _DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 
 
 def plan_to_message(plan: Plan) -> dict[str, Any]:
-    """A :class:`Plan` as JSON; module ids are replaced by ``[what, layer]`` pairs."""
+    """A :class:`Plan` as JSON (its sources as ``[what, layer]`` pairs)."""
     return {
         "type": "plan", "interval": plan.interval, "scalars": plan.scalars,
-        "sources": sorted({tuple(v) for v in plan.sources.values()}),
+        "sources": sorted(plan.sources),
         "needs": {str(layer): [dataclasses.asdict(n) for n in needs]
                   for layer, needs in plan.needs.items()},
     }
@@ -48,14 +48,9 @@ def _tuple(value: Any) -> tuple[int, ...] | None:
     return None if value is None else tuple(int(v) for v in value)
 
 
-def plan_from_message(message: dict[str, Any], modules: dict[tuple[str, int], int]) -> Plan:
-    """The inverse of :func:`plan_to_message`; ``modules`` maps (what, layer) to ``id(module)``
-    in this process. Sources this process has no module for are left out."""
-    sources = {}
-    for what, layer in message.get("sources", []):
-        key = modules.get((str(what), int(layer)))
-        if key is not None:
-            sources[key] = (str(what), int(layer))
+def plan_from_message(message: dict[str, Any]) -> Plan:
+    """The inverse of :func:`plan_to_message`."""
+    sources = frozenset((str(what), int(layer)) for what, layer in message.get("sources", []))
     needs = {}
     for layer, items in message.get("needs", {}).items():
         needs[int(layer)] = tuple(SampleNeed(

@@ -129,7 +129,7 @@ def build_plan(run: Run, subs: list[Resolved]) -> Plan:
                 elif kind == "qkv_norms":
                     need["qkv"].add(sub.heads)
     needs: dict[int, list[SampleNeed]] = {}
-    sources: dict[int, tuple[str, int]] = {}
+    sources: set[tuple[str, int]] = set()
     for (layer, sample), need in sorted(acc.items()):
         kinds = need["kinds"]
         stats = "head_stats" in kinds
@@ -141,14 +141,13 @@ def build_plan(run: Run, subs: list[Resolved]) -> Plan:
             stats=stats,
             qkv="qkv_norms" in kinds, qkv_heads=need["qkv"].value(),
         )
-        site = run.sites[layer]
         if sample_need.attention or sample_need.logits or stats:
-            sources[id(site.inner)] = ("attn", layer)
-        if sample_need.qkv and site.outer is not None:
-            sources[id(site.outer)] = ("qkv", layer)
+            sources.add(("attn", layer))
+        if sample_need.qkv and run.sites[layer].qkv:
+            sources.add(("qkv", layer))
         needs.setdefault(layer, []).append(sample_need)
     return Plan(
-        interval=1.0 / max(s.max_fps for s in subs), sources=sources,
+        interval=1.0 / max(s.max_fps for s in subs), sources=frozenset(sources),
         needs={layer: tuple(v) for layer, v in needs.items()},
         scalars=any("scalars" in s.kinds for s in subs),
     )

@@ -38,12 +38,14 @@ class SampleNeed:
 class Plan:
     """The union of a run's subscriptions, swapped atomically into the publisher.
 
-    ``sources`` maps ``id(module)`` to ``("attn" | "qkv", layer)`` for the
-    modules whose events are wanted; ``needs[layer]`` lists per-sample needs.
+    ``sources`` holds ``("attn" | "qkv", layer)`` for each site whose AttentionEvents
+    or QKVEvents are wanted (the same in every process: a publisher maps them to its
+    own modules with :attr:`attnscope.layout.LocalModel.sources`); ``needs[layer]``
+    lists per-sample needs.
     """
 
     interval: float = 1.0
-    sources: dict[int, tuple[str, int]] = field(default_factory=dict)
+    sources: frozenset[tuple[str, int]] = frozenset()
     needs: dict[int, tuple[SampleNeed, ...]] = field(default_factory=dict)
     scalars: bool = False
 

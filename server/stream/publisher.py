@@ -65,6 +65,7 @@ class Publisher:
         self.slots: dict[SlotKey, Capture] = {}
         self._notify = notify
         self._plan = EMPTY_PLAN
+        self._sources = run.local.sources  # id(module) -> (what, layer)
         self._listening: dict[int, Any] = {}  # id(dispatcher) -> dispatcher
         self._hooked = False
         self._lock = threading.Lock()
@@ -85,8 +86,11 @@ class Publisher:
     def set_plan(self, plan: Plan) -> None:
         """Install ``plan``; listen on exactly the dispatchers it needs (none if empty)."""
         wanted: dict[int, Any] = {}
-        for kind, layer in plan.sources.values():
-            site = self.run.sites[layer]
+        sites = self.run.local.sites
+        for kind, layer in plan.sources:
+            if not 0 <= layer < len(sites):
+                continue  # a plan for another model: nothing to listen to
+            site = sites[layer]
             d = site.dispatcher if kind == "attn" else site.qkv_dispatcher
             if d is not None:
                 wanted[id(d)] = d
@@ -134,12 +138,12 @@ class Publisher:
     # -- training thread -------------------------------------------------------
 
     def _accepts(self, event: Any) -> bool:
-        return id(getattr(event, "source", None)) in self._plan.sources
+        return self._sources.get(id(getattr(event, "source", None))) in self._plan.sources
 
     def _handle(self, event: Any) -> None:
         plan = self._plan
-        source = plan.sources.get(id(event.source))
-        if source is None:
+        source = self._sources.get(id(event.source))
+        if source not in plan.sources:
             return
         what, layer = source
         if what == "attn" and not isinstance(event, AttentionEvent):

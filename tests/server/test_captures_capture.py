@@ -10,12 +10,12 @@ import torch
 from attnscope.captures.capture import (
     CaptureError,
     CaptureTooLarge,
-    describe_model,
     estimate_bytes,
     run_capture,
 )
 from attnscope.demo import DemoConfig, DemoModel
-from attnscope.runs import find_attention_sites
+from attnscope.layout import LocalModel
+from attnscope.runs import Run
 from transformer_core.builders import TransformerEncoderBuilder
 from transformer_core.events import EventDispatcher
 
@@ -124,15 +124,15 @@ def test_byte_limit_stops_the_capture(model: DemoModel) -> None:
 
 
 def test_estimate_matches_the_real_size(model: DemoModel) -> None:
-    info = describe_model(model)
+    info = LocalModel(model).layout
     out = run_capture(model, tokens(), ALL_KINDS, heads=[0, 1])
     real = sum(t.numel() * t.element_size() for t in out.values())
     assert estimate_bytes(info, 2, 6, ALL_KINDS, [0, 1], [0, 1]) == real
 
 
 def test_layers_numbered_as_the_run_registry_does(model: DemoModel) -> None:
-    info = describe_model(model)
-    assert [s.name for s in info.sites] == [s.name for s in find_attention_sites(model)]
+    info = LocalModel(model).layout
+    assert info == Run(model, run_id="r").layout
     assert (info.vocab_size, info.d_model, info.max_len) == (10, 12, 8)
 
 
@@ -140,7 +140,7 @@ def test_a_feature_model_without_embedding() -> None:
     encoder = TransformerEncoderBuilder.from_kwargs(
         n_layers=1, n_heads=2, query_dimensions=4, value_dimensions=4,
         feed_forward_dimensions=8, event_dispatcher=EventDispatcher()).get()
-    info = describe_model(encoder)
+    info = LocalModel(encoder).layout
     assert info.vocab_size is None and info.d_model == 8
     out = run_capture(encoder, torch.randn(1, 5, 8), ["attention"])
     assert out["attention.0"].shape == (1, 2, 5, 5)

@@ -35,7 +35,7 @@ def test_decoder_layers_are_self_then_cross():
 
 
 def test_model_without_attention_is_rejected():
-    with pytest.raises(ValueError, match="no transformer_core attention module"):
+    with pytest.raises(ValueError, match="no attention module found in Linear"):
         Run(nn.Linear(2, 2))
 
 

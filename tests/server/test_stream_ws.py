@@ -111,7 +111,7 @@ def test_head_subset_qkv_norms_and_uint8(setup):
     with torch.no_grad():
         model(x)
     dispatcher.remove(keep)
-    q, k, v = qkv[id(run.sites[1].outer)]  # (L, H, E)
+    q, k, v = qkv[id(run.local.sites[1].qkv_source)]  # (L, H, E)
     expected_attn = direct_attention(model, dispatcher, x)[1][0, [1]]  # (1, L, S)
 
     async def body():
@@ -429,7 +429,8 @@ def test_attention_event_is_read_only_for_subscribed_layers(setup):
     with Trainer(run, model, x, tokens):
         run_async(body)
     dispatcher.remove(watch)
-    by_layer = {site.index: [e for e in computed if e.source is site.inner] for site in run.sites}
+    by_layer = {site.index: [e for e in computed if e.source is site.module]
+                for site in run.local.sites}
     # Layer 0's events were never materialised by the publisher; layer 1's were sliced,
     # not fully computed (the full matrix cache stays empty).
     assert by_layer[0] and all(e._matrix is None for e in by_layer[0])

@@ -18,7 +18,8 @@ class AttentionSite:
     """One "layer" as the dashboard counts them: a module that emits AttentionEvents.
 
     ``module`` dispatches AttentionEvents (N, H, L, S) on ``dispatcher``;
-    ``qkv_dispatcher`` (None when the module has none) receives QKVEvents.
+    ``qkv_dispatcher`` (None when the module has none) receives QKVEvents, whose
+    ``source`` is ``qkv_source`` (for our own modules, the AttentionLayer around ``module``).
     ``kind`` says which adapter found it (``"transformer_core"`` for our own modules).
     """
 
@@ -32,6 +33,7 @@ class AttentionSite:
     role: str
     attention_type: str
     kind: str = "transformer_core"
+    qkv_source: nn.Module | None = None
 
 
 def find_native_sites(model: nn.Module) -> list[AttentionSite]:
@@ -49,7 +51,7 @@ def find_native_sites(model: nn.Module) -> list[AttentionSite]:
             dispatcher=module.event_dispatcher,
             qkv_dispatcher=None if outer is None else outer.event_dispatcher,
             heads=getattr(outer, "n_heads", None), d_model=getattr(outer, "d_model", None),
-            role=module.role, attention_type=module.attention_type,
+            role=module.role, attention_type=module.attention_type, qkv_source=outer,
         ))
     return sites
 
