@@ -36,6 +36,7 @@ import torch.nn as nn
 from transformer_core.events import EventDispatcher
 
 from .layout import LocalModel, ModelLayout, SiteLayout
+from .model_inputs import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -128,14 +129,17 @@ class Run:
 
     Arguments
     ---------
-    model: any ``nn.Module`` containing ``transformer_core`` attention modules.
+    model: any ``nn.Module`` with attention that
+        :func:`transformer_core.instrument.instrument` finds (ours, Hugging Face,
+        ``nn.MultiheadAttention``, modules calling ``F.scaled_dot_product_attention``).
     run_id: the id used in URLs and the protocol; name: the display name.
     controls: which of ``pause``, ``resume``, ``restart`` the run accepts.
     on_restart: called (from a server thread) by :meth:`restart`.
     symbols: the run's vocabulary (token id -> label), if it has one; (N, L)
         tensors of token ids given to :meth:`step` are labelled with it.
-    labeler: turns a (L,) tensor of token ids into labels (default: ``symbols``,
-        else ``str`` of each id).
+    labeler: turns a (L,) tensor of token ids into labels (default: the tokenizer's,
+        else ``symbols``, else ``str`` of each id).
+    tokenizer: a Hugging Face tokenizer: token labels, and captures given as ``text``.
 
     Thread model: :meth:`step` is called by the training thread, everything
     else by server threads. ``step`` is the only place the training thread may
@@ -153,6 +157,7 @@ class Run:
         on_restart: Callable[[], None] | None = None,
         symbols: Sequence[str] | None = None,
         labeler: Callable[[torch.Tensor], list[str]] | None = None,
+        tokenizer: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -176,7 +181,8 @@ class Run:
         self.batch_size: int | None = None
         self._tokens: Any = None
         self.symbols = None if symbols is None else [str(s) for s in symbols]
-        self._labeler = labeler
+        self.tokenizer = None if tokenizer is None else TextTokenizer(tokenizer)
+        self._labeler = labeler or (None if self.tokenizer is None else self.tokenizer.labels)
         self._on_restart = on_restart
         self._ended = False
         self._paused = False
@@ -184,7 +190,12 @@ class Run:
         self._jobs: deque[tuple[Callable[[], Any], Future]] = deque()
         self._step_hooks: tuple[Callable[[Run], None], ...] = ()
         self._change_listeners: tuple[Callable[[Run], None], ...] = ()
-        self._seq_hook = self.local.sites[0].module.register_forward_pre_hook(self._see_input)
+        # Batch size and length from our own first attention's queries. Not on a foreign
+        # model's modules: a hook there would switch off nn.TransformerEncoderLayer's fused
+        # fast path; such runs learn them from step(tokens=...).
+        first = self.local.sites[0]
+        self._seq_hook = None if first.kind != "transformer_core" \
+            else first.module.register_forward_pre_hook(self._see_input)
 
     # -- read side ---------------------------------------------------------
 
@@ -378,7 +389,8 @@ class Run:
 
     def detach(self) -> None:
         """Remove the hook this run put on the model (when it leaves the registry)."""
-        self._seq_hook.remove()
+        if self._seq_hook is not None:
+            self._seq_hook.remove()
 
     def add_step_hook(self, hook: Callable[[Run], None]) -> None:
         """Call ``hook(run)`` in the training thread at the end of every :meth:`step`."""

@@ -18,6 +18,7 @@ import torch.nn as nn
 from fastapi import HTTPException
 
 from ..layout import ModelLayout
+from ..model_inputs import TextTokenizer, padding_mask
 from ..runs import RunStateError
 from .capture import CaptureError, CaptureUnavailable, check_selection, estimate_bytes
 from .capture import run_capture as _run_capture
@@ -131,8 +132,14 @@ def _check_rows(rows: list[list], field: str, limits: CaptureLimits, info: Model
 
 
 def prepare_input(body: CaptureCreate, info: ModelLayout, symbols: list[str] | None,
-                  limits: CaptureLimits) -> tuple[torch.Tensor, str]:
-    """The input tensor (N, L) long or (N, L, d_model) float, and the body field it came from."""
+                  limits: CaptureLimits,
+                  tokenizer: TextTokenizer | None = None,
+                  ) -> tuple[torch.Tensor, str, torch.Tensor | None]:
+    """The input tensor (N, L) long or (N, L, d_model) float, the body field it came
+    from, and its attention mask (N, L) (None: nothing padded). ``text`` goes through
+    the run's ``tokenizer`` when it has one (texts of different lengths right-padded,
+    masked), else through ``symbols``; token rows holding the tokenizer's pad token
+    are masked there."""
     if body.features is not None:
         if info.vocab_size is not None:
             raise field_error(["features"], "this run's model reads token ids "
@@ -143,13 +150,18 @@ def prepare_input(body: CaptureCreate, info: ModelLayout, symbols: list[str] | N
                 if len(vec) != info.d_model:
                     raise field_error(["features", i, j], f"feature vector of length {len(vec)}; "
                                       f"the model's d_model is {info.d_model}")
-        return torch.tensor(body.features, dtype=torch.float32), "features"
+        return torch.tensor(body.features, dtype=torch.float32), "features", None
     field = "tokens" if body.tokens is not None else "text"
     if info.vocab_size is None:
         raise field_error([field], "this run's model does not read token ids (it has no "
                           f"nn.Embedding); send features (N, L, {info.d_model}) instead")
+    mask = None
     if body.tokens is not None:
         rows = body.tokens
+    elif tokenizer is not None:
+        texts = [body.text] if isinstance(body.text, str) else body.text
+        ids, mask = tokenizer.encode(texts)
+        rows = ids.tolist()
     elif symbols is None:
         raise field_error(["text"], "this run has no tokenizer (no symbols); send tokens instead")
     else:
@@ -162,15 +174,22 @@ def prepare_input(body: CaptureCreate, info: ModelLayout, symbols: list[str] | N
             if token >= info.vocab_size:
                 raise field_error([field, i, j], f"token id {token} is out of the vocabulary: "
                                   f"ids must be in [0, {info.vocab_size - 1}]")
-    return torch.tensor(rows, dtype=torch.long), field
+    x = torch.tensor(rows, dtype=torch.long)
+    if mask is None and tokenizer is not None:
+        mask = padding_mask(x, tokenizer.pad_id)
+    return x, field, mask
 
 
 def resolve_labels(body: CaptureCreate, shape: tuple[int, ...], tokens: torch.Tensor | None,
-                   symbols: list[str] | None) -> list[list[str]] | None:
-    """Position labels (N lists of L strings): the body's, else the run's symbols, else None."""
+                   symbols: list[str] | None,
+                   tokenizer: TextTokenizer | None = None) -> list[list[str]] | None:
+    """Position labels (N lists of L strings): the body's, else the run's tokenizer's or
+    symbols', else None."""
     n, length = shape[0], shape[1]
     labels = body.labels
     if labels is None:
+        if tokens is not None and tokenizer is not None:
+            return [tokenizer.labels(row) for row in tokens]
         if tokens is None or symbols is None:
             return None
         return [[symbols[t] if t < len(symbols) else str(t) for t in row]
@@ -196,8 +215,8 @@ def _model_info(body: CaptureCreate, run: CaptureRun | RemoteCaptureRun) -> Mode
     return info
 
 
-def _run_local(run: CaptureRun, x: torch.Tensor, kinds: list[str], layers: list[int],
-               heads: list[int] | None,
+def _run_local(run: CaptureRun, x: torch.Tensor, mask: torch.Tensor | None, kinds: list[str],
+               layers: list[int], heads: list[int] | None,
                limits: CaptureLimits) -> tuple[dict[str, np.ndarray], int | None]:
     """The capture in this process's training thread, between two steps; (tensors, step)."""
     model = run.model
@@ -205,7 +224,8 @@ def _run_local(run: CaptureRun, x: torch.Tensor, kinds: list[str], layers: list[
     def job() -> tuple[dict[str, torch.Tensor] | None, Exception | None]:
         # Runs in the training thread: never let an exception escape into it.
         try:
-            return _run_capture(model, x, kinds, layers, heads, limits.max_capture_bytes), None
+            return _run_capture(model, x, kinds, layers, heads, limits.max_capture_bytes,
+                                attention_mask=mask), None
         except Exception as exc:  # noqa: BLE001 (handed back to the request thread)
             return None, exc
 
@@ -234,9 +254,10 @@ def create_capture(body: CaptureCreate, run: CaptureRun | RemoteCaptureRun, stor
     """
     info = _model_info(body, run)
     symbols = run_symbols(run)
-    x, field = prepare_input(body, info, symbols, limits)
+    tokenizer = getattr(run, "tokenizer", None)  # a local run's; a remote run has none
+    x, field, mask = prepare_input(body, info, symbols, limits, tokenizer)
     tokens = x if x.dtype == torch.long else None
-    labels = resolve_labels(body, tuple(x.shape), tokens, symbols)
+    labels = resolve_labels(body, tuple(x.shape), tokens, symbols, tokenizer)
     try:
         layers, heads = check_selection(info, body.layers, body.heads)
     except CaptureError as exc:
@@ -250,7 +271,7 @@ def create_capture(body: CaptureCreate, run: CaptureRun | RemoteCaptureRun, stor
 
     try:
         if run.model is not None:
-            arrays, step = _run_local(run, x, kinds, layers, heads, limits)
+            arrays, step = _run_local(run, x, mask, kinds, layers, heads, limits)
         else:
             arrays, step = _run_remote(run, x, kinds, layers, heads, limits)
     except TimeoutError:

@@ -21,7 +21,8 @@ WEB_STACK = ("fastapi", "starlette", "uvicorn")
 
 # Core: run state, model layout, statistics, frames and the wire format.
 CORE = {
-    "attnscope", "attnscope.layout", "attnscope.runs", "attnscope.protocol",
+    "attnscope", "attnscope.layout", "attnscope.model_inputs", "attnscope.runs",
+    "attnscope.protocol",
     "attnscope.storage", "attnscope.stream", "attnscope.stream.plan", "attnscope.stream.stats",
     "attnscope.stream.frames", "attnscope.remote", "attnscope.remote.wire",
     "attnscope.captures", "attnscope.captures.capture", "attnscope.captures.store",
