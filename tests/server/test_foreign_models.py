@@ -203,3 +203,19 @@ def test_examples_train_with_the_dashboard(script):
                            "--port", "0"], capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "attnscope dashboard: http://127.0.0.1:" in done.stdout
+
+
+def test_dashboard_keeps_the_encoder_fast_path():
+    from torch.profiler import profile
+
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 4, 8)
+    with torch.no_grad():
+        plain = model(x)
+    with Dashboard.start(model, port=0, quiet=True) as dash:
+        with torch.no_grad(), profile() as prof:
+            watched = model(x)
+        dash.step(0, loss=1.0)
+    assert "aten::_transformer_encoder_layer_fwd" in {e.key for e in prof.key_averages()}
+    assert torch.equal(watched, plain)
