@@ -103,13 +103,17 @@ def _emitting(fn: Callable, implementation: str) -> Callable:
     """``fn`` (an attention-interface function) that also dispatches the event of an
     instrumented module while its dispatcher has listeners."""
 
+    signature = inspect.signature(fn)
+
     @functools.wraps(fn)
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         out = fn(module, query, key, value, attention_mask, *args, **kwargs)
         role = vars(module).get("attnscope_role")  # None: a module nobody instrumented
         if role is not None and module.event_dispatcher.has_listeners:
-            if args:  # positional dropout/scaling, as some models pass them
-                kwargs = {**dict(zip(("dropout", "scaling"), args, strict=False)), **kwargs}
+            if args:  # scaling, dropout... passed by position: named as fn names them
+                bound = signature.bind_partial(module, query, key, value, attention_mask,
+                                               *args, **kwargs).arguments
+                kwargs = {**bound.pop("kwargs", {}), **bound}
             emit_eagerly(_dispatch, module, role, query, key, attention_mask, kwargs,
                          implementation)
         return out
