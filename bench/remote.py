@@ -137,13 +137,13 @@ def main() -> int:
         kinds = ("none", "remote", "remote-no-history", "unreachable", "none-control")
         trainings = {k: DemoTraining(DemoConfig(device="cpu")) for k in kinds}
         dashes = {"none": None, "none-control": None, "unreachable": Dashboard.connect(
-            f"http://127.0.0.1:{dead}", run="bench/dead", token=TOKEN,
-            model=trainings["unreachable"].model)}
+            trainings["unreachable"].model, f"http://127.0.0.1:{dead}", run="bench/dead",
+            token=TOKEN)}
         tallies = {}
         for kind, port in ports.items():
-            dash = dashes[kind] = Dashboard.connect(f"http://127.0.0.1:{port}",
-                                                    run="bench/remote", token=TOKEN,
-                                                    model=trainings[kind].model)
+            dash = dashes[kind] = Dashboard.connect(trainings[kind].model,
+                                                    f"http://127.0.0.1:{port}",
+                                                    run="bench/remote", token=TOKEN)
             dash.connected.wait(10)
             tallies[kind] = Path(tempfile.mkdtemp(prefix="attnscope-bench-")) / "frames"
             viewers.append(_viewer(port, "bench/remote", str(tallies[kind])))

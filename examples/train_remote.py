@@ -52,7 +52,7 @@ def main() -> int:
     training = DemoTraining(DemoConfig(device=device, seq_len=args.seq_len))
     if distributed:  # DemoTraining steps self.model: wrap it in place
         training.model = torch.nn.parallel.DistributedDataParallel(training.model)
-    dash = Dashboard.connect(args.url, run=args.run_id, model=training.model,
+    dash = Dashboard.connect(training.model, args.url, run=args.run_id,
                              ranks=_ranks(args.ranks), config={"seq_len": args.seq_len},
                              symbols=training.task.symbols)
     try:

@@ -27,7 +27,7 @@ from .captures.store import CaptureStore, StoreLocked, open_store
 from .history import service as history_service
 from .history.router import router as history_router
 from .remote.endpoint import router as publish_router
-from .runs import RunRegistry
+from .run_base import RunRegistry
 from .settings import Settings
 from .stream.hub import Hub
 from .ws import router as ws_router

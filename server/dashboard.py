@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 import webbrowser
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -86,11 +87,13 @@ class Dashboard:
         return dash
 
     @classmethod
-    def connect(cls, url: str, run: str, *, token: str | None = None, name: str | None = None,
-                config: dict[str, Any] | None = None, model: nn.Module | None = None,
-                ranks: int | Sequence[int] | str = 0, buffer_frames: int = 256,
-                symbols: Sequence[str] | None = None, history: bool = True) -> Any:
-        """Publish ``model`` to a running ``attnscope serve`` at ``url`` as run ``run``.
+    def connect(cls, model: nn.Module | str | None = None, /, url: str | None = None,
+                run: str | None = None, *, token: str | None = None, name: str | None = None,
+                config: dict[str, Any] | None = None, ranks: int | Sequence[int] | str = 0,
+                buffer_frames: int = 256, symbols: Sequence[str] | None = None,
+                history: bool = True, **old: Any) -> Any:
+        """Publish ``model`` to a running ``attnscope serve`` at ``url`` as run ``run``:
+        ``Dashboard.connect(model, "http://HOST:8000", run="alice/lr3e-4")``.
 
         Same ``.step()`` / ``.close()`` API as :meth:`start`; the network is used from a
         background thread only (see :mod:`attnscope.remote.publisher`). ``token``: the
@@ -101,11 +104,13 @@ class Dashboard:
         and for captures given as ``text``. ``history``: record this run's history
         (here, sent to the server) when the server records history; False saves the
         training process that work (see docs/history.md).
+
+        The form of earlier releases, ``Dashboard.connect(url, run, model=model)``,
+        still works and warns (``DeprecationWarning``); it goes in the next release.
         """
         from .remote.publisher import RemotePublisher, SilentDashboard, rank_run_id, select_rank
 
-        if model is None:
-            raise TypeError("Dashboard.connect: pass the model to publish (model=...)")
+        model, url, run = _connect_arguments(model, url, run, old)
         chosen, rank, world = select_rank(ranks)
         if not chosen:
             return SilentDashboard()
@@ -141,3 +146,28 @@ class Dashboard:
 
     def __repr__(self) -> str:
         return f"Dashboard({self.url!r}, run={self.run.id!r})"
+
+
+def _connect_arguments(model: Any, url: str | None, run: str | None,
+                       old: dict[str, Any]) -> tuple[nn.Module, str, str]:
+    """(model, url, run) of a ``Dashboard.connect`` call, new form or old."""
+    unknown = sorted(set(old) - {"model"})
+    if unknown:
+        raise TypeError(f"Dashboard.connect: unexpected keyword arguments {unknown}")
+    legacy = isinstance(model, str) or "model" in old
+    if isinstance(model, str):  # connect(url, run, model=...): url and run move left
+        model, url, run = old.get("model"), model, url if run is None else run
+    elif "model" in old:  # connect(url=..., run=..., model=...)
+        if model is not None:
+            raise TypeError("Dashboard.connect: the model is given twice")
+        model = old["model"]
+    if model is None:
+        raise TypeError("Dashboard.connect: pass the model to publish: "
+                        "Dashboard.connect(model, url, run=...)")
+    if not isinstance(url, str) or not isinstance(run, str):
+        raise TypeError("Dashboard.connect: pass the server's url and the run's name: "
+                        "Dashboard.connect(model, url, run=...)")
+    if legacy:
+        warnings.warn("Dashboard.connect(url, run=..., model=model) is deprecated; call "
+                      "Dashboard.connect(model, url, run=...)", DeprecationWarning, stacklevel=3)
+    return model, url, run

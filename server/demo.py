@@ -47,12 +47,18 @@ logger = logging.getLogger(__name__)
 # Short, distinct labels for the axes of the dashboard's heatmaps.
 _ALPHABET = string.ascii_uppercase + string.ascii_lowercase + string.digits
 
-# Attention types the demo accepts. "causal-linear" is left out: position i must
-# copy position L-1-i, which is in its future for half the sequence. "local"
-# keeps the builder's window (32 keys around each query), so for sequences
+# Attention types the demo accepts: the bidirectional ones that build with the
+# demo's options alone. "causal-linear" and "causal-improved-clustered" are left
+# out: position i must copy position L-1-i, which is in its future for half the
+# sequence; the clustered types need a ``clusters`` count the demo does not pick.
+# "local" gets a window of 32 keys around each query, so for sequences
 # longer than ~16 the far corners are out of reach and accuracy stays below
 # 100%: a visible lesson, not a bug. "linear" learns, with blurrier heads.
-DEMO_ATTENTION_TYPES = tuple(t for t in ATTENTION_TYPES if t != "causal-linear")
+_NOT_FOR_THE_DEMO = {"causal-linear", "causal-improved-clustered", "clustered",
+                     "improved-clustered"}
+DEMO_ATTENTION_TYPES = tuple(t for t in ATTENTION_TYPES if t not in _NOT_FOR_THE_DEMO)
+# Options an attention type needs from the builder beyond the demo's sizes.
+_TYPE_OPTIONS: dict[str, dict] = {"local": {"local_context": 32}}
 
 
 def symbol_labels(n_symbols: int) -> list[str]:
@@ -236,6 +242,7 @@ class DemoModel(nn.Module):
             dropout=0.0,
             attention_dropout=0.0,
             event_dispatcher=event_dispatcher,
+            **_TYPE_OPTIONS.get(config.attention_type, {}),
         ).get()
         self.head = nn.Linear(d_model, config.n_symbols)
 

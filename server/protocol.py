@@ -1,7 +1,9 @@
-"""The websocket protocol (docs/protocol.md): message models and the binary frame layout.
+"""The websocket protocol (docs/protocol.md): message models and the binary envelope.
 
-A binary frame is ``uint32 LE header length n | n bytes of JSON header,
-space-padded so that 4 + n is a multiple of 8 | raw C-order little-endian array``.
+Every binary message attnscope sends, to browsers (``/ws``) and from publishers
+(``/ws/publish``), is one envelope (:func:`pack`): ``uint32 LE header length n |
+n bytes of JSON header, space-padded so that 4 + n is a multiple of 8 | payload``.
+A stream frame's payload is a raw C-order little-endian array (:func:`encode_frame`).
 
 >>> import numpy as np
 >>> header = {"kind": "attention", "dtype": "float16", "shape": [2, 2]}
@@ -71,11 +73,34 @@ def parse_subscribe(data: dict[str, Any]) -> Subscribe:
         raise ProtocolError(field, f"{where}: {err['msg']}") from None
 
 
+def pack(header: dict[str, Any], payload: bytes | memoryview) -> bytes:
+    """One binary message: uint32 header length, JSON ``header`` (padded), ``payload``.
+
+    >>> header, payload = unpack(pack({"kind": "x"}, b"abc"))
+    >>> header, bytes(payload), len(pack({"kind": "x"}, b"")) % 8
+    ({'kind': 'x'}, b'abc', 0)
+    """
+    raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    raw += b" " * ((-4 - len(raw)) % 8)  # the payload starts 8-byte aligned
+    return b"".join((struct.pack("<I", len(raw)), raw, payload))
+
+
+def unpack(message: bytes) -> tuple[dict[str, Any], memoryview]:
+    """The inverse of :func:`pack`: (header, payload); ``ValueError`` if malformed."""
+    if len(message) < 4:
+        raise ValueError("binary message shorter than its header length")
+    (n,) = struct.unpack_from("<I", message, 0)
+    if 4 + n > len(message):
+        raise ValueError(f"binary message header of {n} bytes runs past the message")
+    header = json.loads(message[4 : 4 + n])
+    if not isinstance(header, dict):
+        raise ValueError("binary message header: expected a JSON object")
+    return header, memoryview(message)[4 + n :]
+
+
 def encode_frame(header: dict[str, Any], array: np.ndarray) -> bytes:
     """Header + array bytes as one binary frame (the array is written C-order, little-endian)."""
-    raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
-    raw += b" " * ((-4 - len(raw)) % 8)
-    return b"".join((struct.pack("<I", len(raw)), raw, np.ascontiguousarray(array).tobytes()))
+    return pack(header, np.ascontiguousarray(array).tobytes())
 
 
 def decode_frame(data: bytes) -> tuple[dict[str, Any], np.ndarray]:
@@ -83,10 +108,8 @@ def decode_frame(data: bytes) -> tuple[dict[str, Any], np.ndarray]:
 
     uint8 frames are returned as bytes; apply ``offset + scale * byte`` to get values.
     """
-    (n,) = struct.unpack_from("<I", data, 0)
-    header = json.loads(data[4 : 4 + n])
-    dtype = DTYPES[header["dtype"]]
-    array = np.frombuffer(data, dtype=dtype, offset=4 + n).reshape(header["shape"])
+    header, payload = unpack(data)
+    array = np.frombuffer(payload, dtype=DTYPES[header["dtype"]]).reshape(header["shape"])
     return header, array
 
 

@@ -1,10 +1,11 @@
-"""The run registry: runs (a model, its dispatchers, step counter, status) by id.
+"""A run whose model is in this process: :class:`Run` (training side).
 
-A :class:`Run` is fed from the training thread (:meth:`Run.step`) and read
-and controlled from the server (REST, websocket). Its "layers" are the
-``transformer_core`` inner-attention modules of the model, in
-``model.named_modules()`` order, so a model wrapped in a bigger ``nn.Module``
-and decoders (self- then cross-attention per layer) work alike.
+What every run has (identity, layout, status, steps, scalars, listeners, summary)
+is :class:`~attnscope.run_base.BaseRun`'s; a local run adds the model (its
+:class:`~attnscope.layout.LocalModel`: the layout and the modules behind it), its
+:class:`StepGate` (pause, resume, and jobs run in the training thread between two
+steps) and its forward pre-hook (batch size and sequence length). The training
+thread calls :meth:`Run.step`; everything else is called from other threads.
 
 >>> from transformer_core.builders import TransformerEncoderBuilder
 >>> model = TransformerEncoderBuilder.from_kwargs(n_layers=2, n_heads=2,
@@ -19,55 +20,41 @@ and decoders (self- then cross-attention per layer) work alike.
 
 from __future__ import annotations
 
-import logging
-import math
-import re
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
 from transformer_core.events import EventDispatcher
 
-from .layout import LocalModel, ModelLayout, SiteLayout
+from .captures.capture import run_capture
+from .history.recorder import RecorderSink, RunRecorder
+from .jsonsafe import finite_or_none
+from .layout import LocalModel
 from .model_inputs import TextTokenizer
+from .run_base import (
+    CONTROLS,
+    BaseRun,
+    RunRegistry,
+    RunStateError,
+    ScalarHistory,
+    Status,
+    UnknownRunError,
+    slugify,
+)
+from .stream.publisher import Publisher
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
-Status = Literal["live", "paused", "idle", "ended"]
-CONTROLS = ("pause", "resume", "restart")
-
-
-class RunStateError(RuntimeError):
-    """A control the run does not support, or one impossible in its current state (HTTP 409)."""
-
-
-class UnknownRunError(KeyError):
-    """No run has this id (HTTP 404)."""
-
-    def __init__(self, run_id: str, known: Sequence[str]) -> None:
-        super().__init__(run_id)
-        self.run_id = run_id
-        self.message = f"unknown run {run_id!r}; known runs: {', '.join(known) or 'none'}"
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def slugify(name: str) -> str:
-    """A run id from a display name: lower-case letters, digits, ``-``, ``_``, ``/``.
-
-    >>> slugify("Alice / lr 3e-4!")
-    'alice-/-lr-3e-4'
-    """
-    slug = re.sub(r"[^a-z0-9_/-]+", "-", name.lower()).strip("-")
-    return slug or "run"
+# What this module has always offered, now living in the core modules.
+__all__ = ["CONTROLS", "Run", "RunRegistry", "RunStateError", "ScalarHistory", "Status",
+           "StepGate", "UnknownRunError", "finite_or_none", "slugify"]
 
 
 def _scalar(name: str, value: Any) -> float:
@@ -78,60 +65,94 @@ def _scalar(name: str, value: Any) -> float:
                         f"got {type(value).__name__}") from exc
 
 
-class ScalarHistory:
-    """Every step's scalars, thinned to at most ``max_points`` (bounded memory).
-
-    When full, every other point is dropped and from then on only every
-    second (fourth, ...) step is kept, so the series always spans the whole run.
-
-    >>> h = ScalarHistory(max_points=4)
-    >>> for step in range(10):
-    ...     h.append(step, 0.0, {"loss": 1.0 / (step + 1)})
-    >>> h.steps
-    [0, 4, 8]
-    """
-
-    def __init__(self, max_points: int = 2048) -> None:
-        self.max_points = max_points
-        self.clear()
-
-    def clear(self) -> None:
-        self.steps: list[int] = []
-        self.times: list[float] = []
-        self.values: list[dict[str, float]] = []
-        self._stride = 1
-        self._seen = 0
-
-    def append(self, step: int, time_: float, values: dict[str, float]) -> None:
-        keep = self._seen % self._stride == 0
-        self._seen += 1
-        if not keep:
-            return
-        self.steps.append(step)
-        self.times.append(time_)
-        self.values.append(values)
-        if len(self.steps) > self.max_points:
-            self.steps, self.times, self.values = \
-                self.steps[::2], self.times[::2], self.values[::2]
-            self._stride *= 2
-
-    def to_dict(self) -> dict[str, Any]:
-        """``{"steps": [...], "time": [...], "values": {name: [value or None, ...]}}``."""
-        steps, times, values = list(self.steps), list(self.times), list(self.values)
-        names = sorted({name for v in values for name in v})
-        return {"steps": steps, "time": times,
-                "values": {n: [finite_or_none(v[n]) if n in v else None for v in values]
-                           for n in names}}
+def _run_job(fn: Callable[[], Any], future: Future) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(fn())
+    except BaseException as exc:  # handed back to the caller; never into the training loop
+        future.set_exception(exc)
 
 
-class Run:
-    """A model being trained, as the server sees it.
+class StepGate:
+    """Where the training thread waits between two steps: while paused, and to run
+    jobs other threads queue with :meth:`call` (captures), in the training thread."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._jobs: deque[tuple[Callable[[], Any], Future]] = deque()
+        self.paused = False
+        self.closed = False  # no training thread any more: jobs run in the caller
+
+    @property
+    def due(self) -> bool:
+        """Whether :meth:`wait` has something to do (read without a lock: a hint)."""
+        return bool(self._jobs) or self.paused
+
+    def wait(self) -> None:
+        """Training thread: run queued jobs; while paused, wait for resume or close."""
+        while True:
+            with self._cond:
+                if not self._jobs and (not self.paused or self.closed):
+                    return
+                if not self._jobs:
+                    self._cond.wait(timeout=1.0)
+                    continue
+                fn, future = self._jobs.popleft()
+            _run_job(fn, future)
+
+    def call(self, fn: Callable[[], Any], timeout: float, owner: str) -> Any:
+        """Run ``fn()`` in the training thread between two steps; return its result or
+        raise its exception here. When closed, ``fn`` runs right here. ``TimeoutError``
+        (naming ``owner``) if no step boundary comes within ``timeout`` seconds; the
+        job is then dropped if it has not started."""
+        future: Future = Future()
+        with self._cond:
+            queued = not self.closed
+            if queued:
+                self._jobs.append((fn, future))
+                self._cond.notify_all()
+        if not queued:
+            _run_job(fn, future)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            if future.done() and not future.cancelled():
+                raise  # fn's own TimeoutError
+            future.cancel()
+            raise TimeoutError(
+                f"{owner}: the training thread did not reach a step boundary in "
+                f"{timeout:g} s (is the training loop still calling step()?)"
+            ) from None
+
+    def set_paused(self, paused: bool) -> None:
+        with self._cond:
+            self.paused = paused
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Release a paused training thread; queued jobs run here, now."""
+        with self._cond:
+            self.closed = True
+            self.paused = False
+            jobs = list(self._jobs)
+            self._jobs.clear()
+            self._cond.notify_all()
+        for fn, future in jobs:
+            _run_job(fn, future)
+
+    def reopen(self) -> None:
+        with self._cond:
+            self.closed = False
+
+
+class Run(BaseRun):
+    """A model being trained in this process, as the server sees it.
 
     Arguments
     ---------
-    model: any ``nn.Module`` with attention that
-        :func:`transformer_core.instrument.instrument` finds (ours, Hugging Face,
-        ``nn.MultiheadAttention``, modules calling ``F.scaled_dot_product_attention``).
+    model: any ``nn.Module`` with attention sites (see
+        :func:`transformer_core.instrument.instrument`).
     run_id: the id used in URLs and the protocol; name: the display name.
     controls: which of ``pause``, ``resume``, ``restart`` the run accepts.
     on_restart: called (from a server thread) by :meth:`restart`.
@@ -159,41 +180,19 @@ class Run:
         labeler: Callable[[torch.Tensor], list[str]] | None = None,
         tokenizer: Any = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        unknown = set(controls) - set(CONTROLS)
-        if unknown:
-            raise ValueError(f"controls: unknown {sorted(unknown)}; allowed: {list(CONTROLS)}")
-        self.local = LocalModel(model)  # raises ValueError when it has no attention site
-        self.layout: ModelLayout = self.local.layout
+        local = LocalModel(model)  # TypeError / ValueError for a model it cannot watch
+        super().__init__(run_id, local.layout, name=name, controls=controls, symbols=symbols)
         self.model = model
-        self.id = run_id
-        self.name = name or run_id
-        self.controls = tuple(c for c in CONTROLS if c in controls)
-        self.started = datetime.now(UTC)
-        self.error: str | None = None
-        self.step_index: int | None = None  # the last step marked with step()
-        self.scalars: dict[str, float] = {}
-        self.scalars_time = 0.0
-        self.scalars_seq = 0  # bumped by every step(); senders compare it
-        self.history = ScalarHistory()
-        self.seq_len: int | None = None
-        self.batch_size: int | None = None
+        self.local = local
         self._tokens: Any = None
-        self.symbols = None if symbols is None else [str(s) for s in symbols]
         self.tokenizer = None if tokenizer is None else TextTokenizer(tokenizer)
         self._labeler = labeler or (None if self.tokenizer is None else self.tokenizer.labels)
         self._on_restart = on_restart
-        self._ended = False
-        self._paused = False
-        self._cond = threading.Condition()
-        self._jobs: deque[tuple[Callable[[], Any], Future]] = deque()
-        self._step_hooks: tuple[Callable[[Run], None], ...] = ()
-        self._change_listeners: tuple[Callable[[Run], None], ...] = ()
+        self._gate = StepGate()
         # Batch size and length from our own first attention's queries. Not on a foreign
         # model's modules: a hook there would switch off nn.TransformerEncoderLayer's fused
         # fast path; such runs learn them from step(tokens=...).
-        first = self.local.sites[0]
+        first = local.sites[0]
         self._seq_hook = None if first.kind != "transformer_core" \
             else first.module.register_forward_pre_hook(self._see_input)
 
@@ -203,29 +202,12 @@ class Run:
     def status(self) -> Status:
         if self._ended:
             return "ended"
-        return "paused" if self._paused else "live"
-
-    @property
-    def sites(self) -> tuple[SiteLayout, ...]:
-        """The run's attention sites (its "layers"): ``self.layout.sites``."""
-        return self.layout.sites
+        return "paused" if self._gate.paused else "live"
 
     @property
     def dispatchers(self) -> list[EventDispatcher]:
         """The distinct dispatchers this run's modules talk to."""
         return self.local.dispatchers()
-
-    def model_summary(self) -> dict[str, Any]:
-        """layers, heads, attention_type, d_model, seq_len (and per-layer details)."""
-        return self.layout.summary(self.seq_len)
-
-    def summary(self) -> dict[str, Any]:
-        """The RunSummary of docs/protocol.md."""
-        return {
-            "id": self.id, "name": self.name, "status": self.status, "step": self.step_index,
-            "started": self.started.isoformat().replace("+00:00", "Z"), "error": self.error,
-            "controls": list(self.controls), "model": self.model_summary(),
-        }
 
     def labels(self, sample: int) -> list[str] | None:
         """Token labels of ``sample`` of the last batch given to :meth:`step`, or None."""
@@ -246,6 +228,31 @@ class Run:
             return [str(i) for i in ids]
         return [str(t) for t in row]
 
+    # -- the run interface (hub, history, captures) ---------------------------
+
+    def open_stream(self, notify: Callable[[str], None]) -> Publisher:
+        """An in-process publisher listening to this run's model (see stream.publisher)."""
+        return Publisher(self, notify)
+
+    def capture(self, inputs: torch.Tensor, kinds: list[str], layers: list[int],
+                heads: list[int] | None, max_bytes: int, timeout: float,
+                attention_mask: torch.Tensor | None = None,
+                ) -> tuple[dict[str, np.ndarray], int | None]:
+        """The capture in the training thread, between two steps (see BaseRun.capture);
+        ``attention_mask`` (N, L): which token positions are not padding."""
+
+        def job() -> tuple[dict[str, torch.Tensor], int | None]:
+            out = run_capture(self.model, inputs, kinds, layers, heads, max_bytes,
+                              local=self.local, attention_mask=attention_mask)
+            return out, self.step_index
+
+        out, step = self.call_between_steps(job, timeout)
+        return {k: v.numpy() for k, v in out.items()}, step
+
+    def new_recorder(self, sink: RecorderSink) -> RunRecorder:
+        """A history recorder of this run (in its training thread) into ``sink``."""
+        return RunRecorder(self, sink)
+
     # -- training thread -----------------------------------------------------
 
     def step(self, step: int, loss: Any = None, tokens: Any = None, **scalars: Any) -> None:
@@ -264,16 +271,11 @@ class Run:
             values[key] = _scalar(key, value)
         if tokens is not None:
             self._set_tokens(tokens)
-        self.step_index = int(step)
-        self.scalars = values
-        self.scalars_time = time.time()
-        self.scalars_seq += 1
-        if values:
-            self.history.append(self.step_index, self.scalars_time, values)
+        self.record_step(step, values, time.time())
         for hook in self._step_hooks:
             hook(self)
-        if self._jobs or self._paused:
-            self._wait_between_steps()
+        if self._gate.due:
+            self._gate.wait()
 
     def _set_tokens(self, tokens: Any) -> None:
         if isinstance(tokens, torch.Tensor):
@@ -293,59 +295,27 @@ class Run:
         self.batch_size, self.seq_len = n, length
 
     def _see_input(self, module: nn.Module, args: tuple) -> None:
-        # forward pre-hook on the first attention: queries are (N, L, H, E).
-        if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 4:
+        # Forward pre-hook on the first attention site: (N, L, ...) inputs.
+        if args and isinstance(args[0], torch.Tensor) and args[0].ndim >= 3:
             self.batch_size, self.seq_len = args[0].shape[0], args[0].shape[1]
-
-    def _wait_between_steps(self) -> None:
-        while True:
-            with self._cond:
-                if not self._jobs and (not self._paused or self._ended):
-                    return
-                if not self._jobs:
-                    self._cond.wait(timeout=1.0)
-                    continue
-                fn, future = self._jobs.popleft()
-            _run_job(fn, future)
 
     # -- server threads ------------------------------------------------------
 
     def call_between_steps(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
-        """Run ``fn()`` in the training thread between two steps and return its result.
-
-        When the run has ended (no training thread), ``fn`` runs right here.
-        Raises ``TimeoutError`` if the training thread does not reach a step
-        boundary within ``timeout`` seconds (the job is then dropped if it has
-        not started).
-        """
-        future: Future = Future()
-        with self._cond:
-            queued = not self._ended
-            if queued:
-                self._jobs.append((fn, future))
-                self._cond.notify_all()
-        if not queued:
-            _run_job(fn, future)
-        try:
-            return future.result(timeout)
-        except TimeoutError:
-            future.cancel()
-            raise TimeoutError(
-                f"run {self.id!r}: the training thread did not reach a step boundary in "
-                f"{timeout:g} s (is the training loop still calling step()?)"
-            ) from None
+        """Run ``fn()`` in the training thread between two steps and return its result
+        (or raise its exception here). When the run has ended (no training thread),
+        ``fn`` runs right here. Raises ``TimeoutError`` if the training thread does not
+        reach a step boundary within ``timeout`` seconds."""
+        return self._gate.call(fn, timeout, f"run {self.id!r}")
 
     def pause(self) -> None:
         self._check_control("pause")
-        with self._cond:
-            self._paused = True
+        self._gate.set_paused(True)
         self._changed()
 
     def resume(self) -> None:
         self._check_control("resume")
-        with self._cond:
-            self._paused = False
-            self._cond.notify_all()
+        self._gate.set_paused(False)
         self._changed()
 
     def restart(self) -> None:
@@ -353,153 +323,22 @@ class Run:
         if "restart" not in self.controls or self._on_restart is None:
             raise RunStateError(f"run {self.id!r} does not support restart")
         self._on_restart()
-        with self._cond:
-            self._paused = False
-            self._cond.notify_all()
+        self._gate.set_paused(False)
         self._changed()
 
     def reset(self) -> None:
         """Forget the step counter and scalars (called by a restarting trainer)."""
-        self.step_index = None
-        self.scalars = {}
-        self.scalars_seq += 1
-        self.history.clear()
-        self.error = None
-        self._ended = False
-        self._changed()
-
-    def fail(self, exc: BaseException) -> None:
-        """Mark the run ended by ``exc`` (its text is shown as ``error``)."""
-        self.error = f"{type(exc).__name__}: {exc}"
-        self.close()
+        self._gate.reopen()
+        super().reset()
 
     def close(self) -> None:
         """Mark the run ended; a paused training thread is released; queued jobs run here."""
-        with self._cond:
-            if self._ended:
-                return
-            self._ended = True
-            self._paused = False
-            jobs = list(self._jobs)
-            self._jobs.clear()
-            self._cond.notify_all()
-        for fn, future in jobs:
-            _run_job(fn, future)
-        self._changed()
+        if self._ended:
+            return
+        self._gate.close()
+        super().close()
 
     def detach(self) -> None:
         """Remove the hook this run put on the model (when it leaves the registry)."""
         if self._seq_hook is not None:
             self._seq_hook.remove()
-
-    def add_step_hook(self, hook: Callable[[Run], None]) -> None:
-        """Call ``hook(run)`` in the training thread at the end of every :meth:`step`."""
-        self._step_hooks = (*self._step_hooks, hook)
-
-    def remove_step_hook(self, hook: Callable[[Run], None]) -> None:
-        self._step_hooks = tuple(h for h in self._step_hooks if h != hook)
-
-    def add_change_listener(self, listener: Callable[[Run], None]) -> None:
-        """Call ``listener(run)`` (from any thread) when status or error changes."""
-        self._change_listeners = (*self._change_listeners, listener)
-
-    def remove_change_listener(self, listener: Callable[[Run], None]) -> None:
-        self._change_listeners = tuple(x for x in self._change_listeners if x != listener)
-
-    def _check_control(self, control: str) -> None:
-        if control not in self.controls:
-            raise RunStateError(f"run {self.id!r} does not support {control}")
-        if self._ended:
-            raise RunStateError(f"run {self.id!r} has ended; it cannot {control}")
-
-    def _changed(self) -> None:
-        for listener in self._change_listeners:
-            try:
-                listener(self)
-            except Exception:  # a listener's bug must not stop training
-                logger.exception("run change listener failed")
-
-    def __repr__(self) -> str:
-        return f"Run({self.id!r}, status={self.status}, step={self.step_index})"
-
-
-def _run_job(fn: Callable[[], Any], future: Future) -> None:
-    if not future.set_running_or_notify_cancel():
-        return
-    try:
-        future.set_result(fn())
-    except BaseException as exc:
-        future.set_exception(exc)
-
-
-class RunRegistry:
-    """The runs a server knows, by id; thread-safe.
-
-    Listeners added with :meth:`add_listener` are called (from any thread)
-    when a run is added, removed or changes status.
-    """
-
-    def __init__(self) -> None:
-        self._runs: dict[str, Run] = {}
-        self._lock = threading.Lock()
-        self._listeners: tuple[Callable[[], None], ...] = ()
-
-    def add(self, run: Run) -> Run:
-        with self._lock:
-            if run.id in self._runs:
-                raise ValueError(f"run id {run.id!r} is already registered")
-            self._runs[run.id] = run
-        run.add_change_listener(self._run_changed)
-        self._notify()
-        return run
-
-    def remove(self, run_id: str) -> Run:
-        with self._lock:
-            run = self._runs.pop(run_id, None)
-        if run is None:
-            raise UnknownRunError(run_id, self.ids())
-        run.remove_change_listener(self._run_changed)
-        run.detach()
-        self._notify()
-        return run
-
-    def get(self, run_id: str) -> Run:
-        run = self._runs.get(run_id)
-        if run is None:
-            raise UnknownRunError(run_id, self.ids())
-        return run
-
-    def ids(self) -> list[str]:
-        return list(self._runs)
-
-    def list(self) -> list[Run]:
-        return list(self._runs.values())
-
-    def unique_id(self, base: str) -> str:
-        """``base`` or ``base-2``, ``base-3``... whichever is free."""
-        candidate, n = base, 1
-        while candidate in self._runs:
-            n += 1
-            candidate = f"{base}-{n}"
-        return candidate
-
-    def add_listener(self, listener: Callable[[], None]) -> None:
-        self._listeners = (*self._listeners, listener)
-
-    def remove_listener(self, listener: Callable[[], None]) -> None:
-        self._listeners = tuple(x for x in self._listeners if x != listener)
-
-    def _run_changed(self, run: Run) -> None:
-        self._notify()
-
-    def _notify(self) -> None:
-        for listener in self._listeners:
-            try:
-                listener()
-            except Exception:
-                logger.exception("registry listener failed")
-
-
-def finite_or_none(value: float) -> float | None:
-    """JSON has no NaN/Infinity: non-finite floats become null."""
-    return value if math.isfinite(value) else None

@@ -48,12 +48,13 @@ class BaseMask:
 
     @property
     def lower_triangular(self) -> bool:
-        """True when the mask is exactly the causal (lower-triangular, square) pattern."""
+        """True when row ``i`` allows exactly the columns ``j <= i`` (the causal pattern;
+        an (N, M) mask with M > N may have all-masked columns past N)."""
         if not hasattr(self, "_lower_triangular"):
             m = self.bool_matrix
             self._lower_triangular = (
                 m.ndim == 2
-                and m.shape[0] == m.shape[1]
+                and m.shape[1] >= m.shape[0]
                 and bool(torch.equal(m, torch.ones_like(m).tril()))
             )
         return self._lower_triangular
@@ -98,6 +99,24 @@ class FullMask(BaseMask):
     @property
     def shape(self) -> tuple[int, ...]:
         return self._size if self._mask is None else tuple(self._mask.shape)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(N,) int64: how many leading positions each row allows; ValueError when a
+        row is not a prefix (e.g. ``[1, 0, 1]``).
+
+        >>> FullMask(torch.tensor([[1, 0], [1, 1]]) > 0).lengths.tolist()
+        [1, 2]
+        """
+        if not hasattr(self, "_lengths"):
+            m = self.bool_matrix
+            lengths = m.sum(-1)
+            prefix = torch.arange(m.shape[-1], device=m.device) < lengths[..., None]
+            if not torch.equal(m, prefix):
+                raise ValueError("lengths: every row of the mask must allow a prefix of "
+                                 "positions (1...1 0...0) to be read as lengths")
+            self._lengths = lengths
+        return self._lengths
 
 
 class LengthMask(BaseMask):

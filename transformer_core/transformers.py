@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import AttentionLayer
 from .events import EventDispatcher, IntermediateOutput
 from .masking import BaseMask, FullMask, LengthMask
 
@@ -117,6 +118,9 @@ class TransformerDecoderLayer(_FeedForward):
         self.self_attention = self_attention
         self.cross_attention = cross_attention
         self.cross_attention.inner_attention.role = "cross"
+        # the memory's feature size (None: unknown, not checked)
+        self.d_model_memory = (cross_attention.d_model_keys
+                               if isinstance(cross_attention, AttentionLayer) else None)
         self.linear1 = nn.Linear(d_model, d_ff)
         self.linear2 = nn.Linear(d_ff, d_model)
         self.norm1 = nn.LayerNorm(d_model)
@@ -157,9 +161,10 @@ class TransformerDecoder(nn.Module):
     def forward(self, x, memory, x_mask=None, x_length_mask=None, memory_mask=None,
                 memory_length_mask=None):
         """x (N, L, d_model), memory (N, S, d_model) -> (N, L, d_model)."""
-        d_model = self.layers[0].d_model
-        _check_input(x, d_model)
-        _check_input(memory, d_model, "memory")
+        first = self.layers[0]
+        _check_input(x, first.d_model)
+        if first.d_model_memory is not None:
+            _check_input(memory, first.d_model_memory, "memory")
         if memory.shape[0] != x.shape[0]:
             raise ValueError(f"memory: batch size {memory.shape[0]} != x batch size {x.shape[0]}")
         for layer in self.layers:

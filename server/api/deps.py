@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException
 from starlette.requests import HTTPConnection
 
-from ..runs import Run, RunRegistry, UnknownRunError
+from ..run_base import BaseRun, RunRegistry, UnknownRunError
 from ..settings import Settings
 from ..stream.hub import Hub
 
@@ -24,7 +24,7 @@ def get_hub(conn: HTTPConnection) -> Hub:
     return conn.app.state.hub
 
 
-def get_run(run_id: str, registry: Annotated[RunRegistry, Depends(get_registry)]) -> Run:
+def get_run(run_id: str, registry: Annotated[RunRegistry, Depends(get_registry)]) -> BaseRun:
     """The run named in the path, or 404 naming the id."""
     try:
         return registry.get(run_id)
@@ -35,4 +35,4 @@ def get_run(run_id: str, registry: Annotated[RunRegistry, Depends(get_registry)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[RunRegistry, Depends(get_registry)]
 HubDep = Annotated[Hub, Depends(get_hub)]
-RunDep = Annotated[Run, Depends(get_run)]
+RunDep = Annotated[BaseRun, Depends(get_run)]

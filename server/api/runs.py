@@ -6,7 +6,7 @@ from enum import StrEnum
 
 from fastapi import APIRouter, HTTPException
 
-from ..runs import RunStateError
+from ..run_base import RunStateError
 from .deps import RegistryDep, RunDep
 from .models import RunPublic, ScalarsPublic
 

@@ -17,9 +17,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.types import Message as ASGIMessage
 
+from ..run_base import BaseRun
 from . import formats
 from .models import CaptureCreate, CaptureList, CapturePublic, Format, Message
-from .service import CaptureLimits, CaptureRun, create_capture, field_error
+from .service import CaptureLimits, create_capture, field_error
 from .store import CaptureRecord, CaptureStore
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def build_router(limits: CaptureLimits | None = None) -> APIRouter:
                response: Response) -> CapturePublic:
         """Capture what ``body`` asks for with one forward pass between training steps."""
         try:
-            run: CaptureRun = runs.get(body.run)
+            run: BaseRun = runs.get(body.run)
         except KeyError as exc:
             msg = getattr(exc, "message", None) or f"unknown run {body.run!r}"
             raise field_error(["run"], msg) from None

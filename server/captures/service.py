@@ -8,46 +8,22 @@ has the shape of FastAPI's validation errors (``[{"loc": ["body", field], "msg",
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
-import numpy as np
 import torch
-import torch.nn as nn
 from fastapi import HTTPException
 
 from ..layout import ModelLayout
 from ..model_inputs import TextTokenizer, padding_mask
-from ..runs import RunStateError
+from ..run_base import BaseRun, RunStateError
 from .capture import CaptureError, CaptureUnavailable, check_selection, estimate_bytes
-from .capture import run_capture as _run_capture
 from .models import CaptureCreate
 from .store import CaptureRecord, CaptureStore
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 MiB = 1 << 20
-
-
-class CaptureRun(Protocol):
-    """What the captures API needs from a run whose model is in this process."""
-
-    model: nn.Module
-    layout: ModelLayout
-
-    def call_between_steps(self, fn: Callable[[], T], timeout: float) -> T: ...
-
-
-class RemoteCaptureRun(Protocol):
-    """What it needs from a run published from another process (``model`` is None there):
-    the model's description and a way to have the publisher run the capture."""
-
-    model: None
-    capture_info: ModelLayout | None
-
-    def capture(self, request: dict[str, Any], max_bytes: int,
-                timeout: float) -> tuple[dict[str, np.ndarray], int | None]: ...
 
 
 @dataclass(frozen=True)
@@ -82,16 +58,6 @@ def field_error(loc: Sequence[str | int], msg: str, status: int = 422) -> HTTPEx
     """An HTTPException shaped like FastAPI's validation errors, at ``["body", *loc]``."""
     detail = [{"loc": ["body", *loc], "msg": msg, "type": "value_error"}]
     return HTTPException(status, detail=detail)
-
-
-def run_symbols(run: Any) -> list[str] | None:
-    """The run's token labels (its tokenizer): ``run.symbols`` or ``run.task.symbols``."""
-    for owner in (run, getattr(run, "task", None), getattr(run, "training", None),
-                  getattr(getattr(run, "training", None), "task", None)):
-        symbols = getattr(owner, "symbols", None) if owner is not None else None
-        if isinstance(symbols, list | tuple) and symbols:
-            return [str(s) for s in symbols]
-    return None
 
 
 def tokenize(text: str, symbols: Sequence[str], loc: Sequence[str | int]) -> list[int]:
@@ -204,56 +170,24 @@ def resolve_labels(body: CaptureCreate, shape: tuple[int, ...], tokens: torch.Te
     return [list(row) for row in labels]
 
 
-def _model_info(body: CaptureCreate, run: CaptureRun | RemoteCaptureRun) -> ModelLayout:
-    if run.model is not None:
-        return run.layout
-    info = getattr(run, "capture_info", None)
-    if info is None:
+def _layout(body: CaptureCreate, run: BaseRun) -> ModelLayout:
+    layout = run.capture_layout()
+    if layout is None:
         raise field_error(["run"], f"run {body.run!r} is published from another process "
                           "whose publisher did not describe its model (an older attnscope "
                           "on the training side): update it to capture", status=409)
-    return info
+    return layout
 
 
-def _run_local(run: CaptureRun, x: torch.Tensor, mask: torch.Tensor | None, kinds: list[str],
-               layers: list[int], heads: list[int] | None,
-               limits: CaptureLimits) -> tuple[dict[str, np.ndarray], int | None]:
-    """The capture in this process's training thread, between two steps; (tensors, step)."""
-    model = run.model
-
-    def job() -> tuple[dict[str, torch.Tensor] | None, Exception | None]:
-        # Runs in the training thread: never let an exception escape into it.
-        try:
-            return _run_capture(model, x, kinds, layers, heads, limits.max_capture_bytes,
-                                attention_mask=mask), None
-        except Exception as exc:  # noqa: BLE001 (handed back to the request thread)
-            return None, exc
-
-    out, error = run.call_between_steps(job, timeout=limits.timeout_s)
-    if error is not None:
-        raise error
-    assert out is not None
-    return {k: v.numpy() for k, v in out.items()}, _int_or_none(getattr(run, "step_index", None))
-
-
-def _run_remote(run: RemoteCaptureRun, x: torch.Tensor, kinds: list[str], layers: list[int],
-                heads: list[int] | None,
-                limits: CaptureLimits) -> tuple[dict[str, np.ndarray], int | None]:
-    """The capture in the publisher's training thread (:mod:`attnscope.remote.captures`)."""
-    given = {"tokens" if x.dtype == torch.long else "features": x.tolist()}
-    request = {"input": given, "kinds": kinds, "layers": layers, "heads": heads}
-    return run.capture(request, limits.max_capture_bytes, limits.timeout_s)
-
-
-def create_capture(body: CaptureCreate, run: CaptureRun | RemoteCaptureRun, store: CaptureStore,
+def create_capture(body: CaptureCreate, run: BaseRun, store: CaptureStore,
                    limits: CaptureLimits) -> CaptureRecord:
     """Validate ``body`` against ``run``'s model, capture between steps, store the result.
 
     A run published with ``Dashboard.connect`` has its model in the training
     process: the capture runs there, between two of its steps, and comes back here.
     """
-    info = _model_info(body, run)
-    symbols = run_symbols(run)
+    info = _layout(body, run)
+    symbols = run.symbols or None
     tokenizer = getattr(run, "tokenizer", None)  # a local run's; a remote run has none
     x, field, mask = prepare_input(body, info, symbols, limits, tokenizer)
     tokens = x if x.dtype == torch.long else None
@@ -270,10 +204,9 @@ def create_capture(body: CaptureCreate, run: CaptureRun | RemoteCaptureRun, stor
                           "heads or positions")
 
     try:
-        if run.model is not None:
-            arrays, step = _run_local(run, x, mask, kinds, layers, heads, limits)
-        else:
-            arrays, step = _run_remote(run, x, kinds, layers, heads, limits)
+        masked = {} if mask is None else {"attention_mask": mask}  # only a local run's
+        arrays, step = run.capture(x, kinds, layers, heads, limits.max_capture_bytes,
+                                   limits.timeout_s, **masked)
     except TimeoutError:
         raise HTTPException(503, detail=f"run {body.run!r} did not reach a step boundary within "
                             f"{limits.timeout_s:g} s; try again") from None
@@ -297,7 +230,3 @@ def create_capture(body: CaptureCreate, run: CaptureRun | RemoteCaptureRun, stor
         "labels": labels,
     }
     return store.save(arrays, run=body.run, name=body.name, meta=meta)
-
-
-def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -33,7 +33,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -41,10 +41,12 @@ import torch.nn as nn
 
 from transformer_core.events import AttentionEvent, EventDispatcher, dispatching_to
 
-from ..runs import Run
-from ..stream.stats import MaskInfo, head_stats, valid_key_counts
+from ..stream.stats import STAT_NAMES, MaskInfo, head_stats, valid_key_counts
 from .config import HistoryConfig
-from .store import STAT_NAMES, StatRow
+from .store import StatRow
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..runs import Run
 
 logger = logging.getLogger(__name__)
 

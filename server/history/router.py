@@ -10,17 +10,18 @@ Shape legend: T snapshots, h selected heads, L queries, S keys.
 from __future__ import annotations
 
 import io
-import math
 from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 
+from ..jsonsafe import json_safe
 from ..protocol import encode_frame
 from ..stream.frames import pool_factor, pool_labels
+from ..stream.stats import STAT_NAMES
 from .models import HistoryIndex, SessionPublic, StatsPublic
 from .service import HistoryService
-from .store import STAT_NAMES, Session
+from .store import Session
 
 router = APIRouter(prefix="/api/v1", tags=["history"])
 MAX_JSON_VALUES = 4_000_000  # json data over this many numbers: use npz
@@ -76,10 +77,6 @@ def _heads(session: Session, layer: int, heads: str | None) -> list[int]:
     return chosen
 
 
-def _finite(values: np.ndarray) -> list[float | None]:
-    return [float(v) if math.isfinite(v) else None for v in values.tolist()]
-
-
 Layer = Annotated[int, Query(description="layer index, 0-based")]
 Heads = Annotated[str | None, Query(description="comma-separated head indices (default all)")]
 From = Annotated[int | None, Query(alias="from", description="first step (inclusive)")]
@@ -116,7 +113,7 @@ def history_index(run_id: str, service: ServiceDep, layer: Layer = 0, heads: Hea
             if row.heads is None or layer >= row.heads.shape[0]:
                 values[name].append([None] * len(chosen))
             else:
-                values[name].append(_finite(row.heads[layer, i, chosen]))
+                values[name].append(json_safe(row.heads[layer, i, chosen].tolist()))
     names = sorted({k for row in rows for k in row.scalars})
     base = f"/api/v1/runs/{run_id}/history"
     return HistoryIndex(
@@ -187,14 +184,7 @@ def history_data(run_id: str, service: ServiceDep, layer: Layer = 0, heads: Head
 def _json(obj: Any) -> bytes:
     import json
 
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, list):
-            return [clean(v) for v in x]
-        return x
-
-    return json.dumps({k: clean(v) for k, v in obj.items()}, separators=(",", ":")).encode()
+    return json.dumps(json_safe(obj), separators=(",", ":")).encode()
 
 
 @router.get("/runs/{run_id:path}/history/frame", responses={404: {"description": "no snapshot"}},

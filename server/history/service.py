@@ -15,9 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch.nn as nn
-
-from ..runs import Run, RunRegistry
+from ..run_base import BaseRun, RunRegistry
 from .config import HistoryConfig
 from .recorder import (
     RunRecorder,
@@ -55,17 +53,25 @@ class HistoryService:
 
     # -- runs ------------------------------------------------------------------
 
-    def attach(self, run: Run) -> RunRecorder:
+    def attach(self, run: BaseRun) -> RunRecorder:
         """Start recording ``run`` (its model must be in this process)."""
-        if not isinstance(getattr(run, "model", None), nn.Module):
+        recorder = self._attach(run)
+        if recorder is None:
             raise TypeError(f"run {run.id!r} has no model in this process: history records "
                             "local runs only")
+        return recorder
+
+    def _attach(self, run: BaseRun) -> RunRecorder | None:
+        """``run``'s recorder, made if needed; None for a run recorded elsewhere."""
         with self._lock:
             recorder = self.recorders.get(run.id)
             if recorder is None or recorder.run is not run:
+                new = run.new_recorder(self)
+                if new is None:
+                    return None
                 if recorder is not None:
                     recorder.detach()
-                recorder = self.recorders[run.id] = RunRecorder(run, self)
+                recorder = self.recorders[run.id] = new
             return recorder
 
     def detach(self, run_id: str) -> None:
@@ -84,14 +90,10 @@ class HistoryService:
         registry = self._registry
         if registry is None:
             return
-        # Runs with a model in this process; a remote run's model is elsewhere (not recorded).
-        runs = {run.id: run for run in registry.list()
-                if isinstance(getattr(run, "model", None), nn.Module)}
-        for run in runs.values():
-            recorder = self.recorders.get(run.id)
-            if recorder is None or recorder.run is not run:
-                self.attach(run)
-        for run_id in [r for r in self.recorders if r not in runs]:
+        # Runs recorded here: those with a model in this process (a remote run's
+        # publisher records it and sends the records to its inbox).
+        recorded = {run.id for run in registry.list() if self._attach(run) is not None}
+        for run_id in [r for r in self.recorders if r not in recorded]:
             self.detach(run_id)
 
     def new_session(self, run_id: str, name: str | None, meta: dict[str, Any]) -> str:
@@ -104,7 +106,7 @@ class HistoryService:
             run = self._registry.get(run_id) if self._registry is not None else None
         except KeyError:
             return None
-        inbox = getattr(run, "history_inbox", None)
+        inbox = None if run is None else run.history_inbox
         return inbox if inbox is not None and run.status == "live" else None
 
     def is_recording(self, run_id: str) -> bool:

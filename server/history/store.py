@@ -39,6 +39,7 @@ import numpy as np
 import safetensors.numpy
 
 from ..storage import FolderLock, FolderLocked, fsync_dir, open_index, read_safetensors
+from ..stream.stats import STAT_NAMES
 from .thinning import thinning_victim
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,6 @@ CREATE TABLE IF NOT EXISTS stats (
     PRIMARY KEY (session, step)
 );
 """
-STAT_NAMES = ("entropy", "max_weight", "first_token", "nan", "inf")
 
 
 class HistoryLocked(FolderLocked):

@@ -32,12 +32,11 @@ import numpy as np
 import safetensors.numpy
 import safetensors.torch
 import torch
-import torch.nn as nn
 
-from ..captures.capture import CaptureError, CaptureTooLarge, CaptureUnavailable, run_capture
+from ..captures.capture import CaptureError, CaptureTooLarge, CaptureUnavailable
 from ..layout import ModelLayout
+from ..protocol import pack
 from ..runs import Run
-from .wire import pack_binary
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +187,7 @@ def _error(capture_id: str, kind: str, message: str, field_name: str | None = No
                        "error": {"kind": kind, "field": field_name, "message": message}})
 
 
-def answer_capture(run: Run, model: nn.Module, message: dict[str, Any]) -> list[bytes | str]:
+def answer_capture(run: Run, message: dict[str, Any]) -> list[bytes | str]:
     """Serve one ``capture`` request; returns the messages that answer it, in order.
 
     Blocks the calling (background) thread until the training thread reaches a
@@ -202,19 +201,9 @@ def answer_capture(run: Run, model: nn.Module, message: dict[str, Any]) -> list[
         layers, heads = message.get("layers"), message.get("heads")
         max_bytes = int(message["max_bytes"])
 
-        def job() -> tuple[dict[str, torch.Tensor] | None, int | None, Exception | None]:
-            # Runs in the training thread: never let an exception escape into it.
-            try:
-                out = run_capture(model, x, kinds, layers, heads, max_bytes, local=run.local)
-                return out, run.step_index, None
-            except Exception as exc:  # noqa: BLE001 (handed back to this thread)
-                return None, None, exc
-
-        out, step, error = run.call_between_steps(job, float(message.get("timeout", 60.0)))
-        if error is not None:
-            raise error
-        assert out is not None
-        data = safetensors.torch.save(out)
+        out, step = run.capture(x, kinds, layers, heads, max_bytes,
+                                float(message.get("timeout", 60.0)))
+        data = safetensors.numpy.save(out)
     except CaptureError as exc:
         return [_error(capture_id, "capture", exc.message, exc.field)]
     except TimeoutError as exc:
@@ -225,6 +214,6 @@ def answer_capture(run: Run, model: nn.Module, message: dict[str, Any]) -> list[
         logger.exception("capture %s for run %r failed", capture_id, run.id)
         return [_error(capture_id, "failed", f"{type(exc).__name__}: {exc}")]
     view = memoryview(data)
-    return [pack_binary({"kind": "capture_result", "id": capture_id, "offset": offset,
+    return [pack({"kind": "capture_result", "id": capture_id, "offset": offset,
                          "total": len(data), "step": step}, view[offset : offset + CHUNK_BYTES])
             for offset in range(0, len(data), CHUNK_BYTES)]

@@ -20,7 +20,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..api.deps import RegistryDep
-from ..runs import UnknownRunError
+from ..run_base import UnknownRunError
 from ..stream.plan import Plan
 from .history import HistoryInbox, config_message
 from .run import RemoteRun

@@ -38,8 +38,8 @@ import safetensors.numpy
 from ..history.config import HistoryConfig
 from ..history.recorder import SnapshotItem, StepItem, StoredSnapshot, StoredStats, stat_rows
 from ..history.store import StatRow
-from ..runs import finite_or_none
-from .wire import pack_binary
+from ..jsonsafe import json_safe
+from ..protocol import pack
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +69,11 @@ def config_from_message(message: dict[str, Any]) -> tuple[HistoryConfig, int]:
 def encode_stats(session: str, rows: list[StatRow]) -> bytes:
     """Rows of one session as one binary ``history_stats`` message."""
     header = {"kind": "history_stats", "session": session, "rows": [
-        [r.step, r.time, {k: finite_or_none(v) for k, v in r.scalars.items()},
+        [r.step, r.time, json_safe(r.scalars),
          None if r.heads is None else list(r.heads.shape)] for r in rows]}
     payload = b"".join(np.ascontiguousarray(r.heads, "<f4").tobytes()
                        for r in rows if r.heads is not None)
-    return pack_binary(header, payload)
+    return pack(header, payload)
 
 
 def decode_stats(header: dict[str, Any], payload: memoryview) -> list[StatRow]:
@@ -96,7 +96,7 @@ def encode_snapshot(item: SnapshotItem) -> bytes:
     """A probe snapshot as one binary ``history_snapshot`` message (arrays computed here)."""
     header = {"kind": "history_snapshot", "session": item.session, "step": item.step,
               "time": item.time, "labels": item.labels}
-    return pack_binary(header, safetensors.numpy.save(item.arrays()))
+    return pack(header, safetensors.numpy.save(item.arrays()))
 
 
 # -- publisher end -----------------------------------------------------------------

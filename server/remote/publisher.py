@@ -1,4 +1,4 @@
-"""The training side of remote publishing: ``Dashboard.connect(url, run=..., token=...)``.
+"""The training side of remote publishing: ``Dashboard.connect(model, url, run=...)``.
 
 :class:`RemotePublisher` keeps a local :class:`~attnscope.runs.Run` of the model and a
 stream :class:`~attnscope.stream.publisher.Publisher` on it, exactly as an in-process
@@ -38,7 +38,8 @@ import torch.nn as nn
 import websockets
 
 from ..history.recorder import RunRecorder
-from ..runs import Run, finite_or_none
+from ..jsonsafe import json_safe
+from ..runs import Run
 from ..stream.publisher import EMPTY_PLAN, Publisher
 from ..stream.stats import valid_key_counts
 from .captures import answer_capture, model_info_message
@@ -126,7 +127,7 @@ class RemotePublisher:
         self._follow_history_plan()
         if not self.connected.is_set():
             return  # the history sent on reconnection has it
-        scalars = {k: finite_or_none(v) for k, v in run.scalars.items()}  # JSON: NaN -> null
+        scalars = json_safe(run.scalars)  # JSON: NaN -> null
         self._steps.append([run.step_index, run.scalars_time, scalars, run.batch_size,
                             run.seq_len])
         if len(self._steps) == 1:  # the first of a batch: the send loop sends it in time
@@ -285,7 +286,7 @@ class RemotePublisher:
     async def _capture(self, request: dict[str, Any]) -> None:
         """Serve a capture request: wait (in a worker thread) for the training thread to
         run it between two steps, then queue the answer for the send loop."""
-        answer = await asyncio.to_thread(answer_capture, self.run, self.model, request)
+        answer = await asyncio.to_thread(answer_capture, self.run, request)
         self._answers.extend(answer)
         self._wake()
 

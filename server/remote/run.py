@@ -1,4 +1,5 @@
-"""The server side of a remote run: a :class:`~attnscope.runs.Run` fed over ``/ws/publish``.
+"""The server side of a remote run: a :class:`~attnscope.run_base.BaseRun` fed over
+``/ws/publish``.
 
 A :class:`RemoteRun` has no model here: its layers, heads and roles come from the
 publisher's ``announce``; its steps, scalars and captures arrive over the network.
@@ -13,10 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import threading
-from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import torch
@@ -24,7 +22,7 @@ import torch
 from transformer_core.masking import FullMask
 
 from ..layout import ModelLayout, SiteLayout
-from ..runs import Run, RunStateError, ScalarHistory
+from ..run_base import BaseRun, RunStateError, ScalarHistory
 from ..stream.plan import EMPTY_PLAN, Capture, Plan, SlotKey
 from ..stream.stats import MaskInfo
 from .captures import CaptureRequests, model_info_from_message
@@ -32,19 +30,7 @@ from .captures import CaptureRequests, model_info_from_message
 logger = logging.getLogger(__name__)
 
 
-def history_from_dict(history: dict[str, Any], max_points: int = 2048) -> ScalarHistory:
-    """A :class:`ScalarHistory` from its ``to_dict()`` form (nulls dropped)."""
-    out = ScalarHistory(max_points)
-    values = history.get("values", {})
-    for i, (step, t) in enumerate(zip(history.get("steps", []), history.get("time", []),
-                                      strict=False)):
-        point = {name: float(v[i]) for name, v in values.items()
-                 if i < len(v) and v[i] is not None}
-        out.append(int(step), float(t), point)
-    return out
-
-
-class RemoteRun(Run):
+class RemoteRun(BaseRun):
     """A run whose training loop is in another process (``Dashboard.connect``).
 
     ``status`` is ``live`` while its publisher is connected, ``idle`` when the
@@ -52,47 +38,24 @@ class RemoteRun(Run):
     run) and ``ended`` once the publisher said so (``close()``).
     """
 
-    publisher_factory: Callable[..., Any]
-
     def __init__(self, run_id: str, name: str, model: dict[str, Any], host: str,
                  config: dict[str, Any] | None = None) -> None:
-        # No Run.__init__: there is no model to look into; set what Run's methods read.
         layers = model.get("layer_details") or []
         if not layers:
             raise ValueError("model.layer_details: a remote run needs at least one layer")
         d_model = model.get("d_model")
-        self.layout = ModelLayout(
+        layout = ModelLayout(
             sites=tuple(SiteLayout.from_message(i, layer) for i, layer in enumerate(layers)),
             d_model=None if d_model is None else int(d_model))
-        self.model = None
-        self.id, self.name = run_id, name
+        super().__init__(run_id, layout, name=name, controls=())
         self.host, self.config = host, dict(config or {})
-        self.controls = ()
-        self.started = datetime.now(UTC)
-        self.error: str | None = None
-        self.step_index: int | None = None
-        self.scalars: dict[str, float] = {}
-        self.scalars_time = 0.0
-        self.scalars_seq = 0
-        self.history = ScalarHistory()
         self.seq_len = model.get("seq_len")
-        self.batch_size: int | None = None
-        self._tokens = None
-        self.symbols = None
-        self._labeler = None
-        self._on_restart = None
         self._ended = True  # until a publisher attaches
         self._dropped = False  # the last connection dropped without close(): idle
-        self._paused = False
-        self._cond = threading.Condition()
-        self._jobs: deque = deque()
-        self._step_hooks = ()
-        self._change_listeners = ()
         self.plan: Plan = EMPTY_PLAN
         self.link: Any = None  # the attached publisher connection (endpoint._Link)
         self.proxy: RemotePlanPublisher | None = None
-        self.publisher_factory = RemotePlanPublisher
-        self.capture_info: ModelLayout | None = None  # from the announce; None: no captures
+        self._capture_layout: ModelLayout | None = None  # from the announce; None: no captures
         self.captures = CaptureRequests()
         self.history_inbox: Any = None  # a remote.history.HistoryInbox when history is on
 
@@ -103,35 +66,34 @@ class RemoteRun(Run):
     def summary(self) -> dict[str, Any]:
         return {**super().summary(), "host": self.host, "config": self.config}
 
-    @property
-    def dispatchers(self) -> list[Any]:
-        """None here: the model and its dispatchers are in the publisher's process."""
-        return []
+    def open_stream(self, notify: Callable[[str], None]) -> RemotePlanPublisher:
+        """The hub's source of this run's frames: forwards plans to the publisher."""
+        return RemotePlanPublisher(self, notify)
 
-    def detach(self) -> None:
-        """Nothing hooked here: the model is in the publisher's process."""
+    def capture_layout(self) -> ModelLayout | None:
+        """What the publisher's announce said captures need (None: it said nothing)."""
+        return self._capture_layout
 
     def set_capture_info(self, message: dict[str, Any] | None) -> None:
         """What the publisher's announce says captures need to know of its model."""
         if message is None:
-            self.capture_info = None
+            self._capture_layout = None
             return
-        self.capture_info = model_info_from_message(message)
+        self._capture_layout = model_info_from_message(message)
         symbols = message.get("symbols")
         self.symbols = None if symbols is None else [str(s) for s in symbols]
 
-    def capture(self, request: dict[str, Any], max_bytes: int,
+    def capture(self, inputs: torch.Tensor, kinds: list[str], layers: list[int],
+                heads: list[int] | None, max_bytes: int,
                 timeout: float) -> tuple[dict[str, Any], int | None]:
-        """Run a capture in the publisher's process (see :mod:`attnscope.remote.captures`).
-
-        ``request``: ``input`` ({"tokens": (N, L)} or {"features": (N, L, d_model)}
-        as lists), ``kinds``, ``layers``, ``heads``. Returns (name -> numpy array, the
-        publisher's last step when it ran the capture).
-        """
+        """Run a capture in the publisher's process (see :mod:`attnscope.remote.captures`):
+        (name -> numpy array, the publisher's last step when it ran the capture)."""
         link = self.link
         if link is None:
             raise RunStateError(f"run {self.id!r} is {self.status}: its publisher is not "
-                                     "connected, so there is no model to run")
+                                "connected, so there is no model to run")
+        given = {"tokens" if inputs.dtype == torch.long else "features": inputs.tolist()}
+        request = {"input": given, "kinds": kinds, "layers": layers, "heads": heads}
         return self.captures.request(link.send_threadsafe, request, max_bytes, timeout)
 
     # -- from the publisher's connection (event loop) ---------------------------
@@ -140,13 +102,12 @@ class RemoteRun(Run):
         """A publisher (re)connected: it is live, and its history is the one it kept."""
         self.link = link
         if history is not None and history.get("steps"):
-            self.history = history_from_dict(history)
+            self.history = ScalarHistory.from_dict(history)
             self.step_index = self.history.steps[-1]
             self.scalars = dict(self.history.values[-1])
             self.scalars_time = self.history.times[-1]
             self.scalars_seq += 1
-        with self._cond:
-            self._ended = False
+        self._ended = False
         self._dropped = False
         self.error = None
         self._changed()
@@ -161,8 +122,7 @@ class RemoteRun(Run):
         self._dropped = not ended
         if not ended:
             self.error = "publisher disconnected"
-        with self._cond:
-            self._ended = True
+        self._ended = True
         self._changed()
 
     def apply_steps(self, steps: list[list[Any]]) -> None:
@@ -172,14 +132,11 @@ class RemoteRun(Run):
             if history.times and float(t) <= history.times[-1]:
                 continue  # already in the history the publisher announced
             values = {str(k): math.nan if v is None else float(v) for k, v in values.items()}
-            self.step_index, self.scalars, self.scalars_time = int(step), values, float(t)
-            self.scalars_seq += 1
             if batch is not None:
                 self.batch_size = int(batch)
             if length is not None:
                 self.seq_len = int(length)
-            if values:
-                self.history.append(self.step_index, self.scalars_time, values)
+            self.record_step(int(step), values, float(t))
         if self.proxy is not None and steps:
             self.proxy.notify()
 

@@ -8,8 +8,9 @@ Server -> publisher: JSON ``welcome``, ``plan`` (:func:`plan_to_message`): what 
 run's viewers subscribe to, so the publisher captures and sends only that, and
 ``capture`` requests (``POST /api/v1/captures`` naming the run; docs/teams.md).
 
-Every binary message is :func:`pack_binary`'s: a little-endian uint32 header length,
-a JSON header whose ``kind`` says what follows, then the payload bytes.
+Every binary message is the one envelope of :func:`attnscope.protocol.pack` (uint32
+header length, JSON header, payload), whose header's ``kind`` says what follows
+(:func:`unpack_binary` checks it).
 
 >>> plan = Plan(interval=0.1, sources=frozenset({("attn", 0)}), scalars=True,
 ...             needs={0: (SampleNeed(sample=0, attention=True, attention_heads=(1,)),)})
@@ -21,13 +22,12 @@ a JSON header whose ``kind`` says what follows, then the payload bytes.
 from __future__ import annotations
 
 import dataclasses
-import json
-import struct
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..protocol import pack, unpack
 from ..stream.plan import EMPTY_PLAN, Capture, Plan, SampleNeed
 
 WIRE_VERSION = 1
@@ -63,32 +63,16 @@ def plan_from_message(message: dict[str, Any]) -> Plan:
     return EMPTY_PLAN if plan.empty else plan
 
 
-def pack_binary(header: dict[str, Any], payload: bytes | memoryview) -> bytes:
-    """One binary message: uint32 header length, JSON ``header``, ``payload``.
-
-    >>> unpack_binary(pack_binary({"kind": "x"}, b"abc"))[0], bytes(unpack_binary(
-    ...     pack_binary({"kind": "x"}, b"abc"))[1])
-    ({'kind': 'x'}, b'abc')
-    """
-    raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
-    return b"".join((struct.pack("<I", len(raw)), raw, payload))
-
-
 def unpack_binary(message: bytes) -> tuple[dict[str, Any], memoryview]:
-    """The inverse of :func:`pack_binary`: (header, payload); ValueError if malformed."""
-    if len(message) < 4:
-        raise ValueError("binary message shorter than its header length")
-    (n,) = struct.unpack_from("<I", message, 0)
-    if 4 + n > len(message):
-        raise ValueError(f"binary message header of {n} bytes runs past the message")
-    header = json.loads(message[4 : 4 + n])
-    if not isinstance(header, dict) or not isinstance(header.get("kind"), str):
+    """A publisher's binary message: (header with a ``kind``, payload); ValueError if not."""
+    header, payload = unpack(message)
+    if not isinstance(header.get("kind"), str):
         raise ValueError("binary message header: expected a JSON object with a 'kind'")
-    return header, memoryview(message)[4 + n :]
+    return header, payload
 
 
 def encode_capture(cap: Capture, valid: torch.Tensor | None) -> bytes:
-    """A published capture as one binary message (:func:`pack_binary`) holding its array.
+    """A published capture as one binary message (:func:`~attnscope.protocol.pack`).
 
     ``valid`` (head_stats only): unmasked keys per query row (L,), or None.
     """
@@ -102,8 +86,7 @@ def encode_capture(cap: Capture, valid: torch.Tensor | None) -> bytes:
         "labels": None if cap.labels is None else list(cap.labels),
         "valid": None if valid is None else [int(v) for v in valid.tolist()],
     }
-    return pack_binary(header, np.ascontiguousarray(array).astype(_DTYPES[dtype],
-                                                                  copy=False).tobytes())
+    return pack(header, np.ascontiguousarray(array).astype(_DTYPES[dtype], copy=False).tobytes())
 
 
 STREAM_KINDS = ("attention", "qk_logits", "qkv_norms", "head_stats")

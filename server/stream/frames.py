@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..jsonsafe import json_safe
 from ..protocol import encode_frame
 from .plan import Capture
 from .stats import STAT_NAMES, head_stats, valid_key_counts
@@ -100,10 +101,6 @@ def encode_binary(run_id: str, cap: Capture, heads: tuple[int, ...] | None, max_
     return frame
 
 
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
 def encode_stats(run_id: str, cap: Capture) -> str:
     """The ``head_stats`` JSON text of a head_stats capture (cached)."""
     cached = cap.cache.get("json")
@@ -120,7 +117,7 @@ def encode_stats(run_id: str, cap: Capture) -> str:
         if name in ("nan", "inf"):
             message[name] = [int(x) for x in row]
         else:
-            message[name] = [_finite(x) for x in row]
+            message[name] = json_safe(row)
     text = json.dumps(message, separators=(",", ":"))
     cap.cache["json"] = text
     return text

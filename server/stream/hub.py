@@ -20,11 +20,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .. import __version__
 from ..protocol import KINDS, PROTOCOL_VERSION, ProtocolError, Subscribe
-from ..runs import Run, RunRegistry, UnknownRunError
+from ..run_base import BaseRun, RunRegistry, StreamSource, UnknownRunError
 from ..settings import Settings
 from .frames import encode_binary, encode_stats
 from .plan import EMPTY_PLAN, Plan, SampleNeed, SlotKey
-from .publisher import Publisher
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ class Resolved:
         }
 
 
-def resolve(sub: Subscribe, run: Run, settings: Settings) -> Resolved:
+def resolve(sub: Subscribe, run: BaseRun, settings: Settings) -> Resolved:
     """Check ``sub`` against ``run`` and the server limits; raise :class:`ProtocolError`."""
     n_layers = len(run.sites)
     layers = tuple(range(n_layers)) if sub.layers is None else tuple(sorted(set(sub.layers)))
@@ -111,7 +110,7 @@ class _Heads:
         return None if self.all else tuple(sorted(self.some))
 
 
-def build_plan(run: Run, subs: list[Resolved]) -> Plan:
+def build_plan(run: BaseRun, subs: list[Resolved]) -> Plan:
     """The union of ``subs`` (all for ``run``) as a :class:`Plan`."""
     if not subs:
         return EMPTY_PLAN
@@ -276,7 +275,7 @@ class Hub:
         self.registry = registry
         self.settings = settings
         self.connections: set[Connection] = set()
-        self.publishers: dict[str, Publisher] = {}
+        self.publishers: dict[str, StreamSource] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending_wakes: set[str] = set()
         self._housekeeping: asyncio.Task | None = None
@@ -374,9 +373,8 @@ class Hub:
         if publisher is None or publisher.run is not run:
             if publisher is not None:
                 publisher.close()
-            # A remote run (server/remote) brings its own: it forwards plans to its trainer.
-            factory = getattr(run, "publisher_factory", Publisher)
-            publisher = self.publishers[run_id] = factory(run, self._notify_threadsafe)
+            # A local run's publisher listens to its model; a remote run's forwards plans.
+            publisher = self.publishers[run_id] = run.open_stream(self._notify_threadsafe)
         publisher.set_plan(build_plan(run, subs))
 
     # -- wake-ups (from the training thread and registry listeners) --------------

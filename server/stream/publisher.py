@@ -18,15 +18,17 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from transformer_core.events import AttentionEvent, QKVEvent
 
-from ..runs import Run
 from .plan import EMPTY_PLAN, Capture, Plan, SampleNeed, SlotKey
 from .stats import MaskInfo
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..runs import Run
 
 __all__ = ["EMPTY_PLAN", "Capture", "Plan", "Publisher", "SampleNeed", "SlotKey"]
 

@@ -21,8 +21,8 @@ WEB_STACK = ("fastapi", "starlette", "uvicorn")
 
 # Core: run state, model layout, statistics, frames and the wire format.
 CORE = {
-    "attnscope", "attnscope.layout", "attnscope.model_inputs", "attnscope.runs",
-    "attnscope.protocol",
+    "attnscope", "attnscope.layout", "attnscope.run_base", "attnscope.jsonsafe",
+    "attnscope.protocol", "attnscope.model_inputs",
     "attnscope.storage", "attnscope.stream", "attnscope.stream.plan", "attnscope.stream.stats",
     "attnscope.stream.frames", "attnscope.remote", "attnscope.remote.wire",
     "attnscope.captures", "attnscope.captures.capture", "attnscope.captures.store",
@@ -31,9 +31,10 @@ CORE = {
 }
 # Training side: Dashboard, the publishers, the history recorder and outbox, the demo.
 TRAINING = {
-    "attnscope.dashboard", "attnscope.stream.publisher", "attnscope.remote.publisher",
-    "attnscope.remote.captures", "attnscope.remote.history", "attnscope.history.recorder",
-    "attnscope.history.service", "attnscope.demo", "attnscope.demo_run", "attnscope.client",
+    "attnscope.dashboard", "attnscope.runs", "attnscope.stream.publisher",
+    "attnscope.remote.publisher", "attnscope.remote.captures", "attnscope.remote.history",
+    "attnscope.history.recorder", "attnscope.history.service", "attnscope.demo",
+    "attnscope.demo_run", "attnscope.client",
     "attnscope.integrations", "attnscope.integrations._common",
     "attnscope.integrations.huggingface", "attnscope.integrations.lightning",
 }
@@ -128,7 +129,7 @@ def test_import_and_connect_load_no_web_framework() -> None:
     loaded = _loaded_after(
         "import attnscope\n"
         "from attnscope import Dashboard\n"
-        "dash = Dashboard.connect('http://127.0.0.1:9', run='x', model=net)  # nobody there\n"
+        "dash = Dashboard.connect(net, 'http://127.0.0.1:9', run='x')  # nobody there\n"
         "dash.step(0, loss=1.0)\n"
         "dash.close(timeout=1)\n")
     assert loaded == []

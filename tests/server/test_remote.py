@@ -151,7 +151,7 @@ def test_publisher_survives_a_server_restart_and_history_continues() -> None:
     x = torch.randn(2, 6, 8)
     first = Served(RunRegistry(), token=TOKEN)
     port = int(first.url.rsplit(":", 1)[1])
-    dash = Dashboard.connect(first.url, run=RUN, token=TOKEN, model=model)
+    dash = Dashboard.connect(model, first.url, run=RUN, token=TOKEN)
     loop = _Loop(dash, model, x, sleep=0.01)
     loop.__enter__()  # trains across both servers
     try:
@@ -210,7 +210,7 @@ def test_unreachable_server_trains_at_full_speed() -> None:
     model = small_encoder(EventDispatcher())
     x = torch.randn(4, 16, 8)
     t0 = time.perf_counter()
-    dash = Dashboard.connect(_dead_url(), run="nowhere", token=TOKEN, model=model)
+    dash = Dashboard.connect(model, _dead_url(), run="nowhere", token=TOKEN)
     assert time.perf_counter() - t0 < 1.0  # connecting never blocks
     try:
         # Training speed itself is measured by bench/remote.py, not in a unit test:
@@ -236,8 +236,7 @@ def test_wrong_token_publishes_nothing(caplog: pytest.LogCaptureFixture) -> None
     model = small_encoder(EventDispatcher())
     with Served(registry, token=TOKEN) as served, \
             caplog.at_level("ERROR", logger="attnscope.remote.publisher"):
-        dash = Dashboard.connect(served.url, run=RUN, token="wrong-token-0123456789",
-                                 model=model)
+        dash = Dashboard.connect(model, served.url, run=RUN, token="wrong-token-0123456789")
         try:
             wait_for(lambda: "check the token" in caplog.text, 10, "the refusal")
             assert registry.ids() == []
@@ -264,11 +263,30 @@ def test_outgoing_buffer_drops_the_oldest() -> None:
 def test_connect_checks_its_arguments() -> None:
     model = small_encoder(EventDispatcher())
     with pytest.raises(ValueError, match="url"):
-        Dashboard.connect("ftp://host", run="x", model=model)
+        Dashboard.connect(model, "ftp://host", run="x")
     with pytest.raises(TypeError, match="model"):
         Dashboard.connect("http://127.0.0.1:1", run="x")
+    with pytest.raises(TypeError, match="url"):
+        Dashboard.connect(model, run="x")
     with pytest.raises(ValueError, match="ranks"):
-        Dashboard.connect("http://127.0.0.1:1", run="x", model=model, ranks="some")
+        Dashboard.connect(model, "http://127.0.0.1:1", run="x", ranks="some")
+
+
+@pytest.mark.parametrize("call", [
+    lambda model, url: Dashboard.connect(url, run="old/kw", model=model),
+    lambda model, url: Dashboard.connect(url, "old/kw", model=model),
+    lambda model, url: Dashboard.connect(url=url, run="old/kw", model=model),
+])
+def test_the_old_connect_form_still_publishes_and_warns(call) -> None:
+    model = small_encoder(EventDispatcher())
+    with pytest.warns(DeprecationWarning, match=r"Dashboard.connect\(model, url, run=...\)"):
+        dash = call(model, _dead_url())
+    try:
+        assert dash.run.id == "old/kw" and dash.model is model
+        dash.step(0, loss=1.0)  # nobody there: training goes on
+        assert dash.run.step_index == 0
+    finally:
+        dash.close(timeout=1)
     assert httpx is not None
 
 
@@ -277,7 +295,7 @@ def published() -> Iterator[tuple[Served, Any]]:
     """A server on loopback with one remote run, ``RUN``, published from this process."""
     registry = RunRegistry()
     with Served(registry) as served:
-        dash = Dashboard.connect(served.url, run=RUN, model=small_encoder(EventDispatcher()))
+        dash = Dashboard.connect(small_encoder(EventDispatcher()), served.url, run=RUN)
         try:
             wait_for(lambda: RUN in registry.ids(), 10, "the remote run")
             yield served, dash
@@ -336,7 +354,7 @@ def test_frames_larger_than_a_browser_message_reach_the_viewer() -> None:
     model = small_encoder(EventDispatcher(), n_layers=1, n_heads=4)
     x = torch.randn(1, 400, 16)
     with Served(registry) as served:
-        dash = Dashboard.connect(served.url, run=RUN, model=model)
+        dash = Dashboard.connect(model, served.url, run=RUN)
         try:
             wait_for(lambda: RUN in registry.ids(), 10, "the remote run")
 

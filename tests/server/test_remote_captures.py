@@ -22,8 +22,9 @@ from attnscope.captures.capture import (
     run_capture,
 )
 from attnscope.demo import DemoConfig, DemoModel, symbol_labels
+from attnscope.protocol import pack
 from attnscope.remote.captures import CHUNK_BYTES, CaptureRequests, answer_capture
-from attnscope.remote.wire import pack_binary, unpack_binary
+from attnscope.remote.wire import unpack_binary
 from attnscope.runs import Run, RunRegistry
 from transformer_core.events import EventDispatcher
 
@@ -39,7 +40,7 @@ def served() -> Iterator[Served]:
 
 
 def _publish(served: Served, model: torch.nn.Module, **kwargs: Any) -> Any:
-    dash = Dashboard.connect(served.url, run=RUN, model=model, **kwargs)
+    dash = Dashboard.connect(model, served.url, run=RUN, **kwargs)
     wait_for(lambda: RUN in served.http.get("/api/v1/runs").text and dash.connections == 1,
              10, "the remote run")
     return dash
@@ -141,7 +142,7 @@ def _answered(message: dict[str, Any]) -> list[bytes | str]:
     """What an ended demo run's publisher answers to ``message`` (runs inline)."""
     run = Run(DemoModel(DEMO), run_id="inline")
     run.close()
-    return answer_capture(run, run.model, {"id": "c1", "max_bytes": 1 << 30, **message})
+    return answer_capture(run, {"id": "c1", "max_bytes": 1 << 30, **message})
 
 
 def _feed(requests: CaptureRequests, answer: list[bytes | str]) -> None:
@@ -164,7 +165,7 @@ def test_the_server_end_reassembles_chunks_and_maps_errors() -> None:
     data = safetensors.torch.save(tensors)
 
     def chunks(capture_id: str, order=None) -> None:
-        parts = [pack_binary({"kind": "capture_result", "id": capture_id, "offset": o,
+        parts = [pack({"kind": "capture_result", "id": capture_id, "offset": o,
                               "total": len(data), "step": 12}, data[o : o + 50])
                  for o in range(0, len(data), 50)]
         _feed(requests, parts if order is None else [parts[i] for i in order])

@@ -45,7 +45,7 @@ def test_a_remote_run_is_recorded_and_its_snapshots_are_its_probe_attention() ->
     run = "carol/remote-history"
     training = DemoTraining(CONFIG)
     with Served(RunRegistry(), history_every=5, history_probe_budget=None) as served:
-        dash = Dashboard.connect(served.url, run=run, model=training.model,
+        dash = Dashboard.connect(training.model, served.url, run=run,
                                  symbols=training.task.symbols)
         try:
             wait_for(lambda: dash.connections == 1, 10, "the connection")
@@ -82,7 +82,7 @@ def test_remote_history_continues_in_the_same_session_across_a_server_restart() 
     training = DemoTraining(CONFIG)
     first = Served(RunRegistry())
     port = int(first.url.rsplit(":", 1)[1])
-    dash = Dashboard.connect(first.url, run=run, model=training.model)
+    dash = Dashboard.connect(training.model, first.url, run=run)
     try:
         with first:
             wait_for(lambda: dash.connections == 1, 10, "the connection")
@@ -108,7 +108,7 @@ def test_no_history_on_either_side_means_no_recording_in_the_trainer(
         server_records: bool, publisher_records: bool) -> None:
     training = DemoTraining(CONFIG)
     with Served(RunRegistry(), history_enabled=server_records) as served:
-        dash = Dashboard.connect(served.url, run="carol/no-history", model=training.model,
+        dash = Dashboard.connect(training.model, served.url, run="carol/no-history",
                                  history=publisher_records)
         try:
             wait_for(lambda: dash.connections == 1, 10, "the connection")

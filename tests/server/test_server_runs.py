@@ -84,6 +84,28 @@ def test_call_between_steps_times_out_then_runs_directly_once_ended():
         threading.current_thread()
 
 
+def test_a_jobs_exception_is_handed_back_and_training_goes_on():
+    run = Run(small_encoder(EventDispatcher()), run_id="r")
+    run.pause()
+    stepped = []
+    thread = threading.Thread(target=lambda: [run.step(i) or stepped.append(i) for i in (0, 1)])
+    thread.start()
+
+    def bad_job():
+        raise ValueError("the model rejected this input")
+
+    def slow_job():
+        raise TimeoutError("the job's own timeout")
+
+    with pytest.raises(ValueError, match="rejected"):
+        run.call_between_steps(bad_job)
+    with pytest.raises(TimeoutError, match="own timeout"):  # not "did not reach a step"
+        run.call_between_steps(slow_job)
+    run.resume()
+    thread.join(5)
+    assert stepped == [0, 1] and run.status == "live"
+
+
 def test_fail_ends_the_run_with_the_error_text_and_releases_a_pause():
     run = Run(small_encoder(EventDispatcher()), run_id="r")
     run.pause()

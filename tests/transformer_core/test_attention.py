@@ -234,11 +234,15 @@ def test_no_listener_builds_no_event_and_uses_the_fused_kernel(monkeypatch, coun
 def test_output_is_the_same_with_and_without_a_listener(make_encoder, dispatcher):
     x = torch.randn(2, 6, 8)
     for attention_type in ATTENTION_TYPES:
-        net = make_encoder(attention_type=attention_type, local_context=3)
+        net = make_encoder(attention_type=attention_type, local_context=3, clusters=2, topk=3,
+                           chunk_size=2)
+        mask = TriangularCausalMask(6) if "causal" in attention_type else None
         with torch.no_grad():
-            quiet = net(x)
+            torch.manual_seed(1)  # the same hashes for the clustered and reformer attentions
+            quiet = net(x, attn_mask=mask)
             dispatcher.listen(AttentionEvent, lambda ev: ev.attention_matrix)
-            loud = net(x)
+            torch.manual_seed(1)
+            loud = net(x, attn_mask=mask)
             dispatcher.clear()
         torch.testing.assert_close(quiet, loud, rtol=0, atol=1e-6, msg=attention_type)
 
@@ -348,11 +352,20 @@ def test_linear_attention_mask_errors():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="attn_mask"):
         make(LinearAttention, E)(q, k, v, FullMask(torch.ones(L, S, dtype=torch.bool).tril()))
-    with pytest.raises(ValueError, match="keys"):
-        make(CausalLinearAttention, E)(q, k, v)
     q, k, v = qkv(S, S)
-    with pytest.raises(ValueError, match="attn_mask"):
+    with pytest.raises(RuntimeError, match="attn_mask"):  # the seed's callers catch this
         make(CausalLinearAttention, E)(q, k, v, FullMask(torch.eye(S, dtype=torch.bool)))
+
+
+@pytest.mark.parametrize(("L_", "S_"), [(5, 7), (7, 5)], ids=["S>L", "S<L"])
+def test_causal_linear_attention_with_as_many_or_more_keys(L_, S_):
+    """Query i sees keys j <= i, whatever S is (as in fast-transformers)."""
+    q, k, v = qkv(L_, S_)
+    out, event = run(make(CausalLinearAttention, E, chunk_size=2), q, k, v)
+    ref_out, ref_matrix = reference_linear_attention(q, k, v, causal=True)
+    torch.testing.assert_close(out.double(), ref_out, **TOL)
+    assert out.is_contiguous() and event.shape == (N, H, L_, S_)
+    torch.testing.assert_close(event.attention_matrix.double(), ref_matrix, **TOL)
 
 
 # -- local attention ----------------------------------------------------------------

@@ -72,7 +72,8 @@ def test_unknown_key_names_it_and_lists_allowed(make):
      ("attention_dropout", -0.1, r"\[0, 1\)"), ("attention_type", "flash", "one of"),
      ("activation", "tanh", "one of"), ("softmax_temp", 0, "positive float"),
      ("final_normalization", 1, "a bool"), ("event_dispatcher", None, "EventDispatcher"),
-     ("feature_map", "elu", "factory"), ("local_context", -3, "positive int")],
+     ("feature_map", "elu", "Callable"), ("local_context", -3, "positive int"),
+     ("clusters", 2.5, "Int"), ("bits", 64, r"\[1, 63\]"), ("hash_bias", "yes", "Bool")],
 )
 def test_ill_typed_value_names_the_argument(key, value, expected):
     with pytest.raises(ValueError, match=rf"'{key}' must be .*{expected}.*got {value!r}"):
@@ -137,3 +138,141 @@ def test_decoder_builder_errors():
         TransformerDecoderBuilder.from_kwargs(attention_type="full")
     with pytest.raises(ValueError, match="'cross_attention_type' cannot be 'causal-linear'"):
         TransformerDecoderBuilder.from_kwargs(cross_attention_type="causal-linear").get()
+
+
+# -- the registry reaches the builders ---------------------------------------------------
+
+
+class ScaledFull(FullAttention):
+    """A user's attention: full attention with a temperature given as ``heat``."""
+
+    attention_type = "scaled-full"
+
+    def __init__(self, heat, sharp=False, event_dispatcher=""):
+        super().__init__(softmax_temp=heat, attention_dropout=0.0,
+                         event_dispatcher=event_dispatcher)
+        self.sharp = sharp
+
+
+@pytest.fixture
+def scaled_full():
+    """``scaled-full`` registered for one test, with typed parameters."""
+    from transformer_core.attention_registry import (
+        AttentionRegistry,
+        Bool,
+        EventDispatcherInstance,
+        Float,
+        Optional,
+    )
+
+    AttentionRegistry.register("scaled-full", ScaledFull, [
+        ("heat", Float), ("sharp", Optional(Bool, False)),
+        ("event_dispatcher", Optional(EventDispatcherInstance, ""))])
+    yield
+    for table in (AttentionRegistry._classes, AttentionRegistry._class_params):
+        del table["scaled-full"]
+    for name in ("heat", "sharp"):
+        del AttentionRegistry._parameters[name]
+
+
+def test_a_registered_attention_is_built_with_its_typed_parameters(scaled_full):
+    dispatcher = EventDispatcher()
+    net = TransformerEncoderBuilder.from_kwargs(
+        n_layers=1, n_heads=2, query_dimensions=4, value_dimensions=4,
+        attention_type="scaled-full", heat=2, sharp=True, event_dispatcher=dispatcher).get()
+    inner = net.layers[0].attention.inner_attention
+    assert type(inner) is ScaledFull and inner.softmax_temp == 2.0 and inner.sharp is True
+    assert inner.event_dispatcher is dispatcher
+    with pytest.raises(ValueError, match="'heat' must be Float, got 'hot'"):
+        TransformerEncoderBuilder.from_kwargs(heat="hot")
+    with pytest.raises(ValueError, match="'scaled-full' needs the parameter 'heat'"):
+        TransformerEncoderBuilder.from_kwargs(attention_type="scaled-full").get()
+    with pytest.raises(ValueError, match="'hea'.*allowed:.*heat"):
+        TransformerEncoderBuilder.from_kwargs(hea=1.0)
+
+
+def test_unknown_parameter_is_also_an_attribute_error():
+    """fast-transformers' callers catch AttributeError when setting a parameter."""
+    with pytest.raises(AttributeError, match="'dropout_rate'"):
+        TransformerEncoderBuilder().dropout_rate = 0.1
+
+
+def test_nested_attention_types():
+    from transformer_core.attention import ConditionalFullAttention, ExactTopKAttention
+    from transformer_core.builders import AttentionBuilder
+
+    builder = AttentionBuilder.from_kwargs(length_limit=16, topk=5, softmax_temp=0.5)
+    attention = builder.get("conditional-full:exact-topk")
+    assert isinstance(attention, ConditionalFullAttention) and attention.length_limit == 16
+    assert isinstance(attention.other_attention, ExactTopKAttention)
+    assert attention.other_attention.topk == 5 and attention.full_attention.softmax_temp == 0.5
+    with pytest.raises(TypeError):  # conditional-full needs the attention it decorates
+        builder.get("conditional-full")
+    with pytest.raises(ValueError, match="must build one attention"):
+        builder.get("full,exact-topk")
+    with pytest.raises(ValueError, match="'conditional-full:nope'"):
+        builder.get("conditional-full:nope")
+    assert builder.validate_attention_type("conditional-full:improved-clustered")
+    assert not builder.validate_attention_type("conditional-full:")
+
+
+def test_every_registered_attention_builds_into_an_encoder_that_runs():
+    from transformer_core.builders import AttentionBuilder
+
+    for attention_type in AttentionBuilder().available_attentions:
+        if attention_type == "conditional-full":
+            attention_type = "conditional-full:clustered"
+        net = TransformerEncoderBuilder.from_kwargs(
+            n_layers=1, n_heads=2, query_dimensions=4, value_dimensions=4,
+            attention_type=attention_type, clusters=2, topk=3, chunk_size=2, local_context=3,
+            length_limit=4, event_dispatcher=EventDispatcher()).get().eval()
+        mask = TriangularCausalMask(6) if "causal" in attention_type else None
+        out = net(torch.randn(2, 6, 8), attn_mask=mask)
+        assert out.shape == (2, 6, 8) and torch.isfinite(out).all(), attention_type
+
+
+def test_from_namespace_keeps_unset_options_and_get_names_them():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n_layers", type=int)
+    parser.add_argument("--n_heads", type=int)
+    parser.add_argument("--clusters", type=int)
+    parser.add_argument("--colour")
+    builder = TransformerEncoderBuilder.from_namespace(parser.parse_args(["--n_heads", "3"]))
+    assert builder.n_heads == 3 and builder.n_layers is None and builder.clusters is None
+    with pytest.raises(ValueError, match="'n_layers' is None"):
+        builder.get()
+    with pytest.raises(ValueError, match="'colour'"):
+        TransformerEncoderBuilder.from_namespace(parser.parse_args([]), strict=True)
+
+
+def test_decoder_cross_attention_reads_a_memory_of_its_own_width():
+    net = TransformerDecoderBuilder.from_kwargs(
+        n_layers=1, n_heads=2, query_dimensions=4, value_dimensions=4, cross_n_heads=3,
+        cross_value_dimensions=5, cross_query_dimensions=6, event_dispatcher=EventDispatcher(),
+    ).get().eval()
+    cross = net.layers[0].cross_attention
+    assert cross.n_heads == 3 and cross.key_projection.in_features == 15
+    assert cross.query_projection.out_features == 18 and cross.out_projection.out_features == 8
+    assert net(torch.randn(2, 4, 8), torch.randn(2, 7, 15)).shape == (2, 4, 8)
+    with pytest.raises(ValueError, match=r"memory: expected shape \(N, L, 15\)"):
+        net(torch.randn(2, 4, 8), torch.randn(2, 7, 8))
+
+
+def test_recurrent_builders_build_the_recurrent_classes():
+    from transformer_core.builders import RecurrentDecoderBuilder, RecurrentEncoderBuilder
+    from transformer_core.recurrent.transformers import (
+        RecurrentTransformerDecoder,
+        RecurrentTransformerEncoder,
+    )
+
+    options = dict(n_layers=1, n_heads=2, query_dimensions=4, value_dimensions=4,
+                   event_dispatcher=EventDispatcher())
+    encoder = RecurrentEncoderBuilder.from_kwargs(attention_type="linear", **options).get()
+    assert isinstance(encoder, RecurrentTransformerEncoder)
+    decoder = RecurrentDecoderBuilder.from_kwargs(self_attention_type="causal-linear",
+                                                  **options).get()
+    assert isinstance(decoder, RecurrentTransformerDecoder)
+    with pytest.raises(ValueError, match="'attention_type' must be one of"):
+        RecurrentEncoderBuilder.from_kwargs(attention_type="clustered")

@@ -71,7 +71,18 @@ def test_triangular_causal_mask():
     assert mask.lower_triangular and not mask.all_ones
     assert mask.lengths.tolist() == [1, 2, 3]
     assert TriangularCausalMask(1).all_ones
-    assert not FullMask(torch.ones(2, 3, dtype=torch.bool).tril()).lower_triangular
+    # row i allows exactly j <= i: wide masks qualify (as in fast-transformers), tall ones not
+    assert FullMask(torch.ones(2, 3, dtype=torch.bool).tril()).lower_triangular
+    assert LengthMask(torch.tensor([1, 2, 3]), max_len=4).lower_triangular
+    assert not LengthMask(torch.tensor([1, 1, 3])).lower_triangular
+    assert not FullMask(torch.ones(3, 2, dtype=torch.bool).tril()).lower_triangular
+
+
+def test_full_mask_lengths_of_prefix_rows():
+    assert FullMask(torch.ones(3, 3, dtype=torch.bool).tril()).lengths.tolist() == [1, 2, 3]
+    assert FullMask(2, 4).lengths.tolist() == [4, 4]
+    with pytest.raises(ValueError, match="prefix"):
+        _ = FullMask(torch.tensor([[1, 0, 1], [1, 1, 0]]) > 0).lengths
 
 
 def test_sdpa_mask_forms():

@@ -49,3 +49,31 @@ def apply_masks(
 def select(t: torch.Tensor, samples, heads) -> torch.Tensor:
     """``t[samples][:, :, heads]`` for a (N, X, H, E) tensor, keeping every dimension."""
     return t[samples][:, :, heads]
+
+
+class UnsupportedMaskError(ValueError, RuntimeError):
+    """An attention cannot apply this attention mask (e.g. an arbitrary mask for an
+    attention whose cost depends on not building the L x S matrix).
+
+    A ``RuntimeError``, as fast-transformers raises (its callers catch that), and
+    a ``ValueError``, as our other argument errors are.
+    """
+
+
+def key_mask(key_lengths: BaseMask | None, S: int) -> torch.Tensor | None:
+    """(N, S) bool, True for keys that may be attended; None when none is masked."""
+    if key_lengths is None or key_lengths.all_ones:
+        return None
+    return key_lengths.bool_matrix[:, :S]
+
+
+def query_mask(query_lengths: BaseMask | None, L: int) -> torch.Tensor | None:
+    """(N, L) bool, True for real (not padded) queries; None when none is padded."""
+    if query_lengths is None or query_lengths.all_ones:
+        return None
+    return query_lengths.bool_matrix[:, :L]
+
+
+def rows(t: torch.Tensor, samples, heads) -> torch.Tensor:
+    """``t[samples][:, heads]`` for a tensor laid out (N, H, ...), keeping both dimensions."""
+    return t[samples][:, heads]

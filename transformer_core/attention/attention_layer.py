@@ -21,25 +21,29 @@ class AttentionLayer(nn.Module):
     n_heads: H.
     d_keys: E per head (default d_model // n_heads).
     d_values: D per head (default d_model // n_heads).
+    d_model_keys: feature size of the keys and values inputs (default d_model);
+        a decoder's cross-attention reads a memory of another width this way.
     event_dispatcher: key or instance; a :class:`QKVEvent` with the projected
         queries (N, L, H, E), keys (N, S, H, E) and values (N, S, H, D) is
         dispatched when someone listens.
     """
 
     def __init__(self, attention, d_model, n_heads, d_keys=None, d_values=None,
-                 event_dispatcher=""):
+                 d_model_keys=None, event_dispatcher=""):
         super().__init__()
         if d_model <= 0 or n_heads <= 0:
             raise ValueError(f"d_model and n_heads must be positive, got {d_model} and {n_heads}")
         d_keys = d_keys or d_model // n_heads
         d_values = d_values or d_model // n_heads
+        d_model_keys = d_model_keys or d_model
         self.inner_attention = attention
         self.query_projection = nn.Linear(d_model, d_keys * n_heads)
-        self.key_projection = nn.Linear(d_model, d_keys * n_heads)
-        self.value_projection = nn.Linear(d_model, d_values * n_heads)
+        self.key_projection = nn.Linear(d_model_keys, d_keys * n_heads)
+        self.value_projection = nn.Linear(d_model_keys, d_values * n_heads)
         self.out_projection = nn.Linear(d_values * n_heads, d_model)
         self.n_heads = n_heads
         self.d_model = d_model
+        self.d_model_keys = d_model_keys
         self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
     def _project(self, queries, keys, values):
@@ -69,7 +73,7 @@ class AttentionLayer(nn.Module):
         query_lengths: BaseMask | None = None,
         key_lengths: BaseMask | None = None,
     ) -> torch.Tensor:
-        """queries (N, L, d_model), keys and values (N, S, d_model) -> (N, L, d_model)."""
+        """queries (N, L, d_model), keys and values (N, S, d_model_keys) -> (N, L, d_model)."""
         N, L, _ = queries.shape
         S = keys.shape[1]
         H = self.n_heads

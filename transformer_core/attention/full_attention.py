@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..attention_registry import AttentionRegistry, EventDispatcherInstance, Float, Optional
 from ..events import AttentionEvent, EventDispatcher
 from ..masking import BaseMask, concat_rows, sample_rows
 from ._masks import apply_masks, sdpa_mask, select
@@ -106,7 +107,7 @@ class FullAttention(nn.Module):
             self.event_dispatcher.dispatch(
                 self._event(queries, keys, scale, attn_mask, key_lengths, matrix)
             )
-        return out.transpose(1, 2)  # (N, L, H, D)
+        return out.transpose(1, 2).contiguous()  # (N, L, H, D)
 
     def _event(self, queries, keys, scale, attn_mask, key_lengths, matrix=None) -> AttentionEvent:
         """The lazy event of queries (N, L, H, E) and keys (N, S, H, E)."""
@@ -146,3 +147,10 @@ class FullAttention(nn.Module):
             copy_fn=copy,
             concat_fn=concat,
         )
+
+
+AttentionRegistry.register("full", FullAttention, [
+    ("softmax_temp", Optional(Float)),
+    ("attention_dropout", Optional(Float, 0.1)),
+    ("event_dispatcher", Optional(EventDispatcherInstance, "")),
+])

@@ -5,10 +5,17 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..attention_registry import (
+    AttentionRegistry,
+    Callable,
+    EventDispatcherInstance,
+    Int,
+    Optional,
+)
 from ..events import AttentionEvent, EventDispatcher
 from ..feature_maps import elu_feature_map
 from ..masking import BaseMask, sample_rows
-from ._masks import select
+from ._masks import UnsupportedMaskError, select
 
 
 def kernel_matrix(phi_q, phi_k, eps, samples, heads, causal=False):
@@ -103,14 +110,14 @@ class LinearAttention(nn.Module):
     ) -> torch.Tensor:
         """queries (N, L, H, E), keys (N, S, H, E), values (N, S, H, D) -> (N, L, H, D)."""
         if attn_mask is not None and not attn_mask.all_ones:
-            raise ValueError(
+            raise UnsupportedMaskError(
                 "attn_mask: linear attention supports only an all-ones attention mask; "
                 "use attention_type='causal-linear' for causal masking or key lengths for padding"
             )
         phi_q, phi_k = self._features(queries, keys, key_lengths)
         kv = torch.einsum("nshe,nshd->nhed", phi_k, values)  # (N, H, E', D)
         z = 1.0 / (torch.einsum("nlhe,nhe->nlh", phi_q, phi_k.sum(1)) + self.eps)  # (N, L, H)
-        out = torch.einsum("nlhe,nhed,nlh->nlhd", phi_q, kv, z)  # (N, L, H, D)
+        out = torch.einsum("nlhe,nhed,nlh->nlhd", phi_q, kv, z).contiguous()  # (N, L, H, D)
         if self.event_dispatcher.has_listeners:
             N, L, H, _ = queries.shape
             self._dispatch(phi_q, phi_k, key_lengths, (N, H, L, keys.shape[1]), causal=False)
@@ -123,7 +130,9 @@ class CausalLinearAttention(LinearAttention):
     Within a chunk of ``chunk_size`` positions the (causal) products are
     explicit; across chunks a running sum of phi(k) v^T carries the past, so
     time is O(L * chunk_size) and memory O(chunk_size^2) per head.
-    Requires L == S and a causal (or all-ones, treated as causal) ``attn_mask``.
+    Query i sees keys j <= i: with S > L the keys past L are never seen, with
+    S < L the last queries see all keys. ``attn_mask`` must be causal or all ones
+    (treated as causal); anything else raises :class:`UnsupportedMaskError`.
     """
 
     attention_type = "causal-linear"
@@ -143,23 +152,23 @@ class CausalLinearAttention(LinearAttention):
         query_lengths: BaseMask | None = None,
         key_lengths: BaseMask | None = None,
     ) -> torch.Tensor:
-        """queries (N, L, H, E), keys (N, L, H, E), values (N, L, H, D) -> (N, L, H, D)."""
+        """queries (N, L, H, E), keys (N, S, H, E), values (N, S, H, D) -> (N, L, H, D)."""
         N, L, H, _ = queries.shape
-        if keys.shape[1] != L:
-            raise ValueError(
-                f"keys: causal-linear attention needs as many keys as queries (L={L}), "
-                f"got S={keys.shape[1]}"
-            )
+        S = keys.shape[1]
         if attn_mask is not None and not (attn_mask.lower_triangular or attn_mask.all_ones):
-            raise ValueError("attn_mask: causal-linear attention supports only a causal mask")
-        phi_q, phi_k = self._features(queries, keys, key_lengths)
+            raise UnsupportedMaskError(
+                "attn_mask: causal-linear attention supports only a causal mask")
+        phi_q, phi_k_all = self._features(queries, keys, key_lengths)
+        # keys j < L are the only ones any query sees; missing ones count as masked
+        phi_k = nn.functional.pad(phi_k_all[:, :L], (0, 0, 0, 0, 0, max(L - S, 0)))
+        values_l = nn.functional.pad(values[:, :L], (0, 0, 0, 0, 0, max(L - S, 0)))
         outputs = []
         kv_state = phi_q.new_zeros(N, H, phi_q.shape[-1], values.shape[-1])  # (N, H, E', D)
         k_state = phi_q.new_zeros(N, H, phi_q.shape[-1])  # (N, H, E')
         for start in range(0, L, self.chunk_size):
             q = phi_q[:, start : start + self.chunk_size]  # (N, C, H, E')
             k = phi_k[:, start : start + self.chunk_size]
-            v = values[:, start : start + self.chunk_size]  # (N, C, H, D)
+            v = values_l[:, start : start + self.chunk_size]  # (N, C, H, D)
             local = torch.einsum("nlhe,nshe->nhls", q, k).tril()  # (N, H, C, C)
             num = torch.einsum("nhls,nshd->nlhd", local, v)
             num = num + torch.einsum("nlhe,nhed->nlhd", q, kv_state)
@@ -167,7 +176,16 @@ class CausalLinearAttention(LinearAttention):
             outputs.append(num / (den + self.eps)[..., None])
             kv_state = kv_state + torch.einsum("nshe,nshd->nhed", k, v)
             k_state = k_state + k.sum(1)
-        out = torch.cat(outputs, dim=1)  # (N, L, H, D)
+        out = torch.cat(outputs, dim=1)  # (N, L, H, D), contiguous
         if self.event_dispatcher.has_listeners:
-            self._dispatch(phi_q, phi_k, key_lengths, (N, H, L, L), causal=True)
+            self._dispatch(phi_q, phi_k_all, key_lengths, (N, H, L, S), causal=True)
         return out
+
+
+_LINEAR_PARAMS = [
+    ("query_dimensions", Int),
+    ("feature_map", Optional(Callable)),
+    ("event_dispatcher", Optional(EventDispatcherInstance, "")),
+]
+AttentionRegistry.register("linear", LinearAttention, _LINEAR_PARAMS)
+AttentionRegistry.register("causal-linear", CausalLinearAttention, _LINEAR_PARAMS)

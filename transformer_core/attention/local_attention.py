@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from ..attention_registry import (
+    AttentionRegistry,
+    EventDispatcherInstance,
+    Float,
+    Int,
+    Optional,
+)
 from ..masking import BaseMask, FullMask
 from .full_attention import FullAttention
 
@@ -48,3 +55,11 @@ class LocalAttention(FullAttention):
         if attn_mask is not None and not attn_mask.all_ones:
             band = band & attn_mask.bool_matrix
         return super().forward(queries, keys, values, FullMask(band), query_lengths, key_lengths)
+
+
+AttentionRegistry.register("local", LocalAttention, [
+    ("local_context", Int),
+    ("softmax_temp", Optional(Float)),
+    ("attention_dropout", Optional(Float, 0.1)),
+    ("event_dispatcher", Optional(EventDispatcherInstance, "")),
+])
