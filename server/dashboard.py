@@ -46,11 +46,16 @@ class Dashboard:
     @classmethod
     def start(cls, model: nn.Module, port: int = 8000, host: str = "127.0.0.1",
               open_browser: bool = False, name: str | None = None,
-              settings: Settings | None = None, quiet: bool = False) -> Any:
+              settings: Settings | None = None, quiet: bool = False,
+              tokenizer: Any = None) -> Any:
         """Register ``model`` as a run, serve the dashboard, print its URL.
 
         ``port=0`` picks a free port (see :attr:`url`). ``model`` may be any
-        ``nn.Module`` containing ``transformer_core`` attention modules.
+        ``nn.Module`` whose attention :func:`transformer_core.instrument.instrument`
+        finds: ``transformer_core``, Hugging Face, ``nn.MultiheadAttention`` and modules
+        calling ``F.scaled_dot_product_attention`` (README, "Your model").
+        ``tokenizer``: a Hugging Face tokenizer; token ids given to :meth:`step` are
+        shown as its strings, and captures accept ``text``.
         ``settings`` overrides everything but host and port. Under torchrun / DDP
         only rank 0 serves; the other ranks get a dashboard that does nothing
         (to see every rank, use :meth:`connect` with ``ranks="all"``).
@@ -67,7 +72,8 @@ class Dashboard:
         settings = Settings.model_validate(settings.model_dump())
         generated = settings.token_generated or given.token_generated
         registry = RunRegistry()
-        run = registry.add(Run(model, run_id=slugify(name or "run"), name=name or "run"))
+        run = registry.add(Run(model, run_id=slugify(name or "run"), name=name or "run",
+                               tokenizer=tokenizer))
         server = BackgroundServer(create_app(settings, registry), settings)
         server.start()
         dash = cls(run, registry, server)

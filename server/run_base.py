@@ -172,6 +172,9 @@ class BaseRun:
         self.seq_len: int | None = None
         self.batch_size: int | None = None
         self.symbols = None if symbols is None else [str(s) for s in symbols]
+        # A local run's Hugging Face tokenizer (attnscope.model_inputs.TextTokenizer), for
+        # token labels and text captures; remote runs label through ``symbols``.
+        self.tokenizer: Any = None
         self._ended = False
         self._lock = threading.Lock()
         self._step_hooks: tuple[Callable[[Any], None], ...] = ()

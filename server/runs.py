@@ -36,6 +36,7 @@ from .captures.capture import run_capture
 from .history.recorder import RecorderSink, RunRecorder
 from .jsonsafe import finite_or_none
 from .layout import LocalModel
+from .model_inputs import TextTokenizer
 from .run_base import (
     CONTROLS,
     BaseRun,
@@ -157,8 +158,9 @@ class Run(BaseRun):
     on_restart: called (from a server thread) by :meth:`restart`.
     symbols: the run's vocabulary (token id -> label), if it has one; (N, L)
         tensors of token ids given to :meth:`step` are labelled with it.
-    labeler: turns a (L,) tensor of token ids into labels (default: ``symbols``,
-        else ``str`` of each id).
+    labeler: turns a (L,) tensor of token ids into labels (default: the tokenizer's,
+        else ``symbols``, else ``str`` of each id).
+    tokenizer: a Hugging Face tokenizer: token labels, and captures given as ``text``.
 
     Thread model: :meth:`step` is called by the training thread, everything
     else by server threads. ``step`` is the only place the training thread may
@@ -176,16 +178,23 @@ class Run(BaseRun):
         on_restart: Callable[[], None] | None = None,
         symbols: Sequence[str] | None = None,
         labeler: Callable[[torch.Tensor], list[str]] | None = None,
+        tokenizer: Any = None,
     ) -> None:
         local = LocalModel(model)  # TypeError / ValueError for a model it cannot watch
         super().__init__(run_id, local.layout, name=name, controls=controls, symbols=symbols)
         self.model = model
         self.local = local
         self._tokens: Any = None
-        self._labeler = labeler
+        self.tokenizer = None if tokenizer is None else TextTokenizer(tokenizer)
+        self._labeler = labeler or (None if self.tokenizer is None else self.tokenizer.labels)
         self._on_restart = on_restart
         self._gate = StepGate()
-        self._seq_hook = local.sites[0].module.register_forward_pre_hook(self._see_input)
+        # Batch size and length from our own first attention's queries. Not on a foreign
+        # model's modules: a hook there would switch off nn.TransformerEncoderLayer's fused
+        # fast path; such runs learn them from step(tokens=...).
+        first = local.sites[0]
+        self._seq_hook = None if first.kind != "transformer_core" \
+            else first.module.register_forward_pre_hook(self._see_input)
 
     # -- read side ---------------------------------------------------------
 
@@ -226,13 +235,15 @@ class Run(BaseRun):
         return Publisher(self, notify)
 
     def capture(self, inputs: torch.Tensor, kinds: list[str], layers: list[int],
-                heads: list[int] | None, max_bytes: int,
-                timeout: float) -> tuple[dict[str, np.ndarray], int | None]:
-        """The capture in the training thread, between two steps (see BaseRun.capture)."""
+                heads: list[int] | None, max_bytes: int, timeout: float,
+                attention_mask: torch.Tensor | None = None,
+                ) -> tuple[dict[str, np.ndarray], int | None]:
+        """The capture in the training thread, between two steps (see BaseRun.capture);
+        ``attention_mask`` (N, L): which token positions are not padding."""
 
         def job() -> tuple[dict[str, torch.Tensor], int | None]:
             out = run_capture(self.model, inputs, kinds, layers, heads, max_bytes,
-                              local=self.local)
+                              local=self.local, attention_mask=attention_mask)
             return out, self.step_index
 
         out, step = self.call_between_steps(job, timeout)
@@ -329,4 +340,5 @@ class Run(BaseRun):
 
     def detach(self) -> None:
         """Remove the hook this run put on the model (when it leaves the registry)."""
-        self._seq_hook.remove()
+        if self._seq_hook is not None:
+            self._seq_hook.remove()

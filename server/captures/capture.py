@@ -34,6 +34,7 @@ from transformer_core.events import AttentionEvent, IntermediateOutput, QKVEvent
 
 from ..layout import LocalModel, ModelLayout
 from ..limits import LimitError, check_indices
+from ..model_inputs import call_model, model_pad_id, padding_mask
 
 logger = logging.getLogger(__name__)
 
@@ -189,12 +190,16 @@ def run_capture(
     heads: Sequence[int] | None = None,
     max_bytes: int | None = None,
     local: LocalModel | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run ``model(inputs)`` once, in eval mode without grad, and return what was asked.
+    """Run the model once on ``inputs``, in eval mode without grad, and return what was asked.
 
     ``inputs`` is token ids (N, L) long or features (N, L, d_model); it is moved
-    to the model's device. Returns ``{"attention.0": (N, h, L, S), ...}`` (see
-    the module docstring for names and shapes), CPU tensors, float32 for floats.
+    to the model's device and given as :func:`~attnscope.model_inputs.call_model` does
+    (``input_ids`` / ``inputs_embeds`` to a Hugging Face model, with ``attention_mask``
+    (N, L), by default where its ``pad_token_id`` pads a row; positionally otherwise).
+    Returns ``{"attention.0": (N, h, L, S), ...}`` (see the module docstring for
+    names and shapes), CPU tensors, float32 for floats.
     Each module's training mode is restored afterwards and the private listener
     removed, even when the forward pass fails. Raises :class:`CaptureError` for
     a bad selection or when the output would exceed ``max_bytes``. ``local``: the
@@ -218,11 +223,15 @@ def run_capture(
             for dispatcher in dispatchers:
                 dispatcher.listen(collector.accepts, collector)
             model.eval()
+            if attention_mask is None and not inputs.is_floating_point():
+                attention_mask = padding_mask(inputs, model_pad_id(model))
+            if attention_mask is not None:
+                attention_mask = attention_mask.to(device)
             with torch.no_grad():
                 if inputs.is_floating_point():
-                    model(inputs.to(device, dtype))
+                    call_model(model, inputs.to(device, dtype), attention_mask)
                 else:
-                    model(inputs.to(device))
+                    call_model(model, inputs.to(device), attention_mask)
         finally:
             for dispatcher in dispatchers:
                 dispatcher.remove(collector)

@@ -16,6 +16,7 @@ import torch
 from fastapi import HTTPException
 
 from ..layout import ModelLayout
+from ..model_inputs import TextTokenizer, padding_mask
 from ..run_base import BaseRun, RunStateError
 from .capture import CaptureError, CaptureUnavailable, check_selection, estimate_bytes
 from .models import CaptureCreate
@@ -102,8 +103,14 @@ def _check_rows(rows: list[list], field: str, limits: CaptureLimits, info: Model
 
 
 def prepare_input(body: CaptureCreate, info: ModelLayout, symbols: list[str] | None,
-                  limits: CaptureLimits) -> tuple[torch.Tensor, str]:
-    """The input tensor (N, L) long or (N, L, d_model) float, and the body field it came from."""
+                  limits: CaptureLimits,
+                  tokenizer: TextTokenizer | None = None,
+                  ) -> tuple[torch.Tensor, str, torch.Tensor | None]:
+    """The input tensor (N, L) long or (N, L, d_model) float, the body field it came
+    from, and its attention mask (N, L) (None: nothing padded). ``text`` goes through
+    the run's ``tokenizer`` when it has one (texts of different lengths right-padded,
+    masked), else through ``symbols``; token rows holding the tokenizer's pad token
+    are masked there."""
     if body.features is not None:
         if info.vocab_size is not None:
             raise field_error(["features"], "this run's model reads token ids "
@@ -114,13 +121,18 @@ def prepare_input(body: CaptureCreate, info: ModelLayout, symbols: list[str] | N
                 if len(vec) != info.d_model:
                     raise field_error(["features", i, j], f"feature vector of length {len(vec)}; "
                                       f"the model's d_model is {info.d_model}")
-        return torch.tensor(body.features, dtype=torch.float32), "features"
+        return torch.tensor(body.features, dtype=torch.float32), "features", None
     field = "tokens" if body.tokens is not None else "text"
     if info.vocab_size is None:
         raise field_error([field], "this run's model does not read token ids (it has no "
                           f"nn.Embedding); send features (N, L, {info.d_model}) instead")
+    mask = None
     if body.tokens is not None:
         rows = body.tokens
+    elif tokenizer is not None:
+        texts = [body.text] if isinstance(body.text, str) else body.text
+        ids, mask = tokenizer.encode(texts)
+        rows = ids.tolist()
     elif symbols is None:
         raise field_error(["text"], "this run has no tokenizer (no symbols); send tokens instead")
     else:
@@ -133,15 +145,22 @@ def prepare_input(body: CaptureCreate, info: ModelLayout, symbols: list[str] | N
             if token >= info.vocab_size:
                 raise field_error([field, i, j], f"token id {token} is out of the vocabulary: "
                                   f"ids must be in [0, {info.vocab_size - 1}]")
-    return torch.tensor(rows, dtype=torch.long), field
+    x = torch.tensor(rows, dtype=torch.long)
+    if mask is None and tokenizer is not None:
+        mask = padding_mask(x, tokenizer.pad_id)
+    return x, field, mask
 
 
 def resolve_labels(body: CaptureCreate, shape: tuple[int, ...], tokens: torch.Tensor | None,
-                   symbols: list[str] | None) -> list[list[str]] | None:
-    """Position labels (N lists of L strings): the body's, else the run's symbols, else None."""
+                   symbols: list[str] | None,
+                   tokenizer: TextTokenizer | None = None) -> list[list[str]] | None:
+    """Position labels (N lists of L strings): the body's, else the run's tokenizer's or
+    symbols', else None."""
     n, length = shape[0], shape[1]
     labels = body.labels
     if labels is None:
+        if tokens is not None and tokenizer is not None:
+            return [tokenizer.labels(row) for row in tokens]
         if tokens is None or symbols is None:
             return None
         return [[symbols[t] if t < len(symbols) else str(t) for t in row]
@@ -176,9 +195,10 @@ def create_capture(body: CaptureCreate, run: BaseRun, store: CaptureStore,
     """
     info = _layout(body, run)
     symbols = run.symbols or None
-    x, field = prepare_input(body, info, symbols, limits)
+    tokenizer = run.tokenizer  # a local run's; a remote run has none
+    x, field, mask = prepare_input(body, info, symbols, limits, tokenizer)
     tokens = x if x.dtype == torch.long else None
-    labels = resolve_labels(body, tuple(x.shape), tokens, symbols)
+    labels = resolve_labels(body, tuple(x.shape), tokens, symbols, tokenizer)
     try:
         layers, heads = check_selection(info, body.layers, body.heads)
     except CaptureError as exc:
@@ -192,21 +212,23 @@ def create_capture(body: CaptureCreate, run: BaseRun, store: CaptureStore,
 
     try:  # the budget is checked before the forward pass; only reserve() raises StoreFull
         with store.reserve(expected + x.numel() * 8, limits.max_total_bytes):
-            return _capture_and_save(body, run, store, limits, x, field, kinds, layers, heads,
-                                     tokens, labels, extra_meta)
+            return _capture_and_save(body, run, store, limits, x, mask, field, kinds, layers,
+                                     heads, tokens, labels, extra_meta)
     except StoreFull as exc:
         raise HTTPException(507, detail=str(exc)) from None
 
 
 def _capture_and_save(body: CaptureCreate, run: BaseRun,
-                      store: CaptureStore, limits: CaptureLimits, x: torch.Tensor, field: str,
+                      store: CaptureStore, limits: CaptureLimits, x: torch.Tensor,
+                      mask: torch.Tensor | None, field: str,
                       kinds: list[str], layers: list[int], heads: list[int] | None,
                       tokens: torch.Tensor | None, labels: list[list[str]] | None,
                       extra_meta: dict[str, Any] | None) -> CaptureRecord:
     """The forward pass (here or in a publisher's process), then the store."""
     try:
+        masked = {} if mask is None else {"attention_mask": mask}  # only a local run's
         arrays, step = run.capture(x, kinds, layers, heads, limits.max_capture_bytes,
-                                   limits.timeout_s)
+                                   limits.timeout_s, **masked)
     except TimeoutError:
         raise HTTPException(503, detail=f"run {body.run!r} did not reach a step boundary within "
                             f"{limits.timeout_s:g} s; try again") from None

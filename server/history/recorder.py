@@ -189,10 +189,14 @@ class RunRecorder:
         if self._in_probe:
             return
         self._pending = {}
-        if self.probe is not None or not args \
-                or not isinstance(args[0], torch.Tensor) or args[0].ndim < 1:
+        if self.probe is not None:
             return
-        n, keep = args[0].shape[0], self.config.probe_samples
+        # The batch size: of the first tensor argument (Hugging Face models take keywords).
+        first = next((a for a in (*args, *kwargs.values())
+                      if isinstance(a, torch.Tensor) and a.ndim >= 1), None)
+        if first is None:
+            return
+        n, keep = first.shape[0], self.config.probe_samples
         self.probe = (tuple(_slice_batch(a, n, keep) for a in args),
                       {k: _slice_batch(v, n, keep) for k, v in kwargs.items()})
 

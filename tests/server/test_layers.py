@@ -22,7 +22,7 @@ WEB_STACK = ("fastapi", "starlette", "uvicorn")
 # Core: run state, model layout, statistics, frames and the wire format.
 CORE = {
     "attnscope", "attnscope.layout", "attnscope.run_base", "attnscope.jsonsafe",
-    "attnscope.protocol",
+    "attnscope.protocol", "attnscope.model_inputs",
     "attnscope.storage", "attnscope.stream", "attnscope.stream.plan", "attnscope.stream.stats",
     "attnscope.stream.frames", "attnscope.remote", "attnscope.remote.wire",
     "attnscope.captures", "attnscope.captures.capture", "attnscope.captures.store",
@@ -36,6 +36,8 @@ TRAINING = {
     "attnscope.remote.publisher", "attnscope.remote.captures", "attnscope.remote.history",
     "attnscope.history.recorder", "attnscope.history.service", "attnscope.demo",
     "attnscope.demo_run", "attnscope.client", "attnscope.induction",
+    "attnscope.integrations", "attnscope.integrations._common",
+    "attnscope.integrations.huggingface", "attnscope.integrations.lightning",
 }
 # Everything else is the web side (app, routers, hub, endpoints, auth, settings, CLI).
 LAYER_NAMES = ("core", "training side", "web side")

@@ -1,0 +1,106 @@
+"""The transformers TrainerCallback and the Lightning Callback: a dashboard starts on the
+trained model, steps carry the logged loss, the dashboard closes with training."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import pytest
+import torch
+import torch.nn as nn
+from stream_support import small_encoder
+
+from transformer_core.events import EventDispatcher
+
+
+class Regressor(nn.Module):
+    """A model a Trainer can train: keyword inputs in, ``{"loss": ...}`` out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 8)
+        self.encoder = small_encoder(EventDispatcher())
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        pred = self.head(self.encoder(self.inp(x))).mean((1, 2))  # (N,)
+        return {"loss": ((pred - labels) ** 2).mean()}
+
+
+def test_integrations_package_imports_neither_framework():
+    code = ("import sys, attnscope.integrations; "
+            "print(any(m.split('.')[0] in ('transformers', 'lightning', 'pytorch_lightning') "
+            "for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_trainer_callback_marks_steps_with_logged_loss(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from attnscope.integrations.huggingface import AttnscopeCallback
+
+    data = [{"x": torch.randn(5, 3), "labels": torch.tensor(1.0)} for _ in range(12)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, logging_steps=1,
+        report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    callback = AttnscopeCallback(port=0, quiet=True)
+    seen_during = []
+
+    class Probe(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            url = callback.dashboard.url
+            seen_during.append(httpx.get(url + "/api/v1/health").json()["status"])
+
+    trainer = transformers.Trainer(model=Regressor(), args=args, train_dataset=data,
+                                   callbacks=[callback, Probe()])
+    trainer.train()
+    logged = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+    history = callback.dashboard.run.history
+    assert history.steps == [s for s, _ in logged] == [1, 2, 3]
+    assert [v["loss"] for v in history.values] == pytest.approx([loss for _, loss in logged])
+    assert seen_during == ["ok"] * 3
+    with pytest.raises(httpx.HTTPError):  # closed with training
+        httpx.get(callback.dashboard.url + "/api/v1/health", timeout=2)
+
+
+# Lightning's own deprecations and its "few dataloader workers" advice
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+def test_lightning_callback_marks_steps_with_loss():
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        pl = pytest.importorskip("pytorch_lightning")
+    from attnscope.integrations.lightning import AttnscopeCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = Regressor()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return self.net(x, y)["loss"]
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.TensorDataset(torch.randn(8, 5, 3), torch.ones(8))
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    losses = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    callback = AttnscopeCallback(port=0, quiet=True)
+    trainer = pl.Trainer(max_steps=3, callbacks=[callback, Probe()], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(Module(), loader)
+    history = callback.dashboard.run.history
+    assert history.steps == [1, 2, 3]
+    assert [v["loss"] for v in history.values] == pytest.approx(losses)
