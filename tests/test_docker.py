@@ -145,4 +145,5 @@ def test_image_command_serves_health_and_needs_the_token(tmp_path: Path, compose
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=15)
-    assert f"?token={token}" in out, shlex.quote(out)
+    # The token comes from the container's environment: it must not reach its logs.
+    assert token not in out and "token: ATTNSCOPE_TOKEN" in out, shlex.quote(out)
