@@ -10,23 +10,10 @@ from ..events import EventDispatcher, QKVEvent
 from ..masking import BaseMask
 
 
-class AttentionLayer(nn.Module):
-    """Project inputs to H heads, run ``attention`` on them, project back.
-
-    Arguments
-    ---------
-    attention: the inner attention module (``FullAttention``, ...), kept as
-        ``self.inner_attention`` so module names match fast-transformers'.
-    d_model: input and output feature size.
-    n_heads: H.
-    d_keys: E per head (default d_model // n_heads).
-    d_values: D per head (default d_model // n_heads).
-    d_model_keys: feature size of the keys and values inputs (default d_model);
-        a decoder's cross-attention reads a memory of another width this way.
-    event_dispatcher: key or instance; a :class:`QKVEvent` with the projected
-        queries (N, L, H, E), keys (N, S, H, E) and values (N, S, H, D) is
-        dispatched when someone listens.
-    """
+class ProjectedAttention(nn.Module):
+    """The projections around an inner attention, shared by the batch and recurrent layers:
+    queries d_model -> H x d_keys, keys d_model_keys -> H x d_keys, values d_model_keys ->
+    H x d_values, and the output H x d_values -> d_model (the seed's parameter names)."""
 
     def __init__(self, attention, d_model, n_heads, d_keys=None, d_values=None,
                  d_model_keys=None, event_dispatcher=""):
@@ -45,6 +32,26 @@ class AttentionLayer(nn.Module):
         self.d_model = d_model
         self.d_model_keys = d_model_keys
         self.event_dispatcher = EventDispatcher.get(event_dispatcher)
+
+
+class AttentionLayer(ProjectedAttention):
+    """Project inputs to H heads, run ``attention`` on them, project back.
+
+    Arguments
+    ---------
+    attention: the inner attention module (``FullAttention``, ...), kept as
+        ``self.inner_attention`` so module names match fast-transformers'.
+    d_model: input and output feature size.
+    n_heads: H.
+    d_keys: E per head (default d_model // n_heads).
+    d_values: D per head (default d_model // n_heads).
+    d_model_keys: feature size of the keys and values inputs (default d_model);
+        a decoder's cross-attention reads a memory of another width this way.
+    event_dispatcher: key or instance; a :class:`QKVEvent` with the projected
+        queries (N, L, H, E), keys (N, S, H, E) and values (N, S, H, D) is
+        dispatched when someone listens.
+    """
+
 
     def _project(self, queries, keys, values):
         """(N, L, d_model), (N, S, d_model) x2 -> flat projections, fused for self-attention."""

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
-from ....events import EventDispatcher, QKVEvent
+from ....attention.attention_layer import ProjectedAttention
+from ....events import QKVEvent
 from ..._utils import check_state
 
 
-class RecurrentAttentionLayer(nn.Module):
+class RecurrentAttentionLayer(ProjectedAttention):
     """Project one position's inputs (N, d_model) to H heads, run the recurrent
     ``attention`` with the state, project back: the step-by-step dual of ``AttentionLayer``.
 
@@ -37,22 +37,6 @@ class RecurrentAttentionLayer(nn.Module):
     ((2, 16), (2, 4, 3, 4))
     """
 
-    def __init__(self, attention, d_model, n_heads, d_keys=None, d_values=None,
-                 d_model_keys=None, event_dispatcher=""):
-        super().__init__()
-        if d_model <= 0 or n_heads <= 0:
-            raise ValueError(f"d_model and n_heads must be positive, got {d_model} and {n_heads}")
-        d_keys = d_keys or d_model // n_heads
-        d_values = d_values or d_model // n_heads
-        d_model_keys = d_model_keys or d_model
-        self.inner_attention = attention
-        self.query_projection = nn.Linear(d_model, d_keys * n_heads)
-        self.key_projection = nn.Linear(d_model_keys, d_keys * n_heads)
-        self.value_projection = nn.Linear(d_model_keys, d_values * n_heads)
-        self.out_projection = nn.Linear(d_values * n_heads, d_model)
-        self.n_heads = n_heads
-        self.d_model = d_model
-        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 state=None, memory=None):
