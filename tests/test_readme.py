@@ -33,7 +33,10 @@ def test_event_api_example_collects_the_requested_slices():
 
 def test_recurrent_inference_example_steps_once_per_token():
     namespace: dict = {}
-    exec(python_block_after("### Recurrent inference"), namespace)
+    try:
+        exec(python_block_after("### Recurrent inference"), namespace)
+    finally:
+        EventDispatcher.get().clear()
     run = namespace["dash"].run
     assert run.status == "ended" and run.step_index == 11 and run.sequence == 2
     assert run.labels(0) == ["t11"]  # the last row's label

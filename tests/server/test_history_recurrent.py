@@ -11,6 +11,7 @@ from attnscope.history.store import HistoryStore
 from attnscope.runs import Run
 from attnscope.stream.stats import HEAD_STATISTICS
 from transformer_core.builders import RecurrentEncoderBuilder
+from transformer_core.events import EventDispatcher
 from transformer_core.feature_maps import Favor
 
 N, L, H, E = 2, 8, 2, 4
@@ -22,6 +23,7 @@ def model() -> torch.nn.Module:
     return RecurrentEncoderBuilder.from_kwargs(
         attention_type="linear", n_layers=2, n_heads=H, query_dimensions=E, value_dimensions=E,
         feed_forward_dimensions=16, dropout=0.0, feature_map=Favor.factory(n_dims=8),
+        event_dispatcher=EventDispatcher(),
     ).get().eval()
 
 

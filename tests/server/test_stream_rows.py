@@ -24,7 +24,7 @@ from transformer_core.builders import (
     RecurrentEncoderBuilder,
     TransformerEncoderBuilder,
 )
-from transformer_core.events import AttentionEvent
+from transformer_core.events import AttentionEvent, EventDispatcher
 from transformer_core.masking import TriangularCausalMask
 
 N, L, H, E = 2, 7, 2, 4
@@ -158,8 +158,10 @@ def test_qkv_norm_rows_grow_along_positions():
 def twins():
     """A recurrent encoder and the causal batch encoder with the same weights."""
     torch.manual_seed(0)
-    rec = RecurrentEncoderBuilder.from_kwargs(attention_type="full", **SIZES).get().eval()
-    batch = TransformerEncoderBuilder.from_kwargs(attention_type="full", **SIZES).get().eval()
+    rec = RecurrentEncoderBuilder.from_kwargs(attention_type="full", **SIZES,
+                                              event_dispatcher=EventDispatcher()).get().eval()
+    batch = TransformerEncoderBuilder.from_kwargs(attention_type="full", **SIZES,
+                                                  event_dispatcher=EventDispatcher()).get().eval()
     batch.load_state_dict(rec.state_dict())
     return rec, batch
 
@@ -167,10 +169,10 @@ def twins():
 def batch_matrices(batch, x) -> list[torch.Tensor]:
     """Each layer's causal attention (N, H, L, L) of the batch model on ``x``."""
     seen: list[AttentionEvent] = []
-    for layer in batch.layers:
-        layer.attention.inner_attention.event_dispatcher.listen(AttentionEvent, seen.append)
+    batch.layers[0].attention.inner_attention.event_dispatcher.listen(AttentionEvent, seen.append)
     batch(x, attn_mask=TriangularCausalMask(x.shape[1]))
-    return [e.attention_matrix for e in seen]
+    assert [e.source for e in seen] == [layer.attention.inner_attention for layer in batch.layers]
+    return [e.attention_matrix.detach() for e in seen]
 
 
 # A plan slower than any test: rows of a recurrent site are kept anyway.
@@ -235,7 +237,8 @@ def test_a_new_sequence_on_the_run_starts_the_rows_over():
 def test_decoder_cross_rows_span_the_memory():
     torch.manual_seed(0)
     model = RecurrentDecoderBuilder.from_kwargs(
-        self_attention_type="full", cross_attention_type="linear", **SIZES).get().eval()
+        self_attention_type="full", cross_attention_type="linear", **SIZES,
+        event_dispatcher=EventDispatcher()).get().eval()
     run = Run(model, run_id="dec")
     publisher = Publisher(run, lambda run_id: None)
     publisher.set_plan(Plan(interval=3600.0, sources=frozenset({("attn", 1)}),
