@@ -274,7 +274,10 @@ class Publisher:
             cap.step = step
             if key in rows:  # the step's token labels its row (the last label given)
                 tokens = labels[cap.sample]
-                cap = self._rows.add(key, cap, tokens[-1] if tokens else None)
+                grown = self._rows.add(key, cap, tokens[-1] if tokens else None)
+                if grown is None:
+                    continue  # nothing to show yet
+                cap = grown
             else:
                 cap.labels = _axis_labels(labels[cap.sample], cap)
             cap.seq = next(self._seq)

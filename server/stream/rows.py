@@ -135,9 +135,12 @@ class RowStore:
                 return True
         return False
 
-    def add(self, key: SlotKey, cap: Capture, token: str | None) -> Capture:
+    def add(self, key: SlotKey, cap: Capture, token: str | None) -> Capture | None:
         """``cap`` (one row) made the slot's matrix so far: data, labels (and, for
-        head_stats, the masks of every row) replaced. ``token`` labels the row."""
+        head_stats, the masks of every row) replaced. ``token`` labels the row.
+
+        None for head_stats while every row has one key (a sequence's first token):
+        such a row says nothing of the head, but would read as a collapsed one."""
         rows = self._slots.get(key)
         if rows is None or rows.heads != cap.heads or self._gap(rows, cap):
             rows = self._slots[key] = self._start(cap)
@@ -157,6 +160,8 @@ class RowStore:
             cap.data = rows.grid.view()  # (h, R, S_max)
             R = cap.data.shape[1]
             if cap.kind == "head_stats":
+                if max(rows.row_keys) < 2:
+                    return None
                 cap.masks = self._masks(rows, cap)
         position = rows.first0 + len(rows.tokens) - 1  # this row's position in the sequence
         rows.first = position - R + 1

@@ -134,9 +134,13 @@ def test_max_rows_is_the_protocols_largest_view():
 
 def test_head_stats_rows_count_each_rows_own_keys():
     store = RowStore()
+    caps = []
     for S in (1, 2, 3):
         store.begin(S, 0)
-        cap = store.add(("head_stats", 0, 0), row(S, kind="head_stats"), "t")
+        caps.append(store.add(("head_stats", 0, 0), row(S, kind="head_stats"), "t"))
+    # a first token's row (one key) is not shown as statistics: it would read as collapsed
+    assert caps[0] is None
+    cap = caps[-1]
     R, S = cap.data.shape[-2:]
     assert valid_key_counts(cap.masks, 0, R, S).tolist() == [1, 2, 3]
 
@@ -260,3 +264,15 @@ def test_the_rows_are_forgotten_when_nobody_watches():
     assert publisher._rows._slots
     publisher.set_plan(Plan())
     assert not publisher._rows._slots
+
+
+def test_rows_grow_without_step_calls():
+    """A generation loop that never calls step(): each forward publishes the one before."""
+    rec, _ = twins()
+    run, publisher = publisher_on(rec)
+    state = None
+    for _ in range(4):
+        _, state = rec(torch.randn(N, H * E), state=state)
+    assert tuple(publisher.slots[("attention", 0, 1)].data.shape) == (H, 3, 3)
+    publisher.flush_stale(max_age=0.0)
+    assert tuple(publisher.slots[("attention", 0, 1)].data.shape) == (H, 4, 4)
