@@ -92,11 +92,13 @@ class _Rows:
 
 
 class RowStore:
-    """The growing matrices of a run's recurrent slots (training thread only).
+    """The growing matrices of a run's recurrent slots.
 
-    Per publish: :meth:`begin` with the step and the run's sequence counter (a new
-    sequence when either goes back / changes), :meth:`new_sequence_in` on the
-    captures (a self-attention whose keys stopped growing), then :meth:`add` for each.
+    Per publish (training thread): :meth:`begin` with the step and the run's sequence
+    counter (a new sequence when either goes back / changes), :meth:`new_sequence_in`
+    on the captures (a self-attention whose keys stopped growing), then :meth:`add`
+    for each. :meth:`keep` and :meth:`reset` may come from the event loop (a new
+    plan) at the same time: the slots dict is only touched by single dict operations.
     """
 
     def __init__(self, max_rows: int = MAX_ROWS) -> None:
@@ -113,8 +115,9 @@ class RowStore:
 
     def keep(self, keys: set[SlotKey]) -> None:
         """Forget the slots not in ``keys`` (a plan that no longer asks for them)."""
-        for key in [k for k in self._slots if k not in keys]:
-            del self._slots[key]
+        for key in list(self._slots):  # one C-level copy: safe beside the training thread
+            if key not in keys:
+                self._slots.pop(key, None)
 
     def begin(self, step: int, sequence: int) -> None:
         """Start a publish at ``step``; a new sequence if the step went back or the run's
