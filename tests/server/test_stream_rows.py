@@ -276,3 +276,23 @@ def test_rows_grow_without_step_calls():
     assert tuple(publisher.slots[("attention", 0, 1)].data.shape) == (H, 3, 3)
     publisher.flush_stale(max_age=0.0)
     assert tuple(publisher.slots[("attention", 0, 1)].data.shape) == (H, 4, 4)
+
+
+@pytest.mark.gpu
+def test_rows_of_a_model_on_cuda_equal_the_batch_models_and_are_kept_on_the_cpu():
+    rec, batch = twins()
+    rec, batch = rec.cuda(), batch.cuda()
+    x = torch.randn(N, L, H * E, device="cuda")
+    expected = [m.cpu() for m in batch_matrices(batch, x)]
+    run, publisher = publisher_on(rec)
+    state = None
+    with torch.no_grad():
+        for t in range(L):
+            _, state = rec(x[:, t], state=state)
+            run.step(t)
+    cap = publisher.slots[("attention", 0, 1)]
+    assert cap.data.device.type == "cpu" and tuple(cap.data.shape) == (H, L, L)
+    torch.testing.assert_close(cap.data.float(), expected[0][1], atol=2e-3, rtol=0)
+    stats = json.loads(encode_stats("gen", publisher.slots[("head_stats", 0, 1)]))
+    assert all(v is not None for v in stats["entropy"] + stats["previous_token"])
+    assert state[0][0].is_cuda  # the model's own state stays on the device
