@@ -11,8 +11,9 @@ A new sequence starts (all rows dropped) when the step index goes back, when
 :meth:`attnscope.runs.Run.new_sequence` was called, when a self-attention's keys
 stop growing, or a cross-attention's memory changes length. Memory is bounded:
 past ``max_rows`` rows the oldest row drops off (the slot shows the last
-``max_rows`` tokens against every key so far); a slot's buffer holds at most
-~1.6x the matrix it shows. Shape legend: h heads, R rows (tokens), S keys.
+``max_rows`` tokens against every key so far); a slot's buffer has at most 1.25x
+(plus 17) the rows and keys of the matrix it shows.
+Shape legend: h heads, R rows (tokens), S keys.
 
 >>> store = RowStore()
 >>> def row(s):  # one head, one query row over s keys, all weight on the last
@@ -67,7 +68,7 @@ class _Grid:
 
     def _regrow(self, row: torch.Tensor, wanted: int) -> None:
         keep = min(self.end - self.start, self.max_rows - 1)  # the newest rows stay
-        rows = min(max(16, 2 * (keep + 1)), self.capacity)
+        rows = min(keep + 1 + keep // 4 + 16, self.capacity)  # 1.25x room, as the keys
         keys = self.buf.shape[2] if wanted <= self.buf.shape[2] else wanted + wanted // 4 + 16
         new = self._alloc(row, rows, keys)
         new[:, :keep, : self.buf.shape[2]] = self.buf[:, self.end - keep : self.end]

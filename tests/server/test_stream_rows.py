@@ -71,6 +71,16 @@ def test_a_view_handed_out_is_not_changed_by_later_rows():
     torch.testing.assert_close(held, first)
 
 
+def test_the_buffer_is_at_most_a_quarter_bigger_than_the_matrix_on_each_side():
+    store = RowStore()
+    for S in range(1, 301):
+        store.begin(S, 0)
+        store.add(("attention", 0, 0), row(S), None)
+        grid = store._slots[("attention", 0, 0)].grid
+        rows, keys = grid.buf.shape[1:]
+        assert rows <= 1.25 * S + 17 and keys <= 1.25 * S + 17
+
+
 @pytest.mark.parametrize("why", ["step goes back", "sequence called", "keys shrink"])
 def test_a_new_sequence_starts_the_rows_over(why):
     store = RowStore()
