@@ -133,6 +133,11 @@ class Dashboard:
         """
         self.run.step(step, loss=loss, tokens=tokens, **scalars)
 
+    def new_sequence(self) -> None:
+        """A new sequence starts (recurrent inference): see
+        :meth:`attnscope.runs.Run.new_sequence`."""
+        self.run.new_sequence()
+
     def close(self) -> None:
         """End the run and stop the server."""
         if self._closed:

@@ -191,10 +191,13 @@ class Run(BaseRun):
         self._gate = StepGate()
         # Batch size and length from our own first attention's queries. Not on a foreign
         # model's modules: a hook there would switch off nn.TransformerEncoderLayer's fused
-        # fast path; such runs learn them from step(tokens=...).
+        # fast path; such runs learn them from step(tokens=...). Nor on a recurrent one:
+        # its queries are one position (N, H, E), with no length.
         first = local.sites[0]
-        self._seq_hook = None if first.kind != "transformer_core" \
+        self._seq_hook = None if first.kind != "transformer_core" or first.recurrent \
             else first.module.register_forward_pre_hook(self._see_input)
+        # Bumped by new_sequence(): the stream starts recurrent sites' rows over.
+        self.sequence = 0
 
     # -- read side ---------------------------------------------------------
 
@@ -276,6 +279,12 @@ class Run(BaseRun):
             hook(self)
         if self._gate.due:
             self._gate.wait()
+
+    def new_sequence(self) -> None:
+        """Say that a new sequence starts (recurrent inference): the stream's heatmaps of
+        recurrent sites drop the rows of the last one. Also detected on its own when the
+        step index goes back or a self-attention's keys stop growing."""
+        self.sequence += 1
 
     def _set_tokens(self, tokens: Any) -> None:
         if isinstance(tokens, torch.Tensor):

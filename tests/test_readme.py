@@ -29,3 +29,15 @@ def test_event_api_example_collects_the_requested_slices():
     for matrix in attentions:
         assert matrix.shape == (2, 100, 100)  # sample 0, heads 0 and 2
         torch.testing.assert_close(matrix.sum(-1), torch.ones(2, 100))
+
+
+def test_recurrent_inference_example_steps_once_per_token():
+    namespace: dict = {}
+    try:
+        exec(python_block_after("### Recurrent inference"), namespace)
+    finally:
+        EventDispatcher.get().clear()
+    run = namespace["dash"].run
+    assert run.status == "ended" and run.step_index == 11 and run.sequence == 2
+    assert run.labels(0) == ["t11"]  # the last row's label
+    assert namespace["x"].shape == (1, 64) and len(namespace["state"]) == 2  # one per layer

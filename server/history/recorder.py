@@ -3,7 +3,9 @@
 Per run, a :class:`RunRecorder`
 
 * keeps a **probe**: the first ``probe_samples`` samples of the first batch the
-  model sees (its first ``forward`` call), so snapshots compare across steps;
+  model sees (its first ``forward`` call), so snapshots compare across steps (not for
+  a recurrent model: its steps are one token each, recorded as statistics of that
+  token's attention row, with no snapshots);
 * at every step, keeps sample 0 of each layer's attention event as a
   :meth:`~transformer_core.events.AttentionEvent.sample_copy` (that sample's
   queries and keys, copied where they are: no attention computed, no device sync);
@@ -159,6 +161,10 @@ class RunRecorder:
         self.probe_labels: list[str] | None = None
         self.probe_failed = False
         self.repeat_ok = True  # the induction probe works on this model (until it fails)
+        # A recurrent model takes one position and a state per call: a probe pass would be
+        # one position from an empty state (and would redraw random feature maps in the
+        # middle of the user's sequence), so it gets per-step statistics and no snapshots.
+        self.recurrent = any(site.recurrent for site in run.local.sites)
         self._layer_of = {id(site.module): site.index for site in run.local.sites}
         self._pending: dict[int, AttentionEvent] = {}
         self._stride = 1  # snapshots every ``every * stride`` steps (the time budget)
@@ -189,7 +195,7 @@ class RunRecorder:
         if self._in_probe:
             return
         self._pending = {}
-        if self.probe is not None:
+        if self.probe is not None or self.recurrent:
             return
         # The batch size: of the first tensor argument (Hugging Face models take keywords).
         first = next((a for a in (*args, *kwargs.values())

@@ -140,6 +140,11 @@ class RemotePublisher:
         waits for the network."""
         self.run.step(step, loss=loss, tokens=tokens, **scalars)
 
+    def new_sequence(self) -> None:
+        """A new sequence starts (recurrent inference): as
+        :meth:`attnscope.Dashboard.new_sequence`."""
+        self.run.new_sequence()
+
     def _on_step(self, run: Run) -> None:
         self._follow_history_plan()
         if not self.connected.is_set():
@@ -415,6 +420,9 @@ class SilentDashboard:
     url = None
 
     def step(self, step: int, loss: Any = None, tokens: Any = None, **scalars: Any) -> None:
+        """Nothing: this rank does not publish."""
+
+    def new_sequence(self) -> None:
         """Nothing: this rank does not publish."""
 
     def close(self) -> None:

@@ -25,6 +25,7 @@ import torch
 from transformer_core.events import AttentionEvent, QKVEvent
 
 from .plan import EMPTY_PLAN, Capture, Plan, SampleNeed, SlotKey
+from .rows import RowStore
 from .stats import MaskInfo
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,6 +79,10 @@ class Publisher:
         self._next_due = 0.0
         self._scalars_due = 0.0
         self._seq = itertools.count(1)
+        # Recurrent sites: every event is one row of a sequence, kept (never throttled) and
+        # grown into the sequence's matrix by the row store.
+        self._row_layers = frozenset(s.index for s in run.local.sites if s.recurrent)
+        self._rows = RowStore()
 
     @property
     def plan(self) -> Plan:
@@ -117,12 +122,14 @@ class Publisher:
                 self._pending = {}
                 self._window = set()
                 self._capturing = False
+            self._rows.reset()  # rows missed from now on: the rows start over anyway
             return
         # Slots the new plan cannot fill are dropped (bounded memory, nothing stale later).
         keep = {(kind, layer, need.sample) for layer, needs in plan.needs.items()
                 for need in needs for kind in _kinds(need)}
         for key in [k for k in self.slots if k not in keep]:
             self.slots.pop(key, None)
+        self._rows.keep(keep)
 
     def close(self) -> None:
         self.set_plan(EMPTY_PLAN)
@@ -159,7 +166,7 @@ class Publisher:
                 # A second forward pass without step() in between: publish the first.
                 flushed = self._flush_locked()
             if not self._capturing:
-                if now < self._next_due:
+                if now < self._next_due and layer not in self._row_layers:
                     capture = False
                 else:
                     capture = self._capturing = True
@@ -256,11 +263,23 @@ class Publisher:
 
     def _publish(self, pending: dict[SlotKey, Capture], step: int) -> None:
         labels: dict[int, list[str] | None] = {}
+        rows = {key: cap for key, cap in pending.items() if cap.layer in self._row_layers}
+        if rows:
+            self._rows.begin(step, self.run.sequence)
+            if self._rows.new_sequence_in(rows):
+                self._rows.reset()
         for key, cap in pending.items():
             if cap.sample not in labels:
                 labels[cap.sample] = self.run.labels(cap.sample)
             cap.step = step
-            cap.labels = _axis_labels(labels[cap.sample], cap)
+            if key in rows:  # the step's token labels its row (the last label given)
+                tokens = labels[cap.sample]
+                grown = self._rows.add(key, cap, tokens[-1] if tokens else None)
+                if grown is None:
+                    continue  # nothing to show yet
+                cap = grown
+            else:
+                cap.labels = _axis_labels(labels[cap.sample], cap)
             cap.seq = next(self._seq)
             self.slots[key] = cap
 

@@ -13,7 +13,11 @@ from ..masking import BaseMask
 class ProjectedAttention(nn.Module):
     """The projections around an inner attention, shared by the batch and recurrent layers:
     queries d_model -> H x d_keys, keys d_model_keys -> H x d_keys, values d_model_keys ->
-    H x d_values, and the output H x d_values -> d_model (the seed's parameter names)."""
+    H x d_values, and the output H x d_values -> d_model (the seed's parameter names).
+
+    ``dispatches_qkv``: whether the layer dispatches QKVEvents on its ``event_dispatcher``."""
+
+    dispatches_qkv = True
 
     def __init__(self, attention, d_model, n_heads, d_keys=None, d_values=None,
                  d_model_keys=None, event_dispatcher=""):

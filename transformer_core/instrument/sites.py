@@ -7,10 +7,12 @@ from dataclasses import dataclass, replace
 
 import torch.nn as nn
 
-from ..attention import ATTENTION_TYPES, AttentionLayer
+from ..attention import ATTENTION_TYPES
+from ..attention.attention_layer import ProjectedAttention
 from ..events import EventDispatcher
+from ..recurrent.attention import RECURRENT_ATTENTIONS
 
-_INNER_TYPES = tuple(ATTENTION_TYPES.values())
+_INNER_TYPES = (*ATTENTION_TYPES.values(), *RECURRENT_ATTENTIONS)
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,8 @@ class AttentionSite:
     ``qkv_dispatcher`` (None when the module has none) receives QKVEvents, whose
     ``source`` is ``qkv_source`` (for our own modules, the AttentionLayer around ``module``).
     ``kind`` says which adapter found it (``"transformer_core"`` for our own modules).
+    ``recurrent``: the module runs one position per call (``transformer_core.recurrent``),
+    so each event is one query row (N, H, 1, S) of the sequence generated so far.
     """
 
     index: int
@@ -34,24 +38,28 @@ class AttentionSite:
     attention_type: str
     kind: str = "transformer_core"
     qkv_source: nn.Module | None = None
+    recurrent: bool = False
 
 
 def find_native_sites(model: nn.Module) -> list[AttentionSite]:
-    """The transformer_core inner-attention modules of ``model`` in ``named_modules()`` order."""
+    """The transformer_core inner-attention modules of ``model`` in ``named_modules()`` order:
+    batch and recurrent (self and cross), with the heads of the layer around each."""
     outers = {
-        id(m.inner_attention): m for m in model.modules() if isinstance(m, AttentionLayer)
+        id(m.inner_attention): m for m in model.modules() if isinstance(m, ProjectedAttention)
     }
     sites = []
     for name, module in model.named_modules():
         if not isinstance(module, _INNER_TYPES):
             continue
         outer = outers.get(id(module))
+        qkv = outer if outer is not None and outer.dispatches_qkv else None
         sites.append(AttentionSite(
             index=len(sites), name=name, module=module,
             dispatcher=module.event_dispatcher,
-            qkv_dispatcher=None if outer is None else outer.event_dispatcher,
+            qkv_dispatcher=None if qkv is None else qkv.event_dispatcher,
             heads=getattr(outer, "n_heads", None), d_model=getattr(outer, "d_model", None),
-            role=module.role, attention_type=module.attention_type, qkv_source=outer,
+            role=module.role, attention_type=module.attention_type, qkv_source=qkv,
+            recurrent=isinstance(module, RECURRENT_ATTENTIONS),
         ))
     return sites
 

@@ -11,7 +11,12 @@ from .self_attention import (
     RecurrentLinearAttention,
 )
 
+# The recurrent modules that dispatch AttentionEvents: one query row (N, H, 1, S) per call.
+RECURRENT_ATTENTIONS = (RecurrentFullAttention, RecurrentLinearAttention,
+                        RecurrentCrossFullAttention, RecurrentCrossLinearAttention)
+
 __all__ = [
+    "RECURRENT_ATTENTIONS",
     "RecurrentAttentionLayer",
     "RecurrentCrossAttentionLayer",
     "RecurrentCrossFullAttention",

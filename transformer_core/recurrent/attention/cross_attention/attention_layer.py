@@ -28,6 +28,8 @@ class RecurrentCrossAttentionLayer(ProjectedAttention):
     ((2, 16), (2, 7, 4, 4))
     """
 
+    # The memory is projected once, at the first step: no per-step queries, keys and values.
+    dispatches_qkv = False
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor | None,
                 values: torch.Tensor | None, key_lengths: BaseMask | None, state=None):
