@@ -191,6 +191,18 @@ def test_export_downloads_png_and_svg(page, demo):
         page.click("#export-svg")
     text = svg.value.path().read_text()
     assert text.startswith("<svg") and text.count("<image") >= 4
+    # the focus view: the whole heatmap through plotly (the live view paints a canvas)
+    page.click("#grid .cell[data-layer='0'][data-head='0']")
+    page.wait_for_function("() => window.__attnscope.focusDrawn > 0", timeout=WAIT_MS)
+    with page.expect_download() as focus_png:
+        page.click("#export-png")
+    assert focus_png.value.suggested_filename.startswith("attnscope-demo-L0H0-attention-head")
+    assert focus_png.value.path().read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with page.expect_download() as focus_svg:
+        page.click("#export-svg")
+    text = focus_svg.value.path().read_text()
+    assert "<image" in text and "key token" in text  # the heatmap and its axes
+    page.keyboard.press("Escape")
 
 
 def capture_api_mounted(url: str) -> bool:

@@ -161,3 +161,38 @@ def test_map_scrubs_with_the_history_slider(page, big):
     page.wait_for_function("(f) => window.__attnscope.state.heads.step > f", arg=first,
                            timeout=WAIT_MS)
     assert page.log.errors == []
+
+
+@pytest.fixture(scope="module")
+def big_no_history():
+    """The same 12 x 12 model on a server that records no history."""
+    port = free_port()
+    argv = [sys.executable, "tests/browser/big_model.py", str(port), "--seconds", "600"]
+    server = ServerProcess(argv, port, ARTIFACTS / "big-model-no-history.log",
+                           env={"ATTNSCOPE_HISTORY_ENABLED": "false"}).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_roles_without_history_come_from_the_stream_and_say_what_is_missing(
+        page, big_no_history):
+    open_map(page, big_no_history)
+    page.wait_for_function("() => { const h = window.__attnscope.state.heads;"
+                           " return h && h.source === 'stream' && h.heads.length === 144; }",
+                           timeout=WAIT_MS)
+    # tagged from the live statistics: this model's near-uniform heads (top left of the map)
+    page.wait_for_function("() => document.querySelectorAll("
+                           "\"#headmap .map-cell[data-role='uniform']\").length > 0",
+                           timeout=WAIT_MS)
+    note = page.locator("#roles-note")
+    assert note.is_visible() and "induction" in note.text_content()
+    assert "ATTNSCOPE_HISTORY_ENABLED" in note.text_content()
+    assert page.evaluate("() => window.__attnscope.headsPolled") == 0
+    page.select_option("#map-stat", "previous_token")
+    page.wait_for_timeout(500)
+    screenshot(page, "headmap-12x12-no-history")
+    # the history slider's own request answers 503 here (no history): Chromium logs it
+    errors = [e for e in page.log.errors if "status of 503" not in e or "/history" not in e]
+    assert errors == []
