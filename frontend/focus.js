@@ -8,7 +8,7 @@
 // labels at most once a second; drawing the whole heatmap with plotly on every update
 // gave 3 updates/s at 512 x 512. Exports build the full plotly heatmap once (focusFigure).
 
-import { LUT32, paintMatrix, scaleMatrix, VIRIDIS } from "./colormap.js";
+import { LUT32, paintScaled, scaledValue, scaleMatrix, VIRIDIS } from "./colormap.js";
 import { focusAxes, labelsOf, PLOT_CONFIG } from "./heatmaps.js";
 
 const Plotly = () => window.Plotly;
@@ -34,7 +34,7 @@ export function focusFigure(frame, index, scale) {
   for (let r = 0; r < v.rows; r++) {
     const row = new Array(v.cols);
     for (let c = 0; c < v.cols; c++) {
-      const x = v.values[v.offset + r * v.cols + c];
+      const x = scaledValue(v, r * v.cols + c);
       row[c] = Number.isFinite(x) ? x : null;
     }
     z[r] = row;
@@ -83,7 +83,7 @@ export class FocusCanvas {
       this.image = this.srcCtx.createImageData(v.cols, v.rows);
       this.pixels = new Uint32Array(this.image.data.buffer);
     }
-    paintMatrix(this.pixels, v.values, v.offset, v.rows, v.cols, v.zmin, v.zmax);
+    paintScaled(this.pixels, v, v.rows, v.cols);
     this.srcCtx.putImageData(this.image, 0, 0);
     this.shown = v;
     this.bar.show(v.zmin, v.zmax, v.title);
@@ -186,7 +186,7 @@ export class FocusCanvas {
     const col = Math.round(a.x[0] + (px / a.width) * (a.x[1] - a.x[0]));
     const row = Math.round(a.y[1] + (py / a.height) * (a.y[0] - a.y[1]));
     if (col < 0 || row < 0 || col >= v.cols || row >= v.rows) { this.tip.hidden = true; return; }
-    const value = v.values[v.offset + row * v.cols + col];
+    const value = scaledValue(v, row * v.cols + col);
     const q = v.queries ? v.queries[row] : row;
     const k = v.keys ? v.keys[col] : col;
     this.tip.textContent = `query #${row}: ${q}\nkey #${col}: ${k}\n${v.title} ${fmt(value)}`;
