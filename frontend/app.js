@@ -15,6 +15,10 @@ const { els } = view;
 const OVERVIEW_MAX_SIDE = 64; // thumbnails are small: 64 keeps 144 cells cheap to ship and paint
 const FOCUS_MAX_SIDE = 512;
 const CHART_INTERVAL_MS = 500;
+// A chart redraw (Plotly.react of 12 entropy lines and a legend) costs 50-300 ms on a
+// 2-core machine: wait at least this many times its last cost before the next, so the
+// charts never take more than ~1/8 of the page's time from the heatmaps and the map.
+const CHART_COST_FACTOR = 8;
 const HEADER_INTERVAL_MS = 250;
 const PLOTLY_URL = "/vendor/plotly.min.js";
 const PLOTLY_FALLBACK_MS = 1500; // load plotly anyway if no heatmap came by then
@@ -42,6 +46,7 @@ const state = {
   chartsDirty: false,
   healthDirty: new Set(),
   lastChartDraw: 0,
+  chartInterval: CHART_INTERVAL_MS,
   lastHeaderDraw: 0,
   shownError: null,
   gridHasData: false,
@@ -502,11 +507,13 @@ function tick() {
   if (state.mapDirty && !state.focus && state.overviewMode === "map") drawMap();
   drawHeader();
   const now = performance.now();
-  if (state.chartsDirty && now - state.lastChartDraw > CHART_INTERVAL_MS) {
+  if (state.chartsDirty && now - state.lastChartDraw > state.chartInterval) {
     state.chartsDirty = false;
     state.lastChartDraw = now;
     drawHealth();
     drawCharts();
+    const cost = performance.now() - now;
+    state.chartInterval = Math.max(CHART_INTERVAL_MS, CHART_COST_FACTOR * cost);
   }
 }
 
