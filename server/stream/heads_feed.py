@@ -200,10 +200,10 @@ class HeadsFeed:
         if use_history:
             version: Any = ("history", history_version(service, run_id))
         else:
+            layers = len(run.sites)
+            heads = max((s.heads or 0 for s in run.sites), default=0)
             roles = self.stream.get(run_id)
-            if roles is None:
-                layers = len(run.sites)
-                heads = max((s.heads or 0 for s in run.sites), default=0)
+            if roles is None or roles.stats.shape[::2] != (layers, heads):  # new, or resized
                 roles = self.stream[run_id] = StreamRoles(layers, heads, self.rule)
             # encode_stats is the stream's own encoding, cached on the capture: usually
             # sent already, so this parses text and computes nothing.
