@@ -400,7 +400,7 @@ function applyHeads(answer, scrubbed = false) {
   const summary = tagged.length
     ? `${Object.entries(counts).map(([r, n]) => `${n} ${ROLE_TAGS[r] ?? r}`).join(" · ")}${
       answer.step !== null ? ` (step ${answer.step})` : ""}`
-    : answer.session ? "no head has a role yet" : "waiting for the first step…";
+    : answer.session || answer.step != null ? "no head has a role yet" : "waiting for the first step…";
   view.renderRoleEvents([...(answer.events || [])].reverse().slice(0, 100), summary);
   // Without history the roles come from the stream's statistics: say what is missing.
   view.setRolesNote(answer.source === "stream"
