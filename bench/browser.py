@@ -5,7 +5,8 @@ Scenarios (see bench/RESULTS.md, "## browser"):
   grid 12x12, per-row / log scale         -- the same with the colour-scale transform
   map 12x12                               -- the layers x heads map, one update = every
                                              layer's head_stats message (JSON)
-  focus 512x512                           -- the plotly focus view (Plotly.react per update)
+  focus 512x512 (per head, row, log)      -- the focus view: a canvas over plotly's axes
+                                             (plotly redraws ticks and colour bar <= 5/s)
   first heatmap                           -- page open -> first grid cell drawn, real demo server
 
 The throughput feed is page-level: frames are encoded here exactly as docs/protocol.md
@@ -115,6 +116,7 @@ MEASURE_JS = """async ([ms, focus, map]) => {
   const counter = () => (map ? a.mapDrawn : focus ? a.focusDrawn : a.framesDrawn);
   await new Promise((r) => setTimeout(r, 300));  // settle
   const start = counter(), t0 = performance.now(), ms0 = a.mapDrawMs;
+  const reacts0 = a.focusView.reacts;
   let i = 0;
   await new Promise((resolve) => {
     const feed = () => {
@@ -127,7 +129,7 @@ MEASURE_JS = """async ([ms, focus, map]) => {
   });
   await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
   return { drawn: counter() - start, seconds: (performance.now() - t0) / 1000, updates: i,
-           drawMs: a.mapDrawMs - ms0 };
+           drawMs: a.mapDrawMs - ms0, reacts: a.focusView.reacts - reacts0 };
 }"""
 
 
@@ -179,6 +181,7 @@ def measure(page, base_url: str, layers: int, heads: int, side: int, seconds: fl
     rate = result["drawn"] / per_update / result["seconds"]
     return {"updates_per_s": rate, "injected_per_s": result["updates"] / result["seconds"],
             "map_ms_per_draw": result["drawMs"] / max(1, result["drawn"]) if map_ else None,
+            "plotly_per_s": result["reacts"] / result["seconds"] if focus else None,
             "bytes_per_update": sum(len(base64.b64decode(f)) for f in updates[0])}
 
 
@@ -242,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                  ("grid 12x12, per row", 12, 12, 64, False, 10, "row", False),
                  ("grid 12x12, log", 12, 12, 64, False, 10, "log", False),
                  ("map 12x12", 12, 12, 64, False, 30, "head", True),
-                 ("focus 512x512", 1, 1, 512, True, None, "head", False)]
+                 ("focus 512x512", 1, 1, 512, True, 10, "head", False),
+                 ("focus 512x512, per row", 1, 1, 512, True, 10, "row", False),
+                 ("focus 512x512, log", 1, 1, 512, True, 10, "log", False)]
     rows = []
     try:
         with sync_playwright() as p:
@@ -255,11 +260,13 @@ def main(argv: list[str] | None = None) -> int:
                                  focus, scale, map_)
                 context.close()
                 rows.append((name, result, target))
-                log.info("%-22s %6.1f updates/s (fed %5.1f/s, %7d bytes/update)%s%s", name,
+                log.info("%-22s %6.1f updates/s (fed %5.1f/s, %7d bytes/update)%s%s%s", name,
                          result["updates_per_s"], result["injected_per_s"],
                          result["bytes_per_update"], f"  target >= {target}" if target else "",
                          "" if result["map_ms_per_draw"] is None
-                         else f"  drawMap {result['map_ms_per_draw']:.2f} ms/update")
+                         else f"  drawMap {result['map_ms_per_draw']:.2f} ms/update",
+                         "" if result["plotly_per_s"] is None
+                         else f"  plotly axes redraws {result['plotly_per_s']:.1f}/s")
             if not args.skip_demo:
                 times = first_heatmap_ms(browser, args.repeats)
                 log.info("%-22s median %.0f ms (runs: %s)", "first heatmap (demo)",

@@ -5,7 +5,7 @@ Measured side by side in one run, interleaved (a, b, c, d, a, b, ...), median of
 
 (a) no dashboard: the demo's training loop alone;
 (b) the dashboard (server in-process) with one subscriber to all layers and
-    heads at 10 fps (kinds attention, head_stats, scalars);
+    heads at 10 fps (kinds attention, head_stats, scalars, head_roles: as the page);
 (c) the same with 20 subscribers;
 (d) one stalled subscriber (a raw socket that subscribes as in (b) and never
     reads).
@@ -38,8 +38,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SUBSCRIBE = {"type": "subscribe", "run": "demo", "kinds": ["attention", "head_stats", "scalars"],
-             "max_fps": 10}
+# What the page subscribes to (head_roles: a "heads" message when roles change, <= 1/s).
+SUBSCRIBE = {"type": "subscribe", "run": "demo",
+             "kinds": ["attention", "head_stats", "scalars", "head_roles"], "max_fps": 10}
 STALLED = SUBSCRIBE  # the same subscription as (b), never read
 
 

@@ -6,7 +6,8 @@ import { exportCanvasSvg, exportFocus, exportGridPng, exportGridSvg, exportNpz, 
 import { Grid, ROLE_TAGS } from "./grid.js";
 import { changeSince, HeadMap, MAP_STATS } from "./headmap.js";
 import { HistoryBar, seedRunHistory } from "./history.js";
-import { drawFocusMatrix, drawFocusNorms, drawSeries, plotlyReady, purge } from "./heatmaps.js";
+import { FocusCanvas, focusFigure } from "./focus.js";
+import { drawFocusNorms, drawSeries, plotlyReady, purge } from "./heatmaps.js";
 import { classifyHead, RunHistory } from "./store.js";
 import * as view from "./view.js";
 
@@ -14,10 +15,13 @@ const { els } = view;
 const OVERVIEW_MAX_SIDE = 64; // thumbnails are small: 64 keeps 144 cells cheap to ship and paint
 const FOCUS_MAX_SIDE = 512;
 const CHART_INTERVAL_MS = 500;
+// A chart redraw (Plotly.react of 12 entropy lines and a legend) costs 50-300 ms on a
+// 2-core machine: wait at least this many times its last cost before the next, so the
+// charts never take more than ~1/8 of the page's time from the heatmaps and the map.
+const CHART_COST_FACTOR = 8;
 const HEADER_INTERVAL_MS = 250;
 const PLOTLY_URL = "/vendor/plotly.min.js";
 const PLOTLY_FALLBACK_MS = 1500; // load plotly anyway if no heatmap came by then
-const HEADS_POLL_MS = 1000; // roles come from the history writer: once a second is live enough
 const MAP_DEFAULT_ABOVE = 16; // more heads than this: the overview starts as the map
 const STATS_RING = 4000; // head_stats kept per layer for "change since N steps"
 const ROLE_NAMES = {
@@ -42,6 +46,7 @@ const state = {
   chartsDirty: false,
   healthDirty: new Set(),
   lastChartDraw: 0,
+  chartInterval: CHART_INTERVAL_MS,
   lastHeaderDraw: 0,
   shownError: null,
   gridHasData: false,
@@ -70,7 +75,8 @@ const debug = {
   decodeErrors: [],
   lastCapture: null,
   inject: (data) => connection.receive(data),
-  headsPolled: 0,
+  headsPolled: 0, // GET /heads answers (the history slider)
+  headsReceived: 0, // "heads" websocket messages
   mapDrawn: 0,
   mapDrawMs: 0, // time spent in drawMap (bench/browser.py reports it per update)
   state,
@@ -95,6 +101,8 @@ function mark(name) {
 const grid = new Grid(els.grid, (layer, head) => openFocus(layer, head));
 const headmap = new HeadMap(els.headmap, (layer, head) => openFocus(layer, head));
 debug.headmap = headmap;
+const focusView = new FocusCanvas(els.focusPlot, els.focusCanvas, els.focusColorbar);
+debug.focusView = focusView;
 
 const connection = new Connection(socketUrl(), {
   onState: (s, delay) => {
@@ -124,7 +132,7 @@ const historyBar = new HistoryBar({
     drawPending();
   },
   onScrub: () => state.pending.clear(),
-  onLive: () => { resubscribe(); pollHeads(); },
+  onLive: () => resubscribe(), // a new subscription brings the current heads message
   seed: (index) => {
     seedRunHistory(state.history, index);
     state.chartsDirty = true;
@@ -149,8 +157,9 @@ function subscription() {
   if (!state.runId) return null;
   const overview = state.focus === null;
   // The map needs statistics only: no attention frames for 144 heads it does not draw.
-  const kinds = overview && state.overviewMode === "map" ? ["head_stats", "scalars"]
-    : [state.kind, "head_stats", "scalars"];
+  // head_roles: a "heads" message (roles, role scores) when they change, at most 1/s.
+  const kinds = overview && state.overviewMode === "map" ? ["head_stats", "scalars", "head_roles"]
+    : [state.kind, "head_stats", "scalars", "head_roles"];
   return {
     type: "subscribe",
     run: state.runId,
@@ -213,6 +222,12 @@ function handleJson(message) {
         state.mapDirty = true;
       }
       keepStats(message);
+      break;
+    case "heads": // roles and role scores, pushed when they change (server: heads_feed.py)
+      if (message.run !== state.runId || state.viewPaused || historyBar.scrubbing) return;
+      debug.headsReceived += 1;
+      state.headsRequest += 1; // a REST answer still on its way is older: drop it
+      applyHeads(message);
       break;
     default:
       break; // pong and future message types
@@ -344,20 +359,20 @@ function keepStats(message) {
 
 // ---------------------------------------------------------------- head roles
 
-/** Ask the server for every head's roles (live, or at the history slider's step). */
-async function pollHeads(step = null) {
+/** Ask the server for every head's roles at the history slider's step (live ones come
+ * over the websocket as "heads" messages). */
+async function pollHeads(step) {
   if (!state.runId || state.viewPaused) return;
-  if (step === null && historyBar.scrubbing) return; // the slider asks with its step
   const id = ++state.headsRequest;
   const runId = state.runId;
   try {
     const answer = await api.heads(runId, step);
     if (id !== state.headsRequest || runId !== state.runId) return;
     debug.headsPolled += 1;
-    applyHeads(answer, step !== null);
+    applyHeads(answer, true);
   } catch (err) {
-    if (err.status === 503) view.renderRoleEvents([], "roles need the history (ATTNSCOPE_HISTORY_ENABLED)");
-    // 404: nothing recorded yet; keep polling
+    if (err.status === 503) view.showBanner("the history slider needs the history (ATTNSCOPE_HISTORY_ENABLED)");
+    // 404: nothing recorded at that step
   }
 }
 
@@ -385,8 +400,13 @@ function applyHeads(answer, scrubbed = false) {
   const summary = tagged.length
     ? `${Object.entries(counts).map(([r, n]) => `${n} ${ROLE_TAGS[r] ?? r}`).join(" · ")}${
       answer.step !== null ? ` (step ${answer.step})` : ""}`
-    : answer.session ? "no head has a role yet" : "waiting for the first step…";
+    : answer.session || answer.step != null ? "no head has a role yet" : "waiting for the first step…";
   view.renderRoleEvents([...(answer.events || [])].reverse().slice(0, 100), summary);
+  // Without history the roles come from the stream's statistics: say what is missing.
+  view.setRolesNote(answer.source === "stream"
+    ? "live from the stream's head statistics (no history recorded): previous-token, sink, "
+      + "self, local and uniform roles; induction and duplicate-token need the history's "
+      + "induction probe (ATTNSCOPE_HISTORY_ENABLED=true)" : "");
   markEvents(answer.events || []);
   if (state.focus) showFocusRole();
 }
@@ -420,8 +440,12 @@ function drawFocus(frame) {
   state.focusFrame = frame;
   if (!plotlyReady()) return; // drawn by tick() once plotly.js has loaded
   const rev = `${state.runId}:${state.focus.layer}:${state.focus.head}:${frame.header.kind}`;
-  if (frame.header.kind === "qkv_norms") drawFocusNorms(els.focusPlot, frame, index, state.normStyle, rev);
-  else drawFocusMatrix(els.focusPlot, frame, index, rev, state.scale);
+  if (frame.header.kind === "qkv_norms") {
+    focusView.clear();
+    drawFocusNorms(els.focusPlot, frame, index, state.normStyle, rev);
+  } else {
+    focusView.draw(frame, index, state.scale, rev);
+  }
   view.setFocusEmpty(false);
   debug.focusDrawn += 1;
 }
@@ -483,11 +507,13 @@ function tick() {
   if (state.mapDirty && !state.focus && state.overviewMode === "map") drawMap();
   drawHeader();
   const now = performance.now();
-  if (state.chartsDirty && now - state.lastChartDraw > CHART_INTERVAL_MS) {
+  if (state.chartsDirty && now - state.lastChartDraw > state.chartInterval) {
     state.chartsDirty = false;
     state.lastChartDraw = now;
     drawHealth();
     drawCharts();
+    const cost = performance.now() - now;
+    state.chartInterval = Math.max(CHART_INTERVAL_MS, CHART_COST_FACTOR * cost);
   }
 }
 
@@ -515,6 +541,7 @@ function openFocus(layer, head) {
 function closeFocus(subscribe = true) {
   state.focus = null;
   state.focusFrame = null;
+  focusView.clear();
   purge(els.focusPlot);
   view.showOverview();
   state.mapDirty = true;
@@ -549,6 +576,7 @@ function setKind(kind) {
   if (state.focus) {
     view.showFocus(state.focus.layer, state.focus.head, kind);
     view.setFocusEmpty(true);
+    focusView.clear();
     purge(els.focusPlot);
   }
   resubscribe();
@@ -587,7 +615,12 @@ function exportView(format) {
   if (state.focus) {
     if (!plotlyReady()) return;
     const stem = fileStem("attnscope", state.runId, `L${state.focus.layer}H${state.focus.head}`, state.kind, state.scale, `step${step}`);
-    exportFocus(els.focusPlot, format, stem).catch((err) => view.showBanner(`export failed: ${err.message}`));
+    // A matrix is exported as a whole plotly heatmap (the live view paints a canvas).
+    const frame = state.focusFrame;
+    const index = frame ? frame.header.heads.indexOf(state.focus.head) : -1;
+    const target = frame && frame.header.kind !== "qkv_norms" && index >= 0
+      ? focusFigure(frame, index, state.scale) : els.focusPlot;
+    exportFocus(target, format, stem).catch((err) => view.showBanner(`export failed: ${err.message}`));
   } else if (state.overviewMode === "map") {
     const stem = fileStem("attnscope", state.runId, "map", state.mapStat, `step${step}`);
     const title = `${state.run ? state.run.name || state.runId : ""} · ${MAP_STATS[state.mapStat].label} · step ${step}`;
@@ -691,7 +724,6 @@ document.addEventListener("keydown", onKey);
 view.setNormStyleVisible(state.kind === "qkv_norms");
 view.renderMapStats(MAP_STATS, state.mapStat);
 grid.scale = state.scale;
-setInterval(() => pollHeads(), HEADS_POLL_MS);
 connection.open();
 requestAnimationFrame(tick);
 setTimeout(loadPlotly, PLOTLY_FALLBACK_MS);

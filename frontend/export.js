@@ -21,8 +21,9 @@ export function fileStem(...parts) {
   return parts.map((p) => String(p).replace(/[^A-Za-z0-9._-]+/g, "_")).join("-");
 }
 
-export function exportFocus(plotEl, format, stem) {
-  return downloadPlot(plotEl, format, stem);
+/** The focus view as PNG / SVG: `target` is the plot element or a {data, layout} figure. */
+export function exportFocus(target, format, stem) {
+  return downloadPlot(target, format, stem);
 }
 
 export function exportGridPng(grid, stem) {

@@ -2,7 +2,7 @@
 // bytes with the same colour scale as plotly. No plotly here: 144 plotly heatmaps would
 // freeze a browser, 144 putImageData calls do not.
 
-import { paintMatrix, scaleMatrix } from "./colormap.js";
+import { paintScaled, scaleMatrix } from "./colormap.js";
 import { classifyHead, HEALTH } from "./store.js";
 
 const NORM_COLOURS = ["#4cc9f0", "#f72585", "#ffd166"]; // q, k, v
@@ -159,8 +159,7 @@ function drawMatrix(cell, kind, data, shape, i, scale) {
     cell.image = cell.ctx.createImageData(cols, rows);
     cell.pixels = new Uint32Array(cell.image.data.buffer);
   }
-  const { values, offset, zmin, zmax } = scaleMatrix(scale, kind, data, start, rows, cols);
-  paintMatrix(cell.pixels, values, offset, rows, cols, zmin, zmax);
+  paintScaled(cell.pixels, scaleMatrix(scale, kind, data, start, rows, cols), rows, cols);
   cell.ctx.putImageData(cell.image, 0, 0);
 }
 

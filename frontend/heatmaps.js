@@ -1,8 +1,6 @@
-// Everything plotly: the focus view (heatmap or q/k/v norm plot), the head-entropy
-// chart and the training curves. Redraws always go through Plotly.react with a fixed
+// Everything plotly: the focus view's axes (focus.js paints its pixels) or q/k/v norm
+// plot, the head-entropy chart and the training curves. Redraws always go through Plotly.react with a fixed
 // uirevision, so zoom and hover survive live updates.
-
-import { scaleMatrix, VIRIDIS } from "./colormap.js";
 
 const Plotly = () => window.Plotly;
 
@@ -55,68 +53,25 @@ function ticks(labels, n) {
   return { tickvals: vals, ticktext: text, tickmode: "array" };
 }
 
-function labelsOf(header, axis, n) {
+export function labelsOf(header, axis, n) {
   const list = header.labels && header.labels[axis];
   return Array.isArray(list) && list.length === n ? list : null;
 }
 
-let hoverCache = { key: null, data: null };
-
-/** customdata[i][j] = [query label, key label, i, j], escaped; rebuilt only when labels change. */
-function hoverData(queries, keys, rows, cols) {
-  const key = `${rows}x${cols}|${queries ? queries.join("\u0000") : ""}|${keys ? keys.join("\u0000") : ""}`;
-  if (hoverCache.key === key) return hoverCache.data;
-  const q = Array.from({ length: rows }, (_, i) => escapePlotly(queries ? queries[i] : i));
-  const k = Array.from({ length: cols }, (_, j) => escapePlotly(keys ? keys[j] : j));
-  const data = q.map((ql, i) => k.map((kl, j) => [ql, kl, i, j]));
-  hoverCache = { key, data };
-  return data;
-}
-
 /**
- * Focus heatmap of head `index` of an attention / qk_logits frame (shape (h, L, S)).
- * Rows are query tokens, columns key tokens; non-finite cells are gaps.
+ * Layout of the focus matrix view (focus.js) for `v` = {rows, cols, queries, keys}: key
+ * tokens on top, query tokens down the side (row 0 at the top), one square cell per pair.
  */
-export function drawFocusMatrix(el, frame, index, uirevision, scale = "head") {
-  const { header, data, shape } = frame;
-  const rows = shape[1];
-  const cols = shape[2];
-  const start = index * rows * cols;
-  const scaled = scaleMatrix(scale, header.kind, data, start, rows, cols);
-  const { zmin, zmax } = scaled;
-  const z = new Array(rows);
-  for (let r = 0; r < rows; r++) {
-    const row = new Array(cols);
-    const base = scaled.offset + r * cols;
-    for (let c = 0; c < cols; c++) {
-      const v = scaled.values[base + c];
-      row[c] = Number.isFinite(v) ? v : null;
-    }
-    z[r] = row;
-  }
-  const queries = labelsOf(header, "queries", rows);
-  const keys = labelsOf(header, "keys", cols);
-  const what = scaled.title;
-  const trace = {
-    type: "heatmap",
-    z,
-    zmin,
-    zmax,
-    colorscale: VIRIDIS,
-    customdata: hoverData(queries, keys, rows, cols),
-    hovertemplate: `query #%{customdata[2]}: <b>%{customdata[0]}</b><br>`
-      + `key #%{customdata[3]}: <b>%{customdata[1]}</b><br>${what} %{z:.4f}<extra></extra>`,
-    colorbar: { title: { text: what, side: "right" }, outlinewidth: 0, tickfont: FONT },
-    hoverongaps: false,
-    zsmooth: "fast", // one pixel per cell, scaled crisp: ~25% faster than per-brick rects at 512x512
-  };
-  const layout = baseLayout({
+export function focusAxes(v, uirevision) {
+  return baseLayout({
     uirevision,
-    xaxis: { ...AXIS, ...ticks(keys, cols), title: { text: "key token" }, side: "top", showgrid: false, constrain: "domain" },
-    yaxis: { ...AXIS, ...ticks(queries, rows), title: { text: "query token" }, autorange: "reversed", showgrid: false, scaleanchor: "x", constrain: "domain" },
+    hovermode: false, // focus.js shows the cell under the mouse itself
+    xaxis: { ...AXIS, ...ticks(v.keys, v.cols), title: { text: "key token" }, side: "top", showgrid: false,
+      zeroline: false, constrain: "domain", range: [-0.5, v.cols - 0.5] },
+    yaxis: { ...AXIS, ...ticks(v.queries, v.rows), title: { text: "query token" }, showgrid: false,
+      zeroline: false, scaleanchor: "x", constrain: "domain", range: [v.rows - 0.5, -0.5] },
     margin: { l: 72, r: 16, t: 56, b: 16 },
   });
-  return Plotly().react(el, [trace], layout, PLOT_CONFIG);
 }
 
 /** Focus plot of per-position q/k/v norms of head `index` (frame shape (3, h, P)) as bars or lines. */
@@ -176,9 +131,9 @@ export function drawSeries(el, series, { yTitle, yRange = null, rightAxis = null
   return Plotly().react(el, traces, layout, { ...PLOT_CONFIG, displayModeBar: false });
 }
 
-/** Download the focus plot as PNG or SVG through plotly. */
-export function downloadPlot(el, format, filename) {
-  return Plotly().downloadImage(el, { format, filename, width: 900, height: 900 });
+/** Download a plot (its element, or a {data, layout} figure) as PNG or SVG through plotly. */
+export function downloadPlot(target, format, filename) {
+  return Plotly().downloadImage(target, { format, filename, width: 900, height: 900 });
 }
 
 export function purge(el) {

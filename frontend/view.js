@@ -28,6 +28,8 @@ export const els = {
   focus: byId("focus"),
   focusTitle: byId("focus-title"),
   focusPlot: byId("focus-plot"),
+  focusCanvas: byId("focus-canvas"),
+  focusColorbar: byId("focus-colorbar"),
   focusBack: byId("focus-back"),
   focusEmpty: byId("focus-empty"),
   healthLayer: byId("health-layer"),
@@ -49,6 +51,7 @@ export const els = {
   focusRole: byId("focus-role"),
   rolesSummary: byId("roles-summary"),
   roleEvents: byId("role-events"),
+  rolesNote: byId("roles-note"),
 };
 
 /** The overview shows the thumbnail grid or the layers x heads map. */
@@ -89,6 +92,12 @@ export function renderRoleEvents(events, summary) {
     li.dataset.kind = e.kind;
     return li;
   }));
+}
+
+/** Why some roles are missing (no history: no induction probe), or nothing. */
+export function setRolesNote(text) {
+  els.rolesNote.textContent = text;
+  els.rolesNote.hidden = !text;
 }
 
 export function setFocusRole(text) {

@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None, registry: RunRegistry | None = 
         app.state.hub = hub
         app.state.capture_store = _open_capture_store(settings)
         app.state.history = history_service.start(settings, registry)  # None: off, or dir in use
+        hub.heads_feed.history = app.state.history
         try:
             yield
         finally:

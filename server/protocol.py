@@ -22,10 +22,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PROTOCOL_VERSION = 1
-KINDS = ("attention", "qk_logits", "qkv_norms", "head_stats", "scalars")
+KINDS = ("attention", "qk_logits", "qkv_norms", "head_stats", "scalars", "head_roles")
 MATRIX_KINDS = ("attention", "qk_logits")
 BINARY_KINDS = ("attention", "qk_logits", "qkv_norms")
-Kind = Literal["attention", "qk_logits", "qkv_norms", "head_stats", "scalars"]
+Kind = Literal["attention", "qk_logits", "qkv_norms", "head_stats", "scalars", "head_roles"]
 DTYPES = {"float16": np.dtype("<f2"), "uint8": np.dtype("u1"), "float32": np.dtype("<f4")}
 
 

@@ -11,15 +11,16 @@ import math
 from dataclasses import asdict
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Query
 
-from ..stream.roles import ROLES
+from ..stream.roles import ROLES, RoleRule
 from ..stream.stats import HEAD_STATISTICS
 from .models import HeadPublic, HeadsPublic, RoleEventPublic
 from .roles import RoleTracker
 from .router import ServiceDep, SessionQ, _session
 from .service import HistoryService
-from .store import Session, StatRow
+from .store import StatRow
 
 router = APIRouter(prefix="/api/v1", tags=["history"])
 _COUNTS = ("nan", "inf")
@@ -29,13 +30,16 @@ def _value(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
 
 
-def _heads(session: Session, row: StatRow | None, roles: list[list[str | None]],
-           since: list[list[int | None]]) -> list[HeadPublic]:
-    if row is None or row.heads is None:
+def head_list(stats: np.ndarray | None, roles: list[list[str | None]],
+              since: list[list[int | None]], layer_heads: list[int] | None = None,
+              ) -> list[HeadPublic]:
+    """Every head of ``stats`` (K, R, H) in ``HEAD_STATISTICS`` order (R may be shorter):
+    its statistics, role scores, role and since-step; ``layer_heads`` caps layer k at
+    its own head count (layers with fewer heads than H)."""
+    if stats is None:
         return []
-    stats = row.heads  # (K, R, H)
     names = HEAD_STATISTICS[: stats.shape[1]]
-    per_layer = session.meta.get("layer_heads") or []
+    per_layer = layer_heads or []
     out = []
     for layer in range(stats.shape[0]):
         n = per_layer[layer] if layer < len(per_layer) and per_layer[layer] else stats.shape[2]
@@ -59,8 +63,20 @@ def run_heads(run_id: str, service: ServiceDep,
               ) -> HeadsPublic:
     """Every head's statistics, role scores (:data:`ROLES`), role and the step since which
     it holds it; and the events (roles gained / lost, collapses, NaN/Inf) up to the step."""
-    rule = service.roles.rule
-    thresholds = {k: float(v) for k, v in asdict(rule).items()}
+    return heads_answer(service, run_id, step, session, events)
+
+
+def thresholds_of(rule: RoleRule) -> dict[str, float]:
+    """The role rule's thresholds, as ``GET /heads`` and the ``heads`` message list them."""
+    return {k: float(v) for k, v in asdict(rule).items()}
+
+
+def heads_answer(service: HistoryService, run_id: str, step: int | None = None,
+                 session: str | None = None, events: int = 500) -> HeadsPublic:
+    """What ``GET /api/v1/runs/{id}/heads`` answers (also the stream's ``heads`` message
+    when the run is recorded): the latest heads, or those at ``step``; the last
+    ``events`` events. Raises HTTPException 404 when nothing is recorded for the run."""
+    thresholds = thresholds_of(service.roles.rule)
     if session is None and service.is_recording(run_id) and service.session_of(run_id) is None:
         return HeadsPublic(run=run_id, session=None, step=None, probe_step=None, layers=0,
                            roles=list(ROLES), thresholds=thresholds, heads=[], events=[])
@@ -85,9 +101,9 @@ def run_heads(run_id: str, service: ServiceDep,
     return HeadsPublic(
         run=s.run, session=s.id, step=None if row is None else row.step,
         probe_step=tracker.repeat_step, layers=layers, roles=list(ROLES), thresholds=thresholds,
-        heads=_heads(s, row, roles, since),
+        heads=head_list(None if row is None else row.heads, roles, since,
+                        s.meta.get("layer_heads")),
         events=[RoleEventPublic(**e.to_dict()) for e in shown])
-
 
 
 def head_roles(service: HistoryService | None, run_id: str) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ from ..protocol import KINDS, PROTOCOL_VERSION, ProtocolError, Subscribe
 from ..run_base import BaseRun, RunRegistry, StreamSource, UnknownRunError
 from ..settings import Settings
 from .frames import encode_binary, encode_stats
+from .heads_feed import HEADS_KIND, HeadsFeed
 from .plan import EMPTY_PLAN, Plan, SampleNeed, SlotKey
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class Resolved:
     @property
     def slot_keys(self) -> tuple[SlotKey, ...]:
         return tuple((kind, layer, self.sample) for layer in self.layers
-                     for kind in self.kinds if kind != "scalars")
+                     for kind in self.kinds if kind not in ("scalars", HEADS_KIND))
 
     def to_message(self) -> dict[str, Any]:
         return {
@@ -163,6 +164,8 @@ class Connection:
         self.sent_scalars = -1
         self.next_due = 0.0  # loop time before which no new frames are sent
         self.scalars_due = 0.0  # the same for scalars messages
+        self.heads_pending: str | None = None  # the latest ``heads`` message not yet sent
+        self.heads_version: Any = None  # what the HeadsFeed last handed this socket
         self._send_lock = asyncio.Lock()
         self.task: asyncio.Task | None = None
 
@@ -200,6 +203,7 @@ class Connection:
             if self.runs_dirty:
                 self.runs_dirty = False
                 await self.send_json(self.hub.runs_message())
+            await self._send_heads()
             if self.sub is None:
                 continue
             delay = self.next_due - loop.time()
@@ -221,6 +225,12 @@ class Connection:
             if "scalars" in sub.kinds and started >= self.scalars_due \
                     and await self._send_scalars(sub):
                 self.scalars_due = started + 1.0 / sub.max_fps
+
+    async def _send_heads(self) -> None:
+        """Send the latest ``heads`` message the HeadsFeed left for this socket, if any."""
+        text, self.heads_pending = self.heads_pending, None
+        if text is not None and self.sub is not None and HEADS_KIND in self.sub.kinds:
+            await self.send_text(text)
 
     def _capture_interval(self, sub: Resolved) -> float:
         publisher = self.hub.publishers.get(sub.run)
@@ -290,6 +300,8 @@ class Hub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending_wakes: set[str] = set()
         self._housekeeping: asyncio.Task | None = None
+        self.heads_feed = HeadsFeed(self)
+        self._heads_task: asyncio.Task | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -297,12 +309,15 @@ class Hub:
         self._loop = asyncio.get_running_loop()
         self.registry.add_listener(self._registry_changed)
         self._housekeeping = asyncio.create_task(self._flush_stale_loop())
+        self._heads_task = asyncio.create_task(self._heads_loop())
 
     async def stop(self) -> None:
         self.registry.remove_listener(self._registry_changed)
         tasks = [c.task for c in self.connections if c.task is not None]
         if self._housekeeping is not None:
             tasks.append(self._housekeeping)
+        if self._heads_task is not None:
+            tasks.append(self._heads_task)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -354,6 +369,7 @@ class Hub:
         conn.sent = {}
         conn.sent_scalars = -1
         conn.next_due = 0.0
+        conn.heads_version = None  # a new subscription gets the current heads message
         if old is not None and old.run != resolved.run:
             self._replan(old.run)
         self._replan(resolved.run)
@@ -422,6 +438,17 @@ class Hub:
             for publisher in list(self.publishers.values()):
                 publisher.flush_stale(STALE_AFTER_S)
             self._wake_for_unsent_scalars()
+
+    async def _heads_loop(self) -> None:
+        """The ``heads`` messages (:mod:`.heads_feed`); a failure is logged, not fatal."""
+        while True:
+            try:
+                await self.heads_feed.run_forever()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("heads feed failed; restarting it")
+                await asyncio.sleep(1.0)
 
     def _wake_for_unsent_scalars(self) -> None:
         """Wake senders owing scalars. Publishers notify scalars at most once per

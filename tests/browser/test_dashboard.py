@@ -82,13 +82,17 @@ def test_click_cell_opens_focus_with_token_labels(page, demo):
     page.wait_for_function("([l, h]) => { const f = window.__attnscope.state.focusFrame;"
                            " return f && f.header.layer === l && f.header.heads[0] === h; }",
                            arg=[layer, head], timeout=WAIT_MS)
-    # Labels change with every batch: read the drawn frame's labels and the axes together.
+    # Labels change with every batch; the axes show the newest within a second. Freeze the
+    # view, let the axes catch up, then read the drawn frame's labels and the axes together.
+    page.click("#pause-view")
+    page.wait_for_timeout(1500)
     drawn = page.evaluate("""() => {
       const ticks = (axis) => Array.from(document.querySelectorAll(`#focus-plot .${axis}tick text`),
                                          (t) => t.textContent);
       const labels = window.__attnscope.state.focusFrame.header.labels;
       return {labels, y: ticks('y'), x: ticks('x')};
     }""")
+    page.click("#pause-view")
     labels = drawn["labels"]
     assert labels is not None, "the demo sends token labels"
     assert len(drawn["y"]) == len(labels["queries"]) and len(drawn["x"]) == len(labels["keys"])
@@ -96,7 +100,7 @@ def test_click_cell_opens_focus_with_token_labels(page, demo):
     # Hover over the middle of the heatmap: query token, key token and weight.
     box = page.locator("#focus-plot .nsewdrag").first.bounding_box()
     page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
-    hover = page.wait_for_selector("#focus-plot .hovertext", timeout=10_000).text_content()
+    hover = page.wait_for_selector(".focus-tip:not([hidden])", timeout=10_000).text_content()
     assert "query" in hover and "key" in hover and "weight" in hover
     screenshot(page, "focus")
     page.keyboard.press("ArrowRight")
@@ -187,6 +191,18 @@ def test_export_downloads_png_and_svg(page, demo):
         page.click("#export-svg")
     text = svg.value.path().read_text()
     assert text.startswith("<svg") and text.count("<image") >= 4
+    # the focus view: the whole heatmap through plotly (the live view paints a canvas)
+    page.click("#grid .cell[data-layer='0'][data-head='0']")
+    page.wait_for_function("() => window.__attnscope.focusDrawn > 0", timeout=WAIT_MS)
+    with page.expect_download() as focus_png:
+        page.click("#export-png")
+    assert focus_png.value.suggested_filename.startswith("attnscope-demo-L0H0-attention-head")
+    assert focus_png.value.path().read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with page.expect_download() as focus_svg:
+        page.click("#export-svg")
+    text = focus_svg.value.path().read_text()
+    assert "<image" in text and "key token" in text  # the heatmap and its axes
+    page.keyboard.press("Escape")
 
 
 def capture_api_mounted(url: str) -> bool:

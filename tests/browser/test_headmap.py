@@ -21,6 +21,14 @@ CELL_HASH = """([l, h]) => {
   return hash;
 }"""
 
+FOCUS_HASH = """() => {
+  const c = document.querySelector('#focus-canvas');
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let hash = 0;
+  for (let i = 0; i < d.length; i++) hash = (hash * 31 + d[i]) | 0;
+  return hash;
+}"""
+
 MAP_COLOURS = """() => Array.from(document.querySelectorAll('#headmap .map-cell'),
   (b) => getComputedStyle(b).backgroundColor)"""
 
@@ -53,7 +61,11 @@ def test_map_is_the_overview_of_a_12x12_model_and_a_click_opens_the_head(page, b
     assert page.locator("#headmap .map-cell").count() == 144
     # the map needs statistics only: no attention frames for 144 heads
     sub = page.evaluate("() => window.__attnscope.subscribed")
-    assert sub["kinds"] == ["head_stats", "scalars"] and sub["layers"] == list(range(12))
+    assert sub["kinds"] == ["head_stats", "scalars", "head_roles"]
+    assert sub["layers"] == list(range(12))
+    # roles come over the websocket ("heads" messages), not by polling GET /heads
+    page.wait_for_function("() => window.__attnscope.headsReceived > 0", timeout=WAIT_MS)
+    assert page.evaluate("() => window.__attnscope.headsPolled") == 0
     entropy = page.evaluate(MAP_COLOURS)
     assert len(set(entropy)) > 10, "one colour per head, not a flat fill"
     # hover: the numbers of that head
@@ -109,12 +121,20 @@ def test_colour_scales_change_grid_and_focus_pixels(page, big):
     page.click("#grid .cell[data-layer='6'][data-head='3']")
     page.wait_for_function("() => window.__attnscope.focusDrawn > 0 && "
                            "document.querySelector('#focus-plot').data", timeout=WAIT_MS)
+    page.click("#pause-view")  # freeze: the pixels differ by scale only
     ranges = {}
+    pixels = {}
     for scale in ("head", "row", "log", "fixed"):
         page.select_option("#scale", scale)
         page.wait_for_timeout(200)
-        ranges[scale] = page.evaluate("""() => { const t = document.querySelector('#focus-plot')
-          .data[0]; return [t.zmin, t.zmax, t.colorbar.title.text]; }""")
+        ranges[scale] = page.evaluate("""() => { const b = document.querySelector(
+          '#focus-colorbar'); return [Number(b.dataset.zmin), Number(b.dataset.zmax),
+          b.querySelector('.bar-title').textContent]; }""")
+        pixels[scale] = page.evaluate(FOCUS_HASH)
+    # the focus canvas, as the thumbnails: per head = fixed on a causal head, row and log differ
+    assert pixels["head"] == pixels["fixed"], pixels
+    assert len({pixels["head"], pixels["row"], pixels["log"]}) == 3, pixels
+    page.click("#pause-view")
     assert ranges["fixed"][:2] == [0, 1]
     assert ranges["log"][:2] == [-4, 0] and ranges["log"][2] == "log10 weight"
     assert ranges["row"][2] == "weight / row max"
@@ -141,3 +161,38 @@ def test_map_scrubs_with_the_history_slider(page, big):
     page.wait_for_function("(f) => window.__attnscope.state.heads.step > f", arg=first,
                            timeout=WAIT_MS)
     assert page.log.errors == []
+
+
+@pytest.fixture(scope="module")
+def big_no_history():
+    """The same 12 x 12 model on a server that records no history."""
+    port = free_port()
+    argv = [sys.executable, "tests/browser/big_model.py", str(port), "--seconds", "600"]
+    server = ServerProcess(argv, port, ARTIFACTS / "big-model-no-history.log",
+                           env={"ATTNSCOPE_HISTORY_ENABLED": "false"}).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_roles_without_history_come_from_the_stream_and_say_what_is_missing(
+        page, big_no_history):
+    open_map(page, big_no_history)
+    page.wait_for_function("() => { const h = window.__attnscope.state.heads;"
+                           " return h && h.source === 'stream' && h.heads.length === 144; }",
+                           timeout=WAIT_MS)
+    # tagged from the live statistics: this model's near-uniform heads (top left of the map)
+    page.wait_for_function("() => document.querySelectorAll("
+                           "\"#headmap .map-cell[data-role='uniform']\").length > 0",
+                           timeout=WAIT_MS)
+    note = page.locator("#roles-note")
+    assert note.is_visible() and "induction" in note.text_content()
+    assert "ATTNSCOPE_HISTORY_ENABLED" in note.text_content()
+    assert page.evaluate("() => window.__attnscope.headsPolled") == 0
+    page.select_option("#map-stat", "previous_token")
+    page.wait_for_timeout(500)
+    screenshot(page, "headmap-12x12-no-history")
+    # the history slider's own request answers 503 here (no history): Chromium logs it
+    errors = [e for e in page.log.errors if "status of 503" not in e or "/history" not in e]
+    assert errors == []

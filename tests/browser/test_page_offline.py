@@ -136,6 +136,37 @@ def test_grid_colours_match_plotly_viridis(blank):
     assert ends[8:12] == [0, 0, 0, 0]  # NaN is a transparent gap, as in plotly
 
 
+def test_log_scale_by_table_matches_log10_per_pixel(blank):
+    """The log scale paints through a table on each float's top bits: within one colour
+    step of log10 per pixel, weights under 1e-4 at the floor, NaN and Inf transparent."""
+    diff = blank.evaluate("""async () => {
+      const m = await import('/colormap.js');
+      const n = 4000;
+      const data = new Float32Array(n + 4);
+      for (let i = 0; i < n; i++) data[i] = 10 ** (-6 + 6 * i / (n - 1));  // 1e-6 .. 1
+      data.set([NaN, Infinity, -1, 0], n);
+      const fast = new Uint32Array(n + 4);
+      m.paintScaled(fast, m.scaleMatrix('log', 'attention', data, 0, 1, n + 4), 1, n + 4);
+      const exact = new Float32Array(n + 4);
+      for (let i = 0; i < n + 4; i++) exact[i] = Number.isFinite(data[i])
+        ? Math.log10(Math.max(data[i], m.LOG_FLOOR)) : NaN;
+      const slow = new Uint32Array(n + 4);
+      m.paintMatrix(slow, exact, 0, 1, n + 4, Math.log10(m.LOG_FLOOR), 0);
+      const index = new Map(Array.from(m.LUT32, (c, i) => [c, i]));
+      let worst = 0;
+      for (let i = 0; i < n; i++) {
+        worst = Math.max(worst, Math.abs(index.get(fast[i]) - index.get(slow[i])));
+      }
+      const at = (i) => index.get(fast[i]);
+      return { worst, tail: Array.from(fast.slice(n)), floor: at(n + 2), zero: at(n + 3),
+               first: at(0), last: at(n - 1) };
+    }""")
+    assert diff["worst"] <= 1, diff
+    assert diff["tail"][:2] == [0, 0]  # NaN, Inf: gaps
+    assert diff["floor"] == diff["zero"] == diff["first"] == 0  # -1, 0, 1e-6: the floor
+    assert diff["last"] == 255
+
+
 def test_token_labels_are_escaped(page, static_url):
     """Labels and run names go through textContent and plotly escaping, never markup."""
     page.goto(static_url + "/index.html")  # the page itself; its socket fails, which is fine

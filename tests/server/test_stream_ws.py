@@ -54,7 +54,7 @@ def test_hello_lists_runs_and_kinds(setup):
             hello = json.loads(await ws.recv())
             assert hello["protocol"] == 1
             assert hello["kinds"] == ["attention", "qk_logits", "qkv_norms", "head_stats",
-                                      "scalars"]
+                                      "scalars", "head_roles"]
             [summary] = hello["runs"]
             assert summary["id"] == "toy" and summary["status"] == "live"
             assert summary["model"]["layers"] == 2 and summary["model"]["heads"] == 2
