@@ -1,0 +1,35 @@
+// The header's cost-budget badge: what watching costs the training loop, and what the
+// dashboard thinned to stay under its budget (server/budget.py; the run summary's
+// `budget` and the websocket's `budget` messages carry the same object).
+
+const pct = (x) => (x == null ? "–" : `${(100 * x).toFixed(x < 0.1 ? 1 : 0)} %`);
+
+export class BudgetBadge {
+  constructor(el) {
+    this.el = el; // a <span> in the header; textContent only (no HTML from the server)
+  }
+
+  // `budget`: Budget.status() of the run shown, or null (a remote run: none here).
+  show(budget) {
+    const el = this.el;
+    if (!budget) {
+      el.hidden = true;
+      el.textContent = "";
+      return;
+    }
+    const thinned = budget.thinned || {};
+    const thinning = (thinned.stats_every || 1) > 1 || (thinned.snapshot_stride || 1) > 1
+      || (thinned.stream_factor || 1) > 1 || (thinned.view_scale || 1) < 1;
+    const over = budget.max_overhead != null && budget.overhead != null
+      && budget.overhead > budget.max_overhead;
+    el.hidden = false;
+    el.dataset.state = over ? "over" : thinning ? "thinned" : "ok";
+    el.textContent = thinning ? budget.text : `dashboard ${pct(budget.overhead)}`
+      + (budget.max_overhead == null ? "" : ` / ${pct(budget.max_overhead)}`);
+    const costs = budget.costs || {};
+    const parts = Object.keys(costs).map((k) => `${k} ${pct(costs[k])}`).join(", ");
+    el.title = `${budget.text}\nper part of the last window: ${parts || "–"}`
+      + `\nsince the start: ${pct(budget.overhead_total)}`
+      + (budget.dropped ? `\nhistory records dropped: ${budget.dropped}` : "");
+  }
+}
