@@ -312,7 +312,7 @@ class Budget:
                         "snapshot_stride": self.snapshot_stride,
                         "stream_factor": self.stream_factor,
                         "view_scale": 1.0 / (1 << self.levels["views"])},
-            "dropped": self.dropped, "text": self.text(),
+            "thinning": self.thinned(), "dropped": self.dropped, "text": self.text(),
         }
 
 

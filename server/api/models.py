@@ -39,6 +39,7 @@ class BudgetPublic(BaseModel):
     overhead_total: float | None  # the same since the run started
     costs: dict[str, float]  # the last window's, per part (stats, snapshots, stream)
     thinned: BudgetThinned
+    thinning: list[str]  # what is thinned, in words ("stats every 4 steps")
     dropped: int  # history records dropped because the writer was behind
     text: str  # in words, for a person
 
