@@ -293,14 +293,15 @@ class Budget:
     def text(self, overhead: float | None = None) -> str:
         """One line: what is thinned and why, or what watching costs now."""
         overhead = self.overhead if overhead is None else overhead
-        now = "not measured yet" if overhead is None else f"{_percent(overhead)} %"
-        if self.max_overhead is None:
-            return f"dashboard at {now} of training time (no budget)"
-        budget = _percent(self.max_overhead)
+        budget = "no budget" if self.max_overhead is None \
+            else f"budget {_percent(self.max_overhead)} %"
+        if overhead is None:
+            return f"dashboard cost not measured yet ({budget})"
+        now = f"{_percent(overhead)} %"
         thinned = self.thinned()
-        if not thinned:
-            return f"dashboard at {now} of training time (budget {budget} %)"
-        return f"{', '.join(thinned)} to stay under {budget} % (now {now})"
+        if not thinned or self.max_overhead is None:
+            return f"dashboard at {now} of training time ({budget})"
+        return f"{', '.join(thinned)} to stay under {_percent(self.max_overhead)} % (now {now})"
 
     def status(self) -> dict[str, Any]:
         """The budget as JSON (the run's REST representation and the ``budget`` message)."""

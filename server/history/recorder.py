@@ -265,8 +265,9 @@ class RunRecorder:
         return max(self._stride, self._budget.snapshot_stride)
 
     def _adapt_stride(self, probe_s: float) -> None:
-        """Deprecated ``probe_budget``: space snapshots so that probe passes alone take at
-        most that share of the training time (the run's budget covers them too)."""
+        """Account for a probe pass of ``probe_s`` CPU seconds (its moving average is
+        charged to the budget per step); with the deprecated ``probe_budget``, also space
+        snapshots so that probe passes alone take at most that share of training time."""
         if not self._probes:  # the first pass warms up (allocations): charged as it is
             self._budget.spend("snapshots", probe_s)
         else:

@@ -179,3 +179,25 @@ def test_the_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ATTNSCOPE_MAX_OVERHEAD", "3%")
     with pytest.raises(ValueError, match="ATTNSCOPE_MAX_OVERHEAD"):
         max_overhead_from_env()
+
+
+def test_the_setting_reaches_the_run(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from pydantic import ValidationError
+
+    from attnscope import Dashboard
+    from attnscope.settings import Settings
+    from transformer_core.builders import TransformerEncoderBuilder
+
+    monkeypatch.setenv("ATTNSCOPE_MAX_OVERHEAD", "0.02")
+    assert Settings().max_overhead == 0.02
+    with pytest.raises(ValidationError, match="max_overhead"):
+        Settings(max_overhead=0)
+    model = TransformerEncoderBuilder.from_kwargs(
+        n_layers=1, n_heads=2, query_dimensions=4, value_dimensions=4,
+        feed_forward_dimensions=8).get()
+    with Dashboard.start(model, port=0, quiet=True, settings=Settings(data_dir=tmp_path)) as dash:
+        assert dash.run.budget.max_overhead == 0.02  # ATTNSCOPE_MAX_OVERHEAD
+    with Dashboard.start(model, port=0, quiet=True, settings=Settings(data_dir=tmp_path),
+                         max_overhead=0.01) as dash:
+        assert dash.run.budget.max_overhead == 0.01
+        assert dash.run.summary()["budget"]["text"].endswith("(budget 1 %)")
