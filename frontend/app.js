@@ -2,6 +2,7 @@
 // once per animation frame, so a burst of frames never queues up work in the page.
 
 import { api, Connection, socketUrl } from "./api.js";
+import { BudgetBadge } from "./budget.js";
 import { exportCanvasSvg, exportFocus, exportGridPng, exportGridSvg, exportNpz, fileStem } from "./export.js";
 import { Grid, ROLE_TAGS } from "./grid.js";
 import { changeSince, HeadMap, MAP_STATS } from "./headmap.js";
@@ -12,6 +13,7 @@ import { classifyHead, RunHistory } from "./store.js";
 import * as view from "./view.js";
 
 const { els } = view;
+const budgetBadge = new BudgetBadge(document.getElementById("budget"));
 const OVERVIEW_MAX_SIDE = 64; // thumbnails are small: 64 keeps 144 cells cheap to ship and paint
 const FOCUS_MAX_SIDE = 512;
 const CHART_INTERVAL_MS = 500;
@@ -207,6 +209,9 @@ function handleJson(message) {
         els.sample.value = String(state.sample);
       }
       break;
+    case "budget":
+      if (message.run === state.runId) budgetBadge.show(message);
+      break;
     case "scalars":
       if (message.run !== state.runId || state.viewPaused) return;
       state.history.addScalars(message);
@@ -256,6 +261,7 @@ function setRuns(runs, fromHello) {
   state.runId = wanted ? wanted.id : null;
   view.renderRunOptions(runs, state.runId);
   view.renderRunControls(state.run);
+  budgetBadge.show(wanted ? wanted.budget : null);
   if (!wanted) {
     grid.build(0, 0);
     view.setWaiting("no runs yet — start one with Dashboard.start(model) or `attnscope demo`");

@@ -180,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = InductionConfig(device=settings.device) if induction \
             else DemoConfig(device=settings.device)
-        demo = DemoRun(config, max_rate=rate or None, task=args.task)
+        demo = DemoRun(config, max_rate=rate or None, task=args.task,
+                       max_overhead=settings.max_overhead)
     except ValueError as exc:
         print(f"attnscope: {exc}", file=sys.stderr)
         return 2

@@ -47,7 +47,7 @@ class Dashboard:
     def start(cls, model: nn.Module, port: int = 8000, host: str = "127.0.0.1",
               open_browser: bool = False, name: str | None = None,
               settings: Settings | None = None, quiet: bool = False,
-              tokenizer: Any = None) -> Any:
+              tokenizer: Any = None, max_overhead: float | None = None) -> Any:
         """Register ``model`` as a run, serve the dashboard, print its URL.
 
         ``port=0`` picks a free port (see :attr:`url`). ``model`` may be any
@@ -56,6 +56,9 @@ class Dashboard:
         calling ``F.scaled_dot_product_attention`` (README, "Your model").
         ``tokenizer``: a Hugging Face tokenizer; token ids given to :meth:`step` are
         shown as its strings, and captures accept ``text``.
+        ``max_overhead``: what the dashboard may cost, a fraction of training time
+        (default: ``settings.max_overhead``, ``ATTNSCOPE_MAX_OVERHEAD``, 0.03); past it
+        it thins its own work and says so on the page (:mod:`attnscope.budget`).
         ``settings`` overrides everything but host and port. Under torchrun / DDP
         only rank 0 serves; the other ranks get a dashboard that does nothing
         (to see every rank, use :meth:`connect` with ``ranks="all"``).
@@ -68,12 +71,15 @@ class Dashboard:
         if not select_rank(0)[0]:
             return SilentDashboard()
         given = settings or Settings()
-        settings = given.model_copy(update={"host": host, "port": port})
+        update: dict[str, Any] = {"host": host, "port": port}
+        if max_overhead is not None:
+            update["max_overhead"] = max_overhead
+        settings = given.model_copy(update=update)
         settings = Settings.model_validate(settings.model_dump())
         generated = settings.token_generated or given.token_generated
         registry = RunRegistry()
         run = registry.add(Run(model, run_id=slugify(name or "run"), name=name or "run",
-                               tokenizer=tokenizer))
+                               tokenizer=tokenizer, max_overhead=settings.max_overhead))
         server = BackgroundServer(create_app(settings, registry), settings)
         server.start()
         dash = cls(run, registry, server)
@@ -95,7 +101,7 @@ class Dashboard:
                 run: str | None = None, *, token: str | None = None, name: str | None = None,
                 config: dict[str, Any] | None = None, ranks: int | Sequence[int] | str = 0,
                 buffer_frames: int = 256, symbols: Sequence[str] | None = None,
-                history: bool = True, **old: Any) -> Any:
+                history: bool = True, max_overhead: float | None = None, **old: Any) -> Any:
         """Publish ``model`` to a running ``attnscope serve`` at ``url`` as run ``run``:
         ``Dashboard.connect(model, "http://HOST:8000", run="alice/lr3e-4")``.
 
@@ -107,11 +113,14 @@ class Dashboard:
         ``symbols``: the model's vocabulary (token id -> label), for token labels
         and for captures given as ``text``. ``history``: record this run's history
         (here, sent to the server) when the server records history; False saves the
-        training process that work (see docs/history.md).
+        training process that work (see docs/history.md). ``max_overhead``: what the
+        dashboard may cost this process, a fraction of training time (default
+        ``ATTNSCOPE_MAX_OVERHEAD``, else 0.03; :mod:`attnscope.budget`).
 
         The form of earlier releases, ``Dashboard.connect(url, run, model=model)``,
         still works and warns (``DeprecationWarning``); it goes in the next release.
         """
+        from .budget import max_overhead_from_env
         from .remote.publisher import RemotePublisher, SilentDashboard, rank_run_id, select_rank
 
         model, url, run = _connect_arguments(model, url, run, old)
@@ -122,7 +131,9 @@ class Dashboard:
         token = token if token is not None else os.environ.get("ATTNSCOPE_TOKEN") or None
         return RemotePublisher(model, url, run_id, name=name if name is None or run_id == run
                                else f"{name} (rank {rank})", token=token, config=config,
-                               buffer_frames=buffer_frames, symbols=symbols, history=history)
+                               buffer_frames=buffer_frames, symbols=symbols, history=history,
+                               max_overhead=max_overhead_from_env() if max_overhead is None
+                               else max_overhead)
 
     def step(self, step: int, loss: Any = None, tokens: Any = None, **scalars: Any) -> None:
         """Mark the end of training step ``step`` (see :meth:`attnscope.runs.Run.step`).

@@ -27,9 +27,10 @@ class DemoRun:
 
     def __init__(self, config: DemoConfig | InductionConfig | None = None,
                  run_id: str = "demo", max_rate: float | None = None,
-                 task: str = "reverse") -> None:
+                 task: str = "reverse", max_overhead: float | None = None) -> None:
         """``max_rate``: at most this many steps per second (None: as fast as possible).
         ``task``: ``reverse`` (:mod:`attnscope.demo`) or ``induction`` (:mod:`attnscope.induction`).
+        ``max_overhead``: the run's cost budget (:mod:`attnscope.budget`; None: measured only).
 
         The reversal demo converges in ~50 steps; paced, a viewer can watch the heads form.
         """
@@ -55,7 +56,7 @@ class DemoRun:
             self.training.model, run_id=run_id,
             name=name,
             controls=("pause", "resume", "restart"), on_restart=self._request_restart,
-            symbols=self.training.task.symbols,
+            symbols=self.training.task.symbols, max_overhead=max_overhead,
         )
         self.task = self.training.task
         self._stop = threading.Event()

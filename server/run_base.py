@@ -152,6 +152,9 @@ class BaseRun:
 
     #: A remote run's history inbox while its publisher records (remote.history); None here.
     history_inbox: Any = None
+    #: The dashboard's cost budget where the model trains in this process (a local run's
+    #: :class:`attnscope.budget.Budget`); None here.
+    budget: Any = None
 
     def __init__(self, run_id: str, layout: ModelLayout, *, name: str | None = None,
                  controls: Sequence[str] = (), symbols: Sequence[str] | None = None) -> None:
@@ -201,6 +204,7 @@ class BaseRun:
             "id": self.id, "name": self.name, "status": self.status, "step": self.step_index,
             "started": self.started.isoformat().replace("+00:00", "Z"), "error": self.error,
             "controls": list(self.controls), "model": self.model_summary(),
+            "budget": None if self.budget is None else self.budget.status(),
         }
 
     def labels(self, sample: int) -> list[str] | None:

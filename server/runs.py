@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from transformer_core.events import EventDispatcher
 
+from .budget import Budget
 from .captures.capture import run_capture
 from .history.recorder import RecorderSink, RunRecorder
 from .jsonsafe import finite_or_none
@@ -161,6 +162,9 @@ class Run(BaseRun):
     labeler: turns a (L,) tensor of token ids into labels (default: the tokenizer's,
         else ``symbols``, else ``str`` of each id).
     tokenizer: a Hugging Face tokenizer: token labels, and captures given as ``text``.
+    max_overhead: the dashboard's cost budget, a fraction of training time (see
+        :mod:`attnscope.budget`); None (the default here): measured and reported, never
+        thinned. ``Dashboard.start`` / ``connect`` and the demo pass the setting.
 
     Thread model: :meth:`step` is called by the training thread, everything
     else by server threads. ``step`` is the only place the training thread may
@@ -179,7 +183,9 @@ class Run(BaseRun):
         symbols: Sequence[str] | None = None,
         labeler: Callable[[torch.Tensor], list[str]] | None = None,
         tokenizer: Any = None,
+        max_overhead: float | None = None,
     ) -> None:
+        self.budget = Budget(max_overhead)  # before anything can fail: ValueError names it
         local = LocalModel(model)  # TypeError / ValueError for a model it cannot watch
         super().__init__(run_id, local.layout, name=name, controls=controls, symbols=symbols)
         self.model = model
@@ -269,6 +275,8 @@ class Run(BaseRun):
         """
         if self._ended:
             return
+        budget = self.budget
+        budget.step_begin()
         values = {} if loss is None else {"loss": _scalar("loss", loss)}
         for key, value in scalars.items():
             values[key] = _scalar(key, value)
@@ -279,6 +287,7 @@ class Run(BaseRun):
             hook(self)
         if self._gate.due:
             self._gate.wait()
+        budget.step_end()
 
     def new_sequence(self) -> None:
         """Say that a new sequence starts (recurrent inference): the stream's heatmaps of

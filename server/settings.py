@@ -102,9 +102,15 @@ class Settings(BaseSettings):
     history_max_snapshots: int = Field(200, ge=3)
     # 2 GiB of snapshot files over all runs; past it, other runs' oldest go first.
     history_max_bytes: int = Field(2 << 30, ge=1)
-    # Probe passes may take 1% of training time; past it snapshots are spaced out
-    # (2x, 4x ... history_every). None: exactly every history_every steps.
-    history_probe_budget: float | None = Field(0.01, gt=0, le=1)
+    # Deprecated (max_overhead below bounds the probe with everything else); when set,
+    # probe passes alone may also take at most this share of training time.
+    history_probe_budget: float | None = Field(None, gt=0, le=1)
+
+    # The dashboard's cost budget (server/budget.py): its time in the training thread
+    # plus its helper threads' CPU at most 3 % of training time, a slowdown nobody sees
+    # in steps/s; past it the dashboard thins its own work (statistics cadence, snapshot
+    # spacing, frame rate, view size) and says so on the page. 1: never thin.
+    max_overhead: float = Field(0.03, gt=0, le=1)
 
     # Access token (server/auth.py). None on loopback: no token needed. None on any other
     # bind: one is generated at start and printed in the URL (as Jupyter does).

@@ -24,6 +24,26 @@ class ModelPublic(BaseModel):
     layer_details: list[LayerPublic]
 
 
+class BudgetThinned(BaseModel):
+    stats_every: int  # history statistics every this many steps
+    snapshot_stride: int  # snapshots this many times further apart than history_every
+    stream_factor: int  # stream frames at 1/this of the rate asked for
+    view_scale: float  # pooled views at this fraction of the side asked for
+
+
+class BudgetPublic(BaseModel):
+    """What watching costs the training loop and what is thinned (attnscope.budget)."""
+
+    max_overhead: float | None
+    overhead: float | None  # the last window's dashboard time / training time
+    overhead_total: float | None  # the same since the run started
+    costs: dict[str, float]  # the last window's, per part (stats, snapshots, stream)
+    thinned: BudgetThinned
+    thinning: list[str]  # what is thinned, in words ("stats every 4 steps")
+    dropped: int  # history records dropped because the writer was behind
+    text: str  # in words, for a person
+
+
 class RunPublic(BaseModel):
     id: str
     name: str
@@ -33,6 +53,8 @@ class RunPublic(BaseModel):
     error: str | None
     controls: list[str]
     model: ModelPublic
+    # A local run's cost budget (None: a remote run, whose publisher keeps its own).
+    budget: BudgetPublic | None = None
     # Remote runs (Dashboard.connect): the publisher's "hostname:pid" and its config.
     host: str | None = None
     config: dict[str, Any] | None = None

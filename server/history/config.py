@@ -21,10 +21,10 @@ class HistoryConfig:
     every: int = 10
     # ~200 snapshots per run (the figure); older ones are thinned logarithmically.
     max_snapshots: int = 200
-    # At most 1% of the training thread's time in probe passes: past it, snapshots are
-    # spaced at 2x, 4x, ... ``every`` (a small model's fast steps make the probe costly).
-    # None: always exactly every ``every`` steps.
-    probe_budget: float | None = 0.01
+    # Deprecated: the run's cost budget (``max_overhead``, attnscope.budget) spaces
+    # snapshots with the rest of the dashboard's work. When set, probe passes alone also
+    # stay under this share of the training time (snapshots at 2x, 4x, ... ``every``).
+    probe_budget: float | None = None
     # 1 probe sample: the page shows one sample; scripts rarely need more.
     probe_samples: int = 1
     # Head statistics and scalars at every step, thinned by halving past this many points.

@@ -6,21 +6,23 @@ Per run, a :class:`RunRecorder`
   model sees (its first ``forward`` call), so snapshots compare across steps (not for
   a recurrent model: its steps are one token each, recorded as statistics of that
   token's attention row, with no snapshots);
-* at every step, keeps sample 0 of each layer's attention event as a
+* at every step (every ``stats_every`` steps when the run's cost budget thins
+  them, :mod:`attnscope.budget`), keeps sample 0 of each layer's attention event as a
   :meth:`~transformer_core.events.AttentionEvent.sample_copy` (that sample's
   queries and keys, copied where they are: no attention computed, no device sync);
-* every ``every`` steps, at the end of the step, runs the model once on the
-  probe (eval mode, no grad, its events heard by nobody else) and keeps each
-  layer's event as P sample copies (the writer computes the attention
-  (P, H, L, S) and stores it as float16). If the probe pass would take
-  more than ``probe_budget`` (1%) of the training thread's time, snapshots are
-  spaced further apart than ``every`` (a multiple of it) until it does not.
+* every ``every`` steps (times the budget's ``snapshot_stride``), at the end of the
+  step, runs the model once on the probe (eval mode, no grad, its events heard by
+  nobody else) and keeps each layer's event as P sample copies (the writer computes
+  the attention (P, H, L, S) and stores it as float16). The deprecated
+  ``probe_budget``, when set, also spaces snapshots so that probe passes alone stay
+  under that share of the training time.
 
-That is all the training thread does. The attention of those copies (H, L, S),
-their statistics (from its float16 copy on the CPU, exactly as the stream
-computes them), file writes, thinning and the cap happen in the writer thread of
-:class:`~attnscope.history.service.HistoryService`; if it falls behind, records are dropped
-(and counted), the training thread never waits.
+That is all the training thread does, and its time is charged to the run's budget.
+The attention of those copies (H, L, S), their statistics (from its float16 copy on
+the CPU, exactly as the stream computes them), file writes, thinning and the cap
+happen in the writer thread of :class:`~attnscope.history.service.HistoryService`; if it
+falls behind, records are dropped (counted in the budget, which then thins), the
+training thread never waits.
 
 A snapshot of step ``s`` shows the weights at the end of step ``s`` (after its
 update); it equals what the stream showed at step ``s`` when the training batch
@@ -167,10 +169,12 @@ class RunRecorder:
         self.recurrent = any(site.recurrent for site in run.local.sites)
         self._layer_of = {id(site.module): site.index for site in run.local.sites}
         self._pending: dict[int, AttentionEvent] = {}
-        self._stride = 1  # snapshots every ``every * stride`` steps (the time budget)
-        self._step_started = time.perf_counter()
-        self._step_time = 0.0  # moving average of a training step, seconds
-        self._probe_time = 0.0  # moving average of a probe pass, seconds
+        self._stride = 1  # snapshots every ``every * stride`` steps (``probe_budget``)
+        self._probe_time = 0.0  # moving average of a probe pass (CPU seconds)
+        self._probes = 0  # probe passes so far
+        self._budget = run.budget  # the run's cost budget: what this costs, what to thin
+        self._stats_due = True  # record this step's statistics (the budget thins them)
+        self._stats_seen = 0
         self._in_probe = False
         self._dispatchers = run.dispatchers
         self._pre_hook = run.model.register_forward_pre_hook(self._before_forward,
@@ -210,48 +214,76 @@ class RunRecorder:
         return isinstance(event, AttentionEvent) and id(event.source) in self._layer_of
 
     def _on_attention(self, event: AttentionEvent) -> None:
+        if not self._stats_due:  # the budget thinned statistics: nothing this step
+            return
+        t0 = time.thread_time()
         layer = self._layer_of[id(event.source)]
         if layer not in self._pending:  # a layer run twice in one forward: keep the first
             self._pending[layer] = event.sample_copy(0)  # read by the writer
+        self._budget.spend("stats", time.thread_time() - t0)
 
     def _on_step(self, run: Run) -> None:
+        """Step hook: this step's statistics when due (every ``budget.stats_every`` steps),
+        a probe snapshot when due; the time each takes is charged to the run's budget."""
         step = run.step_index
         if step is None:
             return
+        t0 = time.thread_time()
         now = time.time()
-        started, self._step_started = self._step_started, time.perf_counter()
-        took = self._step_started - started
-        self._step_time = took if not self._step_time else 0.9 * self._step_time + 0.1 * took
+        budget = self._budget
         if self.session is None or (self.last_step is not None and step < self.last_step):
             self._new_session()  # first step, or the run started over
         self.last_step = step
         pending, self._pending = self._pending, {}
         assert self.session is not None
-        self.service.submit(StepItem(self.session, step, now, dict(run.scalars), pending,
-                                      len(run.sites)))
-        every = self.config.every * self._stride  # at multiples (and the first step seen)
+        if self._stats_due:
+            item = StepItem(self.session, step, now, dict(run.scalars), pending, len(run.sites))
+            if self.service.submit(item) is False:  # the writer is behind: over budget
+                budget.queue_full()
+        # The next step's statistics: every ``stats_every`` steps (a count, not the step
+        # number: loops that skip numbers are still thinned evenly).
+        self._stats_seen += 1
+        self._stats_due = self._stats_seen % budget.stats_every == 0
+        budget.spend("stats", time.thread_time() - t0)
+        every = self.config.every * self._snapshot_stride  # at multiples (and the first one)
+        # A probe pass is charged spread over the steps between two of them (its moving
+        # average per step), so a window's overhead does not jump with each snapshot.
+        budget.spend("snapshots", self._probe_time / every)
         due = self.last_snapshot is None or step // every > self.last_snapshot // every
         if due and self.probe is not None and not self.probe_failed:
             self.last_snapshot = step
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             attention = self._probe_forward()
             repeat = self._probe_forward(repeated=True) if attention and self.repeat_ok else {}
-            self._adapt_stride(time.perf_counter() - t0)
             if attention:
                 labels = run.labels(0) if self.probe_labels is None else None
                 if labels is not None:
                     self.probe_labels = labels
-                self.service.submit(SnapshotItem(self.session, step, now, attention, labels,
-                                                 repeat))
+                if self.service.submit(SnapshotItem(self.session, step, now, attention, labels,
+                                                    repeat)) is False:
+                    budget.queue_full()
+            self._adapt_stride(time.thread_time() - t0)
+
+    @property
+    def _snapshot_stride(self) -> int:
+        """Snapshots every ``every * stride`` steps: the budget's spacing, or the probe's
+        own (``probe_budget``, deprecated) when that is wider."""
+        return max(self._stride, self._budget.snapshot_stride)
 
     def _adapt_stride(self, probe_s: float) -> None:
-        """Space snapshots so that probe passes take at most ``probe_budget`` of the time."""
-        self._probe_time = probe_s if not self._probe_time else \
-            0.8 * self._probe_time + 0.2 * probe_s
-        self._step_started = time.perf_counter()  # the probe is not part of the next step
-        if self._step_time <= 0 or self.config.probe_budget is None:
+        """Account for a probe pass of ``probe_s`` CPU seconds (its moving average is
+        charged to the budget per step); with the deprecated ``probe_budget``, also space
+        snapshots so that probe passes alone take at most that share of training time."""
+        if not self._probes:  # the first pass warms up (allocations): charged as it is
+            self._budget.spend("snapshots", probe_s)
+        else:
+            self._probe_time = probe_s if self._probes == 1 else \
+                0.5 * self._probe_time + 0.5 * probe_s
+        self._probes += 1
+        step_time = self._budget.step_time
+        if self.config.probe_budget is None or step_time <= 0:
             return
-        share = self._probe_time / (self.config.every * self._stride * self._step_time)
+        share = self._probe_time / (self.config.every * self._stride * step_time)
         if share > self.config.probe_budget:
             self._stride *= 2
         elif share < self.config.probe_budget / 4 and self._stride > 1:

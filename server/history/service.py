@@ -136,8 +136,10 @@ class HistoryService:
 
     # -- writer ----------------------------------------------------------------
 
-    def submit(self, item: Any) -> None:
-        """Queue an item for the writer; never blocks (a full queue drops the item)."""
+    def submit(self, item: Any) -> bool:
+        """Queue an item for the writer; never blocks. False: the queue is full and the
+        item was dropped (counted in ``dropped``; the recorder tells its run's budget,
+        which thins the history's work). Nothing is logged: the budget says it."""
         size = getattr(item, "nbytes", 0)
         with self._bytes_lock:
             fits = self._queued_bytes + size <= self.config.queue_bytes
@@ -152,8 +154,8 @@ class HistoryService:
                 with self._bytes_lock:
                     self._queued_bytes -= size
             self.dropped += 1
-            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
-                logger.warning("history: writer behind, %d records dropped", self.dropped)
+            return False
+        return True
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued so far is written; False on timeout."""
@@ -198,12 +200,32 @@ class HistoryService:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            cpu = time.thread_time()
             try:
                 self._write(batch)
             except Exception:
                 logger.exception("history: writing failed")
+            self._charge(batch, time.thread_time() - cpu)
             if any(x is None for x in batch):
                 return
+
+    def _charge(self, batch: list[Any], cpu_s: float) -> None:
+        """Charge the writer's CPU time for ``batch`` to the budgets of the local runs whose
+        records it held, in proportion to their bytes (a remote run's publisher pays in
+        its own process)."""
+        by_session: dict[str, list[float]] = {}
+        for item in batch:
+            if isinstance(item, StepItem | SnapshotItem):
+                part = by_session.setdefault(item.session, [0.0, 0.0])
+                part[isinstance(item, SnapshotItem)] += max(item.nbytes, 1)
+        total = sum(sum(p) for p in by_session.values())
+        if not total:
+            return
+        for recorder in list(self.recorders.values()):
+            part = by_session.get(recorder.session or "")
+            if part is not None:
+                recorder.run.budget.spend_helper("stats", cpu_s * part[0] / total)
+                recorder.run.budget.spend_helper("snapshots", cpu_s * part[1] / total)
 
     def _write(self, batch: list[Any]) -> None:
         steps: list[StepItem] = []
@@ -253,5 +275,8 @@ def start(settings: Any, registry: Any) -> HistoryService | None:
         logger.warning("history disabled: %s", exc)
         return None
     if service is not None:
+        if service.config.probe_budget is not None:
+            logger.warning("ATTNSCOPE_HISTORY_PROBE_BUDGET is deprecated: ATTNSCOPE_MAX_OVERHEAD "
+                           "bounds the probe passes with the rest of the dashboard's work")
         service.watch(registry)
     return service

@@ -29,6 +29,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -88,13 +89,14 @@ class RemotePublisher:
     def __init__(self, model: nn.Module, url: str, run_id: str, *, name: str | None = None,
                  token: str | None = None, config: dict[str, Any] | None = None,
                  buffer_frames: int = 256, symbols: Sequence[str] | None = None,
-                 history: bool = True) -> None:
+                 history: bool = True, max_overhead: float | None = 0.03) -> None:
         if buffer_frames < 1:
             raise ValueError(f"buffer_frames must be >= 1, got {buffer_frames}")
         self.url = url
         self.ws_url = publish_url(url)
         self.model = model
-        self.run = Run(model, run_id=run_id, name=name or run_id, controls=(), symbols=symbols)
+        self.run = Run(model, run_id=run_id, name=name or run_id, controls=(), symbols=symbols,
+                       max_overhead=max_overhead)
         self._model_info = model_info_message(self.run.layout, self.run.symbols)
         self.config = dict(config or {})
         self._token = token
@@ -342,7 +344,9 @@ class RemotePublisher:
                 return
             self._event.clear()
             self._wake_pending = False
+            cpu = time.thread_time()
             self._collect()
+            self.run.budget.spend_helper("stream", time.thread_time() - cpu)
             await self._flush(ws)
             if self._closing:
                 await ws.send(json.dumps({"type": "close"}))
@@ -369,7 +373,10 @@ class RemotePublisher:
         while self._answers:
             await ws.send(self._answers.popleft())
         if self._history is not None:
-            for message in self._history.messages(now=self._closing):
+            cpu = time.thread_time()
+            messages = self._history.messages(now=self._closing)
+            self.run.budget.spend_helper("stats", time.thread_time() - cpu)
+            for message in messages:
                 await ws.send(message)
         now = asyncio.get_running_loop().time()
         if self._steps and (self._closing or now >= self._steps_sent + STEPS_PERIOD_S):

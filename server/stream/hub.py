@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,6 +163,7 @@ class Connection:
         self.runs_dirty = False
         self.sent: dict[SlotKey, int] = {}
         self.sent_scalars = -1
+        self.sent_budget = -1  # the version of the run's budget last sent
         self.next_due = 0.0  # loop time before which no new frames are sent
         self.scalars_due = 0.0  # the same for scalars messages
         self.heads_pending: str | None = None  # the latest ``heads`` message not yet sent
@@ -206,6 +208,7 @@ class Connection:
             await self._send_heads()
             if self.sub is None:
                 continue
+            await self._send_budget(self.sub)
             delay = self.next_due - loop.time()
             if delay > 0:  # this subscriber's max_fps: wait, then send the latest
                 await asyncio.sleep(delay)
@@ -244,17 +247,20 @@ class Connection:
             return False
         publisher = self.hub.publishers.get(sub.run)
         sent = False
+        budget = run.budget  # a local run's: encoding here competes with its training
+        side = sub.max_side if budget is None else budget.view_side(sub.max_side)
         if publisher is not None:
             for key in sub.slot_keys:
                 cap = publisher.slots.get(key)
                 if cap is None or cap.seq <= self.sent.get(key, 0):
                     continue
                 self.sent[key] = cap.seq
+                cpu = time.thread_time()
                 try:
                     if cap.kind == "head_stats":
                         encoded: str | bytes = encode_stats(run.id, cap)
                     else:
-                        encoded = encode_binary(run.id, cap, sub.heads, sub.max_side, sub.dtype)
+                        encoded = encode_binary(run.id, cap, sub.heads, side, sub.dtype)
                 except (ValueError, IndexError, RuntimeError) as exc:
                     # A capture that cannot be encoded (publishers' frames are checked on
                     # arrival, so this is a bug): drop it from its slot so that no viewer,
@@ -264,6 +270,9 @@ class Connection:
                     if publisher.slots.get(key) is cap:
                         del publisher.slots[key]
                     continue
+                finally:
+                    if budget is not None:
+                        budget.spend_helper("stream", time.thread_time() - cpu)
                 if isinstance(encoded, str):
                     await self.send_text(encoded)
                 else:
@@ -272,6 +281,13 @@ class Connection:
                 if self.sub is not sub:  # resubscribed meanwhile: start over with the new one
                     return sent
         return sent
+
+    async def _send_budget(self, sub: Resolved) -> None:
+        """Send the run's cost budget (docs/protocol.md, ``budget``) when it changed."""
+        message = self.hub.budget_message(sub.run, self.sent_budget)
+        if message is not None:
+            self.sent_budget = message["version"]
+            await self.send_json(message)
 
     async def _send_scalars(self, sub: Resolved) -> bool:
         """Send the run's latest scalars if they changed since the last ones sent."""
@@ -337,6 +353,17 @@ class Hub:
     def runs_message(self) -> dict[str, Any]:
         return {"type": "runs", "runs": [r.summary() for r in self.registry.list()]}
 
+    def budget_message(self, run_id: str, sent: int = -1) -> dict[str, Any] | None:
+        """``{"type": "budget", "run", "version", ...Budget.status()}``, or None when the
+        run has no budget here or its version is still ``sent``."""
+        try:
+            budget = self.registry.get(run_id).budget
+        except UnknownRunError:
+            return None
+        if budget is None or budget.version == sent:
+            return None
+        return {"type": "budget", "run": run_id, "version": budget.version, **budget.status()}
+
     # -- connections -----------------------------------------------------------
 
     def connect(self, websocket: WebSocket) -> Connection:
@@ -368,6 +395,7 @@ class Hub:
         conn.sub = resolved
         conn.sent = {}
         conn.sent_scalars = -1
+        conn.sent_budget = -1
         conn.next_due = 0.0
         conn.heads_version = None  # a new subscription gets the current heads message
         if old is not None and old.run != resolved.run:
@@ -438,6 +466,18 @@ class Hub:
             for publisher in list(self.publishers.values()):
                 publisher.flush_stale(STALE_AFTER_S)
             self._wake_for_unsent_scalars()
+            self._wake_for_budgets()
+
+    def _wake_for_budgets(self) -> None:
+        """Wake senders whose run's budget changed (a window closed: every few seconds)."""
+        for conn in self.connections:
+            sub = conn.sub
+            if sub is None:
+                continue
+            with contextlib.suppress(UnknownRunError):
+                budget = self.registry.get(sub.run).budget
+                if budget is not None and budget.version != conn.sent_budget:
+                    conn.wake.set()
 
     async def _heads_loop(self) -> None:
         """The ``heads`` messages (:mod:`.heads_feed`); a failure is logged, not fatal."""

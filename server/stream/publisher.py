@@ -160,6 +160,8 @@ class Publisher:
         if what == "qkv" and not isinstance(event, QKVEvent):
             return
         now = time.monotonic()
+        t0 = time.thread_time()
+        budget = self.run.budget
         flushed = False
         with self._lock:
             if source in self._window:
@@ -171,7 +173,8 @@ class Publisher:
                 else:
                     capture = self._capturing = True
                     self._window_start = now
-                    self._next_due = now + plan.interval
+                    # The run's cost budget may stretch the interval (frames at 1/k rate).
+                    self._next_due = now + plan.interval * budget.stream_factor
             else:
                 capture = True
             if capture:
@@ -179,6 +182,7 @@ class Publisher:
         if flushed:
             self._notify(self.run.id)
         if not capture:
+            budget.spend("stream", time.thread_time() - t0)
             return
         needs = plan.needs.get(layer, ())
         with torch.no_grad():
@@ -189,6 +193,7 @@ class Publisher:
         with self._lock:
             for cap in captures:
                 self._pending[(cap.kind, cap.layer, cap.sample)] = cap
+        budget.spend("stream", time.thread_time() - t0)
 
     def _capture_attention(self, event: AttentionEvent, layer: int,
                            needs: tuple[SampleNeed, ...]) -> list[Capture]:
@@ -237,6 +242,7 @@ class Publisher:
 
     def _on_step(self, run: Run) -> None:
         """Step hook: publish this step's captures with its number and token labels."""
+        t0 = time.thread_time()
         with self._lock:
             pending, self._pending = self._pending, {}
             self._window = set()
@@ -250,6 +256,7 @@ class Publisher:
             if now >= self._scalars_due:
                 self._scalars_due = now + plan.interval
                 self._notify(run.id)
+        run.budget.spend("stream", time.thread_time() - t0)
 
     def _flush_locked(self) -> bool:
         pending, self._pending = self._pending, {}

@@ -38,6 +38,7 @@ TRAINING = {
     "attnscope.demo_run", "attnscope.client", "attnscope.induction",
     "attnscope.integrations", "attnscope.integrations._common",
     "attnscope.integrations.huggingface", "attnscope.integrations.lightning",
+    "attnscope.budget",
 }
 # Everything else is the web side (app, routers, hub, endpoints, auth, settings, CLI).
 LAYER_NAMES = ("core", "training side", "web side")

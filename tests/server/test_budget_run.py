@@ -1,0 +1,134 @@
+"""The cost budget on a served run: dashboard work made slow on purpose is thinned until
+it fits, the REST and websocket status say what is thinned, and it recovers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from stream_support import Served, Trainer, connect, run_async, small_encoder
+
+from attnscope.history import service as service_module
+from attnscope.runs import Run, RunRegistry
+from attnscope.stream.publisher import Publisher
+from transformer_core.events import EventDispatcher
+
+SLOW_S = 0.004  # what each slowed call costs: far over a 1 % budget on a 20 ms step
+
+
+@pytest.fixture
+def slow(monkeypatch):
+    """While ``on``: the history writer's statistics take SLOW_S more per recorded step
+    (CPU in a helper thread), and each stream capture SLOW_S more (the training thread)."""
+    state = {"on": True}
+    rows, capture = service_module.stat_rows, Publisher._capture_attention
+
+    def busy(seconds: float) -> None:
+        if state["on"]:
+            end = time.thread_time() + seconds
+            while time.thread_time() < end:
+                pass
+
+    def slow_rows(steps, *args, **kwargs):
+        busy(SLOW_S * len(steps))
+        return rows(steps, *args, **kwargs)
+
+    def slow_capture(self, *args, **kwargs):
+        busy(SLOW_S)
+        return capture(self, *args, **kwargs)
+
+    monkeypatch.setattr(service_module, "stat_rows", slow_rows)
+    monkeypatch.setattr(Publisher, "_capture_attention", slow_capture)
+    return state
+
+
+def wait_for(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+async def frames_per_second(ws, seconds: float) -> float:
+    """Attention frames of layer 0 received per second over ``seconds`` (after what
+    waited unread)."""
+    while True:
+        try:
+            await asyncio.wait_for(ws.recv(), 0.01)
+        except TimeoutError:
+            break
+    count, end = 0, time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        try:
+            msg = await asyncio.wait_for(ws.recv(), left)
+        except TimeoutError:
+            break
+        if isinstance(msg, bytes) and b'"attention"' in msg[:200] and b'"layer":0' in msg[:200]:
+            count += 1
+    return count / seconds
+
+
+def test_slow_dashboard_work_is_thinned_to_the_budget_and_recovers(tmp_path, slow):
+    dispatcher = EventDispatcher()
+    model = small_encoder(dispatcher)
+    x = torch.randn(2, 6, 8)
+    registry = RunRegistry()
+    run = registry.add(Run(model, run_id="toy", max_overhead=0.01))
+    run.budget.window_s = 1.0  # decide every second: a short test
+    budget = run.budget
+    with Served(registry, data_dir=tmp_path) as served, \
+            Trainer(run, model, x, tokens=[list("abcdef")] * 2, period=0.04):
+
+        async def body() -> tuple[float, float, dict, int, int]:
+            ws = await connect(served.ws_url)
+            await ws.send('{"type": "subscribe", "run": "toy", "max_fps": 20,'
+                          ' "kinds": ["attention", "head_stats", "scalars"]}')
+            thinned = await asyncio.to_thread(
+                wait_for, lambda: budget.stats_every > 1 and budget.stream_factor > 1, 15)
+            assert thinned, (budget.levels, budget.status())
+            # Thinned until the overhead it reports is near the budget.
+            near = await asyncio.to_thread(wait_for, lambda: budget.overhead is not None
+                                           and budget.overhead <= 0.02, 15)
+            assert near, (budget.levels, budget.status())
+            slowed = budget.stream_factor
+            slow_rate = await frames_per_second(ws, 3.0)
+            message = None
+            deadline = time.monotonic() + 5
+            while message is None or "to stay under 1 %" not in message["text"]:
+                assert time.monotonic() < deadline, message
+                raw = await asyncio.wait_for(ws.recv(), 5)
+                if isinstance(raw, str) and '"budget"' in raw:
+                    message = json.loads(raw)
+            slow["on"] = False
+            # Well under budget now: the stream (thinned last) is restored first.
+            recovered = await asyncio.to_thread(
+                wait_for, lambda: budget.stream_factor <= slowed // 2, 20)
+            assert recovered, (slowed, budget.levels, budget.status())
+            fast_rate = await frames_per_second(ws, 3.0)
+            await ws.close()
+            return slow_rate, fast_rate, message, slowed, budget.stream_factor
+
+        slow_rate, fast_rate, message, slowed, now = run_async(body, timeout=90)
+        status = served.http.get("/api/v1/runs/toy").json()["budget"]
+        assert served.app.state.history.flush()
+        store = served.app.state.history.store
+        steps = np.array([row.step for row in store.stats(store.latest_session("toy").id)])
+
+    # Over budget the stream was slowed, and the websocket said what was thinned.
+    assert message["run"] == "toy" and message["max_overhead"] == 0.01
+    assert "stats every" in message["text"] and "stream frames at 1/" in message["text"]
+    assert message["thinned"]["stats_every"] > 1 and message["thinned"]["stream_factor"] > 1
+    # Recovering: frames come faster again; the REST status says where it stands now.
+    assert slow_rate <= 20 / slowed + 0.5, (slow_rate, slowed)  # 20 fps asked for
+    assert slow_rate * 1.3 < fast_rate, (slow_rate, fast_rate, slowed, now)
+    assert status["thinned"]["stream_factor"] <= slowed // 2
+    assert status["max_overhead"] == 0.01 and status["text"]
+    # The history recorded statistics every k > 1 steps while thinned.
+    gaps = np.diff(steps)
+    assert gaps.max() > 1 and (gaps == 1).any(), steps
