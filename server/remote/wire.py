@@ -76,7 +76,7 @@ def encode_capture(cap: Capture, valid: torch.Tensor | None) -> bytes:
 
     ``valid`` (head_stats only): unmasked keys per query row (L,), or None.
     """
-    data = cap.data
+    data = cap.wait()
     dtype = "float16" if data.dtype == torch.float16 else "float32"
     array = data.to(torch.float16 if dtype == "float16" else torch.float32).numpy()
     header = {

@@ -62,9 +62,11 @@ class Capture:
     """One captured array, as put into a latest-value slot.
 
     ``data`` is on the CPU: attention (h, L, S) float16, qk_logits (h, L, S)
-    float32, qkv_norms (3, h, P) float32, head_stats: the attention of all H
-    heads (H, L, S) float16 with ``masks``, from which the event loop computes
-    the statistics (in the training thread there is only the copy).
+    float32, qkv_norms (3, h, P) float32, head_stats: the statistics of all H
+    heads (11, H) float32 (``STAT_NAMES + PATTERN_NAMES``, reduced where the
+    attention was computed), or, from an older remote publisher, their attention
+    (H, L, S) float16 with ``masks``. When ``ready`` is a CUDA event, ``data`` is
+    still arriving from the device: read it through :meth:`wait`.
     ``cache`` holds its encodings by view, filled lazily by the event loop.
     """
 
@@ -80,3 +82,11 @@ class Capture:
     labels: tuple[list[str] | None, list[str] | None] | None = None
     masks: MaskInfo | None = None
     cache: dict[Any, Any] = field(default_factory=dict)
+    ready: Any = None  # torch.cuda.Event recorded after the copy into ``data``
+
+    def wait(self) -> torch.Tensor:
+        """``data``, once its copy from the device has arrived (blocks the reader only)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
+        return self.data

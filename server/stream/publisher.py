@@ -3,9 +3,11 @@
 It listens on the run's dispatcher(s) only while someone subscribes, with a
 :class:`Plan` that is the union of the subscriptions. Its handler runs in the
 training thread and does as little as possible: a throttle check, the slices
-asked for (``event.attention(sample=..., heads=...)``), a detached CPU copy in
-reduced precision, and a store into a latest-value slot. Everything else
-(pooling, encoding, sending) happens in the server's event loop.
+asked for (``event.attention(sample=..., heads=...)``), head statistics reduced
+where that slice is (11, H), detached host copies in reduced precision (from a
+GPU: non-blocking, into pinned memory, with an event the reader waits on), and a
+store into a latest-value slot. Everything else (encoding, sending) happens in
+the server's event loop.
 
 Frames are tied to steps: captures made during a forward pass wait in
 ``pending`` until :meth:`Run.step` marks the step (so they carry that step's
@@ -25,7 +27,8 @@ import torch
 from transformer_core.events import AttentionEvent, QKVEvent
 
 from .plan import EMPTY_PLAN, Capture, Plan, SampleNeed, SlotKey
-from .stats import MaskInfo
+from .reduce import HostCopy, layer_statistics, to_host
+from .stats import MaskInfo, valid_key_counts
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..runs import Run
@@ -42,17 +45,20 @@ def _heads_arg(heads: tuple[int, ...] | None) -> list[int] | None:
     return None if heads is None else list(heads)
 
 
-def _to_cpu_half(t: torch.Tensor) -> torch.Tensor:
-    """Detached float16 copy on the CPU (converted on the device first: less to move)."""
-    t = t.detach()
-    if t.dtype != torch.float16:
-        return t.to(torch.float16).cpu()
-    return t.to("cpu", copy=True)
+def _to_cpu_half(t: torch.Tensor) -> HostCopy:
+    """Detached float16 copy on the host (converted on the device first: less to move;
+    from CUDA without waiting, see :func:`~attnscope.stream.reduce.to_host`)."""
+    return to_host(t, torch.float16)
 
 
-def _to_cpu_float(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().float()
-    return t.cpu() if t.device.type != "cpu" else t
+def _to_cpu_float(t: torch.Tensor) -> HostCopy:
+    """Detached float32 copy on the host (from CUDA without waiting)."""
+    return to_host(t, torch.float32)
+
+
+def _capture(kind: str, layer: int, sample: int, heads: tuple[int, ...], copy: HostCopy,
+             role: str, now: float) -> Capture:
+    return Capture(kind, layer, sample, heads, copy.tensor, role, now, ready=copy.done)
 
 
 class Publisher:
@@ -193,19 +199,21 @@ class Publisher:
                 continue
             if need.attention or need.stats:
                 a = event.attention(sample=need.sample, heads=_heads_arg(need.attention_heads))
-                heads = need.attention_heads or tuple(range(h))
-                a = _to_cpu_half(a)  # (h, L, S)
-                if need.stats:  # all heads (see build_plan)
-                    out.append(Capture("head_stats", layer, need.sample, heads, a, event.role,
-                                       now, masks=MaskInfo.of(event)))
+                heads = need.attention_heads or tuple(range(h))  # (h, L, S) where computed
+                if need.stats:  # all heads (see build_plan), reduced where ``a`` is
+                    L, S = a.shape[-2:]
+                    valid = valid_key_counts(MaskInfo.of(event), need.sample, L, S,
+                                             on_device=True)
+                    out.append(_capture("head_stats", layer, need.sample, heads,
+                                        to_host(layer_statistics(a, valid)), event.role, now))
                 if need.attention:
-                    out.append(Capture("attention", layer, need.sample, heads, a,
-                                       event.role, now))
+                    out.append(_capture("attention", layer, need.sample, heads,
+                                        _to_cpu_half(a), event.role, now))
             if need.logits:
                 g = event.logits(sample=need.sample, heads=_heads_arg(need.logits_heads))
                 heads = need.logits_heads or tuple(range(h))
-                out.append(Capture("qk_logits", layer, need.sample, heads,
-                                   _to_cpu_float(g), event.role, now))
+                out.append(_capture("qk_logits", layer, need.sample, heads, _to_cpu_float(g),
+                                    event.role, now))
         return out
 
     def _capture_qkv(self, event: QKVEvent, layer: int,
@@ -224,8 +232,8 @@ class Publisher:
             data = torch.full((3, len(heads), p), float("nan"), device=q.device)
             for i, x in enumerate(norms):
                 data[i, :, : x.shape[1]] = x
-            out.append(Capture("qkv_norms", layer, need.sample, heads, _to_cpu_float(data),
-                               role, now))
+            out.append(_capture("qkv_norms", layer, need.sample, heads, _to_cpu_float(data),
+                                role, now))
         return out
 
     def _on_step(self, run: Run) -> None:
