@@ -172,6 +172,7 @@ def one_window(mode: str, training: Training, seconds: float, data_dir: str) -> 
 
 def table(args: argparse.Namespace) -> None:
     training = Training(args)
+    training.step()  # warm-up (allocations, first-call costs)
     t0 = time.perf_counter()
     training.step()
     first = time.perf_counter() - t0
@@ -179,7 +180,7 @@ def table(args: argparse.Namespace) -> None:
     print(f"{args.layers} layers x {args.heads} heads, d_model {args.d_model}, ff {args.ff}, "
           f"L={args.seq}, batch {args.batch}, {args.device}"
           f"{' bf16 autocast' if args.bf16 else ''}, {torch.get_num_threads()} torch "
-          f"threads, {os.cpu_count()} CPUs; first step {first:.2f} s; "
+          f"threads, {os.cpu_count()} CPUs; one step {first:.2f} s; "
           f"{args.repeats} x {seconds:.0f} s windows per mode", flush=True)
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory() as data_dir:
@@ -275,12 +276,12 @@ def main() -> None:
                         help="window length (default: --min-steps steps, at least 10 s)")
     parser.add_argument("--min-steps", type=int, default=12, help="steps per window (12)")
     parser.add_argument("--quick", action="store_true",
-                        help="2 windows per mode of ~6 steps (GPT-2 small on 1 CPU: ~6 min)")
+                        help="2 windows per mode of ~4 steps (GPT-2 small on 1 CPU: ~6 min)")
     parser.add_argument("--profile", action="store_true", help="where the time goes")
     args = parser.parse_args()
     args.ff = args.ff or 4 * args.d_model
     if args.quick:
-        args.repeats, args.min_steps = 2, 6
+        args.repeats, args.min_steps = 2, 4
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("--device cuda: CUDA is not available here (torch "
               f"{torch.__version__}); nothing measured")

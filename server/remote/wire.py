@@ -39,7 +39,10 @@ def plan_to_message(plan: Plan) -> dict[str, Any]:
     return {
         "type": "plan", "interval": plan.interval, "scalars": plan.scalars,
         "sources": sorted(plan.sources),
-        "needs": {str(layer): [dataclasses.asdict(n) for n in needs]
+        # without max_side: a remote publisher sends full-resolution views (the frame
+        # checks hold them to the run's L x S)
+        "needs": {str(layer): [{k: v for k, v in dataclasses.asdict(n).items()
+                                if k != "max_side"} for n in needs]
                   for layer, needs in plan.needs.items()},
     }
 

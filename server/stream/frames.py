@@ -74,9 +74,14 @@ def encode_binary(run_id: str, cap: Capture, heads: tuple[int, ...] | None, max_
     if cap.kind == "qkv_norms":
         values, used = _select_heads(cap, heads, 1)  # (3, h, P)
     else:
-        values, used = _select_heads(cap, heads, 0)  # (h, L, S)
-        pool = pool_factor(values.shape[1], values.shape[2], max_side)
-        values = pool_matrix(values, pool)
+        values, used = _select_heads(cap, heads, 0)  # (h, L, S), or pooled by cap.pool
+        length, keys = cap.full_shape or values.shape[1:]
+        pool = pool_factor(length, keys, max_side)
+        if pool % cap.pool == 0:
+            values = pool_matrix(values, pool // cap.pool)
+        else:  # pooled for another view size: pool what there is
+            more = pool_factor(values.shape[1], values.shape[2], max_side)
+            values, pool = pool_matrix(values, more), cap.pool * more
         if labels is not None:
             labels = (pool_labels(labels[0], pool), pool_labels(labels[1], pool))
     array, scale, offset = _array(values, dtype)

@@ -21,7 +21,9 @@ class SampleNeed:
     """What the union of subscriptions wants from one layer for one sample.
 
     ``*_heads`` are the heads to capture: a sorted tuple, or None for all heads.
-    ``attention_heads`` is None (all) whenever ``stats`` is set.
+    ``attention_heads`` is None (all) whenever ``stats`` is set. ``max_side``: pool
+    the attention view to at most this side where it is computed (every subscriber
+    of this sample asks for it), or None: capture it at full resolution.
     """
 
     sample: int
@@ -32,6 +34,7 @@ class SampleNeed:
     stats: bool = False
     qkv: bool = False
     qkv_heads: tuple[int, ...] | None = None
+    max_side: int | None = None
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,9 @@ class Capture:
     heads (11, H) float32 (``STAT_NAMES + PATTERN_NAMES``, reduced where the
     attention was computed), or, from an older remote publisher, their attention
     (H, L, S) float16 with ``masks``. When ``ready`` is a CUDA event, ``data`` is
-    still arriving from the device: read it through :meth:`wait`.
+    still arriving from the device: read it through :meth:`wait`. An attention
+    capture pooled where it was computed has ``pool`` > 1 and its (L, S) in
+    ``full_shape``.
     ``cache`` holds its encodings by view, filled lazily by the event loop.
     """
 
@@ -83,6 +88,8 @@ class Capture:
     masks: MaskInfo | None = None
     cache: dict[Any, Any] = field(default_factory=dict)
     ready: Any = None  # torch.cuda.Event recorded after the copy into ``data``
+    pool: int = 1  # attention pooled by this factor where captured
+    full_shape: tuple[int, int] | None = None  # (L, S) before that pooling
 
     def wait(self) -> torch.Tensor:
         """``data``, once its copy from the device has arrived (blocks the reader only)."""

@@ -27,7 +27,7 @@ import torch
 from transformer_core.events import AttentionEvent, QKVEvent
 
 from .plan import EMPTY_PLAN, Capture, Plan, SampleNeed, SlotKey
-from .reduce import HostCopy, layer_statistics, to_host
+from .reduce import HostCopy, layer_statistics, pool_factor, pool_matrix, to_host
 from .stats import MaskInfo, valid_key_counts
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,6 +54,18 @@ def _to_cpu_half(t: torch.Tensor) -> HostCopy:
 def _to_cpu_float(t: torch.Tensor) -> HostCopy:
     """Detached float32 copy on the host (from CUDA without waiting)."""
     return to_host(t, torch.float32)
+
+
+def _view(layer: int, need: SampleNeed, heads: tuple[int, ...], a: torch.Tensor, role: str,
+          now: float) -> Capture:
+    """The attention capture of ``a`` (h, L, S), pooled where it is to ``need.max_side``."""
+    L, S = a.shape[-2:]
+    factor = 1 if need.max_side is None else pool_factor(L, S, need.max_side)
+    view = a if factor == 1 else pool_matrix(a, factor)  # (h, L/f, S/f) where computed
+    cap = _capture("attention", layer, need.sample, heads, _to_cpu_half(view), role, now)
+    if factor > 1:
+        cap.pool, cap.full_shape = factor, (L, S)
+    return cap
 
 
 def _capture(kind: str, layer: int, sample: int, heads: tuple[int, ...], copy: HostCopy,
@@ -207,8 +219,7 @@ class Publisher:
                     out.append(_capture("head_stats", layer, need.sample, heads,
                                         to_host(layer_statistics(a, valid)), event.role, now))
                 if need.attention:
-                    out.append(_capture("attention", layer, need.sample, heads,
-                                        _to_cpu_half(a), event.role, now))
+                    out.append(_view(layer, need, heads, a, event.role, now))
             if need.logits:
                 g = event.logits(sample=need.sample, heads=_heads_arg(need.logits_heads))
                 heads = need.logits_heads or tuple(range(h))
@@ -280,7 +291,7 @@ def _axis_labels(tokens: list[str] | None, cap: Capture) -> tuple[list[str] | No
         return None
     if cap.kind == "qkv_norms":
         return (tokens, tokens if cap.role == "self" else None)
-    length, keys = cap.data.shape[-2], cap.data.shape[-1]
+    length, keys = cap.full_shape or cap.data.shape[-2:]
     q = tokens if len(tokens) == length else None
     k = tokens if cap.role == "self" and len(tokens) == keys else None
     return None if q is None and k is None else (q, k)

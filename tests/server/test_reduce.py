@@ -15,9 +15,11 @@ from attnscope.history.config import HistoryConfig
 from attnscope.history.recorder import StepItem, stats_of
 from attnscope.history.service import HistoryService
 from attnscope.history.store import HistoryStore
+from attnscope.protocol import decode_frame
 from attnscope.runs import Run
-from attnscope.stream.plan import Plan, SampleNeed
-from attnscope.stream.publisher import Publisher
+from attnscope.stream.frames import encode_binary
+from attnscope.stream.plan import Capture, Plan, SampleNeed
+from attnscope.stream.publisher import Publisher, _axis_labels, _view
 from attnscope.stream.reduce import layer_statistics, limit_threads, to_host
 from attnscope.stream.stats import HEAD_STATISTICS, MaskInfo, valid_key_counts
 from transformer_core.attention.full_attention import FullAttention
@@ -191,3 +193,25 @@ def test_a_watched_step_on_cuda_never_waits_for_the_device(tmp_path) -> None:
     service.close()
     assert row is not None and row.step == 1  # the history's row: the same values
     np.testing.assert_allclose(row.heads[1, :11], want.numpy(), atol=2e-3)
+
+
+def test_a_view_pooled_where_captured_equals_one_pooled_when_encoded() -> None:
+    """The publisher pools to the subscribers' max_side before the copy; frames (values,
+    pool factor, labels) are those of a full-resolution capture pooled by the encoder,
+    also for a view size the capture was not pooled for."""
+    a = _attention(3, 300, 300)
+    labels = [f"t{i}" for i in range(300)]
+    pooled = _view(0, SampleNeed(0, attention=True, max_side=64), (0, 1, 2), a, "self", 1.0)
+    full = Capture("attention", 0, 0, (0, 1, 2), a.half(), "self", 1.0)
+    assert pooled.data.shape == (3, 60, 60) and pooled.pool == 5
+    for cap in (pooled, full):
+        cap.labels = _axis_labels(labels, cap)
+    for side in (64, 32, 100):
+        got, want = (decode_frame(encode_binary("r", cap, None, side, "float16"))
+                     for cap in (pooled, full))
+        if side == 100:  # 300 / 100 = 3 is no multiple of 5: the pooled view stays at 5
+            assert got[0]["pool"] == 5 and got[1].shape == (3, 60, 60)
+            continue
+        assert got[0]["pool"] == want[0]["pool"] and got[0]["labels"] == want[0]["labels"]
+        np.testing.assert_allclose(got[1].astype(np.float32), want[1].astype(np.float32),
+                                   atol=2e-3)
