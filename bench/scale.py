@@ -58,7 +58,7 @@ class StepResult:
     step: int
     loss: float
     tokens: None = None
-    accuracy: None = None
+    accuracy: float = 0.0  # a regression loss: no accuracy (a scalar all the same)
 
 
 class Training:
@@ -134,16 +134,22 @@ def _wait_for_viewer(dash, training: Training, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
+def _window(training: Training, run, seconds: float) -> dict:
+    """``_measure``'s figures, the number of steps and CPU seconds per step by thread role."""
+    before, t0 = _thread_cpu(), time.perf_counter()
+    result = _measure(training, run, seconds)
+    result["steps"] = max(1, round(result["steps_per_s"] * (time.perf_counter() - t0)))
+    result["cpu"] = {k: v / result["steps"] for k, v in _groups(before, _thread_cpu()).items()}
+    return result
+
+
 def one_window(mode: str, training: Training, seconds: float, data_dir: str) -> dict:
     from attnscope import Dashboard
     from attnscope.settings import Settings
 
     if mode == "a":
         training.step()  # warm, as the others are
-        before = _thread_cpu()
-        result = _measure(training, None, seconds)
-        result["cpu"] = _groups(before, _thread_cpu())
-        return result
+        return _window(training, None, seconds)
     settings = Settings(data_dir=data_dir)
     dash = Dashboard.start(training.model, port=0, quiet=True, settings=settings)
     client = None
@@ -157,9 +163,7 @@ def one_window(mode: str, training: Training, seconds: float, data_dir: str) -> 
             _wait_for_viewer(dash, training)
         r = training.step()  # opens the history session, takes the first snapshot
         dash.step(r.step, loss=r.loss)
-        before = _thread_cpu()
-        result = _measure(training, dash.run, seconds)
-        result["cpu"] = _groups(before, _thread_cpu())
+        result = _window(training, dash.run, seconds)
         history = dash._server.server.config.app.state.history
         result["dropped"] = 0 if history is None else history.dropped
         return result
@@ -188,11 +192,10 @@ def table(args: argparse.Namespace) -> None:
             for mode in ("abc" if i % 2 == 0 else "cba"):
                 result = one_window(mode, training, seconds, data_dir)
                 runs[mode].append(result)
-                steps = result["steps_per_s"] * seconds
-                cpu = ", ".join(f"{k} {v / max(steps, 1e-9):.2f}" for k, v in
-                                result["cpu"].items() if v > 0)
+                cpu = ", ".join(f"{k} {v:.2f}" for k, v in result["cpu"].items() if v > 0)
                 dropped = result.get("dropped")
-                print(f"  ({mode}) {result['steps_per_s']:.3f} steps/s; CPU s/step: {cpu}"
+                print(f"  ({mode}) {result['steps_per_s']:.3f} steps/s over {result['steps']} "
+                      f"steps; CPU s/step: {cpu}"
                       f"{f'; {dropped} history records dropped' if dropped else ''}",
                       flush=True)
     base = statistics.median(r["steps_per_s"] for r in runs["a"])

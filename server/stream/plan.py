@@ -6,6 +6,7 @@ follow them, the wire carries both.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,7 +70,8 @@ class Capture:
     heads (11, H) float32 (``STAT_NAMES + PATTERN_NAMES``, reduced where the
     attention was computed), or, from an older remote publisher, their attention
     (H, L, S) float16 with ``masks``. When ``ready`` is a CUDA event, ``data`` is
-    still arriving from the device: read it through :meth:`wait`. An attention
+    still arriving from the device; when ``pending`` is set, it is computed by the
+first reader (off the training thread): read it through :meth:`wait`. An attention
     capture pooled where it was computed has ``pool`` > 1 and its (L, S) in
     ``full_shape``.
     ``cache`` holds its encodings by view, filled lazily by the event loop.
@@ -90,9 +92,14 @@ class Capture:
     ready: Any = None  # torch.cuda.Event recorded after the copy into ``data``
     pool: int = 1  # attention pooled by this factor where captured
     full_shape: tuple[int, int] | None = None  # (L, S) before that pooling
+    pending: Callable[[], torch.Tensor] | None = None  # computes ``data`` when first read
 
     def wait(self) -> torch.Tensor:
-        """``data``, once its copy from the device has arrived (blocks the reader only)."""
+        """``data``, once computed (``pending``) or arrived from the device (``ready``);
+        blocks the reader only."""
+        if self.pending is not None:
+            self.data = self.pending()
+            self.pending = None
         if self.ready is not None:
             self.ready.synchronize()
             self.ready = None

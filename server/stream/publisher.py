@@ -2,12 +2,18 @@
 
 It listens on the run's dispatcher(s) only while someone subscribes, with a
 :class:`Plan` that is the union of the subscriptions. Its handler runs in the
-training thread and does as little as possible: a throttle check, the slices
-asked for (``event.attention(sample=..., heads=...)``), head statistics reduced
-where that slice is (11, H), detached host copies in reduced precision (from a
-GPU: non-blocking, into pinned memory, with an event the reader waits on), and a
-store into a latest-value slot. Everything else (encoding, sending) happens in
-the server's event loop.
+training thread and does as little as possible: a throttle check, then
+
+* on a GPU: the slices asked for (``event.attention(sample=..., heads=...)``),
+  head statistics (11, H) and views pooled to the subscribers' ``max_side``
+  reduced there, copied to pinned host memory without waiting (a CUDA event
+  that the reader waits on);
+* on the CPU: a copy of the sample's queries and keys; its attention, statistics
+  and pooled view are computed by the first reader (the event loop), with one
+  torch thread, so that they do not take the training thread's time;
+
+and a store into a latest-value slot. Encoding and sending happen in the
+server's event loop.
 
 Frames are tied to steps: captures made during a forward pass wait in
 ``pending`` until :meth:`Run.step` marks the step (so they carry that step's
@@ -27,7 +33,14 @@ import torch
 from transformer_core.events import AttentionEvent, QKVEvent
 
 from .plan import EMPTY_PLAN, Capture, Plan, SampleNeed, SlotKey
-from .reduce import HostCopy, layer_statistics, pool_factor, pool_matrix, to_host
+from .reduce import (
+    HostCopy,
+    as_helper_thread,
+    layer_statistics,
+    pool_factor,
+    pool_matrix,
+    to_host,
+)
 from .stats import MaskInfo, valid_key_counts
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -56,6 +69,10 @@ def _to_cpu_float(t: torch.Tensor) -> HostCopy:
     return to_host(t, torch.float32)
 
 
+def _on_cuda(event: AttentionEvent) -> bool:
+    return event.queries is not None and event.queries.is_cuda
+
+
 def _view(layer: int, need: SampleNeed, heads: tuple[int, ...], a: torch.Tensor, role: str,
           now: float) -> Capture:
     """The attention capture of ``a`` (h, L, S), pooled where it is to ``need.max_side``."""
@@ -63,9 +80,62 @@ def _view(layer: int, need: SampleNeed, heads: tuple[int, ...], a: torch.Tensor,
     factor = 1 if need.max_side is None else pool_factor(L, S, need.max_side)
     view = a if factor == 1 else pool_matrix(a, factor)  # (h, L/f, S/f) where computed
     cap = _capture("attention", layer, need.sample, heads, _to_cpu_half(view), role, now)
-    if factor > 1:
-        cap.pool, cap.full_shape = factor, (L, S)
+    cap.pool, cap.full_shape = factor, (L, S)
     return cap
+
+
+def _reduced_now(event: AttentionEvent, layer: int, need: SampleNeed,
+                 heads: tuple[int, ...], now: float) -> list[Capture]:
+    """On a device: statistics (11, H) and the pooled view computed there now (queued
+    kernels), copied to pinned memory without waiting."""
+    a = event.attention(sample=need.sample, heads=_heads_arg(need.attention_heads))  # (h, L, S)
+    out = []
+    if need.stats:  # all heads (see build_plan)
+        L, S = a.shape[-2:]
+        valid = valid_key_counts(MaskInfo.of(event), need.sample, L, S, on_device=True)
+        out.append(_capture("head_stats", layer, need.sample, heads,
+                            to_host(layer_statistics(a, valid)), event.role, now))
+    if need.attention:
+        out.append(_view(layer, need, heads, a, event.role, now))
+    return out
+
+
+def _reduced_later(event: AttentionEvent, layer: int, need: SampleNeed,
+                   heads: tuple[int, ...], now: float) -> list[Capture]:
+    """On the CPU: only a copy of the sample's queries and keys here; its attention,
+    statistics and pooled view are computed by whoever reads the captures first (the
+    event loop, a remote publisher's thread), with one torch thread, off the training
+    thread, once for both captures."""
+    copy = event.sample_copy(need.sample)
+    L, S = event.shape[2:]
+    memo: dict[str, torch.Tensor] = {}
+
+    def attention() -> torch.Tensor:
+        as_helper_thread()
+        if "a" not in memo:
+            with torch.no_grad():
+                memo["a"] = copy.attention(sample=0, heads=_heads_arg(need.attention_heads))
+        return memo["a"]  # (h, L, S)
+
+    def stats() -> torch.Tensor:
+        valid = valid_key_counts(MaskInfo.of(copy), 0, L, S)
+        return layer_statistics(attention(), valid)  # (11, H)
+
+    def view() -> torch.Tensor:
+        return _view(layer, need, heads, attention(), event.role, now).data
+
+    out = []
+    if need.stats:
+        out.append(Capture("head_stats", layer, need.sample, heads, _LATER, event.role, now,
+                           pending=stats))
+    if need.attention:
+        factor = 1 if need.max_side is None else pool_factor(L, S, need.max_side)
+        out.append(Capture("attention", layer, need.sample, heads, _LATER, event.role, now,
+                           pending=view, pool=factor, full_shape=(L, S)))
+    return out
+
+
+_LATER = torch.empty(0)  # the data of a capture computed when first read
 
 
 def _capture(kind: str, layer: int, sample: int, heads: tuple[int, ...], copy: HostCopy,
@@ -210,16 +280,11 @@ class Publisher:
             if need.sample >= n:
                 continue
             if need.attention or need.stats:
-                a = event.attention(sample=need.sample, heads=_heads_arg(need.attention_heads))
-                heads = need.attention_heads or tuple(range(h))  # (h, L, S) where computed
-                if need.stats:  # all heads (see build_plan), reduced where ``a`` is
-                    L, S = a.shape[-2:]
-                    valid = valid_key_counts(MaskInfo.of(event), need.sample, L, S,
-                                             on_device=True)
-                    out.append(_capture("head_stats", layer, need.sample, heads,
-                                        to_host(layer_statistics(a, valid)), event.role, now))
-                if need.attention:
-                    out.append(_view(layer, need, heads, a, event.role, now))
+                heads = need.attention_heads or tuple(range(h))
+                if _on_cuda(event):
+                    out.extend(_reduced_now(event, layer, need, heads, now))
+                else:
+                    out.extend(_reduced_later(event, layer, need, heads, now))
             if need.logits:
                 g = event.logits(sample=need.sample, heads=_heads_arg(need.logits_heads))
                 heads = need.logits_heads or tuple(range(h))

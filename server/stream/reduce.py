@@ -58,8 +58,8 @@ def pattern_rows(p: torch.Tensor, entropy_sum: torch.Tensor, many: torch.Tensor
     j = torch.arange(S, device=p.device)[None, :]  # (1, S)
     offset = (i - j).abs().float()  # (L-1, S)
     band = (offset <= local_window(S)).float()  # (L-1, S)
-    weights = torch.stack([offset, band], -1)  # (L-1, S, 2)
-    sums = torch.bmm(rows.transpose(0, 1), weights).mean(0)  # (L-1, H, 2) -> (H, 2)
+    weights = torch.stack([offset, band])  # (2, L-1, S)
+    sums = torch.einsum("hls,kls->hk", rows, weights) / (L - 1)  # (H, 2)
     previous = rows.diagonal(offset=0, dim1=-2, dim2=-1).mean(-1)  # key i-1
     diagonal = rows.diagonal(offset=1, dim1=-2, dim2=-1).mean(-1)  # key i
     return torch.stack([sums[:, 0], previous, diagonal, sums[:, 1], sink, uniform])  # (6, H)
@@ -89,10 +89,29 @@ def layer_statistics(p: torch.Tensor, valid: torch.Tensor | None = None) -> torc
         entropy_rows.mean(-1),
         p.amax(-1).mean(-1),
         p[..., 0].mean(-1),
-        p.isnan().sum((-1, -2)).float(),
-        p.isinf().sum((-1, -2)).float(),
+        *_non_finite(p),
     ])  # (5, H)
     return torch.cat([stats, pattern_rows(p, entropy_rows.sum(-1), many)])  # (11, H)
+
+
+def _non_finite(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NaN and Inf counts (H,), (H,) float32 of ``p`` (H, L, S).
+
+    On the CPU, where a branch costs no synchronisation, only rows whose sum is not
+    finite are searched (a row without NaN or Inf has a finite sum, barring overflow,
+    which is then searched too); on a device, one pass each.
+    """
+    if p.device.type == "cpu":
+        bad = ~p.sum(-1).isfinite()  # (H, L)
+        if not bad.any():
+            zero = torch.zeros(p.shape[0])
+            return zero, zero.clone()
+        h, _ = bad.nonzero(as_tuple=True)
+        rows = p[bad]  # (B, S): the rows to search
+        nan = torch.zeros(p.shape[0]).index_add_(0, h, rows.isnan().sum(-1).float())
+        inf = torch.zeros(p.shape[0]).index_add_(0, h, rows.isinf().sum(-1).float())
+        return nan, inf
+    return p.isnan().sum((-1, -2)).float(), p.isinf().sum((-1, -2)).float()
 
 
 def pool_factor(length: int, keys: int, max_side: int) -> int:
@@ -154,6 +173,17 @@ def to_host(t: torch.Tensor, dtype: torch.dtype | None = None) -> HostCopy:
     done = torch.cuda.Event()
     done.record()
     return HostCopy(out, done)
+
+
+_helper = threading.local()
+
+
+def as_helper_thread() -> None:
+    """Give the calling thread (a writer, the event loop: not the training thread) one torch
+    intra-op thread, once: its reductions then compete for one core at most."""
+    if not getattr(_helper, "limited", False):
+        limit_threads(1)
+        _helper.limited = True
 
 
 def limit_threads(n: int) -> None:

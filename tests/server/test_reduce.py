@@ -20,7 +20,7 @@ from attnscope.runs import Run
 from attnscope.stream.frames import encode_binary
 from attnscope.stream.plan import Capture, Plan, SampleNeed
 from attnscope.stream.publisher import Publisher, _axis_labels, _view
-from attnscope.stream.reduce import layer_statistics, limit_threads, to_host
+from attnscope.stream.reduce import layer_statistics, limit_threads, pool_matrix, to_host
 from attnscope.stream.stats import HEAD_STATISTICS, MaskInfo, valid_key_counts
 from transformer_core.attention.full_attention import FullAttention
 from transformer_core.events import EventDispatcher
@@ -215,3 +215,22 @@ def test_a_view_pooled_where_captured_equals_one_pooled_when_encoded() -> None:
         assert got[0]["pool"] == want[0]["pool"] and got[0]["labels"] == want[0]["labels"]
         np.testing.assert_allclose(got[1].astype(np.float32), want[1].astype(np.float32),
                                    atol=2e-3)
+
+
+def test_on_the_cpu_the_training_thread_only_copies_and_the_reader_computes() -> None:
+    """A CPU capture holds the sample's queries and keys; the first read computes the
+    attention once for both captures, equal to the event's own (statistics included)."""
+    torch.manual_seed(0)
+    att = FullAttention(attention_dropout=0.0)
+    q, k = torch.randn(2, 40, 3, 4), torch.randn(2, 40, 3, 4)
+    event = att._event(q, k, 0.5, FullMask(40), LengthMask(torch.tensor([40, 30])))
+    need = SampleNeed(1, attention=True, stats=True, max_side=20)
+    stats, view = Publisher._capture_attention(None, event, 0, (need,))
+    assert stats.pending is not None and view.pending is not None  # nothing computed yet
+    assert view.full_shape == (40, 40) and view.pool == 2
+    a = event.attention(sample=1)  # (H, L, S)
+    valid = valid_key_counts(MaskInfo.of(event), 1, 40, 40)
+    np.testing.assert_allclose(stats.wait().numpy(), layer_statistics(a, valid).numpy(),
+                               rtol=1e-6, atol=1e-7)
+    assert view.wait().shape == (3, 20, 20) and view.data.dtype == torch.float16
+    np.testing.assert_allclose(view.data.float().numpy(), pool_matrix(a, 2).numpy(), atol=1e-3)
