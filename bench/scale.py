@@ -192,10 +192,10 @@ def table(args: argparse.Namespace) -> None:
             for mode in ("abc" if i % 2 == 0 else "cba"):
                 result = one_window(mode, training, seconds, data_dir)
                 runs[mode].append(result)
-                cpu = ", ".join(f"{k} {v:.2f}" for k, v in result["cpu"].items() if v > 0)
+                cpu = ", ".join(f"{k} {v * 1e3:.3g}" for k, v in result["cpu"].items() if v > 0)
                 dropped = result.get("dropped")
                 print(f"  ({mode}) {result['steps_per_s']:.3f} steps/s over {result['steps']} "
-                      f"steps; CPU s/step: {cpu}"
+                      f"steps; CPU ms/step: {cpu}"
                       f"{f'; {dropped} history records dropped' if dropped else ''}",
                       flush=True)
     base = statistics.median(r["steps_per_s"] for r in runs["a"])
@@ -217,6 +217,7 @@ def profile(args: argparse.Namespace) -> None:
     from attnscope import Dashboard
     from attnscope.history.recorder import stats_of
     from attnscope.settings import Settings
+    from transformer_core.events import AttentionEvent
 
     training = Training(args)
     training.step()
@@ -224,8 +225,6 @@ def profile(args: argparse.Namespace) -> None:
         dash = Dashboard.start(training.model, port=0, quiet=True,
                                settings=Settings(data_dir=data_dir))
         try:
-            recorder = next(iter(
-                dash._server.server.config.app.state.history.recorders.values()))
             r = training.step()
             dash.step(r.step, loss=r.loss)
             before = _thread_cpu()
@@ -239,11 +238,16 @@ def profile(args: argparse.Namespace) -> None:
             wall = time.perf_counter() - t0
             cpu = _groups(before, _thread_cpu())
             # one step's writer work, alone: statistics of every layer of sample 0
-            item_events: dict = {}
-            grab = recorder._on_attention
-            recorder._on_attention = lambda e: item_events.setdefault(id(e.source), e)
+            copies: dict = {}
+
+            def grab(event: AttentionEvent) -> None:
+                copies.setdefault(id(event.source), event.sample_copy(0))
+
+            for d in dash.run.dispatchers:
+                d.listen(AttentionEvent, grab)
             training.step()
-            recorder._on_attention = grab
+            for d in dash.run.dispatchers:
+                d.remove(grab)
         finally:
             dash.close()
     print(f"{args.min_steps} steps, {wall / args.min_steps:.2f} s/step wall; CPU s/step: "
@@ -251,7 +255,7 @@ def profile(args: argparse.Namespace) -> None:
     pstats.Stats(prof).sort_stats("cumulative").print_stats(18)
     from attnscope.history.recorder import StepItem
 
-    layers = {i: e.sample_copy(0) for i, e in enumerate(item_events.values())}
+    layers = dict(enumerate(copies.values()))
     item = StepItem("s", 0, 0.0, {}, layers, len(layers))
     for threads in (1, 2):
         torch.set_num_threads(threads)
