@@ -46,14 +46,14 @@ STALLED = SUBSCRIBE  # the same subscription as (b), never read
 
 # -- subscriber process ---------------------------------------------------------
 
-async def _subscriber(url: str, deadline: float, stats: dict) -> None:
+async def _subscriber(url: str, deadline: float, stats: dict, run: str = "demo") -> None:
     import websockets
 
     from attnscope.protocol import decode_frame
 
     async with websockets.connect(url, max_size=None, compression=None) as ws:
         await ws.recv()  # hello
-        await ws.send(json.dumps(SUBSCRIBE))
+        await ws.send(json.dumps({**SUBSCRIBE, "run": run}))
         while (left := deadline - time.time()) > 0:
             try:
                 msg = await asyncio.wait_for(ws.recv(), left)
@@ -68,12 +68,13 @@ async def _subscriber(url: str, deadline: float, stats: dict) -> None:
                 stats["received"].append((header["step"], now))
 
 
-def client_main(url: str, n: int, seconds: float) -> None:
+def client_main(url: str, n: int, seconds: float, run: str = "demo") -> None:
+    """``n`` subscribers to ``run`` for ``seconds``; prints what they received as JSON."""
     stats = {"messages": 0, "bytes": 0, "latency": [], "received": []}
     deadline = time.time() + seconds
 
     async def run_all() -> None:
-        await asyncio.gather(*(_subscriber(url, deadline, stats) for _ in range(n)))
+        await asyncio.gather(*(_subscriber(url, deadline, stats, run) for _ in range(n)))
 
     asyncio.run(run_all())
     print(json.dumps(stats))
@@ -192,9 +193,10 @@ def main() -> None:
                         help="torch threads, as `attnscope demo` uses (CPU count - 1)")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--run", default="demo", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
-        client_main(args.client, args.n, args.seconds)
+        client_main(args.client, args.n, args.seconds, args.run)
         return
     import torch
 

@@ -9,7 +9,9 @@ Per run, a :class:`RunRecorder`
 * at every step (every ``stats_every`` steps when the run's cost budget thins
   them, :mod:`attnscope.budget`), keeps sample 0 of each layer's attention event as a
   :meth:`~transformer_core.events.AttentionEvent.sample_copy` (that sample's
-  queries and keys, copied where they are: no attention computed, no device sync);
+  queries and keys, copied where they are: no attention computed); on a CUDA
+  device it reduces that sample to head statistics (R, H) there instead, and copies
+  them to pinned host memory without waiting (:mod:`attnscope.stream.reduce`);
 * every ``every`` steps (times the budget's ``snapshot_stride``), at the end of the
   step, runs the model once on the probe (eval mode, no grad, its events heard by
   nobody else) and keeps each layer's event as P sample copies (the writer computes
@@ -18,11 +20,10 @@ Per run, a :class:`RunRecorder`
   under that share of the training time.
 
 That is all the training thread does, and its time is charged to the run's budget.
-The attention of those copies (H, L, S), their statistics (from its float16 copy on
-the CPU, exactly as the stream computes them), file writes, thinning and the cap
-happen in the writer thread of :class:`~attnscope.history.service.HistoryService`; if it
-falls behind, records are dropped (counted in the budget, which then thins), the
-training thread never waits.
+The attention of those copies (H, L, S), their statistics (in float32, as the stream
+computes them), file writes, thinning and the cap happen in the writer thread of
+:class:`~attnscope.history.service.HistoryService`; if it falls behind, records are
+dropped (counted in the budget, which then thins), the training thread never waits.
 
 A snapshot of step ``s`` shows the weights at the end of step ``s`` (after its
 update); it equals what the stream showed at step ``s`` when the training batch
@@ -45,8 +46,9 @@ import torch.nn as nn
 
 from transformer_core.events import AttentionEvent, EventDispatcher, dispatching_to
 
+from ..stream.reduce import HostCopy, layer_statistics, to_host
 from ..stream.roles import repeated_probe
-from ..stream.stats import HEAD_STATISTICS, MaskInfo, head_statistics, valid_key_counts
+from ..stream.stats import HEAD_STATISTICS, MaskInfo, valid_key_counts, with_repeat_rows
 from .config import HistoryConfig
 from .store import StatRow
 
@@ -59,7 +61,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class StepItem:
-    """One step for the writer: sample 0 of each layer's attention event, as a copy."""
+    """One step for the writer, per layer either sample 0's attention event as a copy (its
+    queries and keys: the writer computes the statistics) or, when the model runs on a
+    device, the statistics already reduced there and on their way to the host."""
 
     session: str
     step: int
@@ -67,11 +71,20 @@ class StepItem:
     scalars: dict[str, float]
     attention: dict[int, AttentionEvent]  # layer -> event of shape (1, H, L, S)
     n_layers: int
+    stats: dict[int, HostCopy] = field(default_factory=dict)  # layer -> (R, H) float32
 
     @property
     def nbytes(self) -> int:
-        """What the copies amount to: counted as their float16 matrices, 2 H L S bytes."""
-        return sum(2 * math.prod(e.shape) for e in self.attention.values())
+        """What the item holds in memory while it waits for the writer."""
+        return sum(_copy_bytes(e) for e in self.attention.values()) + \
+            sum(c.tensor.nbytes for c in self.stats.values())
+
+
+def _copy_bytes(event: AttentionEvent) -> int:
+    """Bytes held by a sample copy: its queries and keys, or (no recipe) its matrix."""
+    if event.queries is not None and event.keys is not None:
+        return event.queries.nbytes + event.keys.nbytes
+    return 4 * math.prod(event.shape)  # a float32 (1, H, L, S) matrix
 
 
 @dataclass
@@ -88,8 +101,9 @@ class SnapshotItem:
 
     @property
     def nbytes(self) -> int:
-        """Counted as the float16 matrices they become, 2 P H L S bytes."""
-        return sum(2 * math.prod(e.shape) for group in (self.attention, self.repeat)
+        """What the copies hold while they wait (the writer computes one layer's matrices
+        at a time)."""
+        return sum(_copy_bytes(e) for group in (self.attention, self.repeat)
                    for copies in group.values() for e in copies)
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -169,6 +183,7 @@ class RunRecorder:
         self.recurrent = any(site.recurrent for site in run.local.sites)
         self._layer_of = {id(site.module): site.index for site in run.local.sites}
         self._pending: dict[int, AttentionEvent] = {}
+        self._pending_stats: dict[int, HostCopy] = {}  # layer -> (R, H) from a GPU
         self._stride = 1  # snapshots every ``every * stride`` steps (``probe_budget``)
         self._probe_time = 0.0  # moving average of a probe pass (CPU seconds)
         self._probes = 0  # probe passes so far
@@ -199,6 +214,7 @@ class RunRecorder:
         if self._in_probe:
             return
         self._pending = {}
+        self._pending_stats = {}
         if self.probe is not None or self.recurrent:
             return
         # The batch size: of the first tensor argument (Hugging Face models take keywords).
@@ -218,8 +234,15 @@ class RunRecorder:
             return
         t0 = time.thread_time()
         layer = self._layer_of[id(event.source)]
-        if layer not in self._pending:  # a layer run twice in one forward: keep the first
-            self._pending[layer] = event.sample_copy(0)  # read by the writer
+        if layer in self._pending or layer in self._pending_stats:
+            return  # a layer run twice in one forward: keep the first
+        if _on_cuda(event):
+            # Reduced where the tensors are: kernels queued on the training stream, the
+            # (R, H) result copied to pinned memory; nothing here waits for the device.
+            with torch.no_grad():
+                self._pending_stats[layer] = to_host(sample_statistics(event, 0))
+        else:
+            self._pending[layer] = event.sample_copy(0)  # the writer computes (CPU)
         self._budget.spend("stats", time.thread_time() - t0)
 
     def _on_step(self, run: Run) -> None:
@@ -235,9 +258,11 @@ class RunRecorder:
             self._new_session()  # first step, or the run started over
         self.last_step = step
         pending, self._pending = self._pending, {}
+        stats, self._pending_stats = self._pending_stats, {}
         assert self.session is not None
         if self._stats_due:
-            item = StepItem(self.session, step, now, dict(run.scalars), pending, len(run.sites))
+            item = StepItem(self.session, step, now, dict(run.scalars), pending, len(run.sites),
+                            stats)
             if self.service.submit(item) is False:  # the writer is behind: over budget
                 budget.queue_full()
         # The next step's statistics: every ``stats_every`` steps (a count, not the step
@@ -369,6 +394,20 @@ def stat_rows(steps: list[StepItem]) -> dict[str, list[StatRow]]:
     return rows
 
 
+def _on_cuda(event: AttentionEvent) -> bool:
+    """Whether the event's tensors are on a CUDA device (its statistics are reduced there)."""
+    return event.queries is not None and event.queries.is_cuda
+
+
+def sample_statistics(event: AttentionEvent, sample: int) -> torch.Tensor:
+    """:data:`HEAD_STATISTICS` (R, H) of one sample of ``event``, float32 on the event's
+    device, without a host synchronisation (the attention (H, L, S) is computed there)."""
+    a = event.attention(sample=sample)  # (H, L, S)
+    L, S = a.shape[-2:]
+    valid = valid_key_counts(MaskInfo.of(event), sample, L, S, on_device=True)
+    return with_repeat_rows(layer_statistics(a, valid))  # (R, H)
+
+
 def _attention_of(copies: list[AttentionEvent]) -> torch.Tensor:
     """The (T, H, L, S) float16 CPU attention of T one-sample copies of one layer (as the
     stream sends it), computed in one go where their emitter can join them."""
@@ -378,35 +417,37 @@ def _attention_of(copies: list[AttentionEvent]) -> torch.Tensor:
 
 
 def stats_of(steps: list[StepItem]) -> list[np.ndarray | None]:
-    """Head statistics (layers, R, H) of each step, computed as the stream computes them
-    (from the float16 copy); NaN where a layer or head is missing.
+    """Head statistics (layers, R, H) of each step; NaN where a layer or head is missing.
 
-    Layers without masks are computed for all steps at once (the steps stacked as
-    more heads): one call instead of one per step, so the writer holds the GIL less.
+    Statistics reduced on a device are waited for here. Those of sample copies are
+    computed here, in float32 from the attention itself (the values the stream shows):
+    per layer, the steps' copies are joined into one attention computation, and
+    steps without masks are reduced in one batched call (their heads side by side).
     """
     out: list[np.ndarray | None] = []
     for item in steps:
-        if not item.attention:
-            out.append(None)
-            continue
-        n_heads = max(e.shape[1] for e in item.attention.values())
-        out.append(np.full((item.n_layers, len(HEAD_STATISTICS), n_heads), np.nan, np.float32))
+        shapes = [e.shape[1] for e in item.attention.values()] + \
+            [c.tensor.shape[1] for c in item.stats.values()]
+        out.append(None if not shapes else
+                   np.full((item.n_layers, len(HEAD_STATISTICS), max(shapes)), np.nan,
+                           np.float32))
     by_layer: dict[tuple, list[tuple[int, AttentionEvent]]] = {}
     for k, item in enumerate(steps):
+        for layer, copy in item.stats.items():
+            rows = copy.wait().numpy()  # (R, H)
+            out[k][layer, :, : rows.shape[1]] = rows
         for layer, event in item.attention.items():
             by_layer.setdefault((layer, event.shape), []).append((k, event))
-    groups: dict[tuple, list[tuple[int, int, torch.Tensor]]] = {}
-    for (layer, _), members in by_layer.items():
-        attention = _attention_of([e for _, e in members])  # (T, H, L, S) float16
-        for (k, event), a in zip(members, attention, strict=True):
-            L, S = a.shape[-2:]
-            valid = valid_key_counts(MaskInfo.of(event), 0, L, S)
-            if valid is None:
-                groups.setdefault((layer, tuple(a.shape)), []).append((k, layer, a))
-            else:
-                out[k][layer, :, : a.shape[0]] = head_statistics(a, valid).numpy()  # (R, H)
-    for (_, shape), members in groups.items():
-        stacked = head_statistics(torch.cat([a for _, _, a in members]), None)  # (R, T * H)
-        for j, (k, layer, _) in enumerate(members):
-            out[k][layer, :, : shape[0]] = stacked[:, j * shape[0]: (j + 1) * shape[0]].numpy()
+    with torch.no_grad():
+        for (layer, shape), members in by_layer.items():
+            H, L, S = shape[1:]
+            attention = AttentionEvent.concat([e for _, e in members]).attention()  # (T, H, L, S)
+            valid = [valid_key_counts(MaskInfo.of(e), 0, L, S) for _, e in members]
+            if all(v is None for v in valid):  # one call for all T steps
+                rows = with_repeat_rows(layer_statistics(attention.flatten(0, 1))).cpu()
+                for j, (k, _) in enumerate(members):
+                    out[k][layer, :, :H] = rows[:, j * H: (j + 1) * H].numpy()  # (R, H)
+                continue
+            for (k, _), a, v in zip(members, attention, valid, strict=True):
+                out[k][layer, :, :H] = with_repeat_rows(layer_statistics(a, v)).cpu().numpy()
     return out

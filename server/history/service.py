@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..run_base import BaseRun, RunRegistry
+from ..stream.reduce import limit_threads
 from .config import HistoryConfig
 from .recorder import (
     RunRecorder,
@@ -31,6 +32,7 @@ from .store import HistoryLocked, HistoryStore
 logger = logging.getLogger(__name__)
 
 WRITE_PERIOD_S = 0.25  # the writer collects records this long before writing them
+WRITER_THREADS = 1  # torch intra-op threads of the writer thread
 
 
 class HistoryService:
@@ -187,6 +189,9 @@ class HistoryService:
         self.store.close()
 
     def _write_loop(self) -> None:
+        # One intra-op thread: the writer's statistics need no parallelism, and torch's
+        # default (one per core) would compete with the training thread for its cores.
+        limit_threads(WRITER_THREADS)
         while True:
             item = self._queue.get()
             if isinstance(item, StepItem | SnapshotItem):

@@ -28,6 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..limits import LimitError, check_indices
+from ..stream.roles import PATTERN_NAMES
+from ..stream.stats import STAT_NAMES
+
+STREAM_STAT_NAMES = STAT_NAMES + PATTERN_NAMES  # the rows of a head_stats frame
 
 STREAM_KINDS = ("attention", "qk_logits", "qkv_norms", "head_stats")
 ITEMSIZE = {"float16": 2, "float32": 4}
@@ -148,6 +152,10 @@ def check_frame_header(header: dict[str, Any], payload_bytes: int,
     if kind == "qkv_norms":
         ok = isinstance(shape, list) and len(shape) == 3 and shape[:2] == [3, h]
         expected = f"(3, h, P) with h = {h} heads"
+    elif kind == "head_stats" and isinstance(shape, list) and len(shape) == 2:
+        # statistics reduced by the publisher (older publishers send the attention)
+        ok = shape == [len(STREAM_STAT_NAMES), h]
+        expected = f"({len(STREAM_STAT_NAMES)}, h) with h = {h} heads"
     else:
         ok = isinstance(shape, list) and len(shape) == 3 and shape[0] == h
         expected = f"(h, L, S) with h = {h} heads"

@@ -39,7 +39,10 @@ def plan_to_message(plan: Plan) -> dict[str, Any]:
     return {
         "type": "plan", "interval": plan.interval, "scalars": plan.scalars,
         "sources": sorted(plan.sources),
-        "needs": {str(layer): [dataclasses.asdict(n) for n in needs]
+        # without max_side: a remote publisher sends full-resolution views (the frame
+        # checks hold them to the run's L x S)
+        "needs": {str(layer): [{k: v for k, v in dataclasses.asdict(n).items()
+                                if k != "max_side"} for n in needs]
                   for layer, needs in plan.needs.items()},
     }
 
@@ -76,7 +79,7 @@ def encode_capture(cap: Capture, valid: torch.Tensor | None) -> bytes:
 
     ``valid`` (head_stats only): unmasked keys per query row (L,), or None.
     """
-    data = cap.data
+    data = cap.wait()
     dtype = "float16" if data.dtype == torch.float16 else "float32"
     array = data.to(torch.float16 if dtype == "float16" else torch.float32).numpy()
     header = {

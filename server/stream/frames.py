@@ -1,7 +1,8 @@
 """Turning captures into protocol messages, once per (capture, view).
 
 Runs in the event loop; results are cached on the capture, so subscribers with
-the same view parameters share one encoding.
+the same view parameters share one encoding. Head statistics arrive computed (the
+training side reduces them where the attention is); here they are only formatted.
 
 >>> pool_labels(["a", "b", "c", "d", "e"], 2)
 ['a…b', 'c…d', 'e']
@@ -10,31 +11,19 @@ the same view parameters share one encoding.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..jsonsafe import json_safe
 from ..protocol import encode_frame
 from .plan import Capture
+from .reduce import layer_statistics
+from .reduce import pool_factor as pool_factor  # re-exported: the views' pooling
+from .reduce import pool_matrix as pool_matrix
 from .roles import PATTERN_NAMES
-from .stats import STAT_NAMES, head_statistics, valid_key_counts
-
-
-def pool_factor(length: int, keys: int, max_side: int) -> int:
-    """The average-pooling factor that brings both sides to at most ``max_side``."""
-    return max(1, math.ceil(max(length, keys) / max_side))
-
-
-def pool_matrix(data: torch.Tensor, factor: int) -> torch.Tensor:
-    """(h, L, S) -> (h, ceil(L/f), ceil(S/f)) float32; edge groups average what they hold."""
-    data = data.float()
-    if factor == 1:
-        return data
-    return F.avg_pool2d(data[None], factor, factor, ceil_mode=True)[0]
+from .stats import STAT_NAMES, valid_key_counts
 
 
 def pool_labels(labels: list[str] | None, factor: int) -> list[str] | None:
@@ -79,14 +68,20 @@ def encode_binary(run_id: str, cap: Capture, heads: tuple[int, ...] | None, max_
     cached = cap.cache.get(key)
     if cached is not None:
         return cached
+    cap.wait()
     pool = 1
     labels = cap.labels
     if cap.kind == "qkv_norms":
         values, used = _select_heads(cap, heads, 1)  # (3, h, P)
     else:
-        values, used = _select_heads(cap, heads, 0)  # (h, L, S)
-        pool = pool_factor(values.shape[1], values.shape[2], max_side)
-        values = pool_matrix(values, pool)
+        values, used = _select_heads(cap, heads, 0)  # (h, L, S), or pooled by cap.pool
+        length, keys = cap.full_shape or values.shape[1:]
+        pool = pool_factor(length, keys, max_side)
+        if pool % cap.pool == 0:
+            values = pool_matrix(values, pool // cap.pool)
+        else:  # pooled for another view size: pool what there is
+            more = pool_factor(values.shape[1], values.shape[2], max_side)
+            values, pool = pool_matrix(values, more), cap.pool * more
         if labels is not None:
             labels = (pool_labels(labels[0], pool), pool_labels(labels[1], pool))
     array, scale, offset = _array(values, dtype)
@@ -107,10 +102,13 @@ def encode_stats(run_id: str, cap: Capture) -> str:
     cached = cap.cache.get("json")
     if cached is not None:
         return cached
-    L, S = cap.data.shape[-2:]
-    valid = None if cap.masks is None else valid_key_counts(cap.masks, cap.sample, L, S)
+    data = cap.wait()
     names = STAT_NAMES + PATTERN_NAMES
-    rows = head_statistics(cap.data, valid)[: len(names)].tolist()  # (11, H)
+    if data.ndim == 3:  # attention (H, L, S) from an older remote publisher
+        L, S = data.shape[-2:]
+        valid = None if cap.masks is None else valid_key_counts(cap.masks, cap.sample, L, S)
+        data = layer_statistics(data, valid)
+    rows = data[: len(names)].tolist()  # (11, H)
     message: dict[str, Any] = {
         "type": "head_stats", "run": run_id, "step": cap.step, "layer": cap.layer,
         "sample": cap.sample, "heads": list(cap.heads), "time": cap.time,

@@ -118,11 +118,13 @@ def build_plan(run: BaseRun, subs: list[Resolved]) -> Plan:
     for sub in subs:
         for layer in sub.layers:
             need = acc.setdefault((layer, sub.sample), {
-                "kinds": set(), "attention": _Heads(), "logits": _Heads(), "qkv": _Heads()})
+                "kinds": set(), "attention": _Heads(), "logits": _Heads(), "qkv": _Heads(),
+                "sides": set()})
             for kind in sub.kinds:
                 need["kinds"].add(kind)
                 if kind == "attention":
                     need["attention"].add(sub.heads)
+                    need["sides"].add(sub.max_side)
                 elif kind == "qk_logits":
                     need["logits"].add(sub.heads)
                 elif kind == "qkv_norms":
@@ -139,6 +141,8 @@ def build_plan(run: BaseRun, subs: list[Resolved]) -> Plan:
             logits="qk_logits" in kinds, logits_heads=need["logits"].value(),
             stats=stats,
             qkv="qkv_norms" in kinds, qkv_heads=need["qkv"].value(),
+            # one view size: pooled where computed (less to copy, nothing to pool here)
+            max_side=next(iter(need["sides"])) if len(need["sides"]) == 1 else None,
         )
         if sample_need.attention or sample_need.logits or stats:
             sources.add(("attn", layer))

@@ -6,6 +6,7 @@ follow them, the wire carries both.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,9 @@ class SampleNeed:
     """What the union of subscriptions wants from one layer for one sample.
 
     ``*_heads`` are the heads to capture: a sorted tuple, or None for all heads.
-    ``attention_heads`` is None (all) whenever ``stats`` is set.
+    ``attention_heads`` is None (all) whenever ``stats`` is set. ``max_side``: pool
+    the attention view to at most this side where it is computed (every subscriber
+    of this sample asks for it), or None: capture it at full resolution.
     """
 
     sample: int
@@ -32,6 +35,7 @@ class SampleNeed:
     stats: bool = False
     qkv: bool = False
     qkv_heads: tuple[int, ...] | None = None
+    max_side: int | None = None
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,14 @@ class Capture:
     """One captured array, as put into a latest-value slot.
 
     ``data`` is on the CPU: attention (h, L, S) float16, qk_logits (h, L, S)
-    float32, qkv_norms (3, h, P) float32, head_stats: the attention of all H
-    heads (H, L, S) float16 with ``masks``, from which the event loop computes
-    the statistics (in the training thread there is only the copy).
+    float32, qkv_norms (3, h, P) float32, head_stats: the statistics of all H
+    heads (11, H) float32 (``STAT_NAMES + PATTERN_NAMES``, reduced where the
+    attention was computed), or, from an older remote publisher, their attention
+    (H, L, S) float16 with ``masks``. When ``ready`` is a CUDA event, ``data`` is
+    still arriving from the device; when ``pending`` is set, it is computed by the
+first reader (off the training thread): read it through :meth:`wait`. An attention
+    capture pooled where it was computed has ``pool`` > 1 and its (L, S) in
+    ``full_shape``.
     ``cache`` holds its encodings by view, filled lazily by the event loop.
     """
 
@@ -80,3 +89,18 @@ class Capture:
     labels: tuple[list[str] | None, list[str] | None] | None = None
     masks: MaskInfo | None = None
     cache: dict[Any, Any] = field(default_factory=dict)
+    ready: Any = None  # torch.cuda.Event recorded after the copy into ``data``
+    pool: int = 1  # attention pooled by this factor where captured
+    full_shape: tuple[int, int] | None = None  # (L, S) before that pooling
+    pending: Callable[[], torch.Tensor] | None = None  # computes ``data`` when first read
+
+    def wait(self) -> torch.Tensor:
+        """``data``, once computed (``pending``) or arrived from the device (``ready``);
+        blocks the reader only."""
+        if self.pending is not None:
+            self.data = self.pending()
+            self.pending = None
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
+        return self.data

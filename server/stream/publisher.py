@@ -2,10 +2,18 @@
 
 It listens on the run's dispatcher(s) only while someone subscribes, with a
 :class:`Plan` that is the union of the subscriptions. Its handler runs in the
-training thread and does as little as possible: a throttle check, the slices
-asked for (``event.attention(sample=..., heads=...)``), a detached CPU copy in
-reduced precision, and a store into a latest-value slot. Everything else
-(pooling, encoding, sending) happens in the server's event loop.
+training thread and does as little as possible: a throttle check, then
+
+* on a GPU: the slices asked for (``event.attention(sample=..., heads=...)``),
+  head statistics (11, H) and views pooled to the subscribers' ``max_side``
+  reduced there, copied to pinned host memory without waiting (a CUDA event
+  that the reader waits on);
+* on the CPU: a copy of the sample's queries and keys; its attention, statistics
+  and pooled view are computed by the first reader (the event loop), with one
+  torch thread, so that they do not take the training thread's time;
+
+and a store into a latest-value slot. Encoding and sending happen in the
+server's event loop.
 
 Frames are tied to steps: captures made during a forward pass wait in
 ``pending`` until :meth:`Run.step` marks the step (so they carry that step's
@@ -25,8 +33,16 @@ import torch
 from transformer_core.events import AttentionEvent, QKVEvent
 
 from .plan import EMPTY_PLAN, Capture, Plan, SampleNeed, SlotKey
+from .reduce import (
+    HostCopy,
+    as_helper_thread,
+    layer_statistics,
+    pool_factor,
+    pool_matrix,
+    to_host,
+)
 from .rows import RowStore
-from .stats import MaskInfo
+from .stats import MaskInfo, valid_key_counts
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..runs import Run
@@ -43,17 +59,105 @@ def _heads_arg(heads: tuple[int, ...] | None) -> list[int] | None:
     return None if heads is None else list(heads)
 
 
-def _to_cpu_half(t: torch.Tensor) -> torch.Tensor:
-    """Detached float16 copy on the CPU (converted on the device first: less to move)."""
-    t = t.detach()
-    if t.dtype != torch.float16:
-        return t.to(torch.float16).cpu()
-    return t.to("cpu", copy=True)
+def _to_cpu_half(t: torch.Tensor) -> HostCopy:
+    """Detached float16 copy on the host (converted on the device first: less to move;
+    from CUDA without waiting, see :func:`~attnscope.stream.reduce.to_host`)."""
+    return to_host(t, torch.float16)
 
 
-def _to_cpu_float(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().float()
-    return t.cpu() if t.device.type != "cpu" else t
+def _to_cpu_float(t: torch.Tensor) -> HostCopy:
+    """Detached float32 copy on the host (from CUDA without waiting)."""
+    return to_host(t, torch.float32)
+
+
+def _on_cuda(event: AttentionEvent) -> bool:
+    return event.queries is not None and event.queries.is_cuda
+
+
+def _view(layer: int, need: SampleNeed, heads: tuple[int, ...], a: torch.Tensor, role: str,
+          now: float) -> Capture:
+    """The attention capture of ``a`` (h, L, S), pooled where it is to ``need.max_side``."""
+    L, S = a.shape[-2:]
+    factor = 1 if need.max_side is None else pool_factor(L, S, need.max_side)
+    view = a if factor == 1 else pool_matrix(a, factor)  # (h, L/f, S/f) where computed
+    cap = _capture("attention", layer, need.sample, heads, _to_cpu_half(view), role, now)
+    cap.pool, cap.full_shape = factor, (L, S)
+    return cap
+
+
+def _reduced_now(event: AttentionEvent, layer: int, need: SampleNeed,
+                 heads: tuple[int, ...], now: float) -> list[Capture]:
+    """On a device: statistics (11, H) and the pooled view computed there now (queued
+    kernels), copied to pinned memory without waiting."""
+    a = event.attention(sample=need.sample, heads=_heads_arg(need.attention_heads))  # (h, L, S)
+    out = []
+    if need.stats:  # all heads (see build_plan)
+        L, S = a.shape[-2:]
+        valid = valid_key_counts(MaskInfo.of(event), need.sample, L, S, on_device=True)
+        out.append(_capture("head_stats", layer, need.sample, heads,
+                            to_host(layer_statistics(a, valid)), event.role, now))
+    if need.attention:
+        out.append(_view(layer, need, heads, a, event.role, now))
+    return out
+
+
+def _row_now(event: AttentionEvent, layer: int, need: SampleNeed, heads: tuple[int, ...],
+             now: float) -> list[Capture]:
+    """A recurrent site's row (h, 1, S), copied to the host now and unpooled: the row store
+    grows it into the sequence's matrix in this thread (head_stats then carry the rows and
+    their masks). One row is small, so this copy may wait for the device."""
+    a = event.attention(sample=need.sample, heads=_heads_arg(need.attention_heads))
+    a = a.detach().to("cpu", torch.float16)  # (h, 1, S)
+    out = []
+    if need.stats:
+        out.append(Capture("head_stats", layer, need.sample, heads, a, event.role, now,
+                           masks=MaskInfo.of(event)))
+    if need.attention:
+        out.append(Capture("attention", layer, need.sample, heads, a, event.role, now))
+    return out
+
+
+def _reduced_later(event: AttentionEvent, layer: int, need: SampleNeed,
+                   heads: tuple[int, ...], now: float) -> list[Capture]:
+    """On the CPU: only a copy of the sample's queries and keys here; its attention,
+    statistics and pooled view are computed by whoever reads the captures first (the
+    event loop, a remote publisher's thread), with one torch thread, off the training
+    thread, once for both captures."""
+    copy = event.sample_copy(need.sample)
+    L, S = event.shape[2:]
+    memo: dict[str, torch.Tensor] = {}
+
+    def attention() -> torch.Tensor:
+        as_helper_thread()
+        if "a" not in memo:
+            with torch.no_grad():
+                memo["a"] = copy.attention(sample=0, heads=_heads_arg(need.attention_heads))
+        return memo["a"]  # (h, L, S)
+
+    def stats() -> torch.Tensor:
+        valid = valid_key_counts(MaskInfo.of(copy), 0, L, S)
+        return layer_statistics(attention(), valid)  # (11, H)
+
+    def view() -> torch.Tensor:
+        return _view(layer, need, heads, attention(), event.role, now).data
+
+    out = []
+    if need.stats:
+        out.append(Capture("head_stats", layer, need.sample, heads, _LATER, event.role, now,
+                           pending=stats))
+    if need.attention:
+        factor = 1 if need.max_side is None else pool_factor(L, S, need.max_side)
+        out.append(Capture("attention", layer, need.sample, heads, _LATER, event.role, now,
+                           pending=view, pool=factor, full_shape=(L, S)))
+    return out
+
+
+_LATER = torch.empty(0)  # the data of a capture computed when first read
+
+
+def _capture(kind: str, layer: int, sample: int, heads: tuple[int, ...], copy: HostCopy,
+             role: str, now: float) -> Capture:
+    return Capture(kind, layer, sample, heads, copy.tensor, role, now, ready=copy.done)
 
 
 class Publisher:
@@ -204,20 +308,18 @@ class Publisher:
             if need.sample >= n:
                 continue
             if need.attention or need.stats:
-                a = event.attention(sample=need.sample, heads=_heads_arg(need.attention_heads))
                 heads = need.attention_heads or tuple(range(h))
-                a = _to_cpu_half(a)  # (h, L, S)
-                if need.stats:  # all heads (see build_plan)
-                    out.append(Capture("head_stats", layer, need.sample, heads, a, event.role,
-                                       now, masks=MaskInfo.of(event)))
-                if need.attention:
-                    out.append(Capture("attention", layer, need.sample, heads, a,
-                                       event.role, now))
+                if layer in self._row_layers:
+                    out.extend(_row_now(event, layer, need, heads, now))
+                elif _on_cuda(event):
+                    out.extend(_reduced_now(event, layer, need, heads, now))
+                else:
+                    out.extend(_reduced_later(event, layer, need, heads, now))
             if need.logits:
                 g = event.logits(sample=need.sample, heads=_heads_arg(need.logits_heads))
                 heads = need.logits_heads or tuple(range(h))
-                out.append(Capture("qk_logits", layer, need.sample, heads,
-                                   _to_cpu_float(g), event.role, now))
+                out.append(_capture("qk_logits", layer, need.sample, heads, _to_cpu_float(g),
+                                    event.role, now))
         return out
 
     def _capture_qkv(self, event: QKVEvent, layer: int,
@@ -236,8 +338,8 @@ class Publisher:
             data = torch.full((3, len(heads), p), float("nan"), device=q.device)
             for i, x in enumerate(norms):
                 data[i, :, : x.shape[1]] = x
-            out.append(Capture("qkv_norms", layer, need.sample, heads, _to_cpu_float(data),
-                               role, now))
+            out.append(_capture("qkv_norms", layer, need.sample, heads, _to_cpu_float(data),
+                                role, now))
         return out
 
     def _on_step(self, run: Run) -> None:
@@ -280,6 +382,7 @@ class Publisher:
                 labels[cap.sample] = self.run.labels(cap.sample)
             cap.step = step
             if key in rows:  # the step's token labels its row (the last label given)
+                cap.wait()  # rows are grown here: their copies must have arrived
                 tokens = labels[cap.sample]
                 grown = self._rows.add(key, cap, tokens[-1] if tokens else None)
                 if grown is None:
@@ -298,7 +401,7 @@ def _axis_labels(tokens: list[str] | None, cap: Capture) -> tuple[list[str] | No
         return None
     if cap.kind == "qkv_norms":
         return (tokens, tokens if cap.role == "self" else None)
-    length, keys = cap.data.shape[-2], cap.data.shape[-1]
+    length, keys = cap.full_shape or cap.data.shape[-2:]
     q = tokens if len(tokens) == length else None
     k = tokens if cap.role == "self" and len(tokens) == keys else None
     return None if q is None and k is None else (q, k)

@@ -1,7 +1,8 @@
 """Head-role scores of attention matrices, batched over heads: what each head does.
 
-Pure functions beside :mod:`.stats`, run where head statistics run (the history
-writer, the stream's event loop), on the same float16 CPU copy. Scores are the
+Pure functions beside :mod:`.stats`; the per-step scores are computed with the head
+statistics by :func:`~attnscope.stream.reduce.layer_statistics`, where the attention
+is (in float32). Scores are the
 mean attention weight on the key a role predicts (TransformerLens's detector
 convention), so 1.0 means "every query does exactly this" and all are in [0, 1].
 
@@ -23,6 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .reduce import local_window as local_window  # re-exported: part of the role rules
+from .reduce import pattern_rows
+
 # Per-step pattern scores (from any input), in this order.
 PATTERN_NAMES = ("distance", "previous_token", "diagonal", "local", "sink", "uniform")
 # Scores that need a probe whose second half repeats its first half.
@@ -34,18 +38,9 @@ ROLES = ("previous_token", "sink", "diagonal", "local", "uniform", "induction",
 SPECIFIC_ROLES = ("induction", "duplicate_token", "previous_token", "diagonal", "sink")
 
 
-def local_window(keys: int) -> int:
-    """Half-width w of the "local" band |i - j| <= w: 2 keys, or S/16 for long sequences.
-
-    >>> local_window(24), local_window(512)
-    (2, 32)
-    """
-    return max(2, keys // 16)
-
-
 def pattern_scores(p: torch.Tensor, valid: torch.Tensor | None = None,
                    entropy: torch.Tensor | None = None) -> torch.Tensor:
-    """Scores (6, H) of attention ``p`` (H, L, S), in :data:`PATTERN_NAMES` order.
+    """Scores (6, H) on the CPU of attention ``p`` (H, L, S), in :data:`PATTERN_NAMES` order.
 
     Query rows 1..L-1 are averaged (row 0 of a causal head has one key, so it
     would count towards every role). ``distance`` is the mean |i - j| weighted
@@ -57,38 +52,20 @@ def pattern_scores(p: torch.Tensor, valid: torch.Tensor | None = None,
     :func:`~attnscope.stream.stats.head_stats`' entropy of the same ``p`` and
     ``valid``, from which ``uniform`` follows without a second pass. Positional
     scores are NaN when L != S (cross-attention); NaN attention gives NaN scores.
+    (:func:`~attnscope.stream.reduce.layer_statistics` computes these with the head
+    statistics, on the device.)
     """
     p = p.detach().float()  # (H, L, S); no copy if it is float32 already
     H, L, S = p.shape
     counts = torch.full((L,), float(S), device=p.device) if valid is None \
         else valid.to(p.device, torch.float32)  # (L,)
     many = counts > 1  # (L,)
-    n_many = int(many.sum())
-    if n_many == 0:
-        uniform = torch.full((H,), math.nan, device=p.device)
-    elif entropy is not None:  # head_stats' mean counts rows with one key as 0
-        uniform = entropy.to(p.device) * (L / n_many)  # (H,)
+    if entropy is not None:  # head_stats' mean counts rows with one key as 0
+        entropy_sum = entropy.to(p.device) * L  # (H,)
     else:
         rows_entropy = -torch.xlogy(p, p).sum(-1) / counts.clamp_min(2.0).log()  # (H, L)
-        uniform = rows_entropy[:, many].mean(-1)  # (H,)
-    nan = torch.full((H,), math.nan, device=p.device)
-    if L < 2:
-        return torch.stack([nan, nan, nan, nan, nan, uniform]).cpu()  # (6, H)
-    rows = p[:, 1:]  # (H, L-1, S)
-    sink = rows[..., 0].mean(-1)  # (H,)
-    if L != S:
-        return torch.stack([nan, nan, nan, nan, sink, uniform]).cpu()  # (6, H)
-    i = torch.arange(1, L, device=p.device)[:, None]  # (L-1, 1)
-    j = torch.arange(S, device=p.device)[None, :]  # (1, S)
-    offset = (i - j).abs().float()  # (L-1, S)
-    band = (offset <= local_window(S)).float()  # (L-1, S)
-    # Both weighted sums in one batched matmul over query rows: no (H, L, S) temporaries.
-    weights = torch.stack([offset, band], -1)  # (L-1, S, 2)
-    sums = torch.bmm(rows.transpose(0, 1), weights).mean(0)  # (L-1, H, 2) -> (H, 2)
-    previous = rows.diagonal(offset=0, dim1=-2, dim2=-1).mean(-1)  # rows[:, i-1, i-1]: key i-1
-    diagonal = rows.diagonal(offset=1, dim1=-2, dim2=-1).mean(-1)  # key i
-    scores = torch.stack([sums[:, 0], previous, diagonal, sums[:, 1], sink, uniform])  # (6, H)
-    return scores.cpu()
+        entropy_sum = torch.where(many, rows_entropy, torch.zeros_like(rows_entropy)).sum(-1)
+    return pattern_rows(p, entropy_sum, many).cpu()  # (6, H)
 
 
 def repeat_scores(p: torch.Tensor, half: int) -> torch.Tensor:

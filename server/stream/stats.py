@@ -14,7 +14,8 @@ import torch
 from transformer_core.events import AttentionEvent
 from transformer_core.masking import BaseMask
 
-from .roles import PATTERN_NAMES, REPEAT_NAMES, pattern_scores
+from .reduce import layer_statistics
+from .roles import PATTERN_NAMES, REPEAT_NAMES
 
 STAT_NAMES = ("entropy", "max_weight", "first_token", "nan", "inf")
 # The rows of head_statistics: the history's per-step record of each head (induction
@@ -29,23 +30,10 @@ def head_stats(p: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     by log(number of unmasked keys); 0 = one-hot, 1 = uniform; rows with one
     key count as 0), mean max weight, mean weight on key 0, NaN count, Inf
     count. ``valid`` is the number of unmasked keys per query row (L,), or
-    None when no key is masked.
+    None when no key is masked. (The first rows of
+    :func:`~attnscope.stream.reduce.layer_statistics`, which stays on the device.)
     """
-    p = p.detach().float()  # (H, L, S)
-    S = p.shape[-1]
-    counts = torch.full(p.shape[1:2], float(S), device=p.device) if valid is None \
-        else valid.to(p.device, torch.float32)  # (L,)
-    entropy = -torch.xlogy(p, p).sum(-1)  # (H, L); NaN rows stay NaN
-    norm = counts.clamp_min(2.0).log()  # (L,)
-    entropy = torch.where(counts > 1, entropy / norm, torch.zeros_like(entropy))
-    stats = torch.stack([
-        entropy.mean(-1),
-        p.amax(-1).mean(-1),
-        p[..., 0].mean(-1),
-        p.isnan().sum((-1, -2)).float(),
-        p.isinf().sum((-1, -2)).float(),
-    ])  # (5, H)
-    return stats.cpu()
+    return layer_statistics(p, valid)[: len(STAT_NAMES)].cpu()
 
 
 def head_statistics(p: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -56,11 +44,15 @@ def head_statistics(p: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor
     >>> head_statistics(torch.eye(3)[None], None)[:, 0].tolist()[5:]
     [0.0, 0.0, 1.0, 1.0, 0.0, 0.0, nan, nan]
     """
-    p = p.detach().float()  # (H, L, S): converted once for both
-    stats = head_stats(p, valid)  # (5, H)
-    patterns = pattern_scores(p, valid, entropy=stats[0])  # (6, H)
-    repeat = torch.full((len(REPEAT_NAMES), stats.shape[1]), float("nan"))  # (2, H)
-    return torch.cat([stats, patterns, repeat])  # (13, H)
+    return with_repeat_rows(layer_statistics(p, valid)).cpu()  # (13, H)
+
+
+def with_repeat_rows(stats: torch.Tensor) -> torch.Tensor:
+    """(11, H) statistics and pattern scores -> (13, H) :data:`HEAD_STATISTICS` rows, the
+    induction rows NaN (the history fills them from its probe), on ``stats``' device."""
+    repeat = torch.full((len(REPEAT_NAMES), stats.shape[1]), float("nan"),
+                        device=stats.device)  # (2, H)
+    return torch.cat([stats, repeat])  # (13, H)
 
 
 @dataclass(frozen=True)
@@ -76,17 +68,23 @@ class MaskInfo:
         return cls(event.attn_mask, event.key_lengths, event.attention_type)
 
 
-def valid_key_counts(masks: MaskInfo, sample: int, L: int, S: int) -> torch.Tensor | None:
-    """Unmasked keys per query row (L,) of ``sample``, or None if nothing is masked."""
+def valid_key_counts(masks: MaskInfo, sample: int, L: int, S: int,
+                     on_device: bool = False) -> torch.Tensor | None:
+    """Unmasked keys per query row (L,) of ``sample``, or None if nothing is masked; on the
+    CPU, or where the masks are with ``on_device`` (no host synchronisation)."""
+    def here(t: torch.Tensor) -> torch.Tensor:
+        return t if on_device else t.cpu()
+
     valid = None
     mask = masks.attn_mask
     if mask is not None and not mask.all_ones:
-        valid = mask.bool_matrix[:L, :S].cpu()  # (L, S)
+        valid = here(mask.bool_matrix[:L, :S])  # (L, S)
     if masks.attention_type == "causal-linear":
-        tri = torch.ones(L, S, dtype=torch.bool).tril()
+        device = "cpu" if valid is None else valid.device
+        tri = torch.ones(L, S, dtype=torch.bool, device=device).tril()
         valid = tri if valid is None else valid & tri
     lengths = masks.key_lengths
     if lengths is not None and not lengths.all_ones:
-        keys = lengths.bool_matrix[sample, :S].cpu()  # (S,)
-        valid = keys.expand(L, S) if valid is None else valid & keys
+        keys = here(lengths.bool_matrix[sample, :S])  # (S,)
+        valid = keys.expand(L, S) if valid is None else valid & keys.to(valid.device)
     return None if valid is None else valid.sum(-1)

@@ -1,0 +1,304 @@
+"""Does watching slow down a model of the size people train? Steps/s with and without.
+
+A transformer_core encoder (default: GPT-2-small's shape, 12 layers x 12 heads,
+d_model 768, feed-forward 3072, L=512, batch 1), trained with SGD on random
+inputs (an MSE loss), ``torch.set_num_threads(1)`` on the CPU as the README
+advises on 2 cores. Training steps/s in one process, in interleaved windows
+(a b c, c b a, ...), median of ``--repeats`` windows per mode:
+
+(a) no dashboard: the model alone, nobody listening;
+(b) ``Dashboard.start(model)`` with history on (the default: head statistics
+    every step, a probe snapshot every 10 steps), nobody watching;
+(c) (b) plus one viewer on every layer and head (attention, head_stats,
+    scalars at 10 fps), a websocket client in a separate process
+    (``bench/stream.py --client``).
+
+Each window starts a fresh dashboard (b, c) and takes one unmeasured step
+first (the first step opens the history session and takes a snapshot). Per
+window it also reports the CPU seconds per step of the training thread, of
+the history writer, of the server thread and of all other threads (torch's
+intra-op pool among them): what competes with training on a small machine.
+
+    .venv/bin/python bench/scale.py --quick                    # 12x12 L=512, ~6 min
+    .venv/bin/python bench/scale.py                            # longer windows
+    .venv/bin/python bench/scale.py --layers 4 --heads 8 --d-model 256 --seq 256 --batch 8
+    .venv/bin/python bench/scale.py --seq 1024
+    .venv/bin/python bench/scale.py --device cuda --bf16      # skips without CUDA
+    .venv/bin/python bench/scale.py --profile                  # where the time goes
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+from stream import _measure  # noqa: E402  (the same window loop as bench/stream.py)
+
+MODES = {"a": "no dashboard", "b": "Dashboard.start, history on, nobody watching",
+         "c": "+ 1 viewer, all layers/heads, 10 fps"}
+
+
+@dataclass
+class StepResult:
+    """What ``_measure`` reads from a training step."""
+
+    step: int
+    loss: float
+    tokens: None = None
+    accuracy: float = 0.0  # a regression loss: no accuracy (a scalar all the same)
+
+
+class Training:
+    """SGD on a transformer_core encoder of the given shape, random (N, L, E) inputs."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from transformer_core.builders import TransformerEncoderBuilder
+        from transformer_core.events import EventDispatcher
+
+        d_head = args.d_model // args.heads
+        self.dispatcher = EventDispatcher()
+        self.device = torch.device(args.device)
+        self.model = TransformerEncoderBuilder.from_kwargs(
+            n_layers=args.layers, n_heads=args.heads, query_dimensions=d_head,
+            value_dimensions=d_head, feed_forward_dimensions=args.ff,
+            event_dispatcher=self.dispatcher).get().to(self.device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-4)
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(args.batch, args.seq, args.d_model, generator=g).to(self.device)
+        self.y = torch.randn(args.batch, args.seq, args.d_model, generator=g).to(self.device)
+        self.bf16 = args.bf16
+        self.index = 0
+
+    def step(self) -> StepResult:
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = torch.nn.functional.mse_loss(self.model(self.x).float(), self.y)
+        loss.backward()
+        self.opt.step()
+        self.index += 1
+        # .item() syncs with the device once per step, as a training loop that logs does
+        return StepResult(self.index, loss.item())
+
+
+# -- CPU time per thread ---------------------------------------------------------------
+
+def _thread_cpu() -> dict[int, float]:
+    """CPU seconds (user + system) of every thread of this process, by native id."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _groups(before: dict[int, float], after: dict[int, float]) -> dict[str, float]:
+    """CPU seconds between two :func:`_thread_cpu` readings, grouped by thread role."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    me = threading.get_native_id()
+    out = {"training": 0.0, "history writer": 0.0, "server": 0.0, "other": 0.0}
+    for tid, cpu in after.items():
+        used = cpu - before.get(tid, 0.0)
+        name = names.get(tid, "")
+        group = ("training" if tid == me else "history writer" if name == "attnscope-history"
+                 else "server" if name == "attnscope-server" else "other")
+        out[group] += used
+    return out
+
+
+# -- windows ---------------------------------------------------------------------------
+
+def _wait_for_viewer(dash, training: Training, timeout: float = 60.0) -> None:
+    """Step until the dashboard's hub has a subscriber (the client process connected)."""
+    hub = dash._server.server.config.app.state.hub
+    deadline = time.monotonic() + timeout
+    while not [c for c in hub.connections if c.sub]:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the viewer did not subscribe")
+        time.sleep(0.2)
+
+
+def _window(training: Training, run, seconds: float) -> dict:
+    """``_measure``'s figures, the number of steps and CPU seconds per step by thread role."""
+    before, t0 = _thread_cpu(), time.perf_counter()
+    result = _measure(training, run, seconds)
+    result["steps"] = max(1, round(result["steps_per_s"] * (time.perf_counter() - t0)))
+    result["cpu"] = {k: v / result["steps"] for k, v in _groups(before, _thread_cpu()).items()}
+    return result
+
+
+def one_window(mode: str, training: Training, seconds: float, data_dir: str) -> dict:
+    from attnscope import Dashboard
+    from attnscope.settings import Settings
+
+    if mode == "a":
+        training.step()  # warm, as the others are
+        return _window(training, None, seconds)
+    settings = Settings(data_dir=data_dir)
+    dash = Dashboard.start(training.model, port=0, quiet=True, settings=settings)
+    client = None
+    try:
+        if mode == "c":
+            url = dash.url.replace("http://", "ws://") + "/ws"
+            client = subprocess.Popen(
+                [sys.executable, str(ROOT / "bench" / "stream.py"), "--client", url,
+                 "--n", "1", "--seconds", str(seconds * 3 + 120), "--run", dash.run.id],
+                stdout=subprocess.DEVNULL)
+            _wait_for_viewer(dash, training)
+        r = training.step()  # opens the history session, takes the first snapshot
+        dash.step(r.step, loss=r.loss)
+        result = _window(training, dash.run, seconds)
+        history = dash._server.server.config.app.state.history
+        result["dropped"] = 0 if history is None else history.dropped
+        return result
+    finally:
+        if client is not None:
+            client.kill()
+            client.wait()
+        dash.close()
+
+
+def table(args: argparse.Namespace) -> None:
+    training = Training(args)
+    training.step()  # warm-up (allocations, first-call costs)
+    t0 = time.perf_counter()
+    training.step()
+    first = time.perf_counter() - t0
+    seconds = args.seconds or max(args.min_steps * first, 10.0)
+    print(f"{args.layers} layers x {args.heads} heads, d_model {args.d_model}, ff {args.ff}, "
+          f"L={args.seq}, batch {args.batch}, {args.device}"
+          f"{' bf16 autocast' if args.bf16 else ''}, {torch.get_num_threads()} torch "
+          f"threads, {os.cpu_count()} CPUs; one step {first:.2f} s; "
+          f"{args.repeats} x {seconds:.0f} s windows per mode", flush=True)
+    runs: dict[str, list[dict]] = {m: [] for m in MODES}
+    with tempfile.TemporaryDirectory() as data_dir:
+        for i in range(args.repeats):
+            for mode in ("abc" if i % 2 == 0 else "cba"):
+                result = one_window(mode, training, seconds, data_dir)
+                runs[mode].append(result)
+                cpu = ", ".join(f"{k} {v * 1e3:.3g}" for k, v in result["cpu"].items() if v > 0)
+                dropped = result.get("dropped")
+                print(f"  ({mode}) {result['steps_per_s']:.3f} steps/s over {result['steps']} "
+                      f"steps; CPU ms/step: {cpu}"
+                      f"{f'; {dropped} history records dropped' if dropped else ''}",
+                      flush=True)
+    base = statistics.median(r["steps_per_s"] for r in runs["a"])
+    print("\n| mode | steps/s (median) | vs (a) | training-thread CPU ms/step |\n"
+          "|---|---|---|---|")
+    for mode, name in MODES.items():
+        rate = statistics.median(r["steps_per_s"] for r in runs[mode])
+        cpu = statistics.median(r["cpu_ms_per_step"] for r in runs[mode])
+        print(f"| ({mode}) {name} | {rate:.3f} | {rate / base:.3f}x | {cpu:.0f} |")
+
+
+def profile(args: argparse.Namespace) -> None:
+    """Where the time goes with history on and one in-process subscriber-free dashboard:
+    the training thread's cProfile over a few steps, CPU per thread, and the writer's
+    work (head statistics of one step) timed alone."""
+    import cProfile
+    import pstats
+
+    from attnscope import Dashboard
+    from attnscope.history.recorder import stats_of
+    from attnscope.settings import Settings
+    from transformer_core.events import AttentionEvent
+
+    training = Training(args)
+    training.step()
+    with tempfile.TemporaryDirectory() as data_dir:
+        dash = Dashboard.start(training.model, port=0, quiet=True,
+                               settings=Settings(data_dir=data_dir))
+        try:
+            r = training.step()
+            dash.step(r.step, loss=r.loss)
+            before = _thread_cpu()
+            prof = cProfile.Profile()
+            t0 = time.perf_counter()
+            prof.enable()
+            for _ in range(args.min_steps):
+                r = training.step()
+                dash.step(r.step, loss=r.loss)
+            prof.disable()
+            wall = time.perf_counter() - t0
+            cpu = _groups(before, _thread_cpu())
+            # one step's writer work, alone: statistics of every layer of sample 0
+            copies: dict = {}
+
+            def grab(event: AttentionEvent) -> None:
+                copies.setdefault(id(event.source), event.sample_copy(0))
+
+            for d in dash.run.dispatchers:
+                d.listen(AttentionEvent, grab)
+            training.step()
+            for d in dash.run.dispatchers:
+                d.remove(grab)
+        finally:
+            dash.close()
+    print(f"{args.min_steps} steps, {wall / args.min_steps:.2f} s/step wall; CPU s/step: "
+          + ", ".join(f"{k} {v / args.min_steps:.2f}" for k, v in cpu.items()))
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(18)
+    from attnscope.history.recorder import StepItem
+
+    layers = dict(enumerate(copies.values()))
+    item = StepItem("s", 0, 0.0, {}, layers, len(layers))
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        t0, c0 = time.perf_counter(), time.thread_time()
+        stats_of([item])
+        print(f"writer work of one step (stats_of, {threads} torch threads): "
+              f"{time.perf_counter() - t0:.2f} s wall, {time.thread_time() - c0:.2f} s "
+              "CPU of the calling thread")
+    torch.set_num_threads(args.threads)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--d-model", type=int, default=768)
+    parser.add_argument("--ff", type=int, default=None, help="feed-forward (4 x d_model)")
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
+    parser.add_argument("--repeats", type=int, default=3, help="windows per mode (3)")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="window length (default: --min-steps steps, at least 10 s)")
+    parser.add_argument("--min-steps", type=int, default=12, help="steps per window (12)")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 windows per mode of ~4 steps (GPT-2 small on 1 CPU: ~6 min)")
+    parser.add_argument("--profile", action="store_true", help="where the time goes")
+    args = parser.parse_args()
+    args.ff = args.ff or 4 * args.d_model
+    if args.quick:
+        args.repeats, args.min_steps = 2, 4
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("--device cuda: CUDA is not available here (torch "
+              f"{torch.__version__}); nothing measured")
+        return
+    torch.set_num_threads(args.threads)
+    if args.profile:
+        profile(args)
+    else:
+        table(args)
+
+
+if __name__ == "__main__":
+    main()
