@@ -32,7 +32,7 @@ CORE = {
 }
 # Training side: Dashboard, the publishers, the history recorder and outbox, the demo.
 TRAINING = {
-    "attnscope.dashboard", "attnscope.runs", "attnscope.stream.publisher",
+    "attnscope.dashboard", "attnscope.runs", "attnscope.stream.publisher", "attnscope.stream.rows",
     "attnscope.remote.publisher", "attnscope.remote.captures", "attnscope.remote.history",
     "attnscope.history.recorder", "attnscope.history.service", "attnscope.demo",
     "attnscope.demo_run", "attnscope.client", "attnscope.induction",
