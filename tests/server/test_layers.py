@@ -29,11 +29,11 @@ CORE = {
     "attnscope.captures", "attnscope.captures.capture", "attnscope.captures.store",
     "attnscope.captures.formats", "attnscope.history", "attnscope.history.store",
     "attnscope.history.config", "attnscope.history.thinning", "attnscope.stream.roles",
-    "attnscope.history.roles", "attnscope.limits", "attnscope.stream.rows",
+    "attnscope.history.roles", "attnscope.limits",
 }
 # Training side: Dashboard, the publishers, the history recorder and outbox, the demo.
 TRAINING = {
-    "attnscope.dashboard", "attnscope.runs", "attnscope.stream.publisher",
+    "attnscope.dashboard", "attnscope.runs", "attnscope.stream.publisher", "attnscope.stream.rows",
     "attnscope.remote.publisher", "attnscope.remote.captures", "attnscope.remote.history",
     "attnscope.history.recorder", "attnscope.history.service", "attnscope.demo",
     "attnscope.demo_run", "attnscope.client", "attnscope.induction",
