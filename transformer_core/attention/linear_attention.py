@@ -44,6 +44,41 @@ def kernel_logits(phi_q, phi_k, samples, heads, causal=False):
     return logits
 
 
+def _exclusive_cumsum(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sums of the entries before each one along ``dim`` (the first gets 0)."""
+    before = torch.cumsum(t.narrow(dim, 0, t.shape[dim] - 1), dim)
+    return torch.cat([torch.zeros_like(t.narrow(dim, 0, 1)), before], dim)
+
+
+def causal_linear(phi_q: torch.Tensor, phi_k: torch.Tensor, values: torch.Tensor, chunk: int,
+                  eps: float) -> torch.Tensor:
+    """Causal linear attention of feature-mapped queries and keys (N, L, H, E') and
+    values (N, L, H, D): (N, L, H, D), output i = sum_{j<=i} (q_i.k_j) v_j / (sum_{j<=i}
+    q_i.k_j + eps).
+
+    A blocked algorithm with no Python loop: the L positions are cut into P chunks
+    of ``chunk``; inside a chunk the causal products are one masked matmul; the past
+    of a chunk is the exclusive cumulative sum of the chunks' k^T [v, 1] (P, E', D + 1)
+    (the ones column carries the normaliser's sum of keys), so every step (and
+    autograd's backward of it) is a batched matmul or one cumsum over P.
+    """
+    N, L, H, _ = phi_q.shape
+    size = max(1, min(chunk, L))
+    P = -(-L // size)
+
+    def split(t: torch.Tensor) -> torch.Tensor:  # (N, L, H, X) -> (N, H, P, size, X)
+        t = nn.functional.pad(t, (0, 0, 0, 0, 0, P * size - L))
+        return t.reshape(N, P, size, H, t.shape[-1]).permute(0, 3, 1, 2, 4)
+
+    q, k = split(phi_q), split(phi_k)
+    v = split(nn.functional.pad(values, (0, 1), value=1.0))  # a ones column: the normaliser
+    local = torch.tril(q @ k.transpose(-1, -2))  # (N, H, P, size, size)
+    past = _exclusive_cumsum(k.transpose(-1, -2) @ v, 2)  # (N, H, P, E', D + 1)
+    both = torch.cat([local, q], -1) @ torch.cat([v, past], -2)  # (N, H, P, size, D + 1)
+    out = both[..., :-1] / (both[..., -1:] + eps)  # (N, H, P, size, D)
+    return out.permute(0, 2, 3, 1, 4).reshape(N, P * size, H, -1)[:, :L].contiguous()
+
+
 class LinearAttention(nn.Module):
     """phi(Q) (phi(K)^T V) normalised by phi(Q) sum(phi(K)): O(L) time and memory.
 
@@ -128,8 +163,9 @@ class CausalLinearAttention(LinearAttention):
     """Linear attention where query i sees keys j <= i, computed chunk by chunk.
 
     Within a chunk of ``chunk_size`` positions the (causal) products are
-    explicit; across chunks a running sum of phi(k) v^T carries the past, so
-    time is O(L * chunk_size) and memory O(chunk_size^2) per head.
+    explicit; across chunks a running sum of phi(k) v^T carries the past (see
+    :func:`causal_linear`), so time is O(L (chunk_size + E D)) and memory
+    O(L chunk_size + L / chunk_size E D) per head.
     Query i sees keys j <= i: with S > L the keys past L are never seen, with
     S < L the last queries see all keys. ``attn_mask`` must be causal or all ones
     (treated as causal); anything else raises :class:`UnsupportedMaskError`.
@@ -162,21 +198,7 @@ class CausalLinearAttention(LinearAttention):
         # keys j < L are the only ones any query sees; missing ones count as masked
         phi_k = nn.functional.pad(phi_k_all[:, :L], (0, 0, 0, 0, 0, max(L - S, 0)))
         values_l = nn.functional.pad(values[:, :L], (0, 0, 0, 0, 0, max(L - S, 0)))
-        outputs = []
-        kv_state = phi_q.new_zeros(N, H, phi_q.shape[-1], values.shape[-1])  # (N, H, E', D)
-        k_state = phi_q.new_zeros(N, H, phi_q.shape[-1])  # (N, H, E')
-        for start in range(0, L, self.chunk_size):
-            q = phi_q[:, start : start + self.chunk_size]  # (N, C, H, E')
-            k = phi_k[:, start : start + self.chunk_size]
-            v = values_l[:, start : start + self.chunk_size]  # (N, C, H, D)
-            local = torch.einsum("nlhe,nshe->nhls", q, k).tril()  # (N, H, C, C)
-            num = torch.einsum("nhls,nshd->nlhd", local, v)
-            num = num + torch.einsum("nlhe,nhed->nlhd", q, kv_state)
-            den = local.sum(-1).transpose(1, 2) + torch.einsum("nlhe,nhe->nlh", q, k_state)
-            outputs.append(num / (den + self.eps)[..., None])
-            kv_state = kv_state + torch.einsum("nshe,nshd->nhed", k, v)
-            k_state = k_state + k.sum(1)
-        out = torch.cat(outputs, dim=1)  # (N, L, H, D), contiguous
+        out = causal_linear(phi_q, phi_k, values_l, self.chunk_size, self.eps)
         if self.event_dispatcher.has_listeners:
             self._dispatch(phi_q, phi_k_all, key_lengths, (N, H, L, S), causal=True)
         return out
