@@ -50,11 +50,22 @@ def _exclusive_cumsum(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.zeros_like(t.narrow(dim, 0, 1)), before], dim)
 
 
+def _blocks(t: torch.Tensor, P: int, size: int, ones: bool = False) -> torch.Tensor:
+    """Rows (N, T, H, X), T <= P * size, cut into chunks: (N H P, size, X), zero rows
+    past T; with ``ones`` an extra last column of ones (X + 1). One copy."""
+    N, T, H, X = t.shape
+    out = t.new_zeros(N, H, P * size, X + ones)
+    if ones:
+        out[..., X] = 1.0
+    out[:, :, :T, :X] = t.transpose(1, 2)
+    return out.view(N * H * P, size, X + ones)
+
+
 def causal_linear(phi_q: torch.Tensor, phi_k: torch.Tensor, values: torch.Tensor, chunk: int,
                   eps: float) -> torch.Tensor:
-    """Causal linear attention of feature-mapped queries and keys (N, L, H, E') and
-    values (N, L, H, D): (N, L, H, D), output i = sum_{j<=i} (q_i.k_j) v_j / (sum_{j<=i}
-    q_i.k_j + eps).
+    """Causal linear attention of feature-mapped queries (N, L, H, E'), keys
+    (N, T, H, E') and values (N, T, H, D), T <= L (missing keys count as masked):
+    (N, L, H, D), output i = sum_{j<=i} (q_i.k_j) v_j / (sum_{j<=i} q_i.k_j + eps).
 
     A blocked algorithm with no Python loop: the L positions are cut into P chunks
     of ``chunk``; inside a chunk the causal products are one masked matmul; the past
@@ -63,20 +74,29 @@ def causal_linear(phi_q: torch.Tensor, phi_k: torch.Tensor, values: torch.Tensor
     autograd's backward of it) is a batched matmul or one cumsum over P.
     """
     N, L, H, _ = phi_q.shape
+    D = values.shape[-1]
     size = max(1, min(chunk, L))
     P = -(-L // size)
+    both = _chunk_products(phi_q, phi_k, values, P, size)  # (N H P, size, D + 1)
+    out = both[..., :D] / (both[..., D:] + eps)  # (N H P, size, D)
+    return out.view(N, H, P * size, D)[:, :, :L].transpose(1, 2).contiguous()
 
-    def split(t: torch.Tensor) -> torch.Tensor:  # (N, L, H, X) -> (N, H, P, size, X)
-        t = nn.functional.pad(t, (0, 0, 0, 0, 0, P * size - L))
-        return t.reshape(N, P, size, H, t.shape[-1]).permute(0, 3, 1, 2, 4)
 
-    q, k = split(phi_q), split(phi_k)
-    v = split(nn.functional.pad(values, (0, 1), value=1.0))  # a ones column: the normaliser
-    local = torch.tril(q @ k.transpose(-1, -2))  # (N, H, P, size, size)
-    past = _exclusive_cumsum(k.transpose(-1, -2) @ v, 2)  # (N, H, P, E', D + 1)
-    both = torch.cat([local, q], -1) @ torch.cat([v, past], -2)  # (N, H, P, size, D + 1)
-    out = both[..., :-1] / (both[..., -1:] + eps)  # (N, H, P, size, D)
-    return out.permute(0, 2, 3, 1, 4).reshape(N, P * size, H, -1)[:, :L].contiguous()
+def _chunk_products(phi_q, phi_k, values, P: int, size: int) -> torch.Tensor:
+    """The numerators and normalisers (N H P, size, D + 1) of :func:`causal_linear`.
+
+    A function of its own so that its blocked copies and products are freed as soon
+    as it returns (they would otherwise stay alive until the output is built).
+    """
+    N, _, H, _ = phi_q.shape
+    D = values.shape[-1]
+    q, k = _blocks(phi_q, P, size), _blocks(phi_k, P, size)  # (N H P, size, E')
+    v = _blocks(values, P, size, ones=True)  # (N H P, size, D + 1)
+    state = torch.bmm(k.transpose(1, 2), v).view(N * H, P, -1, D + 1)  # (N H, P, E', D + 1)
+    past = _exclusive_cumsum(state, 1).view(N * H * P, -1, D + 1)
+    del state  # (not needed by autograd: cumsum's backward does not use its input)
+    local = torch.bmm(q, k.transpose(1, 2)).tril_()  # (N H P, size, size)
+    return torch.bmm(local, v).baddbmm_(q, past)
 
 
 class LinearAttention(nn.Module):
@@ -196,9 +216,7 @@ class CausalLinearAttention(LinearAttention):
                 "attn_mask: causal-linear attention supports only a causal mask")
         phi_q, phi_k_all = self._features(queries, keys, key_lengths)
         # keys j < L are the only ones any query sees; missing ones count as masked
-        phi_k = nn.functional.pad(phi_k_all[:, :L], (0, 0, 0, 0, 0, max(L - S, 0)))
-        values_l = nn.functional.pad(values[:, :L], (0, 0, 0, 0, 0, max(L - S, 0)))
-        out = causal_linear(phi_q, phi_k, values_l, self.chunk_size, self.eps)
+        out = causal_linear(phi_q, phi_k_all[:, :L], values[:, :L], self.chunk_size, self.eps)
         if self.event_dispatcher.has_listeners:
             self._dispatch(phi_q, phi_k_all, key_lengths, (N, H, L, S), causal=True)
         return out
