@@ -175,18 +175,18 @@ def test_lloyd_matches_reference_through_convergence_in_both_rankings(dtype):
 def test_blocks_hold_one_cluster_each_and_round_trip():
     # one cluster takes most queries, two are empty: blocks still hold <= size queries
     # of a single cluster, and every query comes back to its own row
-    assign = torch.tensor([[0] * 9 + [1, 3, 3], [2] * 12])  # (G=2, L=12), C=4
+    assign = torch.tensor([[[0] * 9 + [1, 3, 3], [2] * 12]])  # (N=1, H=2, L=12), C=4
     layout = blocks(assign, 4)
     assert layout.size == 3
-    rows = torch.randn(2, 12, 5)
+    rows = torch.randn(1, 12, 2, 5)  # (N, L, H, X)
     packed = to_blocks(rows, layout)  # (P, size, 5)
-    torch.testing.assert_close(from_blocks(packed, layout, 2), rows)
-    flat_assign = (assign + torch.tensor([[0], [4]])).flatten()
+    torch.testing.assert_close(from_blocks(packed, layout, (1, 12, 2)), rows)
+    cluster_of_row = (assign + torch.tensor([[[0], [4]]])).transpose(1, 2).flatten()
     for b, cluster in enumerate(layout.cluster.tolist()):
-        slots = layout.source[b * 3:(b + 1) * 3]
-        real = slots[slots < 24]
-        assert len(real) and (flat_assign[real] == cluster).all()
-        assert (layout.position[b * 3:(b + 1) * 3][:len(real)] == real % 12).all()
+        position = layout.position[b * 3:(b + 1) * 3]
+        real = layout.source[b * 3:(b + 1) * 3][position >= 0]
+        assert len(real) and (cluster_of_row[real] == cluster).all()
+        assert (position[position >= 0] == real // 2).all()  # row = i H + h
     assert len(layout.cluster) == 3 + 1 + 1 + 4  # ceil(9/3) + 1 + 1 + ceil(12/3)
 
 

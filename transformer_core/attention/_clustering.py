@@ -119,23 +119,30 @@ class Blocks(NamedTuple):
 
     Every block holds queries of one cluster only; a cluster of m queries fills
     ceil(m / size) blocks, the last one padded. With ``size`` about L / C there are
-    at most 2 G C blocks and at most twice as many rows as queries.
+    at most 2 G C blocks and at most twice as many rows as queries. Rows are
+    addressed in the attention's own (N, L, H, X) layout, so nothing is transposed.
     """
 
-    source: torch.Tensor  # (P * size,) flat query row g * L + i of each slot; G * L: padding
-    slot: torch.Tensor  # (G * L,) the slot of each query
-    cluster: torch.Tensor  # (P,) flat cluster g * C + c of each block
+    source: torch.Tensor  # (P * size,) row n L H + i H + h of each slot; padding: row 0
+    slot: torch.Tensor  # (N * L * H,) the slot of each query, in (n, i, h) order
+    cluster: torch.Tensor  # (P,) flat cluster (n H + h) C + c of each block
     position: torch.Tensor  # (P * size,) query position i of each slot; -1 for padding
     size: int
 
 
 def blocks(assign: torch.Tensor, clusters: int) -> Blocks:
-    """The :class:`Blocks` of cluster assignments ``assign`` (G, L) into ``clusters``."""
-    G, L = assign.shape
+    """The :class:`Blocks` of cluster assignments ``assign`` (N, H, L) into ``clusters``.
+
+    Padding slots read row 0: whatever they compute is never read back, so it
+    gets no gradient either.
+    """
+    N, H, L = assign.shape
+    G = N * H
     device = assign.device
     size = max(1, -(-L // clusters))
-    cluster = (assign + torch.arange(G, device=device)[:, None] * clusters).reshape(G * L)
-    order = torch.sort(cluster, stable=True).indices  # query rows, grouped by cluster
+    cluster = (assign.reshape(G, L)
+               + torch.arange(G, device=device)[:, None] * clusters).reshape(G * L)
+    order = torch.sort(cluster, stable=True).indices  # g L + i, grouped by cluster
     counts = torch.bincount(cluster, minlength=G * clusters)  # (G C,)
     per_cluster = -(-counts // size)  # blocks of each cluster
     first_block = torch.cumsum(per_cluster, 0) - per_cluster
@@ -145,22 +152,37 @@ def blocks(assign: torch.Tensor, clusters: int) -> Blocks:
     slot_of_sorted = (first_block[ordered] + rank // size) * size + rank % size
     P = int(per_cluster.sum())
     slot = torch.empty_like(cluster).index_copy_(0, order, slot_of_sorted)  # (G L,)
-    source = torch.full((P * size,), G * L, dtype=torch.long, device=device)
-    source = source.index_copy_(0, slot_of_sorted, order)
-    position = torch.where(source < G * L, source % L, -1)
+    slot = slot.reshape(N, H, L).transpose(1, 2).reshape(N * L * H)  # (n, i, h) order
+    g, i = order // L, order % L
+    row = (g // H) * (L * H) + i * H + g % H  # row of (g, i) in (N, L, H, X)
+    source = torch.zeros(P * size, dtype=torch.long, device=device)
+    source = source.index_copy_(0, slot_of_sorted, row)
+    position = torch.full((P * size,), -1, dtype=torch.long, device=device)
+    position = position.index_copy_(0, slot_of_sorted, i)
     block_cluster = torch.repeat_interleave(torch.arange(G * clusters, device=device),
                                             per_cluster, output_size=P)
     return Blocks(source, slot, block_cluster, position, size)
 
 
 def to_blocks(t: torch.Tensor, layout: Blocks) -> torch.Tensor:
-    """Per-query rows ``t`` (G, L, X) -> (P, size, X), padding rows 0 (differentiable)."""
-    G, L, X = t.shape
-    padded = torch.cat([t.reshape(G * L, X), t.new_zeros(1, X)])  # (G L + 1, X)
-    return padded.index_select(0, layout.source).reshape(-1, layout.size, X)
-
-
-def from_blocks(t: torch.Tensor, layout: Blocks, G: int) -> torch.Tensor:
-    """Block rows ``t`` (P, size, X) -> per-query rows (G, L, X) (differentiable)."""
+    """Per-query rows ``t`` (N, L, H, X) -> (P, size, X) (differentiable)."""
     X = t.shape[-1]
-    return t.reshape(-1, X).index_select(0, layout.slot).reshape(G, -1, X)
+    return t.reshape(-1, X).index_select(0, layout.source).reshape(-1, layout.size, X)
+
+
+def from_blocks(t: torch.Tensor, layout: Blocks, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Block rows ``t`` (P, size, X) -> per-query rows (N, L, H, X) for ``shape``
+    (N, L, H) (differentiable)."""
+    X = t.shape[-1]
+    return t.reshape(-1, X).index_select(0, layout.slot).reshape(*shape, X)
+
+
+def block_keys(t: torch.Tensor, top: torch.Tensor, layout: Blocks) -> torch.Tensor:
+    """Rows of ``t`` (N, S, H, X) at each block's cluster's top keys ``top``
+    (N, H, C, k): (P, k, X), differentiable in ``t``."""
+    N, S, H, X = t.shape
+    C, k = top.shape[2:]
+    n = torch.arange(N, device=top.device)[:, None, None, None] * (S * H)
+    h = torch.arange(H, device=top.device)[None, :, None, None]
+    rows = (n + top * H + h).reshape(N * H * C, k)[layout.cluster]  # (P, k)
+    return t.reshape(N * S * H, X).index_select(0, rows.reshape(-1)).reshape(-1, k, X)

@@ -7,7 +7,7 @@ import torch
 
 from ..attention_registry import AttentionRegistry, Int, Optional
 from ..masking import BaseMask
-from ._clustering import Blocks, blocks, from_blocks, per_query, to_blocks
+from ._clustering import Blocks, block_keys, blocks, from_blocks, per_query, to_blocks
 from ._events import lazy_event
 from ._masks import UnsupportedMaskError, rows
 from .clustered_attention import _CLUSTER_PARAMS, _SOFTMAX_PARAMS, ClusteredBase
@@ -19,39 +19,31 @@ def sparse_rows(weights: torch.Tensor, index: torch.Tensor, base: torch.Tensor) 
     return base.scatter(-1, index, weights)
 
 
-def block_rows(t: torch.Tensor, top: torch.Tensor, layout: Blocks) -> torch.Tensor:
-    """Rows of ``t`` (N, H, S, X) at each block's cluster's top keys ``top`` (N, H, C, k):
-    (P, k, X), differentiable in ``t``."""
-    N, H, S, X = t.shape
-    C, k = top.shape[2:]
-    flat = top.reshape(N * H, C * k) + torch.arange(N * H, device=top.device)[:, None] * S
-    index = flat.reshape(N * H * C, k)[layout.cluster]  # (P, k)
-    return t.reshape(N * H * S, X).index_select(0, index.reshape(-1)).reshape(-1, k, X)
-
-
-def top_key_weights(q, k, top, layout, scale, hidden_fn):
+def top_key_weights(queries, keys, top, layout, scale, hidden_fn):
     """Exact softmax weights (P, size, k) of each query over its cluster's top keys.
 
-    q (N, H, L, E), k (N, H, S, E), top: the clusters' top keys (indices and values
-    (N, H, C, k)), ``layout`` the queries' :class:`Blocks`. ``hidden_fn(keys (P, 1, k))``
-    -> bool (P, size or 1, k) or None: keys a query may not see besides the ones masked
-    for its cluster.
+    queries (N, L, H, E), keys (N, S, H, E), top: the clusters' top keys (indices and
+    values (N, H, C, k)), ``layout`` the queries' :class:`Blocks`.
+    ``hidden_fn(keys (P, 1, k))`` -> bool (P, size or 1, k) or None: keys a query may
+    not see besides the ones masked for its cluster.
     """
-    N, H, L, E = q.shape
     C, topk = top.indices.shape[2:]
-    exact = torch.bmm(to_blocks(q.reshape(N * H, L, E), layout),
-                      block_rows(k, top.indices, layout).transpose(1, 2)) * scale  # (P, size, k)
-    masked = torch.isneginf(top.values.reshape(N * H * C, topk)[layout.cluster])[:, None, :]
-    keys = top.indices.reshape(N * H * C, topk)[layout.cluster][:, None, :]  # (P, 1, k)
-    hidden = hidden_fn(keys)
+    exact = torch.bmm(to_blocks(queries, layout),
+                      block_keys(keys, top.indices, layout).transpose(1, 2))  # (P, size, k)
+    exact = exact.mul_(scale)  # in place: bmm's backward does not need its output
+    masked = torch.isneginf(top.values.reshape(-1, topk)[layout.cluster])[:, None, :]
+    hidden = hidden_fn(top.indices.reshape(-1, topk)[layout.cluster][:, None, :])
     hidden = masked if hidden is None else hidden | masked
+    if not hidden.any():
+        return torch.softmax(exact, -1)
     return masked_softmax(exact.masked_fill(hidden, float("-inf")))
 
 
 def per_query_weights(weights: torch.Tensor, layout: Blocks, shape) -> torch.Tensor:
-    """Block weights (P, size, k) -> each query's weights (N, H, L, k)."""
+    """Block weights (P, size, k) -> each query's weights (N, H, L, k) for ``shape``
+    (N, H, L)."""
     N, H, L = shape
-    return from_blocks(weights, layout, N * H).reshape(N, H, L, -1)
+    return from_blocks(weights, layout, (N, L, H)).transpose(1, 2)
 
 
 class ImprovedClusteredAttention(ClusteredBase):
@@ -90,17 +82,17 @@ class ImprovedClusteredAttention(ClusteredBase):
         self._require_all_ones(attn_mask)
         q, k, v = (t.transpose(1, 2) for t in (queries, keys, values))  # (N, H, *, *)
         N, H, L, _ = q.shape
-        assign, logits, scale = self._centroid_logits(q, k, query_lengths, key_lengths)
-        centroid = masked_softmax(logits)  # (N, H, C, S)
+        assign, logits, scale, masked = self._centroid_logits(q, k, query_lengths, key_lengths)
+        centroid = self._softmax(logits, masked)  # (N, H, C, S)
         top = logits.topk(min(self.topk, k.shape[2]), dim=-1, sorted=False)  # (N, H, C, k)
         mass = centroid.gather(-1, top.indices).sum(-1)  # (N, H, C)
         rest = centroid.scatter(-1, top.indices, 0.0)  # (N, H, C, S): keys outside T_c
-        layout = blocks(assign.reshape(N * H, L), logits.shape[2])
-        weights = top_key_weights(q, k, top, layout, scale, lambda keys: None)
+        layout = blocks(assign, logits.shape[2])
+        weights = top_key_weights(queries, keys, top, layout, scale, lambda keys: None)
         weights = weights * mass.reshape(-1)[layout.cluster][:, None, None]  # (P, size, k)
-        exact = torch.bmm(self.dropout(weights), block_rows(v, top.indices, layout))
-        out = per_query(self.dropout(rest) @ v, assign) + from_blocks(
-            exact, layout, N * H).reshape(N, H, L, -1)  # (N, H, L, D)
+        exact = torch.bmm(self.dropout(weights), block_keys(values, top.indices, layout))
+        out = from_blocks(exact, layout, (N, L, H)) + per_query(
+            self.dropout(rest) @ v, assign).transpose(1, 2)  # (N, L, H, D)
         if self.event_dispatcher.has_listeners:
             shape = (N, H, L, k.shape[2])
             index = per_query(top.indices, assign)  # (N, H, L, k)
@@ -110,7 +102,7 @@ class ImprovedClusteredAttention(ClusteredBase):
                     rows(per_query_weights(weights.detach(), layout, (N, H, L)), n, h),
                     rows(index, n, h), per_query(rows(rest, n, h), rows(assign, n, h))),
                 queries=queries, keys=keys, key_lengths=key_lengths))
-        return out.transpose(1, 2).contiguous()
+        return out.contiguous()
 
 
 class ImprovedClusteredCausalAttention(ImprovedClusteredAttention):
@@ -140,14 +132,14 @@ class ImprovedClusteredCausalAttention(ImprovedClusteredAttention):
                 "(causal) attention mask such as TriangularCausalMask(L)")
         q, k, v = (t.transpose(1, 2) for t in (queries, keys, values))  # (N, H, *, *)
         N, H, L, _ = q.shape
-        assign, logits, scale = self._centroid_logits(q, k, query_lengths, key_lengths)
+        assign, logits, scale, _ = self._centroid_logits(q, k, query_lengths, key_lengths)
         top = logits.topk(min(self.topk, k.shape[2]), dim=-1, sorted=False)  # (N, H, C, k)
-        layout = blocks(assign.reshape(N * H, L), logits.shape[2])
+        layout = blocks(assign, logits.shape[2])
         position = layout.position.reshape(-1, layout.size, 1)  # (P, size, 1)
-        weights = top_key_weights(q, k, top, layout, scale,
+        weights = top_key_weights(queries, keys, top, layout, scale,
                                   lambda keys: keys > position)  # (P, size, k)
-        exact = torch.bmm(self.dropout(weights), block_rows(v, top.indices, layout))
-        out = from_blocks(exact, layout, N * H).reshape(N, H, L, -1)  # (N, H, L, D)
+        exact = torch.bmm(self.dropout(weights), block_keys(values, top.indices, layout))
+        out = from_blocks(exact, layout, (N, L, H))  # (N, L, H, D)
         if self.event_dispatcher.has_listeners:
             shape = (N, H, L, k.shape[2])
             index = per_query(top.indices, assign)  # (N, H, L, k)
@@ -155,7 +147,7 @@ class ImprovedClusteredCausalAttention(ImprovedClusteredAttention):
                 self, shape,
                 lambda n, h: _causal_rows(weights.detach(), layout, index, n, h, shape),
                 queries=queries, keys=keys, attn_mask=attn_mask, key_lengths=key_lengths))
-        return out.transpose(1, 2).contiguous()
+        return out.contiguous()
 
 
 def _causal_rows(weights, layout, index, n, h, shape):
