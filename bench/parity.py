@@ -10,7 +10,7 @@ the seed's default hyperparameters; reported per type and length:
   (the hashing ones draw their own random planes: timing only);
 * peak memory of forward and of forward + backward, ours / seed, in MiB: each
   measured in a fresh child process (this script with ``--memory-child``) that
-  imports both libraries, makes the inputs, runs the case once at L=64 (lazy
+  imports both libraries, makes the inputs, runs the case once at L=128 (lazy
   initialisation: thread pools, kernels' buffers), resets its peak resident set
   size to the current one (``5`` into ``/proc/self/clear_refs``), reads the
   resident size (``VmRSS`` in ``/proc/self/status``), calls the case once at full
@@ -63,6 +63,7 @@ import transformer_core.attention as ours  # noqa: E402
 import transformer_core.masking as our_masks  # noqa: E402
 
 N, H, E = 1, 4, 64
+WARM_UP_LENGTH = 128  # the seed's clustering needs at least its 100 clusters of queries
 # type -> (our class, seed class name, keyword arguments for both, causal, deterministic)
 CASES: dict[str, tuple[type, str, dict, bool, bool]] = {
     "full": (ours.FullAttention, "FullAttention", {}, False, True),
@@ -171,7 +172,7 @@ def memory_child(args, which: str, mode: str) -> str:
     seed = load_seed(args.seed_git, args.build_dir)  # both loaded, as in the parent
     library, library_masks = (ours, our_masks) if which == "ours" else seed
     name, L = args.types[0], args.lengths[0]
-    small = timers(*case(name, 64, library, library_masks, which == "ours"))
+    small = timers(*case(name, WARM_UP_LENGTH, library, library_masks, which == "ours"))
     full = timers(*case(name, L, library, library_masks, which == "ours"))
     index = 0 if mode == "fwd" else 1
     small[index]()  # lazy initialisation, at a length too short to matter
