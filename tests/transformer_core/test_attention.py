@@ -332,6 +332,20 @@ def test_causal_linear_attention_matches_reference(chunk_size, mask, lengths):
     torch.testing.assert_close(torch.softmax(event.logits(), -1), matrix, **TOL)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 3, 64])
+def test_causal_linear_gradients_match_reference(chunk_size):
+    # S = 7 positions in chunks of 3: a padded last chunk; 64: one chunk
+    q, k, v = (t.double().requires_grad_() for t in qkv(S, S))
+    weight = torch.randn(N, S, H, D, dtype=torch.float64)
+    allowed = LengthMask(LENGTHS, S)
+    out = make(CausalLinearAttention, E, chunk_size=chunk_size)(q, k, v, None, None, allowed)
+    grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    ref_out, _ = reference_linear_attention(q, k, v, allowed.bool_matrix, causal=True)
+    want = torch.autograd.grad((ref_out * weight).sum(), (q, k, v))
+    for got, expected in zip(grads, want, strict=True):
+        torch.testing.assert_close(got, expected, **TOL)
+
+
 def test_linear_attentions_are_lazy(monkeypatch):
     import transformer_core.attention.linear_attention as linear_module
 

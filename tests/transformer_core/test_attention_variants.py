@@ -26,7 +26,7 @@ from transformer_core.attention import (
     ReformerAttention,
     UnsupportedMaskError,
 )
-from transformer_core.attention._clustering import lloyd
+from transformer_core.attention._clustering import blocks, from_blocks, lloyd, to_blocks
 from transformer_core.events import AttentionEvent, EventDispatcher
 from transformer_core.masking import FullMask, LengthMask, TriangularCausalMask
 
@@ -156,6 +156,40 @@ def test_lloyd_matches_plain_reference_and_ignores_padding():
             assert got[n, h].tolist() == reference_lloyd(codes[n, h], valid[n], 3, 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_lloyd_matches_reference_through_convergence_in_both_rankings(dtype):
+    # bfloat16 cannot hold distance * clusters + index exactly: the ranking falls back
+    # to min over distances; float64 ranks by the packed key. 30 iterations run well
+    # past convergence, where lloyd stops early.
+    torch.manual_seed(1)
+    codes = (torch.rand(N, H, 40, 6) > 0.5).to(dtype)
+    valid = torch.arange(40)[None, :] < torch.tensor([[31], [40]])
+    for iterations in (0, 1, 30):
+        got = lloyd(codes, valid, clusters=11, iterations=iterations)
+        for n in range(N):
+            for h in range(H):
+                assert got[n, h].tolist() == reference_lloyd(codes[n, h].double(), valid[n],
+                                                             11, iterations)
+
+
+def test_blocks_hold_one_cluster_each_and_round_trip():
+    # one cluster takes most queries, two are empty: blocks still hold <= size queries
+    # of a single cluster, and every query comes back to its own row
+    assign = torch.tensor([[[0] * 9 + [1, 3, 3], [2] * 12]])  # (N=1, H=2, L=12), C=4
+    layout = blocks(assign, 4)
+    assert layout.size == 3
+    rows = torch.randn(1, 12, 2, 5)  # (N, L, H, X)
+    packed = to_blocks(rows, layout)  # (P, size, 5)
+    torch.testing.assert_close(from_blocks(packed, layout, (1, 12, 2)), rows)
+    cluster_of_row = (assign + torch.tensor([[[0], [4]]])).transpose(1, 2).flatten()
+    for b, cluster in enumerate(layout.cluster.tolist()):
+        position = layout.position[b * 3:(b + 1) * 3]
+        real = layout.source[b * 3:(b + 1) * 3][position >= 0]
+        assert len(real) and (cluster_of_row[real] == cluster).all()
+        assert (position[position >= 0] == real // 2).all()  # row = i H + h
+    assert len(layout.cluster) == 3 + 1 + 1 + 4  # ceil(9/3) + 1 + 1 + ceil(12/3)
+
+
 def test_clustering_separates_far_apart_groups(monkeypatch):
     centres = torch.tensor([[10.0, 0, 0, 0], [0, -10.0, 0, 0], [0, 0, 0, 10.0]])
     q = centres[torch.arange(12) % 3][None, :, None, :] + 0.01 * torch.randn(1, 12, 1, 4)
@@ -237,6 +271,24 @@ def test_improved_clustered_attentions_match_reference(monkeypatch, cls):
         assert (event.attention_matrix.triu(1) == 0).all()
     else:
         torch.testing.assert_close(event.attention_matrix.sum(-1), torch.ones(N, H, L))
+
+
+@pytest.mark.parametrize("cls", [ImprovedClusteredAttention, ImprovedClusteredCausalAttention])
+def test_improved_clustered_gradients_match_reference(monkeypatch, cls):
+    # 24 queries in 4 clusters: clusters span several blocks; causal queries whose top
+    # keys are all in the future have zero rows, and must not turn gradients into NaN
+    causal = cls is ImprovedClusteredCausalAttention
+    q, k, v = (t.double().requires_grad_() for t in qkv(24, 24))
+    calls = record(monkeypatch, clustered_module, "lloyd")
+    mask = TriangularCausalMask(24) if causal else None
+    weight = torch.randn(N, 24, H, E, dtype=torch.float64)
+    got = make(cls, clusters=4, bits=8, topk=3)(q, k, v, mask, None, None)
+    grads = torch.autograd.grad((got * weight).sum(), (q, k, v))
+    ref = improved_reference(q, k, calls[0], 3, 1 / math.sqrt(E), causal)
+    want = torch.autograd.grad((applied(ref, v) * weight).sum(), (q, k, v))
+    for g, w in zip(grads, want, strict=True):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, **TOL)
 
 
 def test_clustered_attentions_refuse_masks_they_cannot_apply():

@@ -42,7 +42,8 @@ class ClusteredBase(nn.Module):
 
     def _centroid_logits(self, q, k, query_lengths, key_lengths):
         """Queries (N, H, L, E), keys (N, H, S, E) -> (cluster of each query (N, H, L),
-        centroid logits (N, H, C, S) with masked keys at -inf, scale)."""
+        centroid logits (N, H, C, S) with masked keys at -inf, scale, whether any key
+        is masked)."""
         L, E = q.shape[2], q.shape[3]
         scale = self.softmax_temp if self.softmax_temp is not None else 1.0 / math.sqrt(E)
         valid = query_mask(query_lengths, L)
@@ -51,11 +52,17 @@ class ClusteredBase(nn.Module):
             assign = lloyd(codes, valid, self.clusters, self.iterations)  # (N, H, L)
         C = min(self.clusters, L)
         centroids = centroids_of(q, assign, valid, C)  # (N, H, C, E)
-        logits = centroids @ k.transpose(-1, -2) * scale  # (N, H, C, S)
+        logits = (centroids * scale) @ k.transpose(-1, -2)  # (N, H, C, S)
         keys_ok = key_mask(key_lengths, k.shape[2])
         if keys_ok is not None:
             logits = logits.masked_fill(~keys_ok[:, None, None, :], float("-inf"))
-        return assign, logits, scale
+        return assign, logits, scale, keys_ok is not None
+
+    @staticmethod
+    def _softmax(logits: torch.Tensor, masked: bool) -> torch.Tensor:
+        """softmax over keys of ``logits`` (N, H, C, S); only masked keys (``masked``)
+        can leave a row all -inf, which ``masked_softmax`` turns into zeros."""
+        return masked_softmax(logits) if masked else torch.softmax(logits, -1)
 
     def _require_all_ones(self, attn_mask: BaseMask | None) -> None:
         if attn_mask is not None and not attn_mask.all_ones:
@@ -88,8 +95,8 @@ class ClusteredAttention(ClusteredBase):
         """queries (N, L, H, E), keys (N, S, H, E), values (N, S, H, D) -> (N, L, H, D)."""
         self._require_all_ones(attn_mask)
         q, k, v = (t.transpose(1, 2) for t in (queries, keys, values))  # (N, H, *, *)
-        assign, logits, _ = self._centroid_logits(q, k, query_lengths, key_lengths)
-        matrix = masked_softmax(logits)  # (N, H, C, S)
+        assign, logits, _, masked = self._centroid_logits(q, k, query_lengths, key_lengths)
+        matrix = self._softmax(logits, masked)  # (N, H, C, S)
         out = per_query(self.dropout(matrix) @ v, assign)  # (N, H, L, D)
         if self.event_dispatcher.has_listeners:
             shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])

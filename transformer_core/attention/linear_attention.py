@@ -44,6 +44,61 @@ def kernel_logits(phi_q, phi_k, samples, heads, causal=False):
     return logits
 
 
+def _exclusive_cumsum(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sums of the entries before each one along ``dim`` (the first gets 0)."""
+    before = torch.cumsum(t.narrow(dim, 0, t.shape[dim] - 1), dim)
+    return torch.cat([torch.zeros_like(t.narrow(dim, 0, 1)), before], dim)
+
+
+def _blocks(t: torch.Tensor, P: int, size: int, ones: bool = False) -> torch.Tensor:
+    """Rows (N, T, H, X), T <= P * size, cut into chunks: (N H P, size, X), zero rows
+    past T; with ``ones`` an extra last column of ones (X + 1). One copy."""
+    N, T, H, X = t.shape
+    out = t.new_zeros(N, H, P * size, X + ones)
+    if ones:
+        out[..., X] = 1.0
+    out[:, :, :T, :X] = t.transpose(1, 2)
+    return out.view(N * H * P, size, X + ones)
+
+
+def causal_linear(phi_q: torch.Tensor, phi_k: torch.Tensor, values: torch.Tensor, chunk: int,
+                  eps: float) -> torch.Tensor:
+    """Causal linear attention of feature-mapped queries (N, L, H, E'), keys
+    (N, T, H, E') and values (N, T, H, D), T <= L (missing keys count as masked):
+    (N, L, H, D), output i = sum_{j<=i} (q_i.k_j) v_j / (sum_{j<=i} q_i.k_j + eps).
+
+    A blocked algorithm with no Python loop: the L positions are cut into P chunks
+    of ``chunk``; inside a chunk the causal products are one masked matmul; the past
+    of a chunk is the exclusive cumulative sum of the chunks' k^T [v, 1] (P, E', D + 1)
+    (the ones column carries the normaliser's sum of keys), so every step (and
+    autograd's backward of it) is a batched matmul or one cumsum over P.
+    """
+    N, L, H, _ = phi_q.shape
+    D = values.shape[-1]
+    size = max(1, min(chunk, L))
+    P = -(-L // size)
+    both = _chunk_products(phi_q, phi_k, values, P, size)  # (N H P, size, D + 1)
+    out = both[..., :D] / (both[..., D:] + eps)  # (N H P, size, D)
+    return out.view(N, H, P * size, D)[:, :, :L].transpose(1, 2).contiguous()
+
+
+def _chunk_products(phi_q, phi_k, values, P: int, size: int) -> torch.Tensor:
+    """The numerators and normalisers (N H P, size, D + 1) of :func:`causal_linear`.
+
+    A function of its own so that its blocked copies and products are freed as soon
+    as it returns (they would otherwise stay alive until the output is built).
+    """
+    N, _, H, _ = phi_q.shape
+    D = values.shape[-1]
+    q, k = _blocks(phi_q, P, size), _blocks(phi_k, P, size)  # (N H P, size, E')
+    v = _blocks(values, P, size, ones=True)  # (N H P, size, D + 1)
+    state = torch.bmm(k.transpose(1, 2), v).view(N * H, P, -1, D + 1)  # (N H, P, E', D + 1)
+    past = _exclusive_cumsum(state, 1).view(N * H * P, -1, D + 1)
+    del state  # (not needed by autograd: cumsum's backward does not use its input)
+    local = torch.bmm(q, k.transpose(1, 2)).tril_()  # (N H P, size, size)
+    return torch.bmm(local, v).baddbmm_(q, past)
+
+
 class LinearAttention(nn.Module):
     """phi(Q) (phi(K)^T V) normalised by phi(Q) sum(phi(K)): O(L) time and memory.
 
@@ -128,8 +183,9 @@ class CausalLinearAttention(LinearAttention):
     """Linear attention where query i sees keys j <= i, computed chunk by chunk.
 
     Within a chunk of ``chunk_size`` positions the (causal) products are
-    explicit; across chunks a running sum of phi(k) v^T carries the past, so
-    time is O(L * chunk_size) and memory O(chunk_size^2) per head.
+    explicit; across chunks a running sum of phi(k) v^T carries the past (see
+    :func:`causal_linear`), so time is O(L (chunk_size + E D)) and memory
+    O(L chunk_size + L / chunk_size E D) per head.
     Query i sees keys j <= i: with S > L the keys past L are never seen, with
     S < L the last queries see all keys. ``attn_mask`` must be causal or all ones
     (treated as causal); anything else raises :class:`UnsupportedMaskError`.
@@ -160,23 +216,7 @@ class CausalLinearAttention(LinearAttention):
                 "attn_mask: causal-linear attention supports only a causal mask")
         phi_q, phi_k_all = self._features(queries, keys, key_lengths)
         # keys j < L are the only ones any query sees; missing ones count as masked
-        phi_k = nn.functional.pad(phi_k_all[:, :L], (0, 0, 0, 0, 0, max(L - S, 0)))
-        values_l = nn.functional.pad(values[:, :L], (0, 0, 0, 0, 0, max(L - S, 0)))
-        outputs = []
-        kv_state = phi_q.new_zeros(N, H, phi_q.shape[-1], values.shape[-1])  # (N, H, E', D)
-        k_state = phi_q.new_zeros(N, H, phi_q.shape[-1])  # (N, H, E')
-        for start in range(0, L, self.chunk_size):
-            q = phi_q[:, start : start + self.chunk_size]  # (N, C, H, E')
-            k = phi_k[:, start : start + self.chunk_size]
-            v = values_l[:, start : start + self.chunk_size]  # (N, C, H, D)
-            local = torch.einsum("nlhe,nshe->nhls", q, k).tril()  # (N, H, C, C)
-            num = torch.einsum("nhls,nshd->nlhd", local, v)
-            num = num + torch.einsum("nlhe,nhed->nlhd", q, kv_state)
-            den = local.sum(-1).transpose(1, 2) + torch.einsum("nlhe,nhe->nlh", q, k_state)
-            outputs.append(num / (den + self.eps)[..., None])
-            kv_state = kv_state + torch.einsum("nshe,nshd->nhed", k, v)
-            k_state = k_state + k.sum(1)
-        out = torch.cat(outputs, dim=1)  # (N, L, H, D), contiguous
+        out = causal_linear(phi_q, phi_k_all[:, :L], values[:, :L], self.chunk_size, self.eps)
         if self.event_dispatcher.has_listeners:
             self._dispatch(phi_q, phi_k_all, key_lengths, (N, H, L, S), causal=True)
         return out
