@@ -39,10 +39,13 @@ def apply_masks(
 ) -> torch.Tensor:
     """Set masked entries of ``logits`` (n, h, L, S) to -inf; ``samples`` indexes N."""
     if attn_mask is not None and not attn_mask.all_ones:
-        logits = logits.masked_fill(~attn_mask.bool_matrix, float("-inf"))
+        # A mask built on the CPU for a model on a device (as the fused path accepts) is
+        # moved here: a no-op when it is already on the logits' device.
+        allowed = attn_mask.bool_matrix.to(logits.device)  # (L, S)
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if key_lengths is not None and not key_lengths.all_ones:
         keys_ok = key_lengths.bool_matrix[samples][:, None, None, : logits.shape[-1]]
-        logits = logits.masked_fill(~keys_ok, float("-inf"))
+        logits = logits.masked_fill(~keys_ok.to(logits.device), float("-inf"))
     return logits
 
 
