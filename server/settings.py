@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     history_max_snapshots: int = Field(200, ge=3)
     # 2 GiB of snapshot files over all runs; past it, other runs' oldest go first.
     history_max_bytes: int = Field(2 << 30, ge=1)
+    # Snapshots pooled to at most 256 x 256 per head (12 x 12 heads at L=1024: 19 MB
+    # a snapshot, not 302 MB); the page's history frames are 128 px by default.
+    history_snapshot_max_side: int = Field(256, ge=4, le=4096)
     # Deprecated (max_overhead below bounds the probe with everything else); when set,
     # probe passes alone may also take at most this share of training time.
     history_probe_budget: float | None = Field(None, gt=0, le=1)

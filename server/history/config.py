@@ -27,6 +27,12 @@ class HistoryConfig:
     probe_budget: float | None = None
     # 1 probe sample: the page shows one sample; scripts rarely need more.
     probe_samples: int = 1
+    # Snapshots are average-pooled to at most 256 x 256 per head where they are computed
+    # (on the GPU when training there): 12 x 12 heads at L=1024 are then 19 MB a snapshot
+    # instead of 302 MB (and 604 MB to copy with the induction probe), and the page's
+    # history frames are 128 px by default. The induction probe is reduced to its scores
+    # at full resolution before that.
+    snapshot_max_side: int = 256
     # Head statistics and scalars at every step, thinned by halving past this many points.
     max_stat_points: int = 20_000
     # 2 GiB of snapshot files over all runs; the fattest run is thinned first.
@@ -41,6 +47,7 @@ class HistoryConfig:
 
     def validate(self) -> HistoryConfig:
         for name, low in (("every", 1), ("max_snapshots", 3), ("probe_samples", 1),
+                          ("snapshot_max_side", 4),
                           ("max_stat_points", 4), ("max_bytes", 1), ("max_sessions", 1),
                           ("queue_size", 1), ("queue_bytes", 1)):
             value = getattr(self, name)

@@ -46,8 +46,8 @@ import torch.nn as nn
 
 from transformer_core.events import AttentionEvent, EventDispatcher, dispatching_to
 
-from ..stream.reduce import HostCopy, layer_statistics, to_host
-from ..stream.roles import repeated_probe
+from ..stream.reduce import HostCopy, layer_statistics, pool_factor, pool_matrix, to_host
+from ..stream.roles import repeat_scores, repeated_probe
 from ..stream.stats import HEAD_STATISTICS, MaskInfo, valid_key_counts, with_repeat_rows
 from .config import HistoryConfig
 from .store import StatRow
@@ -98,6 +98,7 @@ class SnapshotItem:
     labels: list[str] | None
     # layer -> P events (1, H, L, S) of the induction probe (the probe's first half twice)
     repeat: dict[int, list[AttentionEvent]] = field(default_factory=dict)
+    max_side: int = 256  # the stored matrices' largest side (HistoryConfig.snapshot_max_side)
 
     @property
     def nbytes(self) -> int:
@@ -107,12 +108,21 @@ class SnapshotItem:
                    for copies in group.values() for e in copies)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """``attention.<layer>`` and ``repeat.<layer>`` (P, H, L, S) float16,
-        computed here (the writer thread)."""
-        out = {f"attention.{layer}": _attention_of(copies).numpy()
+        """Computed here (the writer thread), one layer at a time, reduced where the copies
+        are (on the GPU when training there) before anything is copied to the host:
+
+        * ``attention.<layer>``: (P, H, L', S') float16, average-pooled to at most
+          ``max_side`` per side;
+        * ``repeat_scores.<layer>``: (P, 2, H) float32, the induction probe's induction and
+          duplicate-token scores (:func:`~attnscope.stream.roles.repeat_scores`), taken
+          from the full-resolution matrix.
+        """
+        out = {f"attention.{layer}": _attention_of(copies, self.max_side).numpy()
                for layer, copies in self.attention.items()}
-        out.update({f"repeat.{layer}": _attention_of(copies).numpy()
-                    for layer, copies in self.repeat.items()})
+        for layer, copies in self.repeat.items():
+            scores = _repeat_scores_of(copies)
+            if scores is not None:
+                out[f"repeat_scores.{layer}"] = scores.numpy()
         return out
 
 
@@ -284,8 +294,9 @@ class RunRecorder:
                 labels = run.labels(0) if self.probe_labels is None else None
                 if labels is not None:
                     self.probe_labels = labels
-                if self.service.submit(SnapshotItem(self.session, step, now, attention, labels,
-                                                    repeat)) is False:
+                item = SnapshotItem(self.session, step, now, attention, labels, repeat,
+                                    self.config.snapshot_max_side)
+                if self.service.submit(item) is False:
                     budget.queue_full()
             self._adapt_stride(time.thread_time() - t0)
 
@@ -408,12 +419,29 @@ def sample_statistics(event: AttentionEvent, sample: int) -> torch.Tensor:
     return with_repeat_rows(layer_statistics(a, valid))  # (R, H)
 
 
-def _attention_of(copies: list[AttentionEvent]) -> torch.Tensor:
+def _attention_of(copies: list[AttentionEvent], max_side: int | None = None) -> torch.Tensor:
     """The (T, H, L, S) float16 CPU attention of T one-sample copies of one layer (as the
-    stream sends it), computed in one go where their emitter can join them."""
+    stream sends it), computed in one go where their emitter can join them; average-pooled
+    there to at most ``max_side`` per side (T, H, L', S') when given."""
     with torch.no_grad():
         a = AttentionEvent.concat(copies).attention()  # (T, H, L, S)
+        factor = 1 if max_side is None else pool_factor(a.shape[-2], a.shape[-1], max_side)
+        if factor > 1:
+            a = pool_matrix(a.flatten(0, 1), factor).unflatten(0, a.shape[:2])  # (T, H, L', S')
         return a.to(torch.float16).cpu() if a.dtype != torch.float16 else a.to("cpu", copy=True)
+
+
+def _repeat_scores_of(copies: list[AttentionEvent]) -> torch.Tensor | None:
+    """(T, 2, H) induction and duplicate-token scores of T copies of one layer's event on
+    the induction probe (its first half repeated: half = L // 2), computed where the copies
+    are; None when the probe is too short to score."""
+    with torch.no_grad():
+        a = AttentionEvent.concat(copies).attention()  # (T, H, L, S)
+        T, H, L, S = a.shape
+        half = L // 2
+        if half < 2 or 2 * half > min(L, S):
+            return None
+        return repeat_scores(a.flatten(0, 1), half).view(2, T, H).transpose(0, 1)  # (T, 2, H)
 
 
 def stats_of(steps: list[StepItem]) -> list[np.ndarray | None]:

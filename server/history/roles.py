@@ -71,21 +71,21 @@ def probe_half(tensors: dict[str, np.ndarray]) -> int | None:
 
 
 def snapshot_repeat_scores(tensors: dict[str, np.ndarray], layers: int) -> np.ndarray | None:
-    """Induction and duplicate-token scores (K, 2, H) of a snapshot's ``repeat.<layer>``
-    arrays (P, H, L, S), averaged over the P probe samples; None without them."""
+    """Induction and duplicate-token scores (K, 2, H) of a snapshot's induction probe,
+    averaged over its P probe samples: from ``repeat_scores.<layer>`` (P, 2, H), or, in
+    snapshots written before those, from ``repeat.<layer>`` matrices (P, H, L, S); None
+    without either."""
     half = probe_half(tensors)
-    if half is None or half < 2:
-        return None
     per_layer: dict[int, np.ndarray] = {}
     for name, array in tensors.items():
-        if not name.startswith("repeat."):
-            continue
-        layer = int(name.split(".", 1)[1])
-        P, H = array.shape[:2]
-        flat = torch.from_numpy(np.ascontiguousarray(array, np.float32))
-        flat = flat.flatten(0, 1)  # (P*H, L, S)
-        scores = repeat_scores(flat, half).view(2, P, H).mean(1)  # (2, H)
-        per_layer[layer] = scores.numpy()
+        kind, _, layer = name.partition(".")
+        if kind == "repeat_scores":
+            per_layer[int(layer)] = np.asarray(array, np.float32).mean(0)  # (2, H)
+        elif kind == "repeat" and half is not None and half >= 2:
+            P, H = array.shape[:2]
+            flat = torch.from_numpy(np.ascontiguousarray(array, np.float32))
+            flat = flat.flatten(0, 1)  # (P*H, L, S)
+            per_layer[int(layer)] = repeat_scores(flat, half).view(2, P, H).mean(1).numpy()
     if not per_layer:
         return None
     width = max(a.shape[1] for a in per_layer.values())

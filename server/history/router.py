@@ -10,6 +10,7 @@ Shape legend: T snapshots, h selected heads, L queries, S keys.
 from __future__ import annotations
 
 import io
+import math
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -225,6 +226,10 @@ def history_frame(run_id: str, service: ServiceDep, step: Step, layer: Layer = 0
     pool = pool_factor(values.shape[1], values.shape[2], max_side)
     values = pool_matrix(values, pool).to(torch.float16)
     labels = s.meta.get("probe_labels") if sample == 0 else None
+    stored = 1  # the pooling the snapshot was stored with (history_snapshot_max_side)
+    if labels and len(labels) > a.shape[2]:
+        stored = math.ceil(len(labels) / a.shape[2])
+        labels = pool_labels(labels, stored)
     roles = s.meta.get("roles") or []
     role = roles[layer] if layer < len(roles) else "self"
     q = pool_labels(labels, pool) if labels and len(labels) == a.shape[2] else None
@@ -232,7 +237,8 @@ def history_frame(run_id: str, service: ServiceDep, step: Step, layer: Layer = 0
         else None
     header = {"type": "frame", "run": s.run, "step": at, "kind": "attention", "layer": layer,
               "heads": chosen, "sample": sample, "shape": list(values.shape),
-              "dtype": "float16", "scale": None, "offset": None, "pool": pool, "role": role,
+              "dtype": "float16", "scale": None, "offset": None, "pool": pool * stored,
+              "role": role,
               "labels": None if q is None and k is None else {"queries": q, "keys": k},
               "session": s.id, "history": True}
     body = encode_frame(header, values.numpy().astype("<f2", copy=False))
