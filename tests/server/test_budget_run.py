@@ -17,7 +17,7 @@ from attnscope.runs import Run, RunRegistry
 from attnscope.stream.publisher import Publisher
 from transformer_core.events import EventDispatcher
 
-SLOW_S = 0.004  # what each slowed call costs: far over a 1 % budget on a 20 ms step
+SLOW_S = 0.02  # what each slowed call costs: far over a 5 % budget on a 100 ms step
 
 
 @pytest.fixture
@@ -79,11 +79,11 @@ def test_slow_dashboard_work_is_thinned_to_the_budget_and_recovers(tmp_path, slo
     model = small_encoder(dispatcher)
     x = torch.randn(2, 6, 8)
     registry = RunRegistry()
-    run = registry.add(Run(model, run_id="toy", max_overhead=0.01))
+    run = registry.add(Run(model, run_id="toy", max_overhead=0.05))
     run.budget.window_s = 1.0  # decide every second: a short test
     budget = run.budget
     with Served(registry, data_dir=tmp_path) as served, \
-            Trainer(run, model, x, tokens=[list("abcdef")] * 2, period=0.04):
+            Trainer(run, model, x, tokens=[list("abcdef")] * 2, period=0.1):
 
         async def body() -> tuple[float, float, dict, int, int]:
             ws = await connect(served.ws_url)
@@ -94,23 +94,23 @@ def test_slow_dashboard_work_is_thinned_to_the_budget_and_recovers(tmp_path, slo
             assert thinned, (budget.levels, budget.status())
             # Thinned until the overhead it reports is near the budget.
             near = await asyncio.to_thread(wait_for, lambda: budget.overhead is not None
-                                           and budget.overhead <= 0.02, 15)
+                                           and budget.overhead <= 0.10, 15)
             assert near, (budget.levels, budget.status())
             slowed = budget.stream_factor
-            slow_rate = await frames_per_second(ws, 3.0)
+            slow_rate = await frames_per_second(ws, 5.0)
             message = None
             deadline = time.monotonic() + 5
-            while message is None or "to stay under 1 %" not in message["text"]:
+            while message is None or "to stay under 5 %" not in message["text"]:
                 assert time.monotonic() < deadline, message
                 raw = await asyncio.wait_for(ws.recv(), 5)
                 if isinstance(raw, str) and '"budget"' in raw:
                     message = json.loads(raw)
             slow["on"] = False
-            # Well under budget now: the stream (thinned last) is restored first.
+            # Well under budget now: the stream (thinned last) is restored first, a level a window.
             recovered = await asyncio.to_thread(
-                wait_for, lambda: budget.stream_factor <= slowed // 2, 20)
+                wait_for, lambda: budget.stream_factor <= slowed // 2, 30)
             assert recovered, (slowed, budget.levels, budget.status())
-            fast_rate = await frames_per_second(ws, 3.0)
+            fast_rate = await frames_per_second(ws, 5.0)
             await ws.close()
             return slow_rate, fast_rate, message, slowed, budget.stream_factor
 
@@ -121,14 +121,14 @@ def test_slow_dashboard_work_is_thinned_to_the_budget_and_recovers(tmp_path, slo
         steps = np.array([row.step for row in store.stats(store.latest_session("toy").id)])
 
     # Over budget the stream was slowed, and the websocket said what was thinned.
-    assert message["run"] == "toy" and message["max_overhead"] == 0.01
+    assert message["run"] == "toy" and message["max_overhead"] == 0.05
     assert "stats every" in message["text"] and "stream frames at 1/" in message["text"]
     assert message["thinned"]["stats_every"] > 1 and message["thinned"]["stream_factor"] > 1
     # Recovering: frames come faster again; the REST status says where it stands now.
     assert slow_rate <= 20 / slowed + 0.5, (slow_rate, slowed)  # 20 fps asked for
     assert slow_rate * 1.3 < fast_rate, (slow_rate, fast_rate, slowed, now)
     assert status["thinned"]["stream_factor"] <= slowed // 2
-    assert status["max_overhead"] == 0.01 and status["text"]
+    assert status["max_overhead"] == 0.05 and status["text"]
     # The history recorded statistics every k > 1 steps while thinned.
     gaps = np.diff(steps)
     assert gaps.max() > 1 and (gaps == 1).any(), steps
