@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from ..run_base import BaseRun, RunRegistry
-from ..stream.reduce import limit_threads
 from .config import HistoryConfig
 from .recorder import (
     RunRecorder,
@@ -32,7 +31,6 @@ from .store import HistoryLocked, HistoryStore
 logger = logging.getLogger(__name__)
 
 WRITE_PERIOD_S = 0.25  # the writer collects records this long before writing them
-WRITER_THREADS = 1  # torch intra-op threads of the writer thread
 
 
 class HistoryService:
@@ -193,9 +191,8 @@ class HistoryService:
         self.store.close()
 
     def _write_loop(self) -> None:
-        # One intra-op thread: the writer's statistics need no parallelism, and torch's
-        # default (one per core) would compete with the training thread for its cores.
-        limit_threads(WRITER_THREADS)
+        # Not limit_threads(1): setting torch's thread count from a helper
+        # thread hung remote publishers in CI (see stream.reduce.as_helper_thread).
         while True:
             item = self._queue.get()
             if isinstance(item, StepItem | SnapshotItem):

@@ -175,15 +175,18 @@ def to_host(t: torch.Tensor, dtype: torch.dtype | None = None) -> HostCopy:
     return HostCopy(out, done)
 
 
-_helper = threading.local()
 
 
 def as_helper_thread() -> None:
     """Give the calling thread (a writer, the event loop: not the training thread) one torch
-    intra-op thread, once: its reductions then compete for one core at most."""
-    if not getattr(_helper, "limited", False):
-        limit_threads(1)
-        _helper.limited = True
+    intra-op thread, once: its reductions then compete for one core at most.
+
+    Disabled: in two full CI runs a remote publisher's sending thread (a first reader)
+    hung in :func:`limit_threads` (its restore thread, not a daemon, never returned from
+    ``torch.set_num_threads`` while the training thread computed), which stalled the
+    stream and kept the process from exiting. Readers use torch's default count until
+    that is understood."""
+    return
 
 
 def limit_threads(n: int) -> None:
