@@ -13,11 +13,14 @@ advises on 2 cores. Training steps/s in one process, in interleaved windows
     scalars at 10 fps), a websocket client in a separate process
     (``bench/stream.py --client``).
 
-Each window starts a fresh dashboard (b, c) and takes one unmeasured step
-first (the first step opens the history session and takes a snapshot). Per
-window it also reports the CPU seconds per step of the training thread, of
-the history writer, of the server thread and of all other threads (torch's
-intra-op pool among them): what competes with training on a small machine.
+Each mode trains its own copy of the model (same weights); the dashboards of
+(b) and (c) are started once and kept, as in a training run: they get
+``--warmup`` unmeasured steps first (the first snapshot, the cost budget
+settling), then the windows. A window ends when the history writer has written
+its steps (its work belongs to the window). Per window it also reports the CPU
+seconds per step of the training thread, of the history writer, of the server
+thread and of all other threads (torch's intra-op pool among them), and the
+cost the dashboard reports for the same steps (its budget's totals).
 
     .venv/bin/python bench/scale.py --quick                    # 12x12 L=512, ~6 min
     .venv/bin/python bench/scale.py                            # longer windows
@@ -45,7 +48,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
-from stream import _measure  # noqa: E402  (the same window loop as bench/stream.py)
 
 MODES = {"a": "no dashboard", "b": "Dashboard.start, history on, nobody watching",
          "c": "+ 1 viewer, all layers/heads, 10 fps"}
@@ -53,7 +55,7 @@ MODES = {"a": "no dashboard", "b": "Dashboard.start, history on, nobody watching
 
 @dataclass
 class StepResult:
-    """What ``_measure`` reads from a training step."""
+    """What a training step returns (as bench/stream.py's trainings do)."""
 
     step: int
     loss: float
@@ -124,8 +126,8 @@ def _groups(before: dict[int, float], after: dict[int, float]) -> dict[str, floa
 
 # -- windows ---------------------------------------------------------------------------
 
-def _wait_for_viewer(dash, training: Training, timeout: float = 60.0) -> None:
-    """Step until the dashboard's hub has a subscriber (the client process connected)."""
+def _wait_for_viewer(dash, timeout: float = 60.0) -> None:
+    """Wait until the dashboard's hub has a subscriber (the client process connected)."""
     hub = dash._server.server.config.app.state.hub
     deadline = time.monotonic() + timeout
     while not [c for c in hub.connections if c.sub]:
@@ -134,78 +136,114 @@ def _wait_for_viewer(dash, training: Training, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def _window(training: Training, run, seconds: float) -> dict:
-    """``_measure``'s figures, the number of steps and CPU seconds per step by thread role."""
-    before, t0 = _thread_cpu(), time.perf_counter()
-    result = _measure(training, run, seconds)
-    result["steps"] = max(1, round(result["steps_per_s"] * (time.perf_counter() - t0)))
-    result["cpu"] = {k: v / result["steps"] for k, v in _groups(before, _thread_cpu()).items()}
-    return result
+class Mode:
+    """One mode's own model (same weights in every mode) and, for (b) and (c), its
+    dashboard, started once and kept for the whole run, as a training run keeps it: its
+    cost budget settles during the warm-up and stays settled between windows."""
 
+    def __init__(self, mode: str, args: argparse.Namespace, data_dir: str) -> None:
+        from attnscope import Dashboard
+        from attnscope.settings import Settings
 
-def one_window(mode: str, training: Training, seconds: float, data_dir: str,
-               max_overhead: float | None = None) -> dict:
-    from attnscope import Dashboard
-    from attnscope.settings import Settings
-
-    if mode == "a":
-        training.step()  # warm, as the others are
-        return _window(training, None, seconds)
-    extra = {} if max_overhead is None else {"max_overhead": max_overhead}
-    settings = Settings(data_dir=data_dir, **extra)
-    dash = Dashboard.start(training.model, port=0, quiet=True, settings=settings)
-    client = None
-    try:
+        self.mode = mode
+        torch.manual_seed(0)
+        self.training = Training(args)
+        self.dash = self.client = None
+        if mode == "a":
+            return
+        extra = {} if args.max_overhead is None else {"max_overhead": args.max_overhead}
+        settings = Settings(data_dir=os.path.join(data_dir, mode), **extra)
+        self.dash = Dashboard.start(self.training.model, port=0, quiet=True, settings=settings)
         if mode == "c":
-            url = dash.url.replace("http://", "ws://") + "/ws"
-            client = subprocess.Popen(
-                [sys.executable, str(ROOT / "bench" / "stream.py"), "--client", url,
-                 "--n", "1", "--seconds", str(seconds * 3 + 120), "--run", dash.run.id],
-                stdout=subprocess.DEVNULL)
-            _wait_for_viewer(dash, training)
-        r = training.step()  # opens the history session, takes the first snapshot
-        dash.step(r.step, loss=r.loss)
-        result = _window(training, dash.run, seconds)
-        history = dash._server.server.config.app.state.history
-        result["dropped"] = 0 if history is None else history.dropped
-        # What the dashboard says it costs (its cost budget), to set beside the slowdown.
-        status = dash.run.budget.status()
-        result["reported"] = status["overhead_total"]
-        result["thinning"] = status["text"]
+            url = self.dash.url.replace("http://", "ws://") + "/ws"
+            self.client = subprocess.Popen(
+                [sys.executable, str(ROOT / "bench" / "stream.py"), "--client", url, "--n", "1",
+                 "--seconds", "86400", "--run", self.dash.run.id], stdout=subprocess.DEVNULL)
+            _wait_for_viewer(self.dash)
+
+    def steps(self, n: int) -> None:
+        """``n`` unmeasured steps (the warm-up)."""
+        for _ in range(n):
+            self._one()
+
+    def _one(self) -> None:
+        r = self.training.step()
+        if self.dash is not None:
+            self.dash.step(r.step, loss=r.loss)
+
+    def window(self, seconds: float) -> dict:
+        """Steps for ``seconds``, then until the history writer has written them (its work
+        for these steps belongs to this window): steps/s, CPU per step by thread role, and
+        the cost the dashboard reports for the same steps."""
+        history = None if self.dash is None else self.dash._server.server.config.app.state.history
+        budget = None if self.dash is None else self.dash.run.budget
+        spent0 = budget.totals() if budget is not None else None
+        dropped0 = 0 if history is None else history.dropped
+        before, t0, cpu0 = _thread_cpu(), time.perf_counter(), time.thread_time()
+        steps = 0
+        while time.perf_counter() - t0 < seconds:
+            self._one()
+            steps += 1
+        if history is not None:
+            history.flush(timeout=600)
+        elapsed = time.perf_counter() - t0
+        result = {"steps": steps, "steps_per_s": steps / elapsed,
+                  "cpu_ms_per_step": (time.thread_time() - cpu0) * 1000 / steps,
+                  "cpu": {k: v / steps for k, v in _groups(before, _thread_cpu()).items()}}
+        if budget is not None:
+            cost, train = (b - a for a, b in zip(spent0, budget.totals(), strict=True))
+            result["reported"] = cost / train if train > 0 else None
+            result["thinning"] = budget.text()
+            result["dropped"] = history.dropped - dropped0 if history is not None else 0
         return result
-    finally:
-        if client is not None:
-            client.kill()
-            client.wait()
-        dash.close()
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.kill()
+            self.client.wait()
+        if self.dash is not None:
+            self.dash.close()
 
 
 def table(args: argparse.Namespace) -> None:
-    training = Training(args)
-    training.step()  # warm-up (allocations, first-call costs)
+    with tempfile.TemporaryDirectory() as data_dir:
+        modes = {m: Mode(m, args, data_dir) for m in MODES}
+        try:
+            _table(args, modes)
+        finally:
+            for m in modes.values():
+                m.close()
+
+
+def _table(args: argparse.Namespace, modes: dict[str, Mode]) -> None:
+    first = modes["a"].training
+    first.step()  # warm-up (allocations, first-call costs)
     t0 = time.perf_counter()
-    training.step()
-    first = time.perf_counter() - t0
-    seconds = args.seconds or max(args.min_steps * first, 10.0)
+    first.step()
+    step_s = time.perf_counter() - t0
+    seconds = args.seconds or max(args.min_steps * step_s, 10.0)
+    warmup = args.warmup if args.warmup is not None else max(2, round(60 / step_s))
     print(f"{args.layers} layers x {args.heads} heads, d_model {args.d_model}, ff {args.ff}, "
           f"L={args.seq}, batch {args.batch}, {args.device}"
           f"{' bf16 autocast' if args.bf16 else ''}, {torch.get_num_threads()} torch "
-          f"threads, {os.cpu_count()} CPUs; one step {first:.2f} s; "
-          f"{args.repeats} x {seconds:.0f} s windows per mode", flush=True)
+          f"threads, {os.cpu_count()} CPUs; one step {step_s:.2f} s; {warmup} warm-up steps "
+          f"per dashboard, then {args.repeats} x {seconds:.0f} s windows per mode", flush=True)
+    for m in ("b", "c"):
+        modes[m].steps(warmup)
+        print(f"  ({m}) after the warm-up: {modes[m].dash.run.budget.text()}", flush=True)
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
-    with tempfile.TemporaryDirectory() as data_dir:
-        for i in range(args.repeats):
-            for mode in ("abc" if i % 2 == 0 else "cba"):
-                result = one_window(mode, training, seconds, data_dir, args.max_overhead)
-                runs[mode].append(result)
-                cpu = ", ".join(f"{k} {v * 1e3:.3g}" for k, v in result["cpu"].items() if v > 0)
-                dropped = result.get("dropped")
-                said = "" if result.get("reported") is None else \
-                    f"; dashboard reports {100 * result['reported']:.1f} % ({result['thinning']})"
-                print(f"  ({mode}) {result['steps_per_s']:.3f} steps/s over {result['steps']} "
-                      f"steps; CPU ms/step: {cpu}"
-                      f"{f'; {dropped} history records dropped' if dropped else ''}{said}",
-                      flush=True)
+    for i in range(args.repeats):
+        for mode in ("abc" if i % 2 == 0 else "cba"):
+            result = modes[mode].window(seconds)
+            runs[mode].append(result)
+            cpu = ", ".join(f"{k} {v * 1e3:.3g}" for k, v in result["cpu"].items() if v > 0)
+            dropped = result.get("dropped")
+            said = "" if result.get("reported") is None else \
+                f"; dashboard reports {100 * result['reported']:.1f} % ({result['thinning']})"
+            print(f"  ({mode}) {result['steps_per_s']:.3f} steps/s over {result['steps']} "
+                  f"steps; CPU ms/step: {cpu}"
+                  f"{f'; {dropped} history records dropped' if dropped else ''}{said}",
+                  flush=True)
     base = statistics.median(r["steps_per_s"] for r in runs["a"])
     print("\n| mode | steps/s (median) | vs (a) | slowdown | overhead the dashboard "
           "reports (median) | training-thread CPU ms/step |\n|---|---|---|---|---|---|")
@@ -293,8 +331,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=None,
                         help="window length (default: --min-steps steps, at least 10 s)")
     parser.add_argument("--min-steps", type=int, default=12, help="steps per window (12)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="unmeasured steps per dashboard first (default: about 60 s)")
     parser.add_argument("--quick", action="store_true",
-                        help="2 windows per mode of ~4 steps (GPT-2 small on 1 CPU: ~6 min)")
+                        help="2 windows per mode of ~4 steps (GPT-2 small on 1 CPU: ~9 min)")
     parser.add_argument("--profile", action="store_true", help="where the time goes")
     parser.add_argument("--max-overhead", type=float, default=None,
                         help="the dashboard's cost budget (ATTNSCOPE_MAX_OVERHEAD; default 0.03)")

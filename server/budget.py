@@ -303,6 +303,11 @@ class Budget:
             return f"dashboard at {now} of training time ({budget})"
         return f"{', '.join(thinned)} to stay under {_percent(self.max_overhead)} % (now {now})"
 
+    def totals(self) -> tuple[float, float]:
+        """(dashboard seconds, training seconds) over the closed windows since the start:
+        a benchmark takes their differences around the steps it measures."""
+        return self._total_cost, self._total_train
+
     def status(self) -> dict[str, Any]:
         """The budget as JSON (the run's REST representation and the ``budget`` message)."""
         total = self._total_cost / self._total_train if self._total_train > 0 else None

@@ -155,6 +155,23 @@ def _reduced_later(event: AttentionEvent, layer: int, need: SampleNeed,
 _LATER = torch.empty(0)  # the data of a capture computed when first read
 
 
+def _thinned_interval(interval: float, factor: int, step_s: float) -> float:
+    """Seconds from one capture to the next, the cost budget's ``factor`` applied.
+
+    Frames come at most once per step: with steps slower than ``interval`` the rate is
+    the step rate, so 1/``factor`` of it means every ``factor``-th step (half a step
+    early, so that jitter does not skip one more).
+
+    >>> _thinned_interval(0.1, 1, 10.0), _thinned_interval(0.1, 4, 0.01)
+    (0.1, 0.4)
+    >>> _thinned_interval(0.1, 4, 10.0)  # 10 s steps: every 4th step
+    35.0
+    """
+    if factor == 1 or step_s <= interval:
+        return factor * interval
+    return (factor - 0.5) * step_s
+
+
 def _capture(kind: str, layer: int, sample: int, heads: tuple[int, ...], copy: HostCopy,
              role: str, now: float) -> Capture:
     return Capture(kind, layer, sample, heads, copy.tensor, role, now, ready=copy.done)
@@ -277,8 +294,8 @@ class Publisher:
                 else:
                     capture = self._capturing = True
                     self._window_start = now
-                    # The run's cost budget may stretch the interval (frames at 1/k rate).
-                    self._next_due = now + plan.interval * budget.stream_factor
+                    self._next_due = now + _thinned_interval(
+                        plan.interval, budget.stream_factor, budget.step_time)
             else:
                 capture = True
             if capture:

@@ -14,7 +14,7 @@ from stream_support import Served, Trainer, connect, run_async, small_encoder
 
 from attnscope.history import service as service_module
 from attnscope.runs import Run, RunRegistry
-from attnscope.stream.publisher import Publisher
+from attnscope.stream.publisher import Plan, Publisher, SampleNeed
 from transformer_core.events import EventDispatcher
 
 SLOW_S = 0.02  # what each slowed call costs: far over a 5 % budget on a 100 ms step
@@ -132,3 +132,27 @@ def test_slow_dashboard_work_is_thinned_to_the_budget_and_recovers(tmp_path, slo
     # The history recorded statistics every k > 1 steps while thinned.
     gaps = np.diff(steps)
     assert gaps.max() > 1 and (gaps == 1).any(), steps
+
+
+def test_stream_thinning_skips_steps_when_steps_are_slower_than_the_frame_interval() -> None:
+    """At 1/4 of the rate, a run whose steps (200 ms) are slower than the frame interval
+    (20 ms) gets a frame every 4th step: a rate set in seconds alone would still capture
+    at every step, and thinning would save nothing on a big model."""
+    model = small_encoder(EventDispatcher()).eval()
+    run = Run(model, run_id="slow", max_overhead=None)  # levels set by hand below
+    run.budget.levels["stream"] = 2  # frames at 1/4
+    publisher = Publisher(run, notify=lambda _: None)
+    published: set[int] = set()
+    run.add_step_hook(lambda r: published.update(
+        [publisher.slots[("attention", 0, 0)].step] if publisher.slots else []))
+    x = torch.randn(1, 6, 8)
+    for step in range(13):
+        if step == 2:  # watched once a step's time is known (from the second step on)
+            publisher.set_plan(Plan(interval=0.02, sources=frozenset({("attn", 0)}),
+                                    needs={0: (SampleNeed(0, attention=True),)}))
+        time.sleep(0.2)  # a slow training step
+        with torch.no_grad():
+            model(x)
+        run.step(step, loss=1.0)
+    publisher.close()
+    assert sorted(published) == [2, 6, 10]
