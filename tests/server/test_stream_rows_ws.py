@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import numpy as np
@@ -42,10 +43,7 @@ def expected_layer1(batch, x) -> np.ndarray:
     return event.attention_matrix[0].detach().numpy()
 
 
-# The remote case timed out (no frame within 10 s) in two full CI runs, never alone: skipped
-# until understood (a socket it leaves open then fails a later test as unraisable).
-@pytest.mark.parametrize("where", ["local", pytest.param("remote", marks=pytest.mark.skip(
-    reason="hangs in full-suite runs only (no frame within 10 s); under investigation"))])
+@pytest.mark.parametrize("where", ["local", "remote"])
 def test_a_viewer_sees_the_rows_of_the_sequence_so_far(where):
     rec, batch = twins()
     x = torch.randn(N, L, H * E)
@@ -61,20 +59,23 @@ def test_a_viewer_sees_the_rows_of_the_sequence_so_far(where):
             step = dash.step
 
         async def watch():
-            ws = await websockets.connect(served.ws_url, max_size=None)
-            await recv_json(ws, "hello")
-            await ws.send(json.dumps({"type": "subscribe", "run": "gen",
-                                      "kinds": ["attention"], "layers": [1], "max_fps": 60}))
-            await recv_json(ws, "subscribed")
-            shapes, state = [], None
-            for t in range(L):
-                with torch.no_grad():
-                    _, state = rec(x[:, t], state=state)
-                step(t, tokens=[[f"x{t}"]])
-                header, array = await recv_frame(ws, "attention", layer=1, min_step=t,
-                                                 timeout=10)
-                shapes.append(header["shape"])
-            await ws.close()
+            async with websockets.connect(served.ws_url, max_size=None) as ws:
+                await recv_json(ws, "hello")
+                await ws.send(json.dumps({"type": "subscribe", "run": "gen",
+                                          "kinds": ["attention"], "layers": [1],
+                                          "max_fps": 60}))
+                await recv_json(ws, "subscribed")
+                if dash is not None:  # the plan reaches the publisher after "subscribed"
+                    while dash._publisher.plan.empty:
+                        await asyncio.sleep(0.01)
+                shapes, state = [], None
+                for t in range(L):
+                    with torch.no_grad():
+                        _, state = rec(x[:, t], state=state)
+                    step(t, tokens=[[f"x{t}"]])
+                    header, array = await recv_frame(ws, "attention", layer=1, min_step=t,
+                                                     timeout=10)
+                    shapes.append(header["shape"])
             return shapes, header, array
 
         try:
