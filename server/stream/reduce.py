@@ -170,7 +170,10 @@ def to_host(t: torch.Tensor, dtype: torch.dtype | None = None) -> HostCopy:
         return HostCopy(t.to("cpu", copy=True))
     out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     out.copy_(t, non_blocking=True)
-    done = torch.cuda.Event()
+    # blocking: a reader waiting on it sleeps; a default event's synchronize() spins a
+    # core (charged to the cost budget as helper CPU, and taken from the training loop's
+    # own host threads)
+    done = torch.cuda.Event(blocking=True)
     done.record()
     return HostCopy(out, done)
 
