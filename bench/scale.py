@@ -179,6 +179,8 @@ class Mode:
         budget = None if self.dash is None else self.dash.run.budget
         spent0 = budget.totals() if budget is not None else None
         dropped0 = 0 if history is None else history.dropped
+        recorder = None if history is None else history.recorders.get(self.dash.run.id)
+        probes0 = 0 if recorder is None else recorder._probes
         before, t0, cpu0 = _thread_cpu(), time.perf_counter(), time.thread_time()
         steps = 0
         while time.perf_counter() - t0 < seconds:
@@ -187,14 +189,16 @@ class Mode:
         if history is not None:
             history.flush(timeout=600)
         elapsed = time.perf_counter() - t0
-        result = {"steps": steps, "steps_per_s": steps / elapsed,
+        result = {"steps": steps, "seconds": elapsed, "steps_per_s": steps / elapsed,
                   "cpu_ms_per_step": (time.thread_time() - cpu0) * 1000 / steps,
                   "cpu": {k: v / steps for k, v in _groups(before, _thread_cpu()).items()}}
         if budget is not None:
             cost, train = (b - a for a, b in zip(spent0, budget.totals(), strict=True))
+            result["cost_s"], result["train_s"] = cost, train
             result["reported"] = cost / train if train > 0 else None
             result["thinning"] = budget.text()
             result["dropped"] = history.dropped - dropped0 if history is not None else 0
+            result["snapshots"] = 0 if recorder is None else recorder._probes - probes0
         return result
 
     def close(self) -> None:
@@ -239,21 +243,37 @@ def _table(args: argparse.Namespace, modes: dict[str, Mode]) -> None:
             cpu = ", ".join(f"{k} {v * 1e3:.3g}" for k, v in result["cpu"].items() if v > 0)
             dropped = result.get("dropped")
             said = "" if result.get("reported") is None else \
-                f"; dashboard reports {100 * result['reported']:.1f} % ({result['thinning']})"
+                f"; {result['snapshots']} snapshots; dashboard reports " \
+                f"{100 * result['reported']:.1f} % ({result['thinning']})"
             print(f"  ({mode}) {result['steps_per_s']:.3f} steps/s over {result['steps']} "
                   f"steps; CPU ms/step: {cpu}"
                   f"{f'; {dropped} history records dropped' if dropped else ''}{said}",
                   flush=True)
-    base = statistics.median(r["steps_per_s"] for r in runs["a"])
-    print("\n| mode | steps/s (median) | vs (a) | slowdown | overhead the dashboard "
-          "reports (median) | training-thread CPU ms/step |\n|---|---|---|---|---|---|")
+    # Over all of a mode's windows together: a snapshot (two probe passes, most of a step
+    # at this size) falls in one window of several, so the median of windows would leave
+    # it out and a single window overstates it; what a long run pays is the total.
+    total = {m: (sum(r["steps"] for r in rs), sum(r["seconds"] for r in rs))
+             for m, rs in runs.items()}
+    base = total["a"][0] / total["a"][1]
+    print("\nAll windows of a mode together (total steps / total time):\n\n"
+          "| mode | steps | snapshots | steps/s | vs (a) | slowdown | the dashboard reports | "
+          "windows vs (a) (median, range) | training-thread CPU ms/step |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    base_median = statistics.median(r["steps_per_s"] for r in runs["a"])
     for mode, name in MODES.items():
-        rate = statistics.median(r["steps_per_s"] for r in runs[mode])
-        cpu = statistics.median(r["cpu_ms_per_step"] for r in runs[mode])
-        reported = [r["reported"] for r in runs[mode] if r.get("reported") is not None]
-        said = f"{100 * statistics.median(reported):.1f} %" if reported else "-"
-        print(f"| ({mode}) {name} | {rate:.3f} | {rate / base:.3f}x | "
-              f"{100 * (base / rate - 1):+.1f} % | {said} | {cpu:.0f} |")
+        steps, seconds = total[mode]
+        rate = steps / seconds
+        cpu = sum(r["cpu_ms_per_step"] * r["steps"] for r in runs[mode]) / steps
+        cost = sum(r.get("cost_s", 0.0) for r in runs[mode])
+        train = sum(r.get("train_s", 0.0) for r in runs[mode])
+        said = f"{100 * cost / train:.1f} %" if train > 0 else "-"
+        ratios = [r["steps_per_s"] / base_median for r in runs[mode]]
+        snaps = sum(r.get("snapshots", 0) for r in runs[mode])
+        print(f"| ({mode}) {name} | {steps} | {snaps if mode != 'a' else '-'} | "
+              f"{rate:.4f} | {rate / base:.3f}x | "
+              f"{100 * (base / rate - 1):+.1f} % | {said} | "
+              f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f}) | "
+              f"{cpu:.0f} |")
 
 
 def profile(args: argparse.Namespace) -> None:

@@ -10,21 +10,22 @@ the end of one ``step()`` to the start of the next, less the dashboard's time in
 between. Per window (``window_s`` seconds, ``min_steps`` steps) the overhead is
 dashboard time / training time. docs/budget.md tells the whole story.
 
-Over ``max_overhead`` the budget thins, in this order of preference (what a viewer
-misses least first): head statistics in the history every 2, 4 ... 64 steps;
-snapshots 2x ... 32x further apart; stream frames at 1/2 ... 1/32 of the rate asked
-for; pooled views at 1/2 ... 1/8 of the side asked for. Well under budget it restores
-one level per window, what a viewer misses most first, if that still fits.
+Over 80 % of ``max_overhead`` (``AIM``: room for what it cannot measure) the budget
+thins, in this order of preference (what a viewer misses least first): head
+statistics in the history every 2, 4 ... 64 steps; snapshots 2x ... 32x further
+apart; stream frames at 1/2 ... 1/32 of the rate asked for; pooled views at 1/2 ...
+1/8 of the side asked for. Well under budget it restores one level per window, what a
+viewer misses most first, if that still fits.
 
 >>> clock = FakeClock()
 >>> b = Budget(0.03, clock=clock, window_s=1.0)
 >>> for _ in range(12):  # steps of 100 ms, the stream costing 10 ms each
 ...     b.step_begin(); b.spend("stream", 0.010); clock.advance(0.010); b.step_end()
 ...     clock.advance(0.100)
->>> b.levels["stream"], b.stream_factor
-(2, 4)
+>>> b.levels["stream"], b.stream_factor  # thinned to 1.25 %, under 80 % of the budget
+(3, 8)
 >>> b.text()
-'stream frames at 1/4 rate to stay under 3 % (now 10 %)'
+'stream frames at 1/8 rate to stay under 3 % (now 10 %)'
 """
 
 from __future__ import annotations
@@ -61,9 +62,13 @@ KNOBS = (
 )
 _KNOB = {k.name: k for k in KNOBS}
 
+# Thin above this fraction of the budget, not at the budget itself: what the dashboard
+# cannot measure (its helper threads slowing the training thread through shared caches
+# and memory bandwidth, a snapshot's lump falling inside a short window) comes on top.
+AIM = 0.8
 # Recover only below this fraction of the budget (hysteresis) ...
 RECOVER_BELOW = 0.5
-# ... and only if doubling the restored knob's cost stays under this fraction of it.
+# ... and only if doubling the restored knob's cost stays under this fraction of AIM.
 RECOVER_MARGIN = 0.8
 # A knob is thinned when its cost is at least this fraction of the excess (else the next).
 SHARE_OF_EXCESS = 0.25
@@ -225,8 +230,9 @@ class Budget:
 
     # -- the controller ----------------------------------------------------------------
 
-    def _decide(self, costs: dict[str, float], overhead: float, limit: float,
+    def _decide(self, costs: dict[str, float], overhead: float, budget: float,
                 queue_full: bool) -> None:
+        limit = AIM * budget
         if overhead > limit or queue_full:
             excess = max(overhead - limit, 0.0)
             knob, levels = self._choose(costs, overhead, excess, queue_full)
@@ -236,7 +242,7 @@ class Budget:
                 self._hold = HOLD_AFTER_DROP
         elif self._hold > 0:
             self._hold -= 1
-        elif overhead < limit * RECOVER_BELOW:
+        elif overhead < budget * RECOVER_BELOW:
             # What a viewer misses most first: views, the stream, snapshots, statistics;
             # one level, if doubling that part of the cost still fits well.
             for knob in reversed(KNOBS):
@@ -244,6 +250,7 @@ class Budget:
                         overhead + costs[knob.component] <= limit * RECOVER_MARGIN:
                     self._restore(knob, overhead)
                     break
+
 
     def _choose(self, costs: dict[str, float], overhead: float, excess: float,
                 queue_full: bool) -> tuple[Knob | None, int]:
