@@ -23,6 +23,7 @@ number and token labels), then replace the previous value of their slot.
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -197,7 +198,7 @@ class Publisher:
         self._window: set[tuple[str, int]] = set()
         self._capturing = False
         self._window_start = 0.0
-        self._next_due = 0.0
+        self._last_capture = -math.inf  # when the last capture window started
         self._scalars_due = 0.0
         self._seq = itertools.count(1)
         # Recurrent sites: every event is one row of a sequence, kept (never throttled) and
@@ -289,13 +290,15 @@ class Publisher:
                 # A second forward pass without step() in between: publish the first.
                 flushed = self._flush_locked()
             if not self._capturing:
-                if now < self._next_due and layer not in self._row_layers:
+                # Due from the last capture at the budget's factor now (one restored after
+                # a long thinned interval takes effect at once).
+                due = self._last_capture + _thinned_interval(
+                    plan.interval, budget.stream_factor, budget.step_time)
+                if now < due and layer not in self._row_layers:
                     capture = False
                 else:
                     capture = self._capturing = True
-                    self._window_start = now
-                    self._next_due = now + _thinned_interval(
-                        plan.interval, budget.stream_factor, budget.step_time)
+                    self._window_start = self._last_capture = now
             else:
                 capture = True
             if capture:

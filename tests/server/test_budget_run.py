@@ -156,3 +156,27 @@ def test_stream_thinning_skips_steps_when_steps_are_slower_than_the_frame_interv
         run.step(step, loss=1.0)
     publisher.close()
     assert sorted(published) == [2, 6, 10]
+
+
+def test_a_restored_stream_rate_takes_effect_at_once() -> None:
+    """Thinned to every 16th step, then restored: the next step is captured, not 16 steps
+    after the last capture (a viewer would see a frozen heatmap for minutes on a big model)."""
+    model = small_encoder(EventDispatcher()).eval()
+    run = Run(model, run_id="restored", max_overhead=None)
+    run.budget.levels["stream"] = 4  # frames at 1/16
+    publisher = Publisher(run, notify=lambda _: None)
+    published: list[int] = []  # the step of the frame on show after each step
+    x = torch.randn(1, 6, 8)
+    for step in range(8):
+        if step == 2:
+            publisher.set_plan(Plan(interval=0.02, sources=frozenset({("attn", 0)}),
+                                    needs={0: (SampleNeed(0, attention=True),)}))
+        if step == 5:
+            run.budget.levels["stream"] = 0  # restored
+        time.sleep(0.2)
+        with torch.no_grad():
+            model(x)
+        run.step(step, loss=1.0)
+        published.append(publisher.slots[("attention", 0, 0)].step if publisher.slots else -1)
+    publisher.close()
+    assert published == [-1, -1, 2, 2, 2, 5, 6, 7]
