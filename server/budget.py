@@ -119,6 +119,9 @@ class Budget:
         self.min_steps = min_steps
         self.clock = clock
         self.levels = {k.name: 0 for k in KNOBS}
+        # Levels never restored below (set by the work's owner from a known cost, e.g. the
+        # recorder from a probe pass's: see :meth:`hold_at_least`).
+        self.floors = {k.name: 0 for k in KNOBS}
         # Dashboard time / training time over the last windows (smoothed; None: none yet),
         # and the same per component.
         self.overhead: float | None = None
@@ -246,7 +249,7 @@ class Budget:
             # What a viewer misses most first: views, the stream, snapshots, statistics;
             # one level, if doubling that part of the cost still fits well.
             for knob in reversed(KNOBS):
-                if self.levels[knob.name] and \
+                if self.levels[knob.name] > self.floors[knob.name] and \
                         overhead + costs[knob.component] <= limit * RECOVER_MARGIN:
                     self._restore(knob, overhead)
                     break
@@ -268,6 +271,17 @@ class Budget:
         left = max(cost - excess, cost / (1 << MAX_JUMP), 1e-12)
         levels = math.ceil(math.log2(cost / left)) if cost > 0 else 1
         return chosen, max(1, min(levels, MAX_JUMP, chosen.limit - self.levels[chosen.name]))
+
+    def hold_at_least(self, name: str, level: int) -> None:
+        """Keep knob ``name`` at ``level`` or above (capped at its limit) from now on: its
+        work's owner knows the cost before the windows measure it."""
+        level = max(0, min(level, _KNOB[name].limit))
+        self.floors[name] = level
+        if self.levels[name] < level:
+            self.levels[name] = level
+            self._fresh = True
+            self.version += 1
+            logger.info("attnscope budget: %s", self.text())
 
     def _thin(self, knob: Knob, levels: int, overhead: float) -> None:
         self.levels[knob.name] += levels

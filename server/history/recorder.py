@@ -52,6 +52,12 @@ from ..stream.stats import HEAD_STATISTICS, MaskInfo, valid_key_counts, with_rep
 from .config import HistoryConfig
 from .store import StatRow
 
+# Probe passes alone take at most this share of the run's cost budget: once a pass's cost
+# and the training step's are known, snapshots are spaced at once (a probe pass of a big
+# model trained at batch 1 is a third of a step; every 10 steps that alone is 6 %), not
+# after the budget has measured several of them.
+PROBE_SHARE = 0.4
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..runs import Run
 
@@ -197,6 +203,7 @@ class RunRecorder:
         self._stride = 1  # snapshots every ``every * stride`` steps (``probe_budget``)
         self._probe_time = 0.0  # moving average of a probe pass (CPU seconds)
         self._probes = 0  # probe passes so far
+        self._probe_cost = 0.0  # what the last probe passes cost (CPU s; 0: none yet)
         self._budget = run.budget  # the run's cost budget: what this costs, what to thin
         self._stats_due = True  # record this step's statistics (the budget thins them)
         self._stats_seen = 0
@@ -280,6 +287,7 @@ class RunRecorder:
         self._stats_seen += 1
         self._stats_due = self._stats_seen % budget.stats_every == 0
         budget.spend("stats", time.thread_time() - t0)
+        self._space_snapshots()
         every = self.config.every * self._snapshot_stride  # at multiples (and the first one)
         # A probe pass is charged spread over the steps between two of them (its moving
         # average per step), so a window's overhead does not jump with each snapshot.
@@ -308,14 +316,18 @@ class RunRecorder:
 
     def _adapt_stride(self, probe_s: float) -> None:
         """Account for a probe pass of ``probe_s`` CPU seconds (its moving average is
-        charged to the budget per step); with the deprecated ``probe_budget``, also space
-        snapshots so that probe passes alone take at most that share of training time."""
+        charged to the budget per step) and space snapshots so that probe passes take
+        at most ``PROBE_SHARE`` of the budget; with the deprecated ``probe_budget``, also
+        so that they take at most that share of training time."""
         if not self._probes:  # the first pass warms up (allocations): charged as it is
             self._budget.spend("snapshots", probe_s)
+            self._probe_cost = probe_s
         else:
             self._probe_time = probe_s if self._probes == 1 else \
                 0.5 * self._probe_time + 0.5 * probe_s
+            self._probe_cost = self._probe_time
         self._probes += 1
+        self._space_snapshots()
         step_time = self._budget.step_time
         if self.config.probe_budget is None or step_time <= 0:
             return
@@ -324,6 +336,19 @@ class RunRecorder:
             self._stride *= 2
         elif share < self.config.probe_budget / 4 and self._stride > 1:
             self._stride //= 2
+
+    def _space_snapshots(self) -> None:
+        """Hold the budget's snapshot spacing where probe passes of the known cost take at
+        most ``PROBE_SHARE`` of it (once the budget has measured a window: short runs keep
+        ``every``)."""
+        budget = self._budget
+        if budget.max_overhead is None or budget.overhead is None or budget.step_time <= 0 \
+                or not self._probe_cost:
+            return
+        share = self._probe_cost / (self.config.every * budget.step_time)
+        allowed = PROBE_SHARE * budget.max_overhead
+        if share > allowed:
+            budget.hold_at_least("snapshots", math.ceil(math.log2(share / allowed)))
 
     def _new_session(self) -> None:
         run = self.run

@@ -201,3 +201,13 @@ def test_the_setting_reaches_the_run(monkeypatch: pytest.MonkeyPatch, tmp_path) 
                          max_overhead=0.01) as dash:
         assert dash.run.budget.max_overhead == 0.01
         assert dash.run.summary()["budget"]["text"].endswith("(budget 1 %)")
+
+
+def test_a_floor_is_held_and_never_restored_below(clock: FakeClock) -> None:
+    budget = Budget(0.03, clock=clock, window_s=1.0)
+    budget.hold_at_least("snapshots", 3)  # the recorder knows a probe pass's cost
+    assert budget.snapshot_stride == 8
+    simulate(budget, clock, 300)  # nothing costs anything: everything else recovers
+    assert budget.levels["snapshots"] == 3 and "snapshots 8x further apart" in budget.text()
+    budget.hold_at_least("snapshots", 99)  # capped at the knob's limit
+    assert budget.snapshot_stride == 32

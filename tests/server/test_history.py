@@ -288,3 +288,38 @@ def test_a_second_process_cannot_open_the_same_history(tmp_path):
 def test_config_names_the_bad_field():
     with pytest.raises(ValueError, match="history_every"):
         HistoryConfig(every=0).validate()
+
+
+def test_expensive_probe_passes_are_spaced_as_soon_as_their_cost_is_known(tmp_path):
+    """A probe pass costing half a training step (a big model trained at batch 1) would
+    alone take 5 % of training time every 10 steps: once the budget has measured a window,
+    snapshots are spaced to keep probe passes under PROBE_SHARE of it, and the budget says
+    so; cheap probe passes keep the cadence."""
+    from attnscope.history.recorder import PROBE_SHARE
+
+    def budgeted(run_id: str) -> Run:
+        model = Wrapped(small_encoder(EventDispatcher(), n_layers=2, n_heads=2), d_model=8)
+        return Run(model, run_id=run_id, max_overhead=0.03)
+
+    run = budgeted("big")
+    service = service_on(tmp_path)  # every 10 steps
+    try:
+        recorder = service.attach(run)
+        budget = run.budget
+        recorder._probe_cost = 0.5  # CPU s of the last probe passes
+        budget.step_time = 1.0  # s of training per step
+        recorder._space_snapshots()
+        assert budget.snapshot_stride == 1  # not before the budget has measured a window
+        budget.overhead = 0.01
+        recorder._space_snapshots()
+        # 5 % against 40 % of 3 %: 4.2x, so 8x further apart (every 80 steps)
+        assert PROBE_SHARE == 0.4 and budget.snapshot_stride == 8
+        assert "snapshots 8x further apart" in budget.text()
+        cheap_run = budgeted("cheap")
+        cheap = service.attach(cheap_run)
+        cheap._probe_cost, cheap_run.budget.step_time, cheap_run.budget.overhead = \
+            0.001, 0.01, 0.01  # 1 % of training every 10 steps: under 1.2 %
+        cheap._space_snapshots()
+        assert cheap_run.budget.snapshot_stride == 1
+    finally:
+        service.close()
