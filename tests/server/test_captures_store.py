@@ -121,13 +121,13 @@ def test_concurrent_saves_and_deletes_stay_consistent(tmp_path: Path) -> None:
             try:
                 for i in range(25):
                     rec = store.save(arrays(float(i), n=8), run=f"w{seed}")
-                    if rng.random() < 0.5:
+                    if rng.random() < 0.5:  # nobody else deletes a worker's own run
                         assert store.delete(rec.id)
+                    store.save(arrays(float(i), n=8), run="shared")
                     store.list(limit=5)
-                    # Other workers' captures only: a worker's own delete must succeed.
-                    others = [r for r in store.list(limit=10)[0] if r.run != f"w{seed}"]
-                    if others and rng.random() < 0.3:
-                        store.delete(others[-1].id)  # may race with another deleter: fine
+                    shared = [r for r in store.list(limit=10)[0] if r.run == "shared"]
+                    if shared and rng.random() < 0.3:
+                        store.delete(shared[-1].id)  # may race with another deleter: fine
             except BaseException as exc:  # surfaced below
                 errors.append(exc)
 
