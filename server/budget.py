@@ -254,7 +254,6 @@ class Budget:
                     self._restore(knob, overhead)
                     break
 
-
     def _choose(self, costs: dict[str, float], overhead: float, excess: float,
                 queue_full: bool) -> tuple[Knob | None, int]:
         open_knobs = [k for k in KNOBS if self.levels[k.name] < k.limit]

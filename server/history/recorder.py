@@ -52,10 +52,10 @@ from ..stream.stats import HEAD_STATISTICS, MaskInfo, valid_key_counts, with_rep
 from .config import HistoryConfig
 from .store import StatRow
 
-# Probe passes alone take at most this share of the run's cost budget: once a pass's cost
-# and the training step's are known, snapshots are spaced at once (a probe pass of a big
-# model trained at batch 1 is a third of a step; every 10 steps that alone is 6 %), not
-# after the budget has measured several of them.
+# Probe passes alone take at most this share of the run's cost budget: once their cost
+# and the training step's are known, snapshots are spaced at once (a snapshot's two probe
+# passes of a big model trained at batch 1 take half a step: every 10 steps that alone is
+# 5 %), not after the budget has measured several of them.
 PROBE_SHARE = 0.4
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -347,8 +347,8 @@ class RunRecorder:
             return
         share = self._probe_cost / (self.config.every * budget.step_time)
         allowed = PROBE_SHARE * budget.max_overhead
-        if share > allowed:
-            budget.hold_at_least("snapshots", math.ceil(math.log2(share / allowed)))
+        budget.hold_at_least("snapshots",
+                             math.ceil(math.log2(share / allowed)) if share > allowed else 0)
 
     def _new_session(self) -> None:
         run = self.run
