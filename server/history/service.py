@@ -191,8 +191,7 @@ class HistoryService:
         self.store.close()
 
     def _write_loop(self) -> None:
-        # Not limit_threads(1): setting torch's thread count from a helper
-        # thread hung remote publishers in CI (see stream.reduce.as_helper_thread).
+        # torch's default intra-op thread count (see stream.reduce.limit_threads)
         while True:
             item = self._queue.get()
             if isinstance(item, StepItem | SnapshotItem):

@@ -9,8 +9,8 @@ training thread and does as little as possible: a throttle check, then
   reduced there, copied to pinned host memory without waiting (a CUDA event
   that the reader waits on);
 * on the CPU: a copy of the sample's queries and keys; its attention, statistics
-  and pooled view are computed by the first reader (the event loop), with one
-  torch thread, so that they do not take the training thread's time;
+  and pooled view are computed by the first reader (the event loop), so that they
+  do not take the training thread's time;
 
 and a store into a latest-value slot. Encoding and sending happen in the
 server's event loop.
@@ -36,7 +36,6 @@ from transformer_core.events import AttentionEvent, QKVEvent
 from .plan import EMPTY_PLAN, Capture, Plan, SampleNeed, SlotKey
 from .reduce import (
     HostCopy,
-    as_helper_thread,
     layer_statistics,
     pool_factor,
     pool_matrix,
@@ -122,14 +121,13 @@ def _reduced_later(event: AttentionEvent, layer: int, need: SampleNeed,
                    heads: tuple[int, ...], now: float) -> list[Capture]:
     """On the CPU: only a copy of the sample's queries and keys here; its attention,
     statistics and pooled view are computed by whoever reads the captures first (the
-    event loop, a remote publisher's thread), with one torch thread, off the training
-    thread, once for both captures."""
+    event loop, a remote publisher's thread), off the training thread, once for both
+    captures."""
     copy = event.sample_copy(need.sample)
     L, S = event.shape[2:]
     memo: dict[str, torch.Tensor] = {}
 
     def attention() -> torch.Tensor:
-        as_helper_thread()
         if "a" not in memo:
             with torch.no_grad():
                 memo["a"] = copy.attention(sample=0, heads=_heads_arg(need.attention_heads))

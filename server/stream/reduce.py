@@ -178,23 +178,11 @@ def to_host(t: torch.Tensor, dtype: torch.dtype | None = None) -> HostCopy:
     return HostCopy(out, done)
 
 
-
-
-def as_helper_thread() -> None:
-    """Give the calling thread (a writer, the event loop: not the training thread) one torch
-    intra-op thread, once: its reductions then compete for one core at most.
-
-    Disabled: in two full CI runs a remote publisher's sending thread (a first reader)
-    hung in :func:`limit_threads` (its restore thread, not a daemon, never returned from
-    ``torch.set_num_threads`` while the training thread computed), which stalled the
-    stream and kept the process from exiting. Readers use torch's default count until
-    that is understood."""
-    return
-
-
 def limit_threads(n: int) -> None:
     """Give the calling (helper) thread ``n`` torch intra-op threads, leaving every other
-    thread's count as it was.
+    thread's count as it was. Not called at present: helper threads use torch's default
+    count (switched off while a CI hang was blamed on it; that hang was a test's own race,
+    and turning this back on waits for a measurement at scale).
 
     ``torch.set_num_threads`` sets the calling thread's OpenMP count and a process-wide
     value that each thread copies on its first parallel operation: a helper thread

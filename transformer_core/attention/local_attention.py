@@ -59,20 +59,23 @@ class LocalAttention(FullAttention):
         L, S = queries.shape[1], keys.shape[1]
         w = self.local_context
         if not self.use_fused or 4 * (w + _block(w)) > S:
-            band = band_mask(L, S, w, queries.device)  # (L, S)
-            if attn_mask is not None and not attn_mask.all_ones:
-                band = band & attn_mask.bool_matrix.to(band.device)
-            return super().forward(queries, keys, values, FullMask(band), query_lengths,
-                                   key_lengths)
+            return super().forward(queries, keys, values, self._band(L, S, attn_mask, queries),
+                                   query_lengths, key_lengths)
         scale = self.softmax_temp if self.softmax_temp is not None else queries.shape[-1] ** -0.5
         out = self._banded(queries, keys, values, scale, attn_mask, key_lengths)
         if self.event_dispatcher.has_listeners:
-            band = band_mask(L, S, w, queries.device)
-            if attn_mask is not None and not attn_mask.all_ones:
-                band = band & attn_mask.bool_matrix.to(band.device)
             self.event_dispatcher.dispatch(
-                self._event(queries, keys, scale, FullMask(band), key_lengths))
+                self._event(queries, keys, scale, self._band(L, S, attn_mask, queries),
+                            key_lengths))
         return out
+
+    def _band(self, L: int, S: int, attn_mask: BaseMask | None,
+              queries: torch.Tensor) -> FullMask:
+        """The band of ``local_context`` keys around each query, and ``attn_mask`` (L, S)."""
+        band = band_mask(L, S, self.local_context, queries.device)  # (L, S)
+        if attn_mask is not None and not attn_mask.all_ones:
+            band = band & attn_mask.bool_matrix.to(band.device)
+        return FullMask(band)
 
     def _banded(self, queries, keys, values, scale, attn_mask, key_lengths) -> torch.Tensor:
         """Blocks of B queries, each against the W = B + w - 1 keys its band can reach:
