@@ -3,8 +3,9 @@
 1. **Recording cost**: demo training (``DemoTraining``, default config) marked
    with ``Run.step`` as the demo run does, (a) without history and (b) with a
    :class:`HistoryService` at the defaults (probe snapshot every 10 steps, head
-   statistics every step), on one model: the service is attached to the run for
-   the (b) windows only. Pairs of adjacent windows, in alternating order
+   statistics every step, the 3 % cost budget): two copies of the model, one
+   recorded by one recorder for half the run (after a warm-up), then the other.
+   Pairs of adjacent windows, in alternating order
    (a b, b a, a b, ...); the figure is the median over pairs of b / a (this
    machine's speed drifts by 10% within seconds: adjacent windows share the
    drift), the ratio of the medians is printed too. Target b >= 0.97 x a. The
@@ -52,9 +53,12 @@ def _train_window(training, run, seconds: float) -> tuple[float, float]:
     return steps / (time.perf_counter() - start), (time.thread_time() - cpu) / steps
 
 
-def recording_cost(seconds: float, repeats: int) -> dict:
-    """One training loop, history attached for every other window (so both variants run
-    the same model: two model instances differ in speed by up to 2% on their own)."""
+def recording_cost(seconds: float, repeats: int, warmup: float = 5.0) -> dict:
+    """Two copies of the demo model (the same seed), trained in alternating windows; one
+    of them is recorded for a whole half of the run, by one recorder (as a user's run is:
+    its first snapshot and its budget's first windows are in the warm-up, not in every
+    window). The copies swap roles at half time, since two instances differ in speed by
+    up to 2 % on their own."""
     from attnscope.demo import DemoConfig, DemoTraining
     from attnscope.history.config import HistoryConfig
     from attnscope.history.service import HistoryService
@@ -62,28 +66,28 @@ def recording_cost(seconds: float, repeats: int) -> dict:
     from attnscope.runs import Run
     from transformer_core.events import EventDispatcher
 
-    training = DemoTraining(DemoConfig(device="cpu"), event_dispatcher=EventDispatcher())
-    run = Run(training.model, run_id="demo", symbols=training.task.symbols)
+    trainings = [DemoTraining(DemoConfig(device="cpu"), event_dispatcher=EventDispatcher())
+                 for _ in range(2)]
+    runs = [Run(t.model, run_id=f"demo{i}", symbols=t.task.symbols)
+            for i, t in enumerate(trainings)]
     config = HistoryConfig()
+    off, on = [], []
     with tempfile.TemporaryDirectory() as data:
         store = HistoryStore(data, max_snapshots=config.max_snapshots,
                              max_bytes=config.max_bytes)
         service = HistoryService(store, config)
-
-        def window(recording: bool) -> tuple[float, float]:
-            if recording:
-                service.attach(run)  # a new recorder and session (its first step opens it)
+        for recorded in (0, 1):
+            other = 1 - recorded
+            service.attach(runs[recorded])
             try:
-                return _train_window(training, run, seconds)
+                _train_window(trainings[recorded], runs[recorded], warmup)  # settles
+                _train_window(trainings[other], runs[other], 1.0)
+                for i in range(max(1, repeats // 2)):
+                    for r in (recorded, other) if i % 2 == 0 else (other, recorded):
+                        (on if r == recorded else off).append(
+                            _train_window(trainings[r], runs[r], seconds))
             finally:
-                if recording:
-                    service.detach(run.id)
-
-        window(False), window(True)  # warm up
-        off, on = [], []
-        for i in range(repeats):
-            for recording in (False, True) if i % 2 == 0 else (True, False):
-                (on if recording else off).append(window(recording))
+                service.detach(runs[recorded].id)
         service.flush()
         snapshots = sum(s["snapshots"] for s in store.sessions())
         dropped = service.dropped
@@ -196,11 +200,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.0, help="per window (1)")
     parser.add_argument("--repeats", type=int, default=30, help="windows per variant (30)")
     parser.add_argument("--moves", type=int, default=40, help="slider moves (40)")
+    parser.add_argument("--warmup", type=float, default=5.0,
+                        help="seconds recorded before the first window of each half (5)")
     parser.add_argument("--skip-browser", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
 
-    cost = recording_cost(args.seconds, args.repeats)
+    cost = recording_cost(args.seconds, args.repeats, args.warmup)
     print(f"recording cost (demo, CPU, {torch.get_num_threads()} threads): "
           f"off {cost['off']:.1f} steps/s, on {cost['on']:.1f} steps/s, "
           f"ratio {cost['ratio']:.3f} (median of {len(cost['windows'][0])} adjacent pairs; "

@@ -136,6 +136,36 @@ def _wait_for_viewer(dash, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
+class LoopLag:
+    """The worst lateness of a 50 ms timer on the dashboard's event loop since the last
+    :meth:`take`: how long any other socket (a second viewer, the REST API) may wait."""
+
+    PERIOD_S = 0.05
+
+    def __init__(self, loop) -> None:
+        import asyncio
+
+        self.worst = 0.0
+        self._stop = False
+        self._loop = loop
+        self._future = asyncio.run_coroutine_threadsafe(self._tick(), loop)
+
+    async def _tick(self) -> None:
+        import asyncio
+
+        while not self._stop:
+            t = self._loop.time()
+            await asyncio.sleep(self.PERIOD_S)
+            self.worst = max(self.worst, self._loop.time() - t - self.PERIOD_S)
+
+    def take(self) -> float:
+        worst, self.worst = self.worst, 0.0
+        return worst
+
+    def close(self) -> None:
+        self._stop = True
+
+
 class Mode:
     """One mode's own model (same weights in every mode) and, for (b) and (c), its
     dashboard, started once and kept for the whole run, as a training run keeps it: its
@@ -148,12 +178,13 @@ class Mode:
         self.mode = mode
         torch.manual_seed(0)
         self.training = Training(args)
-        self.dash = self.client = None
+        self.dash = self.client = self.lag = None
         if mode == "a":
             return
         extra = {} if args.max_overhead is None else {"max_overhead": args.max_overhead}
         settings = Settings(data_dir=os.path.join(data_dir, mode), **extra)
         self.dash = Dashboard.start(self.training.model, port=0, quiet=True, settings=settings)
+        self.lag = LoopLag(self.dash._server.server.config.app.state.hub._loop)
         if mode == "c":
             url = self.dash.url.replace("http://", "ws://") + "/ws"
             self.client = subprocess.Popen(
@@ -181,6 +212,8 @@ class Mode:
         dropped0 = 0 if history is None else history.dropped
         recorder = None if history is None else history.recorders.get(self.dash.run.id)
         probes0 = 0 if recorder is None else recorder._probes
+        if self.lag is not None:
+            self.lag.take()
         before, t0, cpu0 = _thread_cpu(), time.perf_counter(), time.thread_time()
         steps = 0
         while time.perf_counter() - t0 < seconds:
@@ -199,9 +232,12 @@ class Mode:
             result["thinning"] = budget.text()
             result["dropped"] = history.dropped - dropped0 if history is not None else 0
             result["snapshots"] = 0 if recorder is None else recorder._probes - probes0
+            result["loop_lag_s"] = self.lag.take()
         return result
 
     def close(self) -> None:
+        if self.lag is not None:
+            self.lag.close()
         if self.client is not None:
             self.client.kill()
             self.client.wait()
@@ -243,7 +279,8 @@ def _table(args: argparse.Namespace, modes: dict[str, Mode]) -> None:
             cpu = ", ".join(f"{k} {v * 1e3:.3g}" for k, v in result["cpu"].items() if v > 0)
             dropped = result.get("dropped")
             said = "" if result.get("reported") is None else \
-                f"; {result['snapshots']} snapshots; dashboard reports " \
+                f"; {result['snapshots']} snapshots; event loop late by at most " \
+                f"{1e3 * result['loop_lag_s']:.0f} ms; dashboard reports " \
                 f"{100 * result['reported']:.1f} % ({result['thinning']})"
             print(f"  ({mode}) {result['steps_per_s']:.3f} steps/s over {result['steps']} "
                   f"steps; CPU ms/step: {cpu}"
@@ -257,8 +294,9 @@ def _table(args: argparse.Namespace, modes: dict[str, Mode]) -> None:
     base = total["a"][0] / total["a"][1]
     print("\nAll windows of a mode together (total steps / total time):\n\n"
           "| mode | steps | snapshots | steps/s | vs (a) | slowdown | the dashboard reports | "
-          "windows vs (a) (median, range) | training-thread CPU ms/step |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+          "windows vs (a) (median, range) | training-thread CPU ms/step | "
+          "event loop late by (max) |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     base_median = statistics.median(r["steps_per_s"] for r in runs["a"])
     for mode, name in MODES.items():
         steps, seconds = total[mode]
@@ -269,11 +307,13 @@ def _table(args: argparse.Namespace, modes: dict[str, Mode]) -> None:
         said = f"{100 * cost / train:.1f} %" if train > 0 else "-"
         ratios = [r["steps_per_s"] / base_median for r in runs[mode]]
         snaps = sum(r.get("snapshots", 0) for r in runs[mode])
+        lag = "-" if mode == "a" else \
+            f"{1e3 * max(r['loop_lag_s'] for r in runs[mode]):.0f} ms"
         print(f"| ({mode}) {name} | {steps} | {snaps if mode != 'a' else '-'} | "
               f"{rate:.4f} | {rate / base:.3f}x | "
               f"{100 * (base / rate - 1):+.1f} % | {said} | "
               f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f}) | "
-              f"{cpu:.0f} |")
+              f"{cpu:.0f} | {lag} |")
 
 
 def profile(args: argparse.Namespace) -> None:

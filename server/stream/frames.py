@@ -1,8 +1,9 @@
 """Turning captures into protocol messages, once per (capture, view).
 
-Runs in the event loop; results are cached on the capture, so subscribers with
-the same view parameters share one encoding. Head statistics arrive computed (the
-training side reduces them where the attention is); here they are only formatted.
+Runs in the hub's encoder thread (a capture's data may still have to be computed);
+results are cached on the capture, so subscribers with the same view parameters
+share one encoding and the event loop sends cached ones at once. Head statistics
+arrive reduced (where the attention was computed); here they are only formatted.
 
 >>> pool_labels(["a", "b", "c", "d", "e"], 2)
 ['a…b', 'c…d', 'e']
@@ -61,10 +62,28 @@ def _array(values: torch.Tensor, dtype: str) -> tuple[np.ndarray, float | None, 
     return values.to(torch.float16).numpy().astype("<f2", copy=False), None, None
 
 
+_STATS_KEY = "json"  # a head_stats capture has one encoding, for every view
+
+
+def view_key(cap: Capture, heads: tuple[int, ...] | None, max_side: int, dtype: str) -> Any:
+    """The key of ``cap``'s encoding for one view in ``cap.cache`` (one text for
+    head_stats, whatever the view)."""
+    return _STATS_KEY if cap.kind == "head_stats" else (heads, max_side, dtype)
+
+
+def encode(run_id: str, cap: Capture, heads: tuple[int, ...] | None, max_side: int,
+           dtype: str) -> str | bytes:
+    """The message of any capture for one view (cached): may compute a capture whose data
+    is still pending, so the hub calls it off the event loop unless it is cached."""
+    if cap.kind == "head_stats":
+        return encode_stats(run_id, cap)
+    return encode_binary(run_id, cap, heads, max_side, dtype)
+
+
 def encode_binary(run_id: str, cap: Capture, heads: tuple[int, ...] | None, max_side: int,
                   dtype: str) -> bytes:
     """The binary frame of an attention, qk_logits or qkv_norms capture for one view (cached)."""
-    key = (heads, max_side, dtype)
+    key = view_key(cap, heads, max_side, dtype)
     cached = cap.cache.get(key)
     if cached is not None:
         return cached
@@ -99,7 +118,7 @@ def encode_binary(run_id: str, cap: Capture, heads: tuple[int, ...] | None, max_
 
 def encode_stats(run_id: str, cap: Capture) -> str:
     """The ``head_stats`` JSON text of a head_stats capture (cached)."""
-    cached = cap.cache.get("json")
+    cached = cap.cache.get(_STATS_KEY)
     if cached is not None:
         return cached
     data = cap.wait()
@@ -119,5 +138,5 @@ def encode_stats(run_id: str, cap: Capture) -> str:
         else:
             message[name] = json_safe(row)
     text = json.dumps(message, separators=(",", ":"))
-    cap.cache["json"] = text
+    cap.cache[_STATS_KEY] = text
     return text

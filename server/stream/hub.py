@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +25,9 @@ from ..limits import LimitError, check_indices
 from ..protocol import KINDS, PROTOCOL_VERSION, ProtocolError, Subscribe
 from ..run_base import BaseRun, RunRegistry, StreamSource, UnknownRunError
 from ..settings import Settings
-from .frames import encode_binary, encode_stats
+from .frames import encode, view_key
 from .heads_feed import HEADS_KIND, HeadsFeed
-from .plan import EMPTY_PLAN, Plan, SampleNeed, SlotKey
+from .plan import EMPTY_PLAN, Capture, Plan, SampleNeed, SlotKey
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ class Connection:
             return False
         publisher = self.hub.publishers.get(sub.run)
         sent = False
-        budget = run.budget  # a local run's: encoding here competes with its training
+        budget = run.budget  # a local run's: it may shrink views to save encoding time
         side = sub.max_side if budget is None else budget.view_side(sub.max_side)
         if publisher is not None:
             for key in sub.slot_keys:
@@ -259,24 +260,16 @@ class Connection:
                 if cap is None or cap.seq <= self.sent.get(key, 0):
                     continue
                 self.sent[key] = cap.seq
-                cpu = time.thread_time()
-                try:
-                    if cap.kind == "head_stats":
-                        encoded: str | bytes = encode_stats(run.id, cap)
-                    else:
-                        encoded = encode_binary(run.id, cap, sub.heads, side, sub.dtype)
-                except (ValueError, IndexError, RuntimeError) as exc:
+                encoded = cap.cache.get(view_key(cap, sub.heads, side, sub.dtype))
+                if encoded is None:
+                    encoded = await self.hub.encode(run, cap, sub.heads, side, sub.dtype)
+                if encoded is None:
                     # A capture that cannot be encoded (publishers' frames are checked on
                     # arrival, so this is a bug): drop it from its slot so that no viewer,
                     # now or later, is closed over it.
-                    logger.error("dropped an unencodable %s capture of run %r layer %d: %s",
-                                 cap.kind, run.id, cap.layer, exc)
                     if publisher.slots.get(key) is cap:
                         del publisher.slots[key]
                     continue
-                finally:
-                    if budget is not None:
-                        budget.spend_helper("stream", time.thread_time() - cpu)
                 if isinstance(encoded, str):
                     await self.send_text(encoded)
                 else:
@@ -322,11 +315,16 @@ class Hub:
         self._housekeeping: asyncio.Task | None = None
         self.heads_feed = HeadsFeed(self)
         self._heads_task: asyncio.Task | None = None
+        # Encoding, and computing a CPU capture's attention on first read (0.3-0.7 s a
+        # frame for 144 heads at L=512), happen here, one at a time: never on the event
+        # loop, which keeps serving every other socket meanwhile.
+        self._encoder: ThreadPoolExecutor | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnscope-frames")
         self.registry.add_listener(self._registry_changed)
         self._housekeeping = asyncio.create_task(self._flush_stale_loop())
         self._heads_task = asyncio.create_task(self._heads_loop())
@@ -345,6 +343,9 @@ class Hub:
             publisher.close()
         self.publishers.clear()
         self.connections.clear()
+        if self._encoder is not None:
+            self._encoder.shutdown(wait=False, cancel_futures=True)
+            self._encoder = None
 
     @property
     def full(self) -> bool:
@@ -367,6 +368,29 @@ class Hub:
         if budget is None or budget.version == sent:
             return None
         return {"type": "budget", "run": run_id, "version": budget.version, **budget.status()}
+
+    async def encode(self, run: BaseRun, cap: Capture, heads: tuple[int, ...] | None,
+                     side: int, dtype: str) -> str | bytes | None:
+        """``cap``'s message for one view, encoded (and computed, if pending) in the
+        encoder thread; its CPU time is charged to a local run's budget. None (logged) if
+        the capture cannot be encoded."""
+        budget = run.budget  # a local run's: this competes with its training
+
+        def work() -> str | bytes | None:
+            cpu = time.thread_time()
+            try:
+                return encode(run.id, cap, heads, side, dtype)
+            except (ValueError, IndexError, RuntimeError) as exc:
+                logger.error("dropped an unencodable %s capture of run %r layer %d: %s",
+                             cap.kind, run.id, cap.layer, exc)
+                return None
+            finally:
+                if budget is not None:
+                    budget.spend_helper("stream", time.thread_time() - cpu)
+
+        if self._encoder is None:  # not started (a unit test driving the hub by hand)
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self._encoder, work)
 
     # -- connections -----------------------------------------------------------
 

@@ -6,6 +6,7 @@ follow them, the wire carries both.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,7 +72,8 @@ class Capture:
     attention was computed), or, from an older remote publisher, their attention
     (H, L, S) float16 with ``masks``. When ``ready`` is a CUDA event, ``data`` is
     still arriving from the device; when ``pending`` is set, it is computed by the
-first reader (off the training thread): read it through :meth:`wait`. An attention
+first reader (off the training thread): read it through :meth:`wait`, which any
+    thread may call (the first computes, the others wait for it). An attention
     capture pooled where it was computed has ``pool`` > 1 and its (L, S) in
     ``full_shape``.
     ``cache`` holds its encodings by view, filled lazily by the event loop.
@@ -93,14 +95,19 @@ first reader (off the training thread): read it through :meth:`wait`. An attenti
     pool: int = 1  # attention pooled by this factor where captured
     full_shape: tuple[int, int] | None = None  # (L, S) before that pooling
     pending: Callable[[], torch.Tensor] | None = None  # computes ``data`` when first read
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def wait(self) -> torch.Tensor:
         """``data``, once computed (``pending``) or arrived from the device (``ready``);
-        blocks the reader only."""
-        if self.pending is not None:
-            self.data = self.pending()
-            self.pending = None
-        if self.ready is not None:
-            self.ready.synchronize()
-            self.ready = None
+        blocks the reader only. Thread-safe: the stream's encoder and the heads feed
+        may read one capture at once; ``pending`` runs once."""
+        if self.pending is None and self.ready is None:
+            return self.data
+        with self._lock:
+            if self.pending is not None:
+                self.data = self.pending()
+                self.pending = None
+            if self.ready is not None:
+                self.ready.synchronize()
+                self.ready = None
         return self.data

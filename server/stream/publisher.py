@@ -9,11 +9,11 @@ training thread and does as little as possible: a throttle check, then
   reduced there, copied to pinned host memory without waiting (a CUDA event
   that the reader waits on);
 * on the CPU: a copy of the sample's queries and keys; its attention, statistics
-  and pooled view are computed by the first reader (the event loop), so that they
-  do not take the training thread's time;
+  and pooled view are computed by the first reader (the hub's encoder thread, or a
+  remote publisher's thread), so that they do not take the training thread's time;
 
 and a store into a latest-value slot. Encoding and sending happen in the
-server's event loop.
+server (encoding in its encoder thread, sending in its event loop).
 
 Frames are tied to steps: captures made during a forward pass wait in
 ``pending`` until :meth:`Run.step` marks the step (so they carry that step's
@@ -121,17 +121,19 @@ def _reduced_later(event: AttentionEvent, layer: int, need: SampleNeed,
                    heads: tuple[int, ...], now: float) -> list[Capture]:
     """On the CPU: only a copy of the sample's queries and keys here; its attention,
     statistics and pooled view are computed by whoever reads the captures first (the
-    event loop, a remote publisher's thread), off the training thread, once for both
-    captures."""
+    hub's encoder thread, the heads feed, a remote publisher's thread), off the training
+    thread, once for both captures."""
     copy = event.sample_copy(need.sample)
     L, S = event.shape[2:]
     memo: dict[str, torch.Tensor] = {}
+    lock = threading.Lock()  # the two captures may be read by two threads at once
 
     def attention() -> torch.Tensor:
-        if "a" not in memo:
-            with torch.no_grad():
-                memo["a"] = copy.attention(sample=0, heads=_heads_arg(need.attention_heads))
-        return memo["a"]  # (h, L, S)
+        with lock:
+            if "a" not in memo:
+                with torch.no_grad():
+                    memo["a"] = copy.attention(sample=0, heads=_heads_arg(need.attention_heads))
+            return memo["a"]  # (h, L, S)
 
     def stats() -> torch.Tensor:
         valid = valid_key_counts(MaskInfo.of(copy), 0, L, S)

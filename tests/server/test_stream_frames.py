@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
+from stream_support import small_encoder
 
 from attnscope.protocol import decode_frame, dequantise
 from attnscope.settings import Settings
 from attnscope.stream.frames import encode_binary, encode_stats, pool_factor, quantise
 from attnscope.stream.publisher import Capture
 from attnscope.stream.stats import MaskInfo, head_stats, valid_key_counts
+from transformer_core.events import EventDispatcher
 from transformer_core.masking import FullMask, LengthMask
 
 
@@ -104,3 +106,102 @@ def test_settings_from_environment_and_validation(monkeypatch):
     for bad in ({"port": 70000}, {"device": "gpu"}, {"max_side": 4096}, {"colour": 1}):
         with pytest.raises(ValidationError, match=next(iter(bad))):
             Settings(**bad)
+
+
+def slow_pending(calls: list[float], data: torch.Tensor, seconds: float = 0.3):
+    """A capture's ``pending`` that takes ``seconds`` (as computing 144 heads does)."""
+    def compute() -> torch.Tensor:
+        calls.append(time.monotonic())
+        time.sleep(seconds)
+        return data
+    return compute
+
+
+def test_a_pending_capture_read_by_two_threads_is_computed_once():
+    # The hub's encoder and the heads feed may read one head_stats capture at once.
+    import threading
+
+    calls: list[float] = []
+    data = torch.rand(2, 4, 4).half()
+    cap = capture(torch.empty(0), heads=(0, 1), pending=slow_pending(calls, data))
+    got: list[torch.Tensor] = []
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            got.append(cap.wait())
+        except BaseException as exc:  # a reader that finds ``pending`` gone mid-call
+            errors.append(exc)
+
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    for t in readers:
+        t.start()
+        time.sleep(0.05)  # the later readers arrive while the first computes
+    for t in readers:
+        t.join(5)
+    assert errors == [] and len(calls) == 1
+    assert len(got) == 3 and all(g is data for g in got)
+
+
+def test_the_hub_computes_frames_off_the_event_loop():
+    """While a frame of a big model is computed, the loop keeps serving other sockets."""
+    import asyncio
+
+    from attnscope.runs import Run, RunRegistry
+    from attnscope.stream.hub import Hub
+
+    calls: list[float] = []
+    data = torch.rand(2, 4, 4).half()
+    cap = capture(torch.empty(0), heads=(0, 1), pending=slow_pending(calls, data, 0.5))
+    run = Run(small_encoder(EventDispatcher()), run_id="r")
+    hub = Hub(RunRegistry(), Settings(port=0))
+
+    async def body() -> tuple[bytes | str | None, int]:
+        await hub.start()
+        ticks = 0
+        stop = False
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not stop:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        try:
+            frame = await hub.encode(run, cap, None, 128, "float16")
+        finally:
+            stop = True
+            await task
+            await hub.stop()
+        return frame, ticks
+
+    frame, ticks = asyncio.run(asyncio.wait_for(body(), 10))
+    assert len(calls) == 1
+    header, array = decode_frame(frame)
+    assert header["kind"] == "attention" and array.shape == (2, 4, 4)
+    assert ticks >= 10  # the loop ran throughout the 0.5 s computation (about 50 ticks)
+
+
+def test_the_hub_drops_an_unencodable_capture_with_a_log_line(caplog):
+    import asyncio
+
+    from attnscope.runs import Run, RunRegistry
+    from attnscope.stream.hub import Hub
+
+    def broken() -> torch.Tensor:
+        raise RuntimeError("shape mismatch")
+
+    cap = capture(torch.empty(0), heads=(0, 1), pending=broken)
+    hub = Hub(RunRegistry(), Settings(port=0))
+
+    async def body() -> bytes | str | None:
+        await hub.start()
+        try:
+            run = Run(small_encoder(EventDispatcher()), run_id="r")
+            return await hub.encode(run, cap, None, 128, "float16")
+        finally:
+            await hub.stop()
+
+    assert asyncio.run(body()) is None
+    assert "unencodable attention capture" in caplog.text and "shape mismatch" in caplog.text
