@@ -13,6 +13,13 @@ advises on 2 cores. Training steps/s in one process, in interleaved windows
     scalars at 10 fps), a websocket client in a separate process
     (``bench/stream.py --client``).
 
+``--decompose`` adds where (b)'s cost comes from (for a GPU, where the cost is not
+in the work the budget counts): (s) the server alone (history off), (r) the
+history recorder's training-thread side alone (no writer thread, no server), and
+(g) (b) with ``sys.setswitchinterval(0.5 ms)`` during its windows (a launch-bound
+training thread gives up the GIL at every kernel and may wait up to the default
+5 ms each time a helper thread runs Python).
+
 Each mode trains its own copy of the model (same weights); the dashboards of
 (b) and (c) are started once and kept, as in a training run: they get
 ``--warmup`` unmeasured steps first (the first snapshot, the cost budget
@@ -28,6 +35,7 @@ cost the dashboard reports for the same steps (its budget's totals).
     .venv/bin/python bench/scale.py --seq 1024
     .venv/bin/python bench/scale.py --device cuda --bf16      # skips without CUDA
     .venv/bin/python bench/scale.py --profile                  # where the time goes
+    .venv/bin/python bench/scale.py --device cuda --decompose  # where (b)'s cost comes from
 """
 
 from __future__ import annotations
@@ -50,7 +58,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 
 MODES = {"a": "no dashboard", "b": "Dashboard.start, history on, nobody watching",
-         "c": "+ 1 viewer, all layers/heads, 10 fps"}
+         "c": "+ 1 viewer, all layers/heads, 10 fps",
+         # --decompose: where (b)'s cost comes from
+         "s": "server only (history off), nobody watching",
+         "r": "history recorder only (training thread; no writer, no server)",
+         "g": "(b) with sys.setswitchinterval(0.5 ms) during its windows"}
+SWITCH_INTERVAL_S = 0.0005  # mode (g): how soon a thread waiting for the GIL gets it
 
 
 @dataclass
@@ -178,10 +191,16 @@ class Mode:
         self.mode = mode
         torch.manual_seed(0)
         self.training = Training(args)
-        self.dash = self.client = self.lag = None
+        self.dash = self.client = self.lag = self.run = self.recorder = None
         if mode == "a":
             return
         extra = {} if args.max_overhead is None else {"max_overhead": args.max_overhead}
+        if mode == "r":
+            self.run, self.recorder = _recorded_run(self.training.model,
+                                                    extra.get("max_overhead", 0.03))
+            return
+        if mode == "s":
+            extra["history_enabled"] = False
         settings = Settings(data_dir=os.path.join(data_dir, mode), **extra)
         self.dash = Dashboard.start(self.training.model, port=0, quiet=True, settings=settings)
         self.lag = LoopLag(self.dash._server.server.config.app.state.hub._loop)
@@ -201,26 +220,39 @@ class Mode:
         r = self.training.step()
         if self.dash is not None:
             self.dash.step(r.step, loss=r.loss)
+        elif self.run is not None:
+            self.run.step(r.step, loss=r.loss)
+
+    @property
+    def budget(self):
+        return self.dash.run.budget if self.dash is not None else \
+            self.run.budget if self.run is not None else None
 
     def window(self, seconds: float) -> dict:
         """Steps for ``seconds``, then until the history writer has written them (its work
         for these steps belongs to this window): steps/s, CPU per step by thread role, and
         the cost the dashboard reports for the same steps."""
         history = None if self.dash is None else self.dash._server.server.config.app.state.history
-        budget = None if self.dash is None else self.dash.run.budget
+        budget = self.budget
         spent0 = budget.totals() if budget is not None else None
         dropped0 = 0 if history is None else history.dropped
-        recorder = None if history is None else history.recorders.get(self.dash.run.id)
+        recorder = self.recorder if history is None else history.recorders.get(self.dash.run.id)
         probes0 = 0 if recorder is None else recorder._probes
         if self.lag is not None:
             self.lag.take()
+        switch = sys.getswitchinterval()
+        if self.mode == "g":
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
         before, t0, cpu0 = _thread_cpu(), time.perf_counter(), time.thread_time()
         steps = 0
-        while time.perf_counter() - t0 < seconds:
-            self._one()
-            steps += 1
-        if history is not None:
-            history.flush(timeout=600)
+        try:
+            while time.perf_counter() - t0 < seconds:
+                self._one()
+                steps += 1
+            if history is not None:
+                history.flush(timeout=600)
+        finally:
+            sys.setswitchinterval(switch)
         elapsed = time.perf_counter() - t0
         result = {"steps": steps, "seconds": elapsed, "steps_per_s": steps / elapsed,
                   "cpu_ms_per_step": (time.thread_time() - cpu0) * 1000 / steps,
@@ -232,7 +264,7 @@ class Mode:
             result["thinning"] = budget.text()
             result["dropped"] = history.dropped - dropped0 if history is not None else 0
             result["snapshots"] = 0 if recorder is None else recorder._probes - probes0
-            result["loop_lag_s"] = self.lag.take()
+            result["loop_lag_s"] = None if self.lag is None else self.lag.take()
         return result
 
     def close(self) -> None:
@@ -245,9 +277,34 @@ class Mode:
             self.dash.close()
 
 
+class _Discard:
+    """A history sink that drops every record (mode (r): the recorder's training-thread
+    side alone)."""
+
+    def __init__(self) -> None:
+        from attnscope.history.config import HistoryConfig
+
+        self.config = HistoryConfig()
+
+    def new_session(self, run_id: str, name: str | None, meta: dict) -> str:
+        return "discarded"
+
+    def submit(self, item) -> bool:
+        return True
+
+
+def _recorded_run(model, max_overhead: float):
+    """A run of ``model`` and its recorder into :class:`_Discard`, with a cost budget."""
+    from attnscope.history.recorder import RunRecorder
+    from attnscope.runs import Run
+
+    run = Run(model, run_id="recorded", max_overhead=max_overhead)
+    return run, RunRecorder(run, _Discard())
+
+
 def table(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as data_dir:
-        modes = {m: Mode(m, args, data_dir) for m in MODES}
+        modes = {m: Mode(m, args, data_dir) for m in args.modes}
         try:
             _table(args, modes)
         finally:
@@ -268,20 +325,22 @@ def _table(args: argparse.Namespace, modes: dict[str, Mode]) -> None:
           f"{' bf16 autocast' if args.bf16 else ''}, {torch.get_num_threads()} torch "
           f"threads, {os.cpu_count()} CPUs; one step {step_s:.2f} s; {warmup} warm-up steps "
           f"per dashboard, then {args.repeats} x {seconds:.0f} s windows per mode", flush=True)
-    for m in ("b", "c"):
-        modes[m].steps(warmup)
-        print(f"  ({m}) after the warm-up: {modes[m].dash.run.budget.text()}", flush=True)
-    runs: dict[str, list[dict]] = {m: [] for m in MODES}
+    for m, mode in modes.items():
+        if mode.budget is not None:
+            mode.steps(warmup)
+            print(f"  ({m}) after the warm-up: {mode.budget.text()}", flush=True)
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
     for i in range(args.repeats):
-        for mode in ("abc" if i % 2 == 0 else "cba"):
+        for mode in (args.modes if i % 2 == 0 else args.modes[::-1]):
             result = modes[mode].window(seconds)
             runs[mode].append(result)
             cpu = ", ".join(f"{k} {v * 1e3:.3g}" for k, v in result["cpu"].items() if v > 0)
             dropped = result.get("dropped")
+            lag = result.get("loop_lag_s")
             said = "" if result.get("reported") is None else \
-                f"; {result['snapshots']} snapshots; event loop late by at most " \
-                f"{1e3 * result['loop_lag_s']:.0f} ms; dashboard reports " \
-                f"{100 * result['reported']:.1f} % ({result['thinning']})"
+                f"; {result['snapshots']} snapshots" + \
+                ("" if lag is None else f"; event loop late by at most {1e3 * lag:.0f} ms") + \
+                f"; dashboard reports {100 * result['reported']:.1f} % ({result['thinning']})"
             print(f"  ({mode}) {result['steps_per_s']:.3f} steps/s over {result['steps']} "
                   f"steps; CPU ms/step: {cpu}"
                   f"{f'; {dropped} history records dropped' if dropped else ''}{said}",
@@ -298,7 +357,8 @@ def _table(args: argparse.Namespace, modes: dict[str, Mode]) -> None:
           "event loop late by (max) |\n"
           "|---|---|---|---|---|---|---|---|---|---|")
     base_median = statistics.median(r["steps_per_s"] for r in runs["a"])
-    for mode, name in MODES.items():
+    for mode in modes:
+        name = MODES[mode]
         steps, seconds = total[mode]
         rate = steps / seconds
         cpu = sum(r["cpu_ms_per_step"] * r["steps"] for r in runs[mode]) / steps
@@ -307,8 +367,8 @@ def _table(args: argparse.Namespace, modes: dict[str, Mode]) -> None:
         said = f"{100 * cost / train:.1f} %" if train > 0 else "-"
         ratios = [r["steps_per_s"] / base_median for r in runs[mode]]
         snaps = sum(r.get("snapshots", 0) for r in runs[mode])
-        lag = "-" if mode == "a" else \
-            f"{1e3 * max(r['loop_lag_s'] for r in runs[mode]):.0f} ms"
+        lags = [r["loop_lag_s"] for r in runs[mode] if r.get("loop_lag_s") is not None]
+        lag = f"{1e3 * max(lags):.0f} ms" if lags else "-"
         print(f"| ({mode}) {name} | {steps} | {snaps if mode != 'a' else '-'} | "
               f"{rate:.4f} | {rate / base:.3f}x | "
               f"{100 * (base / rate - 1):+.1f} % | {said} | "
@@ -396,12 +456,22 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="2 windows per mode of ~4 steps (GPT-2 small on 1 CPU: ~9 min)")
     parser.add_argument("--profile", action="store_true", help="where the time goes")
+    parser.add_argument("--modes", default="abc",
+                        help="which modes, in window order: " + "; ".join(
+                            f"{k} {v}" for k, v in MODES.items()) + " (abc)")
+    parser.add_argument("--decompose", action="store_true",
+                        help="where (b)'s cost comes from: --modes asrbg")
     parser.add_argument("--max-overhead", type=float, default=None,
                         help="the dashboard's cost budget (ATTNSCOPE_MAX_OVERHEAD; default 0.03)")
     args = parser.parse_args()
     args.ff = args.ff or 4 * args.d_model
     if args.quick:
         args.repeats, args.min_steps = 2, 4
+    if args.decompose:
+        args.modes = "asrbg"
+    if "a" not in args.modes or set(args.modes) - set(MODES):
+        parser.error(f"--modes: letters of {''.join(MODES)}, with a (the baseline); "
+                     f"got {args.modes!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("--device cuda: CUDA is not available here (torch "
               f"{torch.__version__}); nothing measured")

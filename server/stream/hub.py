@@ -251,32 +251,40 @@ class Connection:
         except UnknownRunError:
             return False
         publisher = self.hub.publishers.get(sub.run)
-        sent = False
+        if publisher is None:
+            return False
         budget = run.budget  # a local run's: it may shrink views to save encoding time
         side = sub.max_side if budget is None else budget.view_side(sub.max_side)
-        if publisher is not None:
-            for key in sub.slot_keys:
-                cap = publisher.slots.get(key)
-                if cap is None or cap.seq <= self.sent.get(key, 0):
-                    continue
+        due = []
+        for key in sub.slot_keys:
+            cap = publisher.slots.get(key)
+            if cap is not None and cap.seq > self.sent.get(key, 0):
                 self.sent[key] = cap.seq
-                encoded = cap.cache.get(view_key(cap, sub.heads, side, sub.dtype))
-                if encoded is None:
-                    encoded = await self.hub.encode(run, cap, sub.heads, side, sub.dtype)
-                if encoded is None:
-                    # A capture that cannot be encoded (publishers' frames are checked on
-                    # arrival, so this is a bug): drop it from its slot so that no viewer,
-                    # now or later, is closed over it.
-                    if publisher.slots.get(key) is cap:
-                        del publisher.slots[key]
-                    continue
-                if isinstance(encoded, str):
-                    await self.send_text(encoded)
-                else:
-                    await self.send_bytes(encoded)
-                sent = True
-                if self.sub is not sub:  # resubscribed meanwhile: start over with the new one
-                    return sent
+                due.append((key, cap))
+        if not due:
+            return False
+        views = [(cap, cap.cache.get(view_key(cap, sub.heads, side, sub.dtype))) for _, cap in due]
+        missing = [cap for cap, encoded in views if encoded is None]
+        if missing:  # one trip to the encoder thread for all of this frame's slots
+            encoded_now = iter(await self.hub.encode(run, missing, sub.heads, side, sub.dtype))
+            views = [(cap, next(encoded_now) if encoded is None else encoded)
+                     for cap, encoded in views]
+        sent = False
+        for (key, _), (cap, encoded) in zip(due, views, strict=True):
+            if encoded is None:
+                # A capture that cannot be encoded (publishers' frames are checked on
+                # arrival, so this is a bug): drop it from its slot so that no viewer,
+                # now or later, is closed over it.
+                if publisher.slots.get(key) is cap:
+                    del publisher.slots[key]
+                continue
+            if isinstance(encoded, str):
+                await self.send_text(encoded)
+            else:
+                await self.send_bytes(encoded)
+            sent = True
+            if self.sub is not sub:  # resubscribed meanwhile: start over with the new one
+                return sent
         return sent
 
     async def _send_budget(self, sub: Resolved) -> None:
@@ -369,21 +377,25 @@ class Hub:
             return None
         return {"type": "budget", "run": run_id, "version": budget.version, **budget.status()}
 
-    async def encode(self, run: BaseRun, cap: Capture, heads: tuple[int, ...] | None,
-                     side: int, dtype: str) -> str | bytes | None:
-        """``cap``'s message for one view, encoded (and computed, if pending) in the
-        encoder thread; its CPU time is charged to a local run's budget. None (logged) if
-        the capture cannot be encoded."""
+    async def encode(self, run: BaseRun, caps: list[Capture], heads: tuple[int, ...] | None,
+                     side: int, dtype: str) -> list[str | bytes | None]:
+        """The messages of ``caps`` for one view, encoded (and computed, if pending) in the
+        encoder thread in one trip; its CPU time is charged to a local run's budget. None
+        (logged) for a capture that cannot be encoded."""
         budget = run.budget  # a local run's: this competes with its training
 
-        def work() -> str | bytes | None:
-            cpu = time.thread_time()
+        def one(cap: Capture) -> str | bytes | None:
             try:
                 return encode(run.id, cap, heads, side, dtype)
             except (ValueError, IndexError, RuntimeError) as exc:
                 logger.error("dropped an unencodable %s capture of run %r layer %d: %s",
                              cap.kind, run.id, cap.layer, exc)
                 return None
+
+        def work() -> list[str | bytes | None]:
+            cpu = time.thread_time()
+            try:
+                return [one(cap) for cap in caps]
             finally:
                 if budget is not None:
                     budget.spend_helper("stream", time.thread_time() - cpu)

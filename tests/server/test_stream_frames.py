@@ -169,7 +169,7 @@ def test_the_hub_computes_frames_off_the_event_loop():
 
         task = asyncio.create_task(ticker())
         try:
-            frame = await hub.encode(run, cap, None, 128, "float16")
+            [frame] = await hub.encode(run, [cap], None, 128, "float16")
         finally:
             stop = True
             await task
@@ -195,13 +195,13 @@ def test_the_hub_drops_an_unencodable_capture_with_a_log_line(caplog):
     cap = capture(torch.empty(0), heads=(0, 1), pending=broken)
     hub = Hub(RunRegistry(), Settings(port=0))
 
-    async def body() -> bytes | str | None:
+    async def body() -> list[bytes | str | None]:
         await hub.start()
         try:
             run = Run(small_encoder(EventDispatcher()), run_id="r")
-            return await hub.encode(run, cap, None, 128, "float16")
+            return await hub.encode(run, [cap], None, 128, "float16")
         finally:
             await hub.stop()
 
-    assert asyncio.run(body()) is None
+    assert asyncio.run(body()) == [None]
     assert "unencodable attention capture" in caplog.text and "shape mismatch" in caplog.text
