@@ -3,7 +3,8 @@
 One :class:`Hub` per app. Each websocket is a :class:`Connection` with one
 subscription and one sender task; the sender wakes when its run's publisher
 has new captures, and sends the latest value of each of its slots (so a slow
-client skips frames; nothing queues). Publishers exist only while a run has
+client skips frames; nothing queues). What is not encoded yet is encoded in the
+hub's one encoder thread, never on the loop. Publishers exist only while a run has
 subscribers, and listen to exactly the union of what those ask for.
 """
 

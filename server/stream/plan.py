@@ -76,7 +76,7 @@ first reader (off the training thread): read it through :meth:`wait`, which any
     thread may call (the first computes, the others wait for it). An attention
     capture pooled where it was computed has ``pool`` > 1 and its (L, S) in
     ``full_shape``.
-    ``cache`` holds its encodings by view, filled lazily by the event loop.
+    ``cache`` holds its encodings by view, filled lazily by the hub's encoder thread.
     """
 
     kind: str
