@@ -76,6 +76,9 @@ SHARE_OF_EXCESS = 0.25
 MAX_JUMP = 3
 # Each window's measurement weighs this much against the windows before it.
 SMOOTHING = 0.5
+# One gap between steps moves the step-time average as a step this many times the
+# average would (a pause is not a slower step).
+STEP_TIME_JUMP = 2.0
 # After a dropped history record (the writer behind), nothing is restored for this
 # many windows: the writer's backlog is not in the measured times.
 HOLD_AFTER_DROP = 4
@@ -127,7 +130,8 @@ class Budget:
         self.overhead: float | None = None
         self.costs: dict[str, float] = {c: 0.0 for c in COMPONENTS}
         self.dropped = 0  # history records dropped (a full writer queue)
-        self.step_time = 0.0  # moving average of a training step (dashboard excluded), s
+        self.step_time = 0.0  # moving average of a training step (dashboard excluded), s:
+        # what spaces stream frames and snapshots on slow steps
         self.version = 0  # bumped whenever status() changes
         self._lock = threading.Lock()
         self._helper = dict.fromkeys(COMPONENTS, 0.0)  # guarded by _lock
@@ -190,7 +194,12 @@ class Budget:
             took = max(0.0, now - self._last_end - self._since_end)
             self._train += took
             self._steps += 1
-            self.step_time = took if not self.step_time else 0.9 * self.step_time + 0.1 * took
+            # A gap between steps (an evaluation loop, a paused script) counts at most
+            # STEP_TIME_JUMP steps: it would otherwise space frames and snapshots as if
+            # every step took that long (a viewer saw no frame for minutes after one).
+            # A real change of speed is followed, by up to 10 % a step.
+            self.step_time = took if not self.step_time else \
+                0.9 * self.step_time + 0.1 * min(took, STEP_TIME_JUMP * self.step_time)
 
     def step_end(self) -> None:
         """``Run.step`` ends (its hooks and any pause included): maybe close a window."""

@@ -211,3 +211,23 @@ def test_a_floor_is_held_and_never_restored_below(clock: FakeClock) -> None:
     assert budget.levels["snapshots"] == 3 and "snapshots 8x further apart" in budget.text()
     budget.hold_at_least("snapshots", 99)  # capped at the knob's limit
     assert budget.snapshot_stride == 32
+
+
+def test_a_pause_between_steps_does_not_stretch_the_step_time(clock: FakeClock) -> None:
+    # The step time spaces stream frames on slow steps: a 5-minute evaluation between two
+    # steps must not space them as if every step took minutes (no frame for that long).
+    budget = Budget(0.03, clock=clock, window_s=1.0)
+    simulate(budget, clock, 20, step_s=10.0)
+    assert budget.step_time == pytest.approx(10.0)
+    clock.advance(300.0)  # the loop stops calling step() for 5 minutes
+    simulate(budget, clock, 1, step_s=10.0)
+    assert budget.step_time <= 11.0 + 1e-9  # at most 10 % longer after one gap
+    simulate(budget, clock, 10, step_s=10.0)
+    assert budget.step_time < 10.5
+
+
+def test_a_real_change_of_step_time_is_followed(clock: FakeClock) -> None:
+    budget = Budget(0.03, clock=clock, window_s=1.0)
+    simulate(budget, clock, 20, step_s=1.0)
+    simulate(budget, clock, 60, step_s=10.0)  # a longer sequence length from here on
+    assert budget.step_time == pytest.approx(10.0, rel=0.02)
