@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from .portable import Recipe
+
 Index = int | Sequence[int] | slice | torch.Tensor | None
 # (samples, heads) -> (n, h, L, S); samples/heads are a slice or a 1-D LongTensor.
 SliceFn = Callable[[Any, Any], torch.Tensor]
@@ -89,6 +91,8 @@ class AttentionEvent(Event):
     ``copy_fn(sample)`` builds the event :meth:`sample_copy` returns (emitters give
     it; without it, :meth:`sample_copy` computes that sample's matrix right away);
     ``concat_fn(events)`` joins events of this emitter for :meth:`concat`.
+    ``recipe`` (a :class:`~transformer_core.events.portable.Recipe`) says how to build the
+    event again from data, in another process (:mod:`transformer_core.events.portable`).
     """
 
     def __init__(
@@ -108,6 +112,7 @@ class AttentionEvent(Event):
         matrix: torch.Tensor | None = None,
         copy_fn: CopyFn | None = None,
         concat_fn: ConcatFn | None = None,
+        recipe: Recipe | None = None,
     ) -> None:
         super().__init__(source)
         self.shape = tuple(shape)
@@ -123,6 +128,7 @@ class AttentionEvent(Event):
         self._matrix = matrix  # (N, H, L, S) when the emitter already built it
         self._copy_fn = copy_fn
         self._concat_fn = concat_fn
+        self.recipe = recipe
 
     @property
     def is_cross(self) -> bool:
@@ -173,7 +179,8 @@ class AttentionEvent(Event):
             logits = self.logits(n).detach().clone()  # (1, H, L, S)
         return AttentionEvent(self.source, (1, *self.shape[1:]), lambda s, h: logits[s][:, h],
                               lambda s, h: matrix[s][:, h], role=self.role,
-                              attention_type=self.attention_type)
+                              attention_type=self.attention_type, matrix=matrix,
+                              recipe=Recipe("matrix", {}, {"matrix": matrix, "logits": logits}))
 
     @staticmethod
     def concat(events: Sequence[AttentionEvent]) -> AttentionEvent:
