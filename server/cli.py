@@ -114,7 +114,8 @@ def _serve(settings: Settings, registry: RunRegistry, open_browser: bool,
     import uvicorn
 
     from .app import create_app
-    from .serving import bind_socket, url_of, uvicorn_config
+    from .serving import uvicorn_config
+    from .sockets import bind_socket, url_of
 
     try:
         sock = bind_socket(settings.host, settings.port)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+import weakref
 import webbrowser
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -25,47 +26,63 @@ from .runs import Run, RunRegistry, slugify
 if TYPE_CHECKING:  # the web side loads in start(), not on import (connect never needs it)
     from .serving import BackgroundServer
     from .settings import Settings
+    from .training.link import TrainingLink
+    from .training.process import ServerProcess
 
 logger = logging.getLogger(__name__)
 
 
+# Dashboards this process serves, by (host, port): starting another on the same port
+# replaces the old one (a notebook cell run twice), instead of failing on a port we hold.
+_LIVE: dict[tuple[str, int], weakref.ref] = {}
+
+
 class Dashboard:
-    """A server in a background thread showing one run: the model you passed.
+    """The dashboard of one run: a server showing the model you passed, in a process of
+    its own (or, with ``server_process=False``, in threads of this one).
 
     Use :meth:`start`; then call :meth:`step` once per training step and
     :meth:`close` at the end (or use it as a context manager).
     """
 
-    def __init__(self, run: Run, registry: RunRegistry, server: BackgroundServer) -> None:
+    def __init__(self, run: Run, url: str, *, process: ServerProcess | None = None,
+                 link: TrainingLink | None = None, registry: RunRegistry | None = None,
+                 server: BackgroundServer | None = None) -> None:
         self.run = run
-        self.registry = registry
+        self.url = url
+        self.registry = registry  # in-process only: the server's registry
+        self._process = process
+        self._link = link
         self._server = server
-        self.url = server.url
         self._closed = False
+        self._warned_closed = False
 
     @classmethod
     def start(cls, model: nn.Module, port: int = 8000, host: str = "127.0.0.1",
               open_browser: bool = False, name: str | None = None,
               settings: Settings | None = None, quiet: bool = False,
-              tokenizer: Any = None, max_overhead: float | None = None) -> Any:
+              tokenizer: Any = None, max_overhead: float | None = None,
+              server_process: bool | None = None) -> Any:
         """Register ``model`` as a run, serve the dashboard, print its URL.
 
-        ``port=0`` picks a free port (see :attr:`url`). ``model`` may be any
-        ``nn.Module`` whose attention :func:`transformer_core.instrument.instrument`
-        finds: ``transformer_core``, Hugging Face, ``nn.MultiheadAttention`` and modules
-        calling ``F.scaled_dot_product_attention`` (README, "Your model").
-        ``tokenizer``: a Hugging Face tokenizer; token ids given to :meth:`step` are
-        shown as its strings, and captures accept ``text``.
+        ``port=0`` picks a free port (see :attr:`url`); a port in use raises
+        :class:`~attnscope.sockets.PortInUse` naming it; starting again on a port this
+        process already serves (a notebook cell run twice) closes the old dashboard first.
+        ``model`` may be any ``nn.Module`` whose attention
+        :func:`transformer_core.instrument.instrument` finds: ``transformer_core``, Hugging
+        Face, ``nn.MultiheadAttention`` and modules calling ``F.scaled_dot_product_attention``
+        (README, "Your model"). ``tokenizer``: a Hugging Face tokenizer; token ids given to
+        :meth:`step` are shown as its strings, and captures accept ``text``.
         ``max_overhead``: what the dashboard may cost, a fraction of training time
         (default: ``settings.max_overhead``, ``ATTNSCOPE_MAX_OVERHEAD``, 0.03); past it
         it thins its own work and says so on the page (:mod:`attnscope.budget`).
+        ``server_process``: serve from a child process (default: ``settings.server_process``,
+        True): this process then keeps only the capture path, with no thread of ours.
         ``settings`` overrides everything but host and port. Under torchrun / DDP
         only rank 0 serves; the other ranks get a dashboard that does nothing
         (to see every rank, use :meth:`connect` with ``ranks="all"``).
         """
-        from .app import create_app
         from .remote.publisher import SilentDashboard, select_rank
-        from .serving import BackgroundServer
         from .settings import Settings
 
         if not select_rank(0)[0]:
@@ -74,15 +91,21 @@ class Dashboard:
         update: dict[str, Any] = {"host": host, "port": port}
         if max_overhead is not None:
             update["max_overhead"] = max_overhead
+        if server_process is not None:
+            update["server_process"] = server_process
         settings = given.model_copy(update=update)
         settings = Settings.model_validate(settings.model_dump())
         generated = settings.token_generated or given.token_generated
-        registry = RunRegistry()
-        run = registry.add(Run(model, run_id=slugify(name or "run"), name=name or "run",
-                               tokenizer=tokenizer, max_overhead=settings.max_overhead))
-        server = BackgroundServer(create_app(settings, registry), settings)
-        server.start()
-        dash = cls(run, registry, server)
+        _replace_live(settings.host, settings.port)
+        run = Run(model, run_id=slugify(name or "run"), name=name or "run",
+                  tokenizer=tokenizer, max_overhead=settings.max_overhead)
+        try:
+            dash = cls._serve(run, settings, tokenizer)
+        except BaseException:
+            run.detach()
+            raise
+        if settings.port:
+            _LIVE[(settings.host, settings.port)] = weakref.ref(dash)
         if not quiet:
             # A generated token is shown in the URL (the user has no other way to learn
             # it); a user-supplied one is never printed (it would land in logs).
@@ -95,6 +118,41 @@ class Dashboard:
             except Exception:  # no browser is not an error
                 logger.info("could not open a browser for %s", dash.url)
         return dash
+
+    @classmethod
+    def _serve(cls, run: Run, settings: Settings, tokenizer: Any) -> Dashboard:
+        """The server for ``run``: a child process (the default) or threads here."""
+        if not settings.server_process:
+            from .app import create_app
+            from .serving import BackgroundServer
+
+            registry = RunRegistry()
+            registry.add(run)
+            server = BackgroundServer(create_app(settings, registry), settings)
+            server.start()
+            return cls(run, server.url, registry=registry, server=server)
+        from .training.link import TrainingLink, hello_message
+        from .training.process import ServerProcess, pickled_tokenizer
+
+        boot = {"role": "server", "settings": _settings_message(settings)}
+        link: list[TrainingLink] = []
+
+        def on_channel(channel: Any) -> None:
+            if link:  # a restarted server process: the link writes to its channel now
+                link[0].reconnect(channel)
+                link[0].handle(process.early)
+
+        process = ServerProcess(settings.host, settings.port, boot, lambda: hello_message(run),
+                                pickled_tokenizer(tokenizer), on_channel)
+        try:
+            process.start()
+        except BaseException:
+            process.stop(timeout=1.0)
+            raise
+        assert process.channel is not None
+        link.append(TrainingLink(run, process.channel))
+        link[0].handle(process.early)
+        return cls(run, process.url, process=process, link=link[0])
 
     @classmethod
     def connect(cls, model: nn.Module | str | None = None, /, url: str | None = None,
@@ -142,6 +200,15 @@ class Dashboard:
         or an (N, L) tensor of ids (then labelled by their numbers).
         Blocks only while the run is paused from the page.
         """
+        if self._closed:
+            if not self._warned_closed:
+                self._warned_closed = True
+                warnings.warn("Dashboard.step() after close(): the step is not recorded; "
+                              "start a new dashboard to keep watching", RuntimeWarning,
+                              stacklevel=2)
+            return
+        if self._process is not None:
+            self._process.check()  # a monotonic-clock compare; a waitpid once a second
         self.run.step(step, loss=loss, tokens=tokens, **scalars)
 
     def new_sequence(self) -> None:
@@ -150,13 +217,21 @@ class Dashboard:
         self.run.new_sequence()
 
     def close(self) -> None:
-        """End the run and stop the server."""
+        """End the run and stop the server (its history is written first)."""
         if self._closed:
             return
         self._closed = True
+        if self._link is not None:
+            self._link.close()
         self.run.close()
-        self._server.stop()
+        if self._process is not None:
+            self._process.stop()
+        if self._server is not None:
+            self._server.stop()
         self.run.detach()
+        for key, ref in list(_LIVE.items()):
+            if ref() is self:
+                del _LIVE[key]
 
     def __enter__(self) -> Dashboard:
         return self
@@ -166,6 +241,24 @@ class Dashboard:
 
     def __repr__(self) -> str:
         return f"Dashboard({self.url!r}, run={self.run.id!r})"
+
+
+def _settings_message(settings: Settings) -> dict[str, Any]:
+    """``settings`` as JSON for the server process, the token in clear (it travels in
+    shared memory, never on a command line)."""
+    data = settings.model_dump(mode="json")
+    data["token"] = settings.token_value
+    return data
+
+
+def _replace_live(host: str, port: int) -> None:
+    """Close the dashboard this process already serves on (host, port), if any."""
+    ref = _LIVE.pop((host, port), None) if port else None
+    old = None if ref is None else ref()
+    if old is not None and not old._closed:
+        logger.warning("attnscope: closing the dashboard already on %s:%d to start this one",
+                       host, port)
+        old.close()
 
 
 def _connect_arguments(model: Any, url: str | None, run: str | None,

@@ -251,12 +251,21 @@ class Run(BaseRun):
         ``attention_mask`` (N, L): which token positions are not padding."""
 
         def job() -> tuple[dict[str, torch.Tensor], int | None]:
-            out = run_capture(self.model, inputs, kinds, layers, heads, max_bytes,
-                              local=self.local, attention_mask=attention_mask)
-            return out, self.step_index
+            return self.capture_now(inputs, kinds, layers, heads, max_bytes,
+                                    attention_mask=attention_mask)
 
         out, step = self.call_between_steps(job, timeout)
         return {k: v.numpy() for k, v in out.items()}, step
+
+    def capture_now(self, inputs: torch.Tensor, kinds: list[str], layers: list[int] | None,
+                    heads: list[int] | None, max_bytes: int,
+                    attention_mask: torch.Tensor | None = None,
+                    ) -> tuple[dict[str, torch.Tensor], int | None]:
+        """One forward pass on ``inputs`` right here (the caller is the training thread
+        between two steps, or nobody trains): (name -> CPU tensor, the last step)."""
+        out = run_capture(self.model, inputs, kinds, layers, heads, max_bytes,
+                          local=self.local, attention_mask=attention_mask)
+        return out, self.step_index
 
     def new_recorder(self, sink: RecorderSink) -> RunRecorder:
         """A history recorder of this run (in its training thread) into ``sink``."""

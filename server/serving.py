@@ -7,7 +7,6 @@ free port and the URL is known at once.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 
@@ -15,26 +14,10 @@ import uvicorn
 from fastapi import FastAPI
 
 from .settings import Settings
+from .sockets import bind_socket, url_of
 
 logger = logging.getLogger(__name__)
 
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on (host, port); port 0 picks a free one."""
-    if host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
-        logger.info("serving on %s: every route but health needs the access token", host)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    sock.listen(128)
-    sock.set_inheritable(True)
-    return sock
 
 
 def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
@@ -48,11 +31,6 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         timeout_graceful_shutdown=3,
         lifespan="on",
     )
-
-
-def url_of(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 class BackgroundServer:

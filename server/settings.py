@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, le=1024)
     # uvicorn's log level for the server's own access and error logs.
     log_level: str = "warning"
+    # Dashboard.start serves from a process of its own: no thread of ours in the training
+    # process (on a GPU any runnable Python thread there slows the kernel launches). False
+    # where a child process cannot be started: the server then runs in threads of the
+    # training process, as before (docs/architecture.md).
+    server_process: bool = True
 
     # Captures (REST, docs/captures.md). 64 x 4096 tokens: far above a probe
     # batch, well below what would stall a training run for long.

@@ -198,7 +198,8 @@ class Ring:
 
     def read(self) -> Iterator[memoryview]:
         """The records published so far, oldest first. Each body is a view into the ring,
-        valid until the next record is asked for (copy what you keep)."""
+        valid until the next record is asked for (copy what you keep); a record handed
+        out is consumed, even when the caller stops iterating there."""
         end = self._load(_WRITE)
         pos = self._load(_READ)
         while pos < end:
@@ -210,6 +211,8 @@ class Ring:
                 continue
             if 4 + length > self.capacity - offset:
                 raise ValueError(f"corrupt ring: a record of {length} bytes at {offset}")
-            yield self.data[offset + 4 : offset + 4 + length]
-            pos += _aligned(4 + length)
-            self._store(_READ, pos)
+            try:
+                yield self.data[offset + 4 : offset + 4 + length]
+            finally:  # consumed once handed out, even if the caller stops here
+                pos += _aligned(4 + length)
+                self._store(_READ, pos)

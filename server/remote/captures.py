@@ -172,14 +172,31 @@ class CaptureRequests:
 
 # -- publisher end -----------------------------------------------------------------
 
-def _capture_input(message: dict[str, Any]) -> torch.Tensor:
-    """The input tensor of a capture request: tokens (N, L) long or features (N, L, d)."""
+def capture_request_input(message: dict[str, Any]) -> tuple[torch.Tensor,
+                                                           torch.Tensor | None]:
+    """The input of a capture request: (tokens (N, L) long or features (N, L, d), its
+    attention mask (N, L) or None: nothing padded)."""
     given = message.get("input") or {}
+    mask = given.get("attention_mask")
+    mask = None if mask is None else torch.tensor(mask, dtype=torch.long)
     if given.get("tokens") is not None:
-        return torch.tensor(given["tokens"], dtype=torch.long)
+        return torch.tensor(given["tokens"], dtype=torch.long), mask
     if given.get("features") is not None:
-        return torch.tensor(given["features"], dtype=torch.float32)
+        return torch.tensor(given["features"], dtype=torch.float32), mask
     raise CaptureError("tokens", "the capture request has neither tokens nor features")
+
+
+def classify_capture_error(exc: BaseException) -> tuple[str, str | None, str]:
+    """(kind, field, message) of a capture's failure, as the server re-raises it
+    (:meth:`CaptureRequests.receive_error`): ``capture`` (a field's fault), ``timeout``,
+    ``input`` (the model rejected the input) or ``failed``."""
+    if isinstance(exc, CaptureError):
+        return "capture", exc.field, exc.message
+    if isinstance(exc, TimeoutError):
+        return "timeout", None, str(exc)
+    if isinstance(exc, ValueError | IndexError):
+        return "input", None, str(exc)
+    return "failed", None, f"{type(exc).__name__}: {exc}"
 
 
 def _error(capture_id: str, kind: str, message: str, field_name: str | None = None) -> str:
@@ -196,23 +213,19 @@ def answer_capture(run: Run, message: dict[str, Any]) -> list[bytes | str]:
     """
     capture_id = str(message.get("id"))
     try:
-        x = _capture_input(message)
+        x, mask = capture_request_input(message)
         kinds = [str(k) for k in message.get("kinds", [])]
         layers, heads = message.get("layers"), message.get("heads")
         max_bytes = int(message["max_bytes"])
 
         out, step = run.capture(x, kinds, layers, heads, max_bytes,
-                                float(message.get("timeout", 60.0)))
+                                float(message.get("timeout", 60.0)), attention_mask=mask)
         data = safetensors.numpy.save(out)
-    except CaptureError as exc:
-        return [_error(capture_id, "capture", exc.message, exc.field)]
-    except TimeoutError as exc:
-        return [_error(capture_id, "timeout", str(exc))]
-    except (ValueError, IndexError) as exc:
-        return [_error(capture_id, "input", str(exc))]
-    except Exception as exc:  # noqa: BLE001 (reported to the server, which answers 502)
-        logger.exception("capture %s for run %r failed", capture_id, run.id)
-        return [_error(capture_id, "failed", f"{type(exc).__name__}: {exc}")]
+    except Exception as exc:  # noqa: BLE001 (reported to the server, which answers 4xx/5xx)
+        kind, field_name, text = classify_capture_error(exc)
+        if kind == "failed":
+            logger.exception("capture %s for run %r failed", capture_id, run.id)
+        return [_error(capture_id, kind, text, field_name)]
     view = memoryview(data)
     return [pack({"kind": "capture_result", "id": capture_id, "offset": offset,
                          "total": len(data), "step": step}, view[offset : offset + CHUNK_BYTES])

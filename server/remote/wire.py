@@ -34,15 +34,16 @@ WIRE_VERSION = 1
 _DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 
 
-def plan_to_message(plan: Plan) -> dict[str, Any]:
-    """A :class:`Plan` as JSON (its sources as ``[what, layer]`` pairs)."""
+def plan_to_message(plan: Plan, with_sides: bool = False) -> dict[str, Any]:
+    """A :class:`Plan` as JSON (its sources as ``[what, layer]`` pairs). Without
+    ``with_sides`` (a remote publisher) no ``max_side``: views are sent at full resolution
+    (the frame checks hold them to the run's L x S); the server's own training process
+    pools them where they are computed."""
     return {
         "type": "plan", "interval": plan.interval, "scalars": plan.scalars,
         "sources": sorted(plan.sources),
-        # without max_side: a remote publisher sends full-resolution views (the frame
-        # checks hold them to the run's L x S)
         "needs": {str(layer): [{k: v for k, v in dataclasses.asdict(n).items()
-                                if k != "max_side"} for n in needs]
+                                if with_sides or k != "max_side"} for n in needs]
                   for layer, needs in plan.needs.items()},
     }
 
@@ -60,7 +61,8 @@ def plan_from_message(message: dict[str, Any]) -> Plan:
             sample=int(n["sample"]), attention=bool(n["attention"]),
             attention_heads=_tuple(n["attention_heads"]), logits=bool(n["logits"]),
             logits_heads=_tuple(n["logits_heads"]), stats=bool(n["stats"]),
-            qkv=bool(n["qkv"]), qkv_heads=_tuple(n["qkv_heads"])) for n in items)
+            qkv=bool(n["qkv"]), qkv_heads=_tuple(n["qkv_heads"]),
+            max_side=None if n.get("max_side") is None else int(n["max_side"])) for n in items)
     plan = Plan(interval=float(message.get("interval", 1.0)), sources=sources, needs=needs,
                 scalars=bool(message.get("scalars", False)))
     return EMPTY_PLAN if plan.empty else plan

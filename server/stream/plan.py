@@ -77,6 +77,8 @@ first reader (off the training thread): read it through :meth:`wait`, which any
     capture pooled where it was computed has ``pool`` > 1 and its (L, S) in
     ``full_shape``.
     ``cache`` holds its encodings by view, filled lazily by the hub's encoder thread.
+    ``event`` and ``need``: for a capture computed when first read, the sample copy and
+    the need it is computed from (what a training process sends instead of ``data``).
     """
 
     kind: str
@@ -95,6 +97,10 @@ first reader (off the training thread): read it through :meth:`wait`, which any
     pool: int = 1  # attention pooled by this factor where captured
     full_shape: tuple[int, int] | None = None  # (L, S) before that pooling
     pending: Callable[[], torch.Tensor] | None = None  # computes ``data`` when first read
+    # What ``pending`` computes from: the sample's event copy (queries and keys) and the
+    # need it serves; a training process sends these to the server's process instead.
+    event: Any = None
+    need: SampleNeed | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def wait(self) -> torch.Tensor:

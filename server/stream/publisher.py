@@ -121,10 +121,17 @@ def _reduced_later(event: AttentionEvent, layer: int, need: SampleNeed,
                    heads: tuple[int, ...], now: float) -> list[Capture]:
     """On the CPU: only a copy of the sample's queries and keys here; its attention,
     statistics and pooled view are computed by whoever reads the captures first (the
-    hub's encoder thread, the heads feed, a remote publisher's thread), off the training
-    thread, once for both captures."""
-    copy = event.sample_copy(need.sample)
-    L, S = event.shape[2:]
+    hub's encoder thread, the heads feed, a remote publisher's thread, or the server's
+    process), off the training thread, once for both captures."""
+    return deferred_captures(event.sample_copy(need.sample), layer, need, heads, event.role,
+                             now)
+
+
+def deferred_captures(copy: AttentionEvent, layer: int, need: SampleNeed,
+                      heads: tuple[int, ...], role: str, now: float) -> list[Capture]:
+    """The ``head_stats`` and ``attention`` captures ``need`` asks of one sample copy
+    (1, H, L, S), computed when first read, once for both."""
+    L, S = copy.shape[2:]
     memo: dict[str, torch.Tensor] = {}
     lock = threading.Lock()  # the two captures may be read by two threads at once
 
@@ -140,16 +147,17 @@ def _reduced_later(event: AttentionEvent, layer: int, need: SampleNeed,
         return layer_statistics(attention(), valid)  # (11, H)
 
     def view() -> torch.Tensor:
-        return _view(layer, need, heads, attention(), event.role, now).data
+        return _view(layer, need, heads, attention(), role, now).data
 
     out = []
     if need.stats:
-        out.append(Capture("head_stats", layer, need.sample, heads, _LATER, event.role, now,
-                           pending=stats))
+        out.append(Capture("head_stats", layer, need.sample, heads, _LATER, role, now,
+                           pending=stats, event=copy, need=need))
     if need.attention:
         factor = 1 if need.max_side is None else pool_factor(L, S, need.max_side)
-        out.append(Capture("attention", layer, need.sample, heads, _LATER, event.role, now,
-                           pending=view, pool=factor, full_shape=(L, S)))
+        out.append(Capture("attention", layer, need.sample, heads, _LATER, role, now,
+                           pending=view, pool=factor, full_shape=(L, S), event=copy,
+                           need=need))
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 import os
 import signal
 import socket
@@ -56,7 +57,11 @@ def test_dashboard_start_step_and_close(capsys):
     assert dash.run.status == "ended"
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/api/v1/health", timeout=2)
-    dash.step(1000)  # a step after close is ignored, not an error
+    with pytest.warns(RuntimeWarning, match=r"step\(\) after close\(\)"):
+        dash.step(1000)  # a step after close is ignored, with a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dash.step(1001)  # ... said once
 
 
 def test_dashboard_start_serves_from_rank_zero_only(monkeypatch, capsys):

@@ -1,0 +1,284 @@
+"""The training process's end of a run watched from another process (the dashboard's
+server process, or a relay to a team server): :class:`TrainingLink`.
+
+It keeps what must touch the model, and nothing else: the :class:`~attnscope.runs.Run`
+(instrumentation, pause, step marks), the stream :class:`~attnscope.stream.publisher.Publisher`
+(slicing what is watched) and, when history is recorded, the
+:class:`~attnscope.history.recorder.RunRecorder` (sample copies, probe passes). All of it
+runs in the training thread, inside ``step()``; there is no thread here. What they
+produce leaves through the shared-memory :class:`~attnscope.contract.channel.Channel`
+(:mod:`attnscope.contract.messages`); statistics, pooling, encoding, history writing and
+the web server run in the other process.
+
+At each ``step()`` the link: publishes device copies that have arrived (never waiting
+for the device), reads the server's messages when there are any (two loads from shared
+memory when there are none), sends the step, and, on steps the stream captured, the
+frames. While the run is paused it blocks on the channel's doorbell in ``step()``; a
+server that goes away releases it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from ..contract.channel import Channel, Message
+from ..contract.messages import frames_message, snapshot_message, step_message
+from ..history.config import HistoryConfig
+from ..history.recorder import RunRecorder, SnapshotItem, StepItem
+from ..jsonsafe import json_safe
+from ..remote.captures import (
+    CHUNK_BYTES,
+    capture_request_input,
+    classify_capture_error,
+    model_info_message,
+)
+from ..remote.wire import plan_from_message
+from ..runs import Run
+from ..stream.plan import EMPTY_PLAN, Capture, SlotKey
+from ..stream.publisher import Publisher
+
+logger = logging.getLogger(__name__)
+
+# While paused, the training thread wakes this often to see whether the server is gone.
+PAUSE_POLL_S = 0.5
+# A capture result waits at most this long for room in the ring (the server process
+# drains it at once; only a stopped server leaves it full). The training thread runs the
+# capture anyway; only its answer is lost.
+RESULT_ROOM_S = 10.0
+
+
+def hello_message(run: Run, config: dict[str, Any] | None = None,
+                  records_history: bool = True) -> dict[str, Any]:
+    """The ``hello`` of ``run``: what the server process serves it as (the publisher
+    protocol's ``announce``: layout, what captures need, its scalars so far)."""
+    model = run.model_summary()
+    for site, layer in zip(run.sites, model["layer_details"], strict=True):
+        layer["qkv"] = site.qkv
+    return {"run": run.id, "name": run.name, "model": model,
+            "host": f"{socket.gethostname()}:{os.getpid()}", "config": dict(config or {}),
+            "capture": model_info_message(run.layout, run.symbols),
+            "controls": list(run.controls), "symbols": run.symbols,
+            "records_history": records_history, "history": run.history.to_dict(),
+            "budget": json_safe(run.budget.status())}
+
+
+class ChannelSink:
+    """The history recorder's sink in a training process: records leave through the
+    channel as ``history_*`` messages (:mod:`attnscope.contract.messages`); the server
+    process computes and writes them. ``submit`` never blocks: False when the ring has no
+    room (the budget then thins, as for a full writer queue)."""
+
+    def __init__(self, link: TrainingLink, config: HistoryConfig) -> None:
+        self.link = link
+        self.config = config
+        self._sessions = 0
+
+    def new_session(self, run_id: str, name: str | None, meta: dict[str, Any]) -> str:
+        self._sessions += 1
+        session = f"{self.link.process_tag}-{self._sessions}"
+        self.link.channel.send("history_session",
+                               {"session": session, "name": name, "meta": json_safe(meta)})
+        return session
+
+    def submit(self, item: Any) -> bool:
+        if isinstance(item, StepItem):
+            if any(not c.ready() for c in item.stats.values()):
+                self.link.later.append(item)  # statistics still coming from the device
+                return True
+            header, tensors = step_message(item)
+            return self.link.channel.send("history_step", header, tensors)
+        if isinstance(item, SnapshotItem):
+            header, tensors = snapshot_message(item)
+            return self.link.channel.send("history_snapshot", header, tensors)
+        raise TypeError(f"history: cannot send a {type(item).__name__}")
+
+
+class TrainingLink:
+    """A run's training-process end (see the module docstring). Made by ``Dashboard``;
+    :meth:`close` ends the run and sends what is left."""
+
+    def __init__(self, run: Run, channel: Channel, *, records_history: bool = True) -> None:
+        self.run = run
+        self.channel = channel
+        self.records_history = records_history
+        self.process_tag = f"{time.time_ns():x}"
+        self.publisher = Publisher(run, self._published)
+        self.paused = False
+        self.closed = False
+        self.later: list[Any] = []  # captures and history steps whose device copies run
+        self._sent: dict[SlotKey, int] = {}
+        self._recorder: RunRecorder | None = None
+        self._budget_version = -1
+        run.add_step_hook(self._on_step)
+
+    # -- training thread ---------------------------------------------------------
+
+    def _on_step(self, run: Run) -> None:
+        if self.later:
+            self._send_arrived()
+        if self.channel.has_mail:
+            self._read_mail()
+        self.channel.send("steps", {"steps": [[run.step_index, run.scalars_time,
+                                               json_safe(run.scalars), run.batch_size,
+                                               run.seq_len]]})
+        budget = run.budget
+        if budget.version != self._budget_version:
+            self._budget_version = budget.version
+            self.channel.send("budget", {"version": budget.version, **json_safe(budget.status())})
+        while self.paused and not self.closed:
+            if not self.channel.wait(PAUSE_POLL_S):  # the server process is gone: go on
+                logger.warning("attnscope: the dashboard's server went away while the run "
+                               "was paused; training resumes")
+                self._set_paused(False)
+                break
+            self._read_mail()
+
+    def _published(self, run_id: str) -> None:
+        """The publisher's notify (training thread, at a step): send new captures."""
+        fresh = []
+        for key, cap in list(self.publisher.slots.items()):
+            if cap.seq > self._sent.get(key, 0):
+                self._sent[key] = cap.seq
+                fresh.append(cap)
+        ready = [c for c in fresh if c.ready is None or c.ready.query()]
+        self.later.extend(c for c in fresh if c not in ready)
+        if ready:
+            self._send_frames(ready)
+
+    def _send_frames(self, caps: list[Capture]) -> None:
+        header, tensors = frames_message(caps)
+        self.channel.send("frames", header, tensors)
+
+    def _send_arrived(self) -> None:
+        """Send captures and history steps whose device copies have arrived (in order)."""
+        waiting, self.later = self.later, []
+        frames = []
+        for item in waiting:
+            if isinstance(item, Capture):
+                if item.ready is None or item.ready.query():
+                    frames.append(item)
+                else:
+                    self.later.append(item)
+            elif all(c.ready() for c in item.stats.values()):
+                if self._recorder is not None:
+                    self._recorder.service.submit(item)
+            else:
+                self.later.append(item)
+        if frames:
+            self._send_frames(frames)
+
+    def _read_mail(self) -> None:
+        self.handle(self.channel.receive())
+
+    def handle(self, messages: Any) -> None:
+        """Apply the server's ``messages`` (training thread)."""
+        for message in messages:
+            try:
+                self._handle(message)
+            except (ValueError, TypeError, KeyError) as exc:  # the server's bug: not ours
+                logger.warning("attnscope: ignored a %s message from the server: %s",
+                               message.kind, exc)
+
+    def _handle(self, message: Message) -> None:
+        kind, body = message.kind, message.header
+        if kind == "plan":
+            self.publisher.set_plan(plan_from_message(body))
+            self._sent = {}
+        elif kind == "capture":
+            self._capture(body)
+        elif kind == "control":
+            action = body.get("action")
+            if action in ("pause", "resume"):
+                self._set_paused(action == "pause")
+            else:
+                raise ValueError(f"action: unknown {action!r}")
+        elif kind == "history":
+            self._follow_history(body.get("config"))
+        elif kind == "helper_cpu":
+            for component, seconds in body.items():
+                self.run.budget.spend_helper(str(component), float(seconds))
+        else:
+            raise ValueError(f"kind: unknown message {kind!r}")
+
+    def _set_paused(self, paused: bool) -> None:
+        self.paused = paused
+        self.channel.send("status", {"state": "paused" if paused else "live"})
+
+    def _follow_history(self, config: dict[str, Any] | None) -> None:
+        if config is not None and self._recorder is None and self.records_history:
+            values = {k: v for k, v in config.items() if k in HistoryConfig.__dataclass_fields__}
+            sink = ChannelSink(self, HistoryConfig(**values).validate())
+            self._recorder = RunRecorder(self.run, sink)
+        elif config is None and self._recorder is not None:
+            self._recorder.detach()
+            self._recorder = None
+
+    def _capture(self, request: dict[str, Any]) -> None:
+        """Run a capture request here, between two steps, and send its answer."""
+        capture_id = str(request.get("id"))
+        try:
+            x, mask = capture_request_input(request)
+            out, step = self.run.capture_now(
+                x, [str(k) for k in request.get("kinds", [])], request.get("layers"),
+                request.get("heads"), int(request["max_bytes"]), attention_mask=mask)
+            data = safetensors.torch.save({k: v.contiguous() for k, v in out.items()})
+        except Exception as exc:  # noqa: BLE001 (answered to the server, which answers 4xx/5xx)
+            kind, field, text = classify_capture_error(exc)
+            if kind == "failed":
+                logger.exception("capture %s for run %r failed", capture_id, self.run.id)
+            self.channel.send("capture_error", {"id": capture_id, "error": {
+                "kind": kind, "field": field, "message": text}})
+            return
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        for offset in range(0, len(data), CHUNK_BYTES):
+            chunk = raw[offset : offset + CHUNK_BYTES]
+            header = {"id": capture_id, "offset": offset, "total": len(data), "step": step}
+            deadline = time.monotonic() + RESULT_ROOM_S
+            while not self.channel.send("capture_result", header, {"bytes": chunk}):
+                if time.monotonic() > deadline or self.channel.peer_gone:
+                    logger.warning("capture %s: no room in the channel for its result",
+                                   capture_id)
+                    return
+                time.sleep(0.002)
+
+    def reconnect(self, channel: Channel) -> None:
+        """A new server process (the last one died): nobody watches yet, history starts
+        over when it asks, frames and steps go to ``channel`` from now on."""
+        self.channel = channel
+        self.publisher.set_plan(EMPTY_PLAN)
+        self._sent = {}
+        self.later = []
+        if self._recorder is not None:
+            self._recorder.detach()
+            self._recorder = None
+        self._budget_version = -1
+        if self.paused:
+            self.paused = False
+
+    # -- end ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """End the run: stop listening, send what has arrived and ``close``."""
+        if self.closed:
+            return
+        self.closed = True
+        self.run.remove_step_hook(self._on_step)
+        if self._recorder is not None:
+            self._recorder.detach()
+            self._recorder = None
+        self.publisher.set_plan(EMPTY_PLAN)
+        for item in self.later:  # device copies: waiting is fine now, training is over
+            if isinstance(item, Capture):
+                item.wait()
+            else:
+                for copy in item.stats.values():
+                    copy.wait()
+        self._send_arrived()
+        self.channel.send("close", {})
