@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # the web side loads in start(), not on import (connect never
     from .serving import BackgroundServer
     from .settings import Settings
     from .training.link import TrainingLink
-    from .training.process import ServerProcess
+    from .training.process import ChildProcess
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Dashboard:
     :meth:`close` at the end (or use it as a context manager).
     """
 
-    def __init__(self, run: Run, url: str, *, process: ServerProcess | None = None,
+    def __init__(self, run: Run, url: str, *, process: ChildProcess | None = None,
                  link: TrainingLink | None = None, registry: RunRegistry | None = None,
                  server: BackgroundServer | None = None) -> None:
         self.run = run
@@ -132,7 +132,7 @@ class Dashboard:
             server.start()
             return cls(run, server.url, registry=registry, server=server)
         from .training.link import TrainingLink, hello_message
-        from .training.process import ServerProcess, pickled_tokenizer
+        from .training.process import ChildProcess, pickled_tokenizer
 
         boot = {"role": "server", "settings": _settings_message(settings)}
         link: list[TrainingLink] = []
@@ -142,8 +142,9 @@ class Dashboard:
                 link[0].reconnect(channel)
                 link[0].handle(process.early)
 
-        process = ServerProcess(settings.host, settings.port, boot, lambda: hello_message(run),
-                                pickled_tokenizer(tokenizer), on_channel)
+        process = ChildProcess("attnscope.backend.child", boot, lambda: hello_message(run),
+                               host=settings.host, port=settings.port,
+                               tokenizer=pickled_tokenizer(tokenizer), on_channel=on_channel)
         try:
             process.start()
         except BaseException:
@@ -159,17 +160,19 @@ class Dashboard:
                 run: str | None = None, *, token: str | None = None, name: str | None = None,
                 config: dict[str, Any] | None = None, ranks: int | Sequence[int] | str = 0,
                 buffer_frames: int = 256, symbols: Sequence[str] | None = None,
-                history: bool = True, max_overhead: float | None = None, **old: Any) -> Any:
+                history: bool = True, max_overhead: float | None = None,
+                tokenizer: Any = None, **old: Any) -> Any:
         """Publish ``model`` to a running ``attnscope serve`` at ``url`` as run ``run``:
         ``Dashboard.connect(model, "http://HOST:8000", run="alice/lr3e-4")``.
 
-        Same ``.step()`` / ``.close()`` API as :meth:`start`; the network is used from a
-        background thread only (see :mod:`attnscope.remote.publisher`). ``token``: the
+        Same ``.step()`` / ``.close()`` API as :meth:`start`; the network is used by a relay
+        process of ours only, fed through shared memory (see :mod:`attnscope.remote.publisher`). ``token``: the
         server's token (default: ``ATTNSCOPE_TOKEN``). Under torchrun / DDP only the
         ranks in ``ranks`` publish (default rank 0); ``ranks="all"`` publishes every
         rank as ``run/rank-N``. The others get a dashboard that does nothing.
         ``symbols``: the model's vocabulary (token id -> label), for token labels
-        and for captures given as ``text``. ``history``: record this run's history
+        and for captures given as ``text``; ``tokenizer``: a Hugging Face tokenizer, for
+        token labels (as :meth:`start` takes it). ``history``: record this run's history
         (here, sent to the server) when the server records history; False saves the
         training process that work (see docs/history.md). ``max_overhead``: what the
         dashboard may cost this process, a fraction of training time (default
@@ -191,7 +194,7 @@ class Dashboard:
                                else f"{name} (rank {rank})", token=token, config=config,
                                buffer_frames=buffer_frames, symbols=symbols, history=history,
                                max_overhead=max_overhead_from_env() if max_overhead is None
-                               else max_overhead)
+                               else max_overhead, tokenizer=tokenizer)
 
     def step(self, step: int, loss: Any = None, tokens: Any = None, **scalars: Any) -> None:
         """Mark the end of training step ``step`` (see :meth:`attnscope.runs.Run.step`).

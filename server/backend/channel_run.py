@@ -139,6 +139,20 @@ class ChannelRun(RemoteRun):
     def restart(self) -> None:
         raise RunStateError(f"run {self.id!r} does not support restart")
 
+    def capture(self, inputs: Any, kinds: list[str], layers: list[int],
+                heads: list[int] | None, max_bytes: int, timeout: float,
+                attention_mask: Any = None) -> tuple[dict[str, Any], int | None]:
+        """A capture in the training process, at its next step boundary (or at once when
+        it is not training); ``TimeoutError`` when none comes within ``timeout``."""
+        if self.link is None:
+            raise RunStateError(f"run {self.id!r} has ended: there is no model to run")
+        given = {"tokens" if not inputs.is_floating_point() else "features": inputs.tolist()}
+        if attention_mask is not None:
+            given["attention_mask"] = attention_mask.tolist()
+        request = {"input": given, "kinds": kinds, "layers": layers, "heads": heads}
+        return self.captures.request(self.link.send_threadsafe, request, max_bytes, timeout,
+                                     acknowledged=True)
+
     def new_recorder(self, sink: Any) -> RecorderProxy | None:
         """History is recorded in the training process (sample copies, probe passes) and
         written here: a proxy that asks the training side to record."""
@@ -171,6 +185,8 @@ class ChannelRun(RemoteRun):
             self.captures.receive_chunk(body, memoryview(message.tensors["bytes"].numpy()))
         elif kind == "capture_error":
             self.captures.receive_error(body)
+        elif kind == "capture_started":
+            self.captures.started(body.get("id"))
         elif kind in ("history_session", "history_step", "history_snapshot"):
             self._history(kind, body, message)
         elif kind == "close":

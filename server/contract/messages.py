@@ -12,7 +12,8 @@ Up (training process -> server process):
 - ``frames``: stream captures of one step (:func:`frames_message`).
 - ``history_session``, ``history_step``, ``history_snapshot``: what the history recorder
   recorded (:func:`step_message`, :func:`snapshot_message`).
-- ``capture_result`` (chunks of a safetensors file) and ``capture_error``.
+- ``capture_started`` (``{id}``: running it now), ``capture_result`` (chunks of a
+  safetensors file) and ``capture_error``.
 - ``budget``: the cost budget's status; ``status``: ``{"state": "live" | "paused" |
   "stopped"}``; ``close``: the run ended.
 
@@ -22,7 +23,9 @@ Down (server process -> training process):
 - ``plan`` (:func:`attnscope.remote.wire.plan_to_message`, views' sides included),
   ``capture`` (a capture request), ``control`` (``{"action": "pause" | "resume" |
   "restart"}``), ``history`` (``{"config": {...} | null}``: record or stop), ``helper_cpu``
-  (``{"stream": s, "stats": s, ...}``: the server process's CPU spent for this run).
+  (``{"stream": s, "stats": s, ...}``: the server process's CPU spent for this run),
+  ``link`` (a relay's connection to its team server: ``{connected, connections,
+  refused, dropped, history_dropped}``).
 
 Tensors travel beside the header (``Channel.send``); events travel as
 :class:`~transformer_core.events.portable.Portable` data, their tensors named
@@ -32,17 +35,20 @@ Tensors travel beside the header (``Channel.send``); events travel as
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
 
 from transformer_core.events.portable import Portable, from_portable, to_portable
 
+from ..jsonsafe import json_safe
 from ..stream.plan import Capture, SampleNeed
 
 UP = ("boot", "hello", "steps", "frames", "history_session", "history_step",
-      "history_snapshot", "capture_result", "capture_error", "budget", "status", "close")
-DOWN = ("ready", "failed", "plan", "capture", "control", "history", "helper_cpu")
+      "history_snapshot", "capture_started", "capture_result", "capture_error", "budget",
+      "status", "close")
+DOWN = ("ready", "failed", "plan", "capture", "control", "history", "helper_cpu", "link")
 CONTROLS = ("pause", "resume", "restart")
 STATES = ("live", "paused", "stopped")
 
@@ -170,7 +176,7 @@ def step_message(item: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     for layer, copy in item.stats.items():
         tensors[f"s{layer}"] = copy.wait()
     return {"session": item.session, "step": item.step, "time": item.time,
-            "scalars": item.scalars, "n_layers": item.n_layers, "layers": layers,
+            "scalars": json_safe(item.scalars), "n_layers": item.n_layers, "layers": layers,
             "stats": sorted(item.stats), "events": events}, tensors
 
 
@@ -183,7 +189,8 @@ def read_step(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
     attention = {int(layer): events[int(i)] for layer, i in (header.get("layers") or {}).items()}
     stats = {int(layer): HostCopy(tensors[f"s{layer}"]) for layer in header.get("stats") or []}
     return StepItem(str(header["session"]), int(header["step"]), float(header["time"]),
-                    {str(k): float(v) for k, v in (header.get("scalars") or {}).items()},
+                    {str(k): math.nan if v is None else float(v)
+                     for k, v in (header.get("scalars") or {}).items()},
                     attention, int(header["n_layers"]), stats)
 
 

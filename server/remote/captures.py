@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, wait
@@ -69,6 +70,7 @@ def model_info_from_message(message: dict[str, Any]) -> ModelLayout:
 @dataclass
 class _Pending:
     future: Future = field(default_factory=Future)
+    started: threading.Event = field(default_factory=threading.Event)
     max_total: int = 0
     buffer: bytearray | None = None
     step: int | None = None  # the publisher's last step when the capture ran
@@ -86,9 +88,13 @@ class CaptureRequests:
         self._lock = threading.Lock()
 
     def request(self, send: Callable[[dict[str, Any]], None], request: dict[str, Any],
-                max_bytes: int, timeout: float) -> tuple[dict[str, np.ndarray], int | None]:
+                max_bytes: int, timeout: float, acknowledged: bool = False,
+                ) -> tuple[dict[str, np.ndarray], int | None]:
         """Send ``request`` with ``send`` and wait for its tensors: (name -> array, the
-        publisher's last step when the capture ran).
+        publisher's last step when the capture ran). ``acknowledged``: the other end says
+        ``capture_started`` (:meth:`started`) when it runs it, so a request nobody starts
+        within ``timeout`` fails then (the request carries its ``deadline``, a
+        ``time.monotonic()`` value of this machine, past which it is not run).
 
         Raises what a local capture raises: :class:`CaptureError` (a field's
         fault), ``ValueError`` (the model rejected the input), ``TimeoutError``
@@ -101,7 +107,11 @@ class CaptureRequests:
             self._pending[capture_id] = pending
         try:
             send({"type": "capture", "id": capture_id, "max_bytes": max_bytes,
-                  "timeout": timeout, **request})
+                  "timeout": timeout, "deadline": time.monotonic() + timeout, **request})
+            if acknowledged and not pending.started.wait(timeout) \
+                    and not pending.future.done():
+                raise TimeoutError(f"the training thread did not reach a step boundary in "
+                                   f"{timeout:g} s (is the training loop still calling step()?)")
             if not wait([pending.future], timeout + TRANSFER_GRACE_S).done:
                 raise TimeoutError(f"the publisher did not answer within {timeout:g} s "
                                    "(is its training loop still calling step()?)")
@@ -118,6 +128,12 @@ class CaptureRequests:
     def _take(self, capture_id: Any) -> _Pending | None:
         with self._lock:
             return self._pending.get(str(capture_id))
+
+    def started(self, capture_id: Any) -> None:
+        """The other end started running request ``capture_id``."""
+        pending = self._take(capture_id)
+        if pending is not None:
+            pending.started.set()
 
     def receive_chunk(self, header: dict[str, Any], payload: memoryview) -> None:
         """One binary ``capture_result`` chunk: ``{id, offset, total, step}`` and its bytes."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from typing import Any
 
@@ -88,6 +89,13 @@ class ChannelSink:
         return session
 
     def submit(self, item: Any) -> bool:
+        try:
+            return self._submit(item)
+        except Exception:  # noqa: BLE001 (our bug must never stop the user's training)
+            self.link.failed("history record")
+            return True  # not a full queue: the budget should not thin for it
+
+    def _submit(self, item: Any) -> bool:
         if isinstance(item, StepItem):
             if any(not c.ready() for c in item.stats.values()):
                 self.link.later.append(item)  # statistics still coming from the device
@@ -116,14 +124,34 @@ class TrainingLink:
         self._sent: dict[SlotKey, int] = {}
         self._recorder: RunRecorder | None = None
         self._budget_version = -1
+        # Handlers of further message kinds (a relay's ``link``), applied by :meth:`poll`
+        # from any thread; other messages that poll reads wait for the next step.
+        self.extra: dict[str, Any] = {}
+        self._deferred: list[Message] = []
+        self._failures: set[str] = set()
+        self._mail_lock = threading.Lock()
         run.add_step_hook(self._on_step)
 
     # -- training thread ---------------------------------------------------------
 
     def _on_step(self, run: Run) -> None:
+        try:
+            self._step(run)
+        except Exception:  # noqa: BLE001 (our bug must never stop the user's training)
+            self.failed("step")
+
+    def failed(self, what: str) -> None:
+        """Log a failure of ours in the training thread once per kind (with its traceback);
+        training goes on."""
+        if what not in self._failures:
+            logger.exception("attnscope: sending the %s to the dashboard failed; training "
+                             "goes on (said once)", what)
+        self._failures.add(what)
+
+    def _step(self, run: Run) -> None:
         if self.later:
             self._send_arrived()
-        if self.channel.has_mail:
+        if self.channel.has_mail or self._deferred:
             self._read_mail()
         self.channel.send("steps", {"steps": [[run.step_index, run.scalars_time,
                                                json_safe(run.scalars), run.batch_size,
@@ -142,6 +170,12 @@ class TrainingLink:
 
     def _published(self, run_id: str) -> None:
         """The publisher's notify (training thread, at a step): send new captures."""
+        try:
+            self._send_published()
+        except Exception:  # noqa: BLE001 (our bug must never stop the user's training)
+            self.failed("frames")
+
+    def _send_published(self) -> None:
         fresh = []
         for key, cap in list(self.publisher.slots.items()):
             if cap.seq > self._sent.get(key, 0):
@@ -175,7 +209,24 @@ class TrainingLink:
             self._send_frames(frames)
 
     def _read_mail(self) -> None:
-        self.handle(self.channel.receive())
+        with self._mail_lock:
+            deferred, self._deferred = self._deferred, []
+            self.handle(deferred)
+            self.handle(self.channel.receive())
+
+    def poll(self) -> None:
+        """From any thread (not the training thread's step): apply the messages handled by
+        :attr:`extra` now; keep the others for the next step."""
+        if not self._mail_lock.acquire(blocking=False):
+            return
+        try:
+            for message in self.channel.receive():
+                if message.kind in self.extra:
+                    self.extra[message.kind](message.header)
+                else:
+                    self._deferred.append(message)
+        finally:
+            self._mail_lock.release()
 
     def handle(self, messages: Any) -> None:
         """Apply the server's ``messages`` (training thread)."""
@@ -204,6 +255,8 @@ class TrainingLink:
         elif kind == "helper_cpu":
             for component, seconds in body.items():
                 self.run.budget.spend_helper(str(component), float(seconds))
+        elif kind in self.extra:
+            self.extra[kind](body)
         else:
             raise ValueError(f"kind: unknown message {kind!r}")
 
@@ -223,6 +276,12 @@ class TrainingLink:
     def _capture(self, request: dict[str, Any]) -> None:
         """Run a capture request here, between two steps, and send its answer."""
         capture_id = str(request.get("id"))
+        deadline = request.get("deadline")
+        if isinstance(deadline, int | float) and time.monotonic() > deadline:
+            logger.info("capture %s: its requester gave up before this step; not run",
+                        capture_id)
+            return
+        self.channel.send("capture_started", {"id": capture_id})
         try:
             x, mask = capture_request_input(request)
             out, step = self.run.capture_now(

@@ -1,5 +1,5 @@
-"""Starting and minding the dashboard's server process from the training process:
-:class:`ServerProcess`.
+"""Starting and minding our processes from the training process: :class:`ChildProcess`
+(the dashboard's server process, or ``Dashboard.connect``'s relay).
 
 The training process binds the listening socket (so a port in use is an error here,
 naming the port, and ``port=0`` is known at once), makes the shared-memory
@@ -10,7 +10,7 @@ is the training process's to handle). It sends ``boot`` and ``hello`` and waits 
 
 Lifetimes: the child reads EOF on the channel's doorbell when this process dies, however
 it dies, and exits. If the child dies, training goes on (writes to the ring cost the same,
-nobody reads them) and :meth:`ServerProcess.check` (called from ``step()`` at most once a
+nobody reads them) and :meth:`ChildProcess.check` (called from ``step()`` at most once a
 second) notices, starts a new one on the same socket with a fresh channel, or, after
 ``MAX_RESTARTS``, says so once and stops trying.
 """
@@ -48,7 +48,7 @@ CHANNEL_BYTES = 64 << 20
 
 
 class ServerFailed(RuntimeError):
-    """The server process did not start; the message says why."""
+    """A process of ours did not start; the message says why."""
 
 
 def pickled_tokenizer(tokenizer: Any) -> torch.Tensor | None:
@@ -65,19 +65,23 @@ def pickled_tokenizer(tokenizer: Any) -> torch.Tensor | None:
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
-class ServerProcess:
-    """The dashboard's server process and the channel to it (see the module docstring).
+class ChildProcess:
+    """A process of ours beside the training process (the dashboard's server, or the
+    relay of ``Dashboard.connect``) and the channel to it (see the module docstring).
 
-    ``boot`` and ``hello()`` are the first two messages (``hello`` is called again for
-    each restart: the run's state so far); ``on_channel(channel)`` is told of each new
-    channel (a restart makes one)."""
+    ``module`` is run with ``-m``; with ``host`` and ``port`` it gets a listening socket
+    bound here. ``boot`` and ``hello()`` are the first two messages (``hello`` is called
+    again for each restart: the run's state so far); ``on_channel(channel)`` is told of
+    each new channel (a restart makes one)."""
 
-    def __init__(self, host: str, port: int, boot: dict[str, Any], hello: Callable[[], dict],
+    def __init__(self, module: str, boot: dict[str, Any], hello: Callable[[], dict], *,
+                 host: str | None = None, port: int | None = None,
                  tokenizer: torch.Tensor | None = None,
                  on_channel: Callable[[Channel], None] | None = None,
                  channel_bytes: int = CHANNEL_BYTES) -> None:
-        self.sock = bind_socket(host, port)  # PortInUse names the port
-        self.url = url_of(self.sock)
+        self.module = module
+        self.sock = None if host is None else bind_socket(host, port or 0)  # PortInUse
+        self.url = None if self.sock is None else url_of(self.sock)
         self._boot, self._hello, self._tokenizer = boot, hello, tokenizer
         self._on_channel = on_channel
         self._channel_bytes = channel_bytes
@@ -92,14 +96,17 @@ class ServerProcess:
         """Start the server process and wait until it serves; :class:`ServerFailed` if not."""
         channel = Channel.create(self._channel_bytes)
         fds = channel.child_fds()
-        cmd = [sys.executable, "-m", "attnscope.backend.child",
-               "--fds", ",".join(map(str, fds)), "--socket", str(self.sock.fileno())]
+        cmd = [sys.executable, "-m", self.module, "--fds", ",".join(map(str, fds))]
+        passed = list(fds)
+        if self.sock is not None:
+            cmd += ["--socket", str(self.sock.fileno())]
+            passed.append(self.sock.fileno())
         try:
-            self.proc = subprocess.Popen(cmd, pass_fds=(*fds, self.sock.fileno()),
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(cmd, pass_fds=passed, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
         except OSError as exc:
             channel.close()
-            raise ServerFailed(f"cannot start the dashboard's server process: {exc}") from exc
+            raise ServerFailed(f"cannot start {self.module}: {exc}") from exc
         channel.close_child_fds()
         self.channel = channel
         tensors = {} if self._tokenizer is None else {"tokenizer": self._tokenizer}
@@ -189,7 +196,7 @@ class ServerProcess:
                     proc.kill()
                     proc.wait()
         self._close_channel()
-        if self.sock.fileno() >= 0:
+        if self.sock is not None and self.sock.fileno() >= 0:
             self.sock.close()
 
     def __del__(self) -> None:  # a dashboard dropped without close(): no orphan, no port

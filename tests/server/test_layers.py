@@ -31,6 +31,7 @@ CORE = {
     "attnscope.history.config", "attnscope.history.thinning", "attnscope.stream.roles",
     "attnscope.history.roles", "attnscope.limits",
     "attnscope.contract", "attnscope.contract.ring", "attnscope.contract.channel",
+    "attnscope.contract.messages", "attnscope.sockets",
 }
 # Training side: Dashboard, the publishers, the history recorder and outbox, the demo.
 TRAINING = {
@@ -40,7 +41,8 @@ TRAINING = {
     "attnscope.demo_run", "attnscope.client", "attnscope.induction",
     "attnscope.integrations", "attnscope.integrations._common",
     "attnscope.integrations.huggingface", "attnscope.integrations.lightning",
-    "attnscope.budget",
+    "attnscope.budget", "attnscope.training", "attnscope.training.link",
+    "attnscope.training.process",
 }
 # Everything else is the web side (app, routers, hub, endpoints, auth, settings, CLI).
 LAYER_NAMES = ("core", "training side", "web side")
@@ -139,9 +141,18 @@ def test_import_and_connect_load_no_web_framework() -> None:
     assert loaded == []
 
 
-def test_start_loads_the_web_framework_when_called() -> None:
+def test_start_serves_from_another_process_and_loads_no_web_framework_here() -> None:
     loaded = _loaded_after(
         "from attnscope import Dashboard\n"
         "dash = Dashboard.start(net, port=0, quiet=True)\n"
+        "dash.step(0, loss=1.0)\n"
+        "dash.close()\n")
+    assert loaded == []
+
+
+def test_the_in_process_server_loads_the_web_framework_when_called() -> None:
+    loaded = _loaded_after(
+        "from attnscope import Dashboard\n"
+        "dash = Dashboard.start(net, port=0, quiet=True, server_process=False)\n"
         "dash.close()\n")
     assert loaded == list(WEB_STACK)

@@ -53,7 +53,7 @@ def test_a_remote_run_is_recorded_and_its_snapshots_are_its_probe_attention() ->
             wait_for(lambda: (_index(served, run)["stats"]["steps"] or [0])[-1] == 20, 10,
                      "the last step's statistics")
             index = _index(served, run)
-            probe = dash._recorder.probe
+            probe = dash._link._recorder.probe
         finally:
             dash.close()
         assert index["stats"]["steps"] == list(range(1, 21))  # every step
@@ -113,7 +113,7 @@ def test_no_history_on_either_side_means_no_recording_in_the_trainer(
         try:
             wait_for(lambda: dash.connections == 1, 10, "the connection")
             _train(dash, training, 5, sleep=0)
-            assert dash._recorder is None
+            assert dash._link._recorder is None
             assert not any(d.has_listeners for d in dash.run.dispatchers)  # zero cost
         finally:
             dash.close()
