@@ -35,6 +35,7 @@ import math
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +87,111 @@ HOLD_AFTER_DROP = 4
 MIN_SIDE = 16
 
 
+# The measured slowdown (:class:`SlowdownProbe`): the training side is switched off for
+# PROBE_OFF_STEPS steps every PROBE_EVERY steps (3 % of steps without frames or statistics)
+# and those steps' times are compared with as many steps on each side of them.
+PROBE_EVERY = 64
+PROBE_OFF_STEPS = 2
+# The first off window comes after this many steps (warm-up: allocations, a first snapshot);
+# after a change, windows come every PROBE_SOON steps until a figure is known again.
+PROBE_START = 16
+PROBE_SOON = 8
+# Windows kept; a figure needs at least PROBE_MIN of them (since the last change).
+PROBE_KEEP = 8
+PROBE_MIN = 3
+# A window holding a step this many times the others' median (a pause, an evaluation
+# loop) says nothing about the dashboard: dropped.
+PROBE_OUTLIER = 3.0
+# The measured slowdown / the CPU accounting's figure: how far the calibration may go
+# (CPU time of another process may cost the training loop nothing, or far more).
+CALIBRATION_RANGE = (0.1, 4.0)
+
+
+class SlowdownProbe:
+    """The dashboard's real cost to the training loop, measured: for ``off_steps`` steps
+    every ``every`` steps the training side does nothing (:attr:`off`), and the mean time
+    of the ``off_steps`` steps on each side of them, over theirs, less 1, is one sample of
+    the slowdown. What CPU-time accounting cannot see (another thread holding the GIL,
+    more kernels per layer, a process competing for cores) shows here.
+
+    >>> probe = SlowdownProbe(every=4, off_steps=1, start=2)
+    >>> for _ in range(40):  # steps of 1.0 s, 1.1 s while the dashboard works
+    ...     probe.step(1.0 if probe.off else 1.1, active=True)
+    >>> round(probe.slowdown[0], 3), probe.slowdown[2]
+    (0.1, 8)
+    """
+
+    def __init__(self, every: int = PROBE_EVERY, off_steps: int = PROBE_OFF_STEPS,
+                 start: int = PROBE_START, keep: int = PROBE_KEEP) -> None:
+        if every <= 2 * off_steps or off_steps < 1:
+            raise ValueError(f"every must exceed 2 * off_steps >= 2, got {every}, {off_steps}")
+        self.every, self.off_steps = every, off_steps
+        self.off = False  # the step now running runs without the dashboard
+        self.samples: deque[float] = deque(maxlen=keep)
+        self._recent: deque[tuple[bool, float]] = deque(maxlen=3 * off_steps)
+        self._until_off = start
+        self._left = 0  # off steps left in this window
+        self._after = -1  # on steps to wait before judging the last window (-1: none)
+        self.count = 0  # samples ever taken
+
+    def step(self, period: float, active: bool, lump: bool = False) -> None:
+        """A step of ``period`` seconds ended (it ran with :attr:`off` as it is); ``active``:
+        the dashboard had work to switch off; ``lump``: the step held a lump of work that is
+        accounted otherwise (a snapshot's probe passes: a window holding one is dropped).
+        Decides whether the next step is off."""
+        self._recent.append((self.off, math.inf if lump else period))
+        if self._after > 0:
+            self._after -= 1
+            if self._after == 0:
+                self._judge()
+        if self.off:
+            self._left -= 1
+            if self._left == 0:
+                self.off = False
+                self._after = self.off_steps
+            return
+        self._until_off -= 1
+        if self._until_off <= 0 and active and self._after <= 0:
+            self.off = True
+            self._left = self.off_steps
+            self._until_off = self.every if len(self.samples) + 1 >= PROBE_MIN \
+                else min(PROBE_SOON, self.every)
+
+    def _judge(self) -> None:
+        if len(self._recent) < 3 * self.off_steps:
+            return
+        periods = [p for _, p in self._recent]
+        median = sorted(periods)[len(periods) // 2]
+        if not 0 < median < math.inf or max(periods) > PROBE_OUTLIER * median:
+            return
+        on = [p for off, p in self._recent if not off]
+        off = [p for off, p in self._recent if off]
+        if len(off) != self.off_steps or not on:
+            return
+        self.samples.append((sum(on) / len(on)) / (sum(off) / len(off)) - 1.0)
+        self.count += 1
+
+    def reset(self) -> None:
+        """The dashboard's work changed (thinned or restored): older samples no longer apply,
+        and the next ones are taken soon (every ``PROBE_SOON`` steps until there are enough)."""
+        self.samples.clear()
+        self._until_off = min(self._until_off, PROBE_SOON, self.every)
+
+    @property
+    def slowdown(self) -> tuple[float, float, int] | None:
+        """(slowdown, its standard error, samples), or None before ``PROBE_MIN`` samples. The
+        median of the samples (one step's noise on a shared machine is as large as the
+        effect), its error estimated from their spread (1.25 s / sqrt(n))."""
+        n = len(self.samples)
+        if n < PROBE_MIN:
+            return None
+        ordered = sorted(self.samples)
+        median = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+        mean = sum(ordered) / n
+        var = sum((x - mean) ** 2 for x in ordered) / (n - 1)
+        return median, 1.25 * math.sqrt(var / n), n
+
+
 class FakeClock:
     """A clock for tests and doctests: ``clock()`` reads it, ``advance(s)`` moves it."""
 
@@ -108,7 +214,8 @@ class Budget:
     """
 
     def __init__(self, max_overhead: float | None = 0.03, *, window_s: float = 2.0,
-                 min_steps: int = 2, clock: Callable[[], float] = time.perf_counter) -> None:
+                 min_steps: int = 2, clock: Callable[[], float] = time.perf_counter,
+                 probe: SlowdownProbe | None | bool = True) -> None:
         if max_overhead is not None and (isinstance(max_overhead, bool)
                                          or not isinstance(max_overhead, int | float)
                                          or not 0 < max_overhead <= 1):
@@ -118,6 +225,21 @@ class Budget:
         if min_steps < 1:
             raise ValueError(f"min_steps must be >= 1, got {min_steps!r}")
         self.max_overhead = max_overhead
+        # The measured slowdown (off windows), where there is a budget to keep: None for
+        # a measure-only budget (nothing to decide; every step keeps its frames and stats).
+        # (1, or no budget: nothing is ever thinned, so nothing is switched off either)
+        self.probe: SlowdownProbe | None = (SlowdownProbe() if probe is True else probe or None) \
+            if max_overhead is not None and max_overhead < 1 else None
+        # measured slowdown / CPU accounting, from the last confident measurement: scales
+        # the CPU accounting between measurements (1 until one is taken)
+        self.calibration = 1.0
+        self.cpu_overhead: float | None = None  # the CPU accounting alone (smoothed)
+        self.source = "cpu"  # what ``overhead`` is: "cpu", "calibrated" or "measured"
+        self._decided_on = 0  # the probe sample count the last decision used
+        self._step_spent = 0.0  # dashboard time in the training thread during this step
+        self._working = False  # the dashboard did something this step (spend() was called)
+        self._lump = False  # this step held a lump (a snapshot): not a slowdown sample
+        self._window_working = False  # ... in this window
         self.window_s = window_s
         self.min_steps = min_steps
         self.clock = clock
@@ -164,6 +286,12 @@ class Budget:
         """The stream captures at most once per this many capture intervals."""
         return 1 << self.levels["stream"]
 
+    @property
+    def off(self) -> bool:
+        """True while the training side is switched off to measure the slowdown
+        (:class:`SlowdownProbe`): handlers and step hooks do nothing this step."""
+        return self.probe is not None and self.probe.off
+
     def view_side(self, side: int) -> int:
         """The pooled view's side for a subscriber asking for ``side``."""
         return side if not self.levels["views"] else \
@@ -175,11 +303,18 @@ class Budget:
         """The training thread spent ``seconds`` (its CPU time) on ``component``'s work."""
         self._spent[component] += seconds
         self._since_end += seconds
+        self._step_spent += seconds
+        self._working = True
 
     def spend_helper(self, component: str, seconds: float) -> None:
         """A helper thread used ``seconds`` of CPU on ``component``'s work (any thread)."""
         with self._lock:
             self._helper[component] += seconds
+
+    def lump(self) -> None:
+        """This step holds a lump of work accounted on its own (a snapshot's probe passes,
+        charged spread over the steps between snapshots): no slowdown sample includes it."""
+        self._lump = True
 
     def queue_full(self) -> None:
         """A history record was dropped (the writer is behind): thin at the next window."""
@@ -203,7 +338,14 @@ class Budget:
 
     def step_end(self) -> None:
         """``Run.step`` ends (its hooks and any pause included): maybe close a window."""
-        now = self._last_end = self.clock()
+        now = self.clock()
+        if self.probe is not None and self._last_end is not None:
+            self.probe.step(now - self._last_end, active=self._working, lump=self._lump)
+        self._lump = False
+        self._window_working = self._window_working or self._working
+        self._last_end = now
+        self._step_spent = 0.0
+        self._working = False
         self._since_end = 0.0
         start = self._window_start
         if start is None:  # the first step: windows start here (nothing before counts)
@@ -224,6 +366,9 @@ class Budget:
         queue_full, self._queue_full = self._queue_full, False
         if train <= 0:
             return
+        working, self._window_working = self._window_working, False
+        if self.probe is not None and not working:
+            self.probe.reset()  # nothing done: a slowdown measured before no longer holds
         total = sum(costs.values())
         self._total_cost += total
         self._total_train += train
@@ -235,15 +380,39 @@ class Budget:
                       for c, v in shares.items()}
         self._fresh = False
         self.costs = shares
-        self.overhead = sum(shares.values())
+        self.cpu_overhead = sum(shares.values())
+        measured = None if self.probe is None else self.probe.slowdown
+        restore = True
+        if self._hold > 0 and not queue_full:
+            self._hold -= 1  # windows, whatever the evidence
+        if measured is not None:
+            # What thinning acts on is the slowdown itself; it also calibrates the CPU
+            # accounting used while the next measurement is made (after a change, say).
+            self.overhead, self.source = max(measured[0], 0.0), "measured"
+            if self.cpu_overhead > 0:
+                low, high = CALIBRATION_RANGE
+                self.calibration = min(high, max(low, self.overhead / self.cpu_overhead))
+            if self.probe.count == self._decided_on and not queue_full:
+                self.version += 1
+                return  # decided on this evidence already: wait for the next sample
+            self._decided_on = self.probe.count
+        else:
+            self.overhead = self.calibration * self.cpu_overhead
+            self.source = "cpu" if self.calibration == 1.0 else "calibrated"
+            # Once a slowdown has been measured, only a measurement restores work: CPU
+            # accounting may miss what the dashboard costs (it thins, never restores).
+            restore = self.probe is None or self.probe.count == 0
         self.version += 1
         if self.max_overhead is not None:
-            self._decide(self.costs, self.overhead, self.max_overhead, queue_full)
+            # Each component's share, scaled as the overhead was.
+            scale = self.overhead / self.cpu_overhead if self.cpu_overhead > 0 else 1.0
+            self._decide({c: v * scale for c, v in self.costs.items()}, self.overhead,
+                         self.max_overhead, queue_full, restore)
 
     # -- the controller ----------------------------------------------------------------
 
     def _decide(self, costs: dict[str, float], overhead: float, budget: float,
-                queue_full: bool) -> None:
+                queue_full: bool, restore: bool = True) -> None:
         limit = AIM * budget
         if overhead > limit or queue_full:
             excess = max(overhead - limit, 0.0)
@@ -253,8 +422,8 @@ class Budget:
             if queue_full:
                 self._hold = HOLD_AFTER_DROP
         elif self._hold > 0:
-            self._hold -= 1
-        elif overhead < budget * RECOVER_BELOW:
+            pass  # a record was dropped lately: nothing is restored yet
+        elif overhead < budget * RECOVER_BELOW and restore:
             # What a viewer misses most first: views, the stream, snapshots, statistics;
             # one level, if doubling that part of the cost still fits well.
             for knob in reversed(KNOBS):
@@ -287,20 +456,26 @@ class Budget:
         self.floors[name] = level
         if self.levels[name] < level:
             self.levels[name] = level
-            self._fresh = True
+            self._changed()
             self.version += 1
             logger.info("attnscope budget: %s", self.text())
 
+    def _changed(self) -> None:
+        """The dashboard's work changed: smoothing and the measured slowdown start over."""
+        self._fresh = True
+        if self.probe is not None:
+            self.probe.reset()
+
     def _thin(self, knob: Knob, levels: int, overhead: float) -> None:
         self.levels[knob.name] += levels
-        self._fresh = True
+        self._changed()
         self.version += 1
         logger.info("attnscope budget: %s (dashboard at %.1f %% of training time)",
                     self.text(overhead), 100 * overhead)
 
     def _restore(self, knob: Knob, overhead: float) -> None:
         self.levels[knob.name] -= 1
-        self._fresh = True
+        self._changed()
         self.version += 1
         logger.info("attnscope budget: %s", self.text(overhead))
 
@@ -326,11 +501,17 @@ class Budget:
             else f"budget {_percent(self.max_overhead)} %"
         if overhead is None:
             return f"dashboard cost not measured yet ({budget})"
+        measured = None if self.probe is None else self.probe.slowdown
         now = f"{_percent(overhead)} %"
+        if measured is not None and self.source == "measured":
+            now = f"{_percent(overhead)} ± {_percent(measured[1])} %"
+            budget = f"measured; {budget}"
         thinned = self.thinned()
         if not thinned or self.max_overhead is None:
             return f"dashboard at {now} of training time ({budget})"
-        return f"{', '.join(thinned)} to stay under {_percent(self.max_overhead)} % (now {now})"
+        how = ", measured" if measured is not None and self.source == "measured" else ""
+        return (f"{', '.join(thinned)} to stay under {_percent(self.max_overhead)} % "
+                f"(now {now}{how})")
 
     def totals(self) -> tuple[float, float]:
         """(dashboard seconds, training seconds) over the closed windows since the start:
@@ -340,6 +521,7 @@ class Budget:
     def status(self) -> dict[str, Any]:
         """The budget as JSON (the run's REST representation and the ``budget`` message)."""
         total = self._total_cost / self._total_train if self._total_train > 0 else None
+        measured = None if self.probe is None else self.probe.slowdown
         return {
             "max_overhead": self.max_overhead, "overhead": self.overhead,
             "overhead_total": total, "costs": dict(self.costs),
@@ -348,6 +530,9 @@ class Budget:
                         "stream_factor": self.stream_factor,
                         "view_scale": 1.0 / (1 << self.levels["views"])},
             "thinning": self.thinned(), "dropped": self.dropped, "text": self.text(),
+            "cpu_overhead": self.cpu_overhead, "source": self.source,
+            "calibration": self.calibration, "measured": None if measured is None else {
+                "slowdown": measured[0], "error": measured[1], "windows": measured[2]},
         }
 
 

@@ -247,7 +247,7 @@ class RunRecorder:
         return isinstance(event, AttentionEvent) and id(event.source) in self._layer_of
 
     def _on_attention(self, event: AttentionEvent) -> None:
-        if not self._stats_due:  # the budget thinned statistics: nothing this step
+        if not self._stats_due or self._budget.off:  # thinned, or switched off this step
             return
         t0 = time.thread_time()
         layer = self._layer_of[id(event.source)]
@@ -276,7 +276,10 @@ class RunRecorder:
         self.last_step = step
         pending, self._pending = self._pending, {}
         stats, self._pending_stats = self._pending_stats, {}
-        assert self.session is not None
+        if self.session is None:
+            return
+        if budget.off:  # the budget measures the slowdown: no record, no snapshot this step
+            return
         if self._stats_due:
             item = StepItem(self.session, step, now, dict(run.scalars), pending, len(run.sites),
                             stats)
@@ -295,6 +298,7 @@ class RunRecorder:
         due = self.last_snapshot is None or step // every > self.last_snapshot // every
         if due and self.probe is not None and not self.probe_failed:
             self.last_snapshot = step
+            budget.lump()
             t0 = time.thread_time()
             attention = self._probe_forward()
             repeat = self._probe_forward(repeated=True) if attention and self.repeat_ok else {}
