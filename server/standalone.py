@@ -10,13 +10,13 @@ page's "HTML" export); :func:`write_html` does both and writes the file.
 the size limit: docs/standalone.md.
 
 >>> import numpy as np
->>> p = np.full((2, 3, 3), 1 / 3, dtype=np.float32)           # (H=2, L=3, S=3)
->>> data = page_data({0: p}, ["The", " cat", " sat"], title="uniform")
+>>> p = np.stack([np.eye(3), np.full((3, 3), 1 / 3)])        # (H=2, L=3, S=3)
+>>> data = page_data({0: p}, ["The", " cat", " sat"], title="self and even")
 >>> frame = data["frames"][0]
 >>> frame["shape"], frame["pool"], frame["labels"]["keys"]
 ([2, 3, 3], 1, ['The', ' cat', ' sat'])
->>> data["roles"], round(data["stats"][0]["values"]["entropy"][0], 3)
-([['uniform', 'uniform']], 1.0)
+>>> data["roles"], [round(e, 3) for e in data["stats"][0]["values"]["entropy"]]
+([['diagonal', 'local']], [0.0, 1.0])
 """
 
 from __future__ import annotations
