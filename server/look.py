@@ -114,7 +114,7 @@ def _inputs(tokenizer: Any, text: Any, tokens: Any, features: Any
 def _height(n_layers: int) -> int:
     """The iframe's height: the toolbar and a row of thumbnails per layer, within reason
     (the page scrolls inside it beyond)."""
-    return max(560, min(860, 200 + 104 * n_layers))
+    return max(640, min(900, 200 + 104 * n_layers))
 
 
 def show(

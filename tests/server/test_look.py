@@ -120,7 +120,7 @@ def test_the_notebook_display_is_the_page_in_an_iframe():
     shown = view._repr_html_()
     srcdoc = re.search(r'srcdoc="([^"]*)"', shown).group(1)
     assert html.unescape(srcdoc) == view.html
-    assert shown.startswith("<iframe") and "height: 560px" in shown
+    assert shown.startswith("<iframe") and "height: 640px" in shown
     assert repr(view) == "<attnscope view: Nano, 6 tokens, 2 layers x 4 heads>"
 
 
