@@ -112,8 +112,11 @@ function hoverGrid(event) {
     `query #${row} ${token(queries, row)}`, `key #${col} ${token(keys, col)}`,
     `${VALUE_NAMES[frame.header.kind] ?? "value"} ${fmt(value)}`].join("\n");
   tip.hidden = false;
-  tip.style.left = `${event.pageX + 14}px`;
-  tip.style.top = `${event.pageY + 14}px`;
+  // Beside the mouse, on the side with room (an iframe in a notebook is short).
+  const below = event.clientY + 14 + tip.offsetHeight <= window.innerHeight;
+  const right = event.clientX + 14 + tip.offsetWidth <= window.innerWidth;
+  tip.style.left = `${right ? event.pageX + 14 : event.pageX - 14 - tip.offsetWidth}px`;
+  tip.style.top = `${below ? event.pageY + 14 : event.pageY - 14 - tip.offsetHeight}px`;
 }
 
 // ---------------------------------------------------------------- focus view

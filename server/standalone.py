@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 FORMAT = "attnscope-standalone"
 VERSION = 1
 # Embedded data (base64 text) per file, plotly.js (~4.8 MB) not counted. 8 MiB holds a
-# 12 x 12-head model at 200 tokens unpooled (float16), keeps a notebook that shows a few
+# 12 x 12-head model at 140 tokens unpooled (float16), keeps a notebook that shows a few
 # of these responsive, and a browser opens the file in about a second.
 MAX_DATA_BYTES = 8 * 2**20
 # The largest side drawn, as the live page's focus view (frontend/app.js FOCUS_MAX_SIDE):

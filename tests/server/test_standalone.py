@@ -87,3 +87,12 @@ def test_the_bundler_names_a_form_it_cannot_read():
     shell = standalone.shell()
     for module in ("grid.js", "headmap.js", "focus.js", "colormap.js", "standalone.js"):
         assert f'modules["{module}"]' in shell  # the page's own modules, bundled
+
+
+def test_the_stated_limit_holds_twelve_by_twelve_heads_at_140_tokens():
+    heads = torch.full((12, 140, 140), 1 / 140)
+    data = standalone.page_data(dict.fromkeys(range(12), heads))
+    assert {f["pool"] for f in data["frames"]} == {1}
+    assert sum(len(f["data"]) for f in data["frames"]) <= standalone.MAX_DATA_BYTES
+    longer = standalone.page_data(dict.fromkeys(range(12), torch.full((12, 150, 150), 1 / 150)))
+    assert longer["frames"][0]["pool"] == 2
