@@ -60,11 +60,14 @@ class NanoAttention(nn.Module):
         self.n_head = heads
         self.c_attn = nn.Linear(d, 3 * d)
 
-    def forward(self, x):
+    def qk(self, x):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for t in (q, k, v))  # (B, nh, T, hs)
+        return tuple(t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                     for t in (q, k, v))  # (B, nh, T, hs)
+
+    def forward(self, x):
+        q, k, v = self.qk(x)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return y.transpose(1, 2).reshape(x.shape)
 
