@@ -8,6 +8,7 @@ import base64
 import html
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -110,13 +111,20 @@ NOTEBOOK = [
 
 
 @pytest.mark.slow
-def test_a_notebook_shows_every_head_inline(page, tmp_path):
+def test_a_notebook_shows_every_head_inline(page, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     from nbclient import NotebookClient
 
+    # A kernel of this interpreter, whatever "python3" kernels the machine has.
+    spec = tmp_path / "jupyter" / "kernels" / "attnscope-test"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "attnscope tests", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(code) for code in NOTEBOOK]
-    NotebookClient(nb, timeout=240, kernel_name="python3",
+    NotebookClient(nb, timeout=240, kernel_name="attnscope-test",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
     [output] = [o for o in nb.cells[1].outputs if o["output_type"] == "execute_result"]
     inline = output["data"]["text/html"]
