@@ -661,11 +661,11 @@ async function exportMatrices() {
 
 /** The view on screen as a standalone .html file (frontend/htmlexport.js). */
 async function exportStandalone() {
-  const step = state.history.step ?? "na";
   const focus = state.focus;
   const shown = focus ? "focus" : state.overviewMode === "map" ? "map" : "overview";
   const frames = focus ? [state.focusFrame].filter(Boolean) : shown === "map" ? []
     : [...state.lastFrames.values()].filter((f) => f.header.kind === state.kind);
+  const step = (frames.length ? frames[0].header.step : state.history.step) ?? "na"; // scrubbed too
   const where = focus ? `L${focus.layer}H${focus.head}` : shown;
   try {
     debug.lastHtmlExport = await exportHtml({

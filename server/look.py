@@ -5,7 +5,8 @@ shows inline and that can be saved as one standalone .html file.
 Any model attnscope watches works (``transformer_core``, Hugging Face, modules using
 ``nn.MultiheadAttention`` or ``F.scaled_dot_product_attention``): the pass is
 :func:`~attnscope.captures.capture.run_capture`'s, the page
-:mod:`attnscope.standalone`'s.
+:mod:`attnscope.standalone`'s. :func:`view_of` makes the page of a capture taken
+elsewhere (a run's, between two training steps).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import html
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from .captures.capture import run_capture
-from .layout import LocalModel
+from .layout import LocalModel, ModelLayout
 from .model_inputs import TextTokenizer
 from .standalone import MAX_DATA_BYTES, capture_layers, page_data, render
 
@@ -117,6 +118,36 @@ def _height(n_layers: int) -> int:
     return max(640, min(900, 200 + 104 * n_layers))
 
 
+def view_of(
+    layout: ModelLayout,
+    tensors: Mapping[str, torch.Tensor],
+    labels: Sequence[str] | None,
+    *,
+    title: str,
+    model_name: str,
+    kind: str = "attention",
+    sample: int = 0,
+    height: int | None = None,
+    **options: Any,
+) -> HeadsView:
+    """The page of one capture: ``tensors`` as :func:`~attnscope.captures.capture.run_capture`
+    returns them (``"attention.0"``: (N, H, L, S)) for ``layout``'s model, sample
+    ``sample``, its tokens ``labels``. ``options``: :func:`~attnscope.standalone.page_data`'s
+    ``view``, ``focus``, ``scale``, ``max_bytes``."""
+    matrices = capture_layers(tensors, kind, sample)
+    if not matrices:
+        raise ValueError(f"tensors: no {kind}.<layer> tensor to show")
+    length = next(iter(matrices.values())).shape[1]
+    heads = max(m.shape[0] for m in matrices.values())
+    summary = f"{model_name}, {length} tokens, {layout.n_layers} layers x {heads} heads"
+    if len(title) > TITLE_CHARS:
+        title = title[: TITLE_CHARS - 1] + "…"
+    data = page_data(matrices, labels, title=title, subtitle=summary,
+                     names=[s.name for s in layout.sites], kind=kind,
+                     n_layers=layout.n_layers, **options)
+    return HeadsView(render(data), summary, height or _height(layout.n_layers))
+
+
 def show(
     model: nn.Module,
     tokenizer: Any = None,
@@ -150,20 +181,11 @@ def show(
     x, mask, token_labels = _inputs(tokenizer, text, tokens, features)
     local = LocalModel(model)
     tensors = run_capture(model, x, [kind], layers=layers, local=local, attention_mask=mask)
-    matrices = capture_layers(tensors, kind)
-    layout = local.layout
-    length = x.shape[1]
-    heads = max(m.shape[0] for m in matrices.values())
-    summary = f"{type(model).__name__}, {length} tokens, {layout.n_layers} layers x {heads} heads"
     title = text if text is not None else \
-        f"{length} {'tokens' if tokens is not None else 'positions'}"
-    if len(title) > TITLE_CHARS:
-        title = title[: TITLE_CHARS - 1] + "…"
-    data = page_data(
-        matrices, list(labels) if labels is not None else token_labels, title=title,
-        subtitle=summary, names=[s.name for s in layout.sites], kind=kind, view=view,
-        focus=focus, scale=scale, n_layers=layout.n_layers, max_bytes=max_bytes)
-    shown = HeadsView(render(data), summary, height or _height(layout.n_layers))
+        f"{x.shape[1]} {'tokens' if tokens is not None else 'positions'}"
+    shown = view_of(local.layout, tensors, list(labels) if labels is not None else token_labels,
+                    title=title, model_name=type(model).__name__, kind=kind, view=view,
+                    focus=focus, scale=scale, max_bytes=max_bytes, height=height)
     if path is not None:
         logger.info("wrote %s", shown.save(path))
     return shown

@@ -157,8 +157,7 @@ def page_data(
         raise ValueError(f"scale: expected one of {list(SCALES)}, got {scale!r}")
     if not layers:
         raise ValueError("layers: nothing to show (no attention was captured)")
-    mats = {int(i): torch.as_tensor(np.asarray(m) if not isinstance(m, torch.Tensor) else m)
-            .detach().float().cpu() for i, m in layers.items()}
+    mats = {int(i): torch.as_tensor(m).detach().float().cpu() for i, m in layers.items()}
     for i, m in mats.items():
         if m.ndim != 3:
             raise ValueError(f"layers[{i}]: expected (H, L, S), got shape {tuple(m.shape)}")

@@ -131,3 +131,21 @@ def test_import_attnscope_stays_light_and_offers_show():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, check=True)
     assert done.stdout.split() == ["True", "attnscope.look", "True"]
+
+
+def test_view_of_a_capture_taken_elsewhere():
+    """What a run's export does: a capture (here of two samples) and its layout -> the page."""
+    from attnscope.captures.capture import run_capture
+    from attnscope.layout import LocalModel
+    from attnscope.look import view_of
+
+    model = Nano()
+    tensors = run_capture(model, torch.tensor([[1, 2, 3], [4, 5, 6]]), ["attention"])
+    view = view_of(LocalModel(model).layout, tensors, ["d", "e", "f"], title="second",
+                   model_name="Nano", sample=1, view="map")
+    data = embedded(view.html)
+    np.testing.assert_allclose(matrices(data)[0], tensors["attention.0"][1].numpy(), atol=1e-3)
+    assert data["view"] == "map" and data["frames"][0]["labels"]["keys"] == ["d", "e", "f"]
+    with pytest.raises(ValueError, match="no qk_logits"):
+        view_of(LocalModel(model).layout, tensors, None, title="", model_name="Nano",
+                kind="qk_logits")
