@@ -30,6 +30,7 @@ CORE = {
     "attnscope.captures.formats", "attnscope.history", "attnscope.history.store",
     "attnscope.history.config", "attnscope.history.thinning", "attnscope.stream.roles",
     "attnscope.history.roles", "attnscope.limits",
+    "attnscope.assets", "attnscope.bundle", "attnscope.standalone", "attnscope.look",
 }
 # Training side: Dashboard, the publishers, the history recorder and outbox, the demo.
 TRAINING = {
