@@ -7,6 +7,7 @@ import { exportCanvasSvg, exportFocus, exportGridPng, exportGridSvg, exportNpz, 
 import { Grid, ROLE_TAGS } from "./grid.js";
 import { changeSince, HeadMap, MAP_STATS } from "./headmap.js";
 import { HistoryBar, seedRunHistory } from "./history.js";
+import { exportHtml } from "./htmlexport.js";
 import { FocusCanvas, focusFigure } from "./focus.js";
 import { drawFocusNorms, drawSeries, plotlyReady, purge } from "./heatmaps.js";
 import { classifyHead, RunHistory } from "./store.js";
@@ -658,6 +659,24 @@ async function exportMatrices() {
   }
 }
 
+/** The view on screen as a standalone .html file (frontend/htmlexport.js). */
+async function exportStandalone() {
+  const focus = state.focus;
+  const shown = focus ? "focus" : state.overviewMode === "map" ? "map" : "overview";
+  const frames = focus ? [state.focusFrame].filter(Boolean) : shown === "map" ? []
+    : [...state.lastFrames.values()].filter((f) => f.header.kind === state.kind);
+  const step = (frames.length ? frames[0].header.step : state.history.step) ?? "na"; // scrubbed too
+  const where = focus ? `L${focus.layer}H${focus.head}` : shown;
+  try {
+    debug.lastHtmlExport = await exportHtml({
+      run: state.run, step, kind: state.kind, view: shown, scale: state.scale, focus, frames, headmap,
+      stem: fileStem("attnscope", state.runId, where, state.kind, `step${step}`),
+    });
+  } catch (err) {
+    view.showBanner(`HTML export failed: ${err.message}`);
+  }
+}
+
 els.kind.addEventListener("change", () => setKind(els.kind.value));
 els.normStyle.addEventListener("change", () => {
   state.normStyle = els.normStyle.value;
@@ -724,6 +743,7 @@ els.focusBack.addEventListener("click", () => closeFocus());
 els.exportPng.addEventListener("click", () => exportView("png"));
 els.exportSvg.addEventListener("click", () => exportView("svg"));
 els.exportNpz.addEventListener("click", () => exportMatrices());
+els.exportHtml.addEventListener("click", () => exportStandalone());
 els.bannerClose.addEventListener("click", () => view.hideBanner());
 document.addEventListener("keydown", onKey);
 

@@ -7,7 +7,7 @@ import { downloadPlot } from "./heatmaps.js";
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 
-function triggerDownload(href, filename) {
+export function triggerDownload(href, filename) {
   const a = document.createElement("a");
   a.href = href;
   a.download = filename;

@@ -168,7 +168,7 @@ export class HeadMap {
     const role = this.roles[l] ? this.roles[l][h] : null;
     const since = this.since[l] ? this.since[l][h] : null;
     const lines = [
-      `L${l} H${h}${role ? ` — ${ROLE_TAGS[role] ?? role} head since step ${since}` : ""}`,
+      `L${l} H${h}${role ? ` — ${ROLE_TAGS[role] ?? role} head${since != null ? ` since step ${since}` : ""}` : ""}`,
       `entropy ${fmt(v.entropy)} · max weight ${fmt(v.max_weight)} · first token ${fmt(v.first_token)}`,
       `distance ${fmt(v.distance, 2)} · prev ${fmt(v.previous_token)} · self ${fmt(v.diagonal)}`,
       `induction ${fmt(v.induction)} · dup ${fmt(v.duplicate_token)} · sink ${fmt(v.sink)}`,

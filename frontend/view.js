@@ -23,6 +23,7 @@ export const els = {
   exportPng: byId("export-png"),
   exportSvg: byId("export-svg"),
   exportNpz: byId("export-npz"),
+  exportHtml: byId("export-html"),
   overview: byId("overview"),
   grid: byId("grid"),
   focus: byId("focus"),

@@ -1,7 +1,8 @@
 """attnscope: a live window into a transformer's attention while it trains.
 
 ``from attnscope import Dashboard`` is the way in (``Dashboard.start(model)`` in
-process, ``Dashboard.connect(...)`` to a team server); :class:`Client` calls the
+process, ``Dashboard.connect(...)`` to a team server); :func:`show` draws every head
+of one input inline in a notebook, with no training loop; :class:`Client` calls the
 captures API; :func:`create_app` builds the server, :class:`Settings` configures it.
 Everything here is imported lazily, so ``import attnscope`` loads neither FastAPI
 nor uvicorn.
@@ -22,12 +23,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from .app import create_app
     from .client import Client
     from .dashboard import Dashboard
+    from .look import show
     from .settings import Settings
 
-__all__ = ["Client", "Dashboard", "Settings", "__version__", "create_app"]
+__all__ = ["Client", "Dashboard", "Settings", "__version__", "create_app", "show"]
 
 _LAZY = {"Client": ".client", "Dashboard": ".dashboard", "create_app": ".app",
-         "Settings": ".settings"}
+         "Settings": ".settings", "show": ".look"}
 
 
 def __getattr__(name: str) -> Any:

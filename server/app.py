@@ -2,24 +2,24 @@
 
 Routes: ``/api/v1/...`` (REST, see :mod:`attnscope.api`), ``/ws`` (the stream,
 docs/protocol.md), ``/vendor/plotly.min.js`` (from the installed ``plotly``
-package: no CDN) and the page at ``/``: package data ``attnscope.frontend``, found
+package: no CDN), ``/export/standalone.html`` (the standalone page without data, for
+the page's HTML export) and the page at ``/``: package data ``attnscope.frontend``, found
 with :mod:`importlib.resources` (in the wheel, or ``frontend/`` of a checkout).
 """
 
 from __future__ import annotations
 
-import importlib.resources
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI, HTTPException
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from . import __version__
 from .api import api_router
+from .assets import frontend_dir, plotly_js_path
 from .auth import AuthMiddleware
 from .captures.router import build_router as build_captures_router
 from .captures.service import CaptureLimits
@@ -31,32 +31,12 @@ from .history.router import router as history_router
 from .remote.endpoint import router as publish_router
 from .run_base import RunRegistry
 from .settings import Settings
+from .standalone import shell as standalone_shell
 from .stream.hub import Hub
 from .ws import router as ws_router
 
 logger = logging.getLogger(__name__)
 
-
-
-def frontend_dir() -> Path | None:
-    """The folder holding the page (``index.html`` and its scripts), or None if missing."""
-    try:
-        index = importlib.resources.files("attnscope.frontend").joinpath("index.html")
-    except ModuleNotFoundError:  # pragma: no cover - an install without the page
-        return None
-    # A real folder whenever the package is installed as files (wheel or editable);
-    # StaticFiles serves folders only.
-    return index.parent if isinstance(index, Path) and index.is_file() else None
-
-
-def plotly_js_path() -> Path | None:
-    """``plotly/package_data/plotly.min.js`` of the installed plotly, if present."""
-    try:
-        import plotly
-    except ImportError:  # pragma: no cover - plotly is a dependency
-        return None
-    path = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
-    return path if path.is_file() else None
 
 
 def _open_capture_store(settings: Settings) -> CaptureStore | None:
@@ -115,6 +95,11 @@ def create_app(settings: Settings | None = None, registry: RunRegistry | None = 
         if plotly_js is None:
             raise HTTPException(404, detail="plotly.min.js not found in the installed plotly")
         return FileResponse(plotly_js, media_type="text/javascript")
+
+    @app.get("/export/standalone.html", include_in_schema=False)
+    def export_shell() -> HTMLResponse:
+        # The page's "HTML" export fills this in with the data on screen (docs/standalone.md).
+        return HTMLResponse(standalone_shell())
 
     page = frontend_dir()
     if page is not None:

@@ -146,6 +146,10 @@ def test_installed_command_serves_the_page_and_every_script(venv: Path, tmp_path
             if path.endswith(".js") and not path.startswith("vendor/"):
                 todo |= _referenced(response.text) - seen
         assert {"api.js", "decode.js", "style.css", "vendor/plotly.min.js"} <= seen
+        # the HTML export's standalone page, built from the installed package data
+        shell = httpx.get(url + "/export/standalone.html", timeout=60)
+        assert shell.status_code == 200 and "<!--attnscope:data-->" in shell.text
+        assert 'modules["standalone.js"]' in shell.text
         if command == "demo":
             runs = httpx.get(url + "/api/v1/runs", timeout=10).json()
             assert [r["id"] for r in runs] == ["demo"]

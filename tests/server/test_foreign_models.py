@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from captures_support import make_app, serve
 from stream_support import connect, recv_frame, run_async
 
 from attnscope import Dashboard
 from attnscope.runs import Run
+from tests.look_support import Nano
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,40 +104,6 @@ def test_bert_padded_tokens_capture_masks_padding(tmp_path):
     for i, ref in enumerate(expected):
         np.testing.assert_allclose(arrays[f"attention.{i}"], ref.numpy(), atol=1e-5)
     assert np.abs(arrays["attention.1"][1, :, :, 2:]).max() == 0
-
-
-class NanoAttention(nn.Module):
-    """nanoGPT's attention: one F.scaled_dot_product_attention call."""
-
-    def __init__(self, d: int = 16, heads: int = 4) -> None:
-        super().__init__()
-        self.n_head = heads
-        self.c_attn = nn.Linear(d, 3 * d)
-
-    def qk(self, x):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        shape = (B, T, self.n_head, C // self.n_head)
-        return (q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2),
-                v.view(shape).transpose(1, 2))  # (B, nh, T, hs)
-
-    def forward(self, x):
-        q, k, v = self.qk(x)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return y.transpose(1, 2).reshape(x.shape)
-
-
-class Nano(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.wte = nn.Embedding(11, 16)
-        self.attn = nn.ModuleList(NanoAttention() for _ in range(2))
-
-    def forward(self, idx):  # positional token ids (N, L)
-        x = self.wte(idx)
-        for attn in self.attn:
-            x = x + attn(x)
-        return x
 
 
 def test_nanogpt_tokens_capture_equals_plain_softmax(tmp_path):

@@ -32,6 +32,7 @@ CORE = {
     "attnscope.history.roles", "attnscope.limits",
     "attnscope.contract", "attnscope.contract.ring", "attnscope.contract.channel",
     "attnscope.contract.messages", "attnscope.sockets",
+    "attnscope.assets", "attnscope.bundle", "attnscope.standalone", "attnscope.look",
 }
 # Training side: Dashboard, the publishers, the history recorder and outbox, the demo.
 TRAINING = {
