@@ -81,6 +81,17 @@ class Pending:
     ready: Any = None  # an object with query() -> bool (a CUDA event), or None: ready now
 
 
+def _write_tensor(view: memoryview, t: torch.Tensor, size: int) -> None:
+    """Copy CPU tensor ``t``'s bytes into ``view`` (with numpy: no torch op is dispatched,
+    so a training step that sends nothing else costs no op; bfloat16 goes through torch)."""
+    if t.dtype == torch.bfloat16 or t.requires_grad:
+        src = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        torch.frombuffer(view, dtype=torch.uint8, count=size).copy_(src)
+        return
+    array = np.ascontiguousarray(t.numpy()).reshape(-1).view(np.uint8)
+    np.frombuffer(view, dtype=np.uint8, count=size)[:] = array
+
+
 def encode_header(kind: str, header: Mapping[str, Any],
                   specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> tuple[bytes, list[int]]:
     """The header bytes of a message (length word included) and each tensor's byte size."""
@@ -199,8 +210,7 @@ class Channel:
         reservation.views[0][:] = head
         for view, t, size in zip(reservation.views[1:], tensors.values(), sizes, strict=True):
             if size:
-                src = t.detach().contiguous().reshape(-1).view(torch.uint8)
-                torch.frombuffer(view, dtype=torch.uint8, count=size).copy_(src)
+                _write_tensor(view, t, size)
         self.outbox.commit(reservation)
         if ring:
             self.ring()

@@ -65,8 +65,9 @@ class MessageError(ValueError):
 
 def add_event(event: Any, events: list[dict[str, Any]],
               tensors: dict[str, torch.Tensor]) -> int:
-    """Put ``event`` (a sample copy) into a message's ``events`` and ``tensors``; its index."""
-    portable = to_portable(event)
+    """Put ``event`` (a :class:`Portable`, or an event: a sample copy) into a message's
+    ``events`` and ``tensors``; its index."""
+    portable = event if isinstance(event, Portable) else to_portable(event)
     index = len(events)
     events.append(portable.header())
     tensors.update({f"e{index}.{k}": v for k, v in portable.all_tensors().items()})
@@ -112,7 +113,7 @@ def frames_message(caps: list[Capture]) -> tuple[dict[str, Any], dict[str, torch
                  "step": cap.step, "labels": None if cap.labels is None else list(cap.labels),
                  "pool": cap.pool, "full_shape": None if cap.full_shape is None
                  else list(cap.full_shape), "event": None, "need": _need_dict(cap.need)}
-        if cap.event is not None and cap.pending is not None:
+        if cap.event is not None:
             key = id(cap.event)
             if key not in seen:
                 seen[key] = add_event(cap.event, events, tensors)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from transformer_core.events import AttentionEvent, QKVEvent
+from transformer_core.events.portable import portable_sample
 
 from .plan import EMPTY_PLAN, Capture, Plan, SampleNeed, SlotKey
 from .reduce import (
@@ -127,6 +128,20 @@ def _reduced_later(event: AttentionEvent, layer: int, need: SampleNeed,
                              now)
 
 
+def _sent_later(event: AttentionEvent, layer: int, need: SampleNeed, heads: tuple[int, ...],
+                now: float, staging: Any) -> list[Capture]:
+    """For another process: the sample's queries and keys copied to the host (without
+    waiting for a device), as one :class:`~transformer_core.events.portable.Portable` that
+    both captures (statistics, view) share; the other process computes them."""
+    portable = portable_sample(event, need.sample, staging.copy)
+    arrival = staging.arrival()
+    kinds = [k for k, wanted in (("head_stats", need.stats), ("attention", need.attention))
+             if wanted]
+    return [Capture(kind, layer, need.sample, heads, _LATER, event.role, now, event=portable,
+                    need=need, ready=arrival, full_shape=tuple(event.shape[2:]))
+            for kind in kinds]
+
+
 def deferred_captures(copy: AttentionEvent, layer: int, need: SampleNeed,
                       heads: tuple[int, ...], role: str, now: float) -> list[Capture]:
     """The ``head_stats`` and ``attention`` captures ``need`` asks of one sample copy
@@ -193,8 +208,12 @@ class Publisher:
     (at most once per step); it must be cheap and thread-safe.
     """
 
-    def __init__(self, run: Run, notify: Callable[[str], None]) -> None:
+    def __init__(self, run: Run, notify: Callable[[str], None], staging: Any = None) -> None:
         self.run = run
+        # A training process watched from another process: captures are host copies of
+        # the sample's queries and keys (``staging``: attnscope.training.staging), computed
+        # over there; None: computed in this process (on the device, or by a reader).
+        self.staging = staging
         self.slots: dict[SlotKey, Capture] = {}
         self._notify = notify
         self._plan = EMPTY_PLAN
@@ -341,6 +360,8 @@ class Publisher:
                 heads = need.attention_heads or tuple(range(h))
                 if layer in self._row_layers:
                     out.extend(_row_now(event, layer, need, heads, now))
+                elif self.staging is not None:
+                    out.extend(_sent_later(event, layer, need, heads, now, self.staging))
                 elif _on_cuda(event):
                     out.extend(_reduced_now(event, layer, need, heads, now))
                 else:

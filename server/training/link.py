@@ -44,6 +44,7 @@ from ..remote.wire import plan_from_message
 from ..runs import Run
 from ..stream.plan import EMPTY_PLAN, Capture, SlotKey
 from ..stream.publisher import Publisher
+from .staging import Arrival, HostStaging
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,8 @@ class TrainingLink:
         self.channel = channel
         self.records_history = records_history
         self.process_tag = f"{time.time_ns():x}"
-        self.publisher = Publisher(run, self._published)
+        self.staging = HostStaging()
+        self.publisher = Publisher(run, self._published, staging=self.staging)
         self.paused = False
         self.closed = False
         self.later: list[Any] = []  # captures and history steps whose device copies run
@@ -189,6 +191,12 @@ class TrainingLink:
     def _send_frames(self, caps: list[Capture]) -> None:
         header, tensors = frames_message(caps)
         self.channel.send("frames", header, tensors)
+        self._release(c.ready for c in caps)
+
+    def _release(self, arrivals: Any) -> None:
+        """Give the staging buffers of what was just written to the ring back (once each)."""
+        for arrival in {id(a): a for a in arrivals if isinstance(a, Arrival)}.values():
+            self.staging.release(arrival)
 
     def _send_arrived(self) -> None:
         """Send captures and history steps whose device copies have arrived (in order)."""

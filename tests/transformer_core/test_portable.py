@@ -18,7 +18,12 @@ from transformer_core.builders import (
     TransformerEncoderBuilder,
 )
 from transformer_core.events import AttentionEvent, EventDispatcher
-from transformer_core.events.portable import Portable, from_portable, to_portable
+from transformer_core.events.portable import (
+    Portable,
+    from_portable,
+    portable_sample,
+    to_portable,
+)
 from transformer_core.instrument import instrument
 from transformer_core.masking import LengthMask, TriangularCausalMask
 
@@ -93,6 +98,10 @@ def test_every_attention_type_travels(attention_type, masks):
         pytest.skip(f"{attention_type} with {masks}: {exc}")
     copy = events[0].sample_copy(0)
     _same(copy, _travelled(copy))
+    # straight from the batch (what a training process sends): the same sample
+    _same(copy, from_portable(portable_sample(events[0], 0)))
+    if events[0].shape[0] > 1:
+        _same(events[0].sample_copy(1), from_portable(portable_sample(events[0], 1)))
 
 
 def test_causal_softmax_travels_without_its_matrix():
@@ -144,6 +153,7 @@ def test_sdpa_events_travel(biased):
     portable = to_portable(copy)
     assert portable.recipe == "sdpa" and portable.params["is_causal"] is (not biased)
     _same(copy, _travelled(copy))
+    _same(copy, from_portable(portable_sample(events[0], 1)))
 
 
 def test_multihead_attention_travels():
@@ -171,6 +181,7 @@ def test_recurrent_steps_travel():
     copy = got.events[-1].sample_copy(1)
     assert copy.shape == (1, H, 1, 3)
     _same(copy, _travelled(copy))
+    _same(copy, from_portable(portable_sample(got.events[-1], 1)))
 
 
 def test_an_event_without_a_recipe_travels_as_its_matrix():

@@ -20,12 +20,13 @@ event without a recipe travels as its computed matrix (computed where it is made
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..masking import BaseMask, FullMask, LengthMask, TriangularCausalMask
+from ..masking import BaseMask, FullMask, LengthMask, TriangularCausalMask, sample_rows
 
 # recipe name -> "module:function" building the event; called as
 # fn(source, **tensors, **masks, **params, role=..., attention_type=...).
@@ -103,8 +104,14 @@ class Portable:
         return sum(t.nbytes for t in self.all_tensors().values())
 
 
-def mask_to_data(mask: BaseMask | None) -> dict[str, Any] | None:
-    """A mask as ``{"kind", "params", "tensors"}`` (CPU tensors); None stays None.
+def _to_cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu()
+
+
+def mask_to_data(mask: BaseMask | None,
+                 copy: Callable[[torch.Tensor], torch.Tensor] = _to_cpu) -> dict[str, Any] | None:
+    """A mask as ``{"kind", "params", "tensors"}`` (its tensors given to ``copy``: to the CPU
+    by default); None stays None.
 
     >>> mask_to_data(TriangularCausalMask(3))["kind"], mask_to_data(FullMask(2, 3))["params"]
     ('causal', {'n': 2, 'm': 3})
@@ -116,11 +123,11 @@ def mask_to_data(mask: BaseMask | None) -> dict[str, Any] | None:
     if isinstance(mask, LengthMask):
         return {"kind": "lengths", "params": {"max_len": mask.max_len,
                                               "all_ones": bool(getattr(mask, "_all_ones", False))},
-                "tensors": {"lengths": mask.lengths.detach().cpu()}}
+                "tensors": {"lengths": copy(mask.lengths)}}
     if isinstance(mask, FullMask) and mask._mask is None:
         n, m = mask.shape
         return {"kind": "ones", "params": {"n": n, "m": m}, "tensors": {}}
-    return {"kind": "full", "params": {}, "tensors": {"matrix": mask.bool_matrix.detach().cpu()}}
+    return {"kind": "full", "params": {}, "tensors": {"matrix": copy(mask.bool_matrix)}}
 
 
 def mask_from_data(data: dict[str, Any] | None) -> BaseMask | None:
@@ -157,6 +164,54 @@ def to_portable(event: Any) -> Portable:
         {k: v.detach().cpu() for k, v in recipe.tensors.items() if v is not None},
         {k: mask_to_data(m) for k, m in recipe.masks.items()},
         tuple(event.shape), event.role, event.attention_type)
+
+
+# Masks that hold one row per sample (the others are shared by the whole batch).
+PER_SAMPLE_MASKS = frozenset({"key_lengths"})
+
+
+def _clone(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone()
+
+
+def portable_sample(event: Any, n: int, copy: Callable[[torch.Tensor], torch.Tensor] = _clone,
+                    ) -> Portable:
+    """Sample ``n`` of ``event`` as data, straight from the batch's tensors: each
+    batch-first tensor of its recipe sliced to ``[n : n + 1]`` and given to ``copy``
+    (default: a detached clone; a training process gives a copy into host memory that
+    does not wait for the device). Per-sample masks keep their row ``n``. Like
+    :meth:`~transformer_core.events.AttentionEvent.sample_copy`, with no event built and
+    no other op: a slice and a copy per tensor. An event without a recipe has its
+    sample's matrix and logits computed here (``"matrix"``).
+
+    >>> from transformer_core.attention.full_attention import softmax_event
+    >>> q, k = torch.randn(3, 5, 2, 4), torch.randn(3, 5, 2, 4)
+    >>> event = softmax_event(None, q, k, 0.5, None, None)
+    >>> one = from_portable(portable_sample(event, 1))
+    >>> one.shape, torch.allclose(one.attention(0), event.attention(1))
+    ((1, 2, 5, 5), True)
+    """
+    N = event.shape[0]
+    recipe: Recipe | None = getattr(event, "recipe", None)
+    if recipe is None:
+        with torch.no_grad():
+            matrix = event.attention(slice(n, n + 1))  # (1, H, L, S)
+            logits = event.logits(slice(n, n + 1))
+        recipe = Recipe("matrix", {}, {"matrix": matrix, "logits": logits})
+    tensors = {}
+    for name, t in recipe.tensors.items():
+        if t is None:
+            continue
+        tensors[name] = copy(t[n : n + 1] if t.ndim and t.shape[0] == N and N > 1 else t)
+    # an all-ones mask known as such (no device sync to tell) travels as none
+    masks = {name: None if getattr(m, "_all_ones", False) else
+             mask_to_data(sample_rows(m, n) if name in PER_SAMPLE_MASKS else m, copy)
+             for name, m in recipe.masks.items()}
+    params = dict(recipe.params)
+    if "shape" in params:
+        params["shape"] = [1, *params["shape"][1:]]
+    return Portable(recipe.name, params, tensors, masks, (1, *event.shape[1:]), event.role,
+                    event.attention_type)
 
 
 def from_portable(portable: Portable, source: Any = None) -> Any:
