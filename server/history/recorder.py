@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 
 from transformer_core.events import AttentionEvent, EventDispatcher, dispatching_to
+from transformer_core.events.portable import Portable, portable_sample
 
 from ..stream.reduce import HostCopy, layer_statistics, pool_factor, pool_matrix, to_host
 from ..stream.roles import repeat_scores, repeated_probe
@@ -86,8 +87,10 @@ class StepItem:
             sum(c.tensor.nbytes for c in self.stats.values())
 
 
-def _copy_bytes(event: AttentionEvent) -> int:
+def _copy_bytes(event: AttentionEvent | Portable) -> int:
     """Bytes held by a sample copy: its queries and keys, or (no recipe) its matrix."""
+    if isinstance(event, Portable):
+        return event.nbytes
     if event.queries is not None and event.keys is not None:
         return event.queries.nbytes + event.keys.nbytes
     return 4 * math.prod(event.shape)  # a float32 (1, H, L, S) matrix
@@ -182,9 +185,13 @@ def _slice_batch(value: Any, n: int, keep: int) -> Any:
 class RunRecorder:
     """Records one :class:`Run` into ``service`` (see the module docstring)."""
 
-    def __init__(self, run: Run, service: RecorderSink) -> None:
+    def __init__(self, run: Run, service: RecorderSink, staging: Any = None) -> None:
         self.run = run
         self.service = service
+        # A training process watched from another process: sample copies are host copies
+        # of the queries and keys as data (``staging``: attnscope.training.staging; on a
+        # device too: statistics are computed over there); None: events, reduced here.
+        self.staging = staging
         self.config = service.config
         self.session: str | None = None
         self.last_step: int | None = None
@@ -253,7 +260,9 @@ class RunRecorder:
         layer = self._layer_of[id(event.source)]
         if layer in self._pending or layer in self._pending_stats:
             return  # a layer run twice in one forward: keep the first
-        if _on_cuda(event):
+        if self.staging is not None:
+            self._pending[layer] = self._portable(event, 0)  # computed in the other process
+        elif _on_cuda(event):
             # Reduced where the tensors are: kernels queued on the training stream, the
             # (R, H) result copied to pinned memory; nothing here waits for the device.
             with torch.no_grad():
@@ -261,6 +270,12 @@ class RunRecorder:
         else:
             self._pending[layer] = event.sample_copy(0)  # the writer computes (CPU)
         self._budget.spend("stats", time.thread_time() - t0)
+
+    def _portable(self, event: AttentionEvent, n: int) -> Portable:
+        """Sample ``n`` as data (host copies, see ``staging``), with its copies' arrival."""
+        portable = portable_sample(event, n, self.staging.copy)
+        portable.arrival = self.staging.arrival()
+        return portable
 
     def _on_step(self, run: Run) -> None:
         """Step hook: this step's statistics when due (every ``budget.stats_every`` steps),
@@ -397,7 +412,9 @@ class RunRecorder:
         def collect(event: AttentionEvent) -> None:
             layer = self._layer_of[id(event.source)]
             if layer not in out:
-                out[layer] = [event.sample_copy(i) for i in range(event.shape[0])]
+                copy = event.sample_copy if self.staging is None \
+                    else lambda i: self._portable(event, i)
+                out[layer] = [copy(i) for i in range(event.shape[0])]
 
         private.listen(self._accepts, collect)
         modes = [(m, m.training) for m in model.modules()]

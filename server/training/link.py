@@ -97,16 +97,35 @@ class ChannelSink:
             return True  # not a full queue: the budget should not thin for it
 
     def _submit(self, item: Any) -> bool:
+        if not arrived(item):
+            self.link.later.append(item)  # copies still coming from the device
+            return True
         if isinstance(item, StepItem):
-            if any(not c.ready() for c in item.stats.values()):
-                self.link.later.append(item)  # statistics still coming from the device
-                return True
             header, tensors = step_message(item)
-            return self.link.channel.send("history_step", header, tensors)
-        if isinstance(item, SnapshotItem):
+            sent = self.link.channel.send("history_step", header, tensors)
+        elif isinstance(item, SnapshotItem):
             header, tensors = snapshot_message(item)
-            return self.link.channel.send("history_snapshot", header, tensors)
-        raise TypeError(f"history: cannot send a {type(item).__name__}")
+            sent = self.link.channel.send("history_snapshot", header, tensors)
+        else:
+            raise TypeError(f"history: cannot send a {type(item).__name__}")
+        self.link.release(arrivals(item))
+        return sent
+
+
+def arrivals(item: Any) -> list[Any]:
+    """The device copies a history item waits for."""
+    if isinstance(item, StepItem):
+        copies = list(item.attention.values())
+    else:
+        copies = [c for group in (item.attention, item.repeat) for cs in group.values()
+                  for c in cs]
+    return [c.arrival for c in copies if getattr(c, "arrival", None) is not None]
+
+
+def arrived(item: Any) -> bool:
+    """Whether a history item's device copies have all arrived (never waits)."""
+    stats = item.stats.values() if isinstance(item, StepItem) else ()
+    return all(a.query() for a in arrivals(item)) and all(c.ready() for c in stats)
 
 
 class TrainingLink:
@@ -191,9 +210,9 @@ class TrainingLink:
     def _send_frames(self, caps: list[Capture]) -> None:
         header, tensors = frames_message(caps)
         self.channel.send("frames", header, tensors)
-        self._release(c.ready for c in caps)
+        self.release(c.ready for c in caps)
 
-    def _release(self, arrivals: Any) -> None:
+    def release(self, arrivals: Any) -> None:
         """Give the staging buffers of what was just written to the ring back (once each)."""
         for arrival in {id(a): a for a in arrivals if isinstance(a, Arrival)}.values():
             self.staging.release(arrival)
@@ -208,7 +227,7 @@ class TrainingLink:
                     frames.append(item)
                 else:
                     self.later.append(item)
-            elif all(c.ready() for c in item.stats.values()):
+            elif arrived(item):
                 if self._recorder is not None:
                     self._recorder.service.submit(item)
             else:
@@ -276,7 +295,7 @@ class TrainingLink:
         if config is not None and self._recorder is None and self.records_history:
             values = {k: v for k, v in config.items() if k in HistoryConfig.__dataclass_fields__}
             sink = ChannelSink(self, HistoryConfig(**values).validate())
-            self._recorder = RunRecorder(self.run, sink)
+            self._recorder = RunRecorder(self.run, sink, staging=self.staging)
         elif config is None and self._recorder is not None:
             self._recorder.detach()
             self._recorder = None
@@ -342,10 +361,10 @@ class TrainingLink:
             self._recorder = None
         self.publisher.set_plan(EMPTY_PLAN)
         for item in self.later:  # device copies: waiting is fine now, training is over
-            if isinstance(item, Capture):
-                item.wait()
-            else:
-                for copy in item.stats.values():
-                    copy.wait()
+            waits = [item.ready] if isinstance(item, Capture) else \
+                [*arrivals(item), *(c.done for c in item.stats.values())]
+            for ready in waits:
+                if ready is not None:
+                    ready.synchronize()
         self._send_arrived()
         self.channel.send("close", {})

@@ -45,8 +45,10 @@ def test_a_remote_run_is_recorded_and_its_snapshots_are_its_probe_attention() ->
     run = "carol/remote-history"
     training = DemoTraining(CONFIG)
     with Served(RunRegistry(), history_every=5, history_probe_budget=None) as served:
+        # no budget to keep: every step recorded (a budget switches the dashboard off for
+        # a few steps now and then, to measure what it costs)
         dash = Dashboard.connect(training.model, served.url, run=run,
-                                 symbols=training.task.symbols)
+                                 symbols=training.task.symbols, max_overhead=1.0)
         try:
             wait_for(lambda: dash.connections == 1, 10, "the connection")
             _train(dash, training, 21)  # steps 0..20; recording starts at the first step
@@ -82,7 +84,7 @@ def test_remote_history_continues_in_the_same_session_across_a_server_restart() 
     training = DemoTraining(CONFIG)
     first = Served(RunRegistry())
     port = int(first.url.rsplit(":", 1)[1])
-    dash = Dashboard.connect(training.model, first.url, run=run)
+    dash = Dashboard.connect(training.model, first.url, run=run, max_overhead=1.0)
     try:
         with first:
             wait_for(lambda: dash.connections == 1, 10, "the connection")

@@ -62,6 +62,8 @@ class Portable:
     shape: tuple[int, int, int, int]
     role: str
     attention_type: str
+    # when its tensors are copies still arriving from a device: an object with query()
+    arrival: Any = None
 
     def header(self) -> dict[str, Any]:
         """The JSON part (tensors travel beside it, named ``t.<name>`` and ``m.<mask>.<name>``)."""
