@@ -96,16 +96,10 @@ class Dashboard:
         settings = given.model_copy(update=update)
         settings = Settings.model_validate(settings.model_dump())
         generated = settings.token_generated or given.token_generated
-        _replace_live(settings.host, settings.port)
+        _replace_live(settings.host, settings.port, model)
         run = Run(model, run_id=slugify(name or "run"), name=name or "run",
                   tokenizer=tokenizer, max_overhead=settings.max_overhead)
-        try:
-            dash = cls._serve(run, settings, tokenizer)
-        except BaseException:
-            run.detach()
-            raise
-        if settings.port:
-            _LIVE[(settings.host, settings.port)] = weakref.ref(dash)
+        dash = cls.serve(run, settings, tokenizer)
         if not quiet:
             # A generated token is shown in the URL (the user has no other way to learn
             # it); a user-supplied one is never printed (it would land in logs).
@@ -117,6 +111,20 @@ class Dashboard:
                 webbrowser.open(dash.url)
             except Exception:  # no browser is not an error
                 logger.info("could not open a browser for %s", dash.url)
+        return dash
+
+    @classmethod
+    def serve(cls, run: Run, settings: Settings, tokenizer: Any = None) -> Dashboard:
+        """A dashboard serving ``run`` (made by the caller: the demo's, say) as
+        :meth:`start` does, without printing anything."""
+        try:
+            dash = cls._serve(run, settings, tokenizer)
+        except BaseException:
+            run.detach()
+            raise
+        if settings.port:
+            _LIVE[(settings.host, settings.port)] = weakref.ref(dash)
+        _LIVE[("model", id(run.model))] = weakref.ref(dash)
         return dash
 
     @classmethod
@@ -254,14 +262,18 @@ def _settings_message(settings: Settings) -> dict[str, Any]:
     return data
 
 
-def _replace_live(host: str, port: int) -> None:
-    """Close the dashboard this process already serves on (host, port), if any."""
-    ref = _LIVE.pop((host, port), None) if port else None
-    old = None if ref is None else ref()
-    if old is not None and not old._closed:
-        logger.warning("attnscope: closing the dashboard already on %s:%d to start this one",
-                       host, port)
-        old.close()
+def _replace_live(host: str, port: int, model: nn.Module) -> None:
+    """Close the dashboard this process already serves on (host, port), or of ``model``
+    (a notebook cell run again), if any."""
+    for key, where in (((host, port), f"on {host}:{port}"),
+                       (("model", id(model)), "of this model")):
+        ref = _LIVE.pop(key, None) if key[1] else None
+        old = None if ref is None else ref()
+        if old is not None and not old._closed and \
+                (key[0] != "model" or old.run.model is model):
+            logger.warning("attnscope: closing the dashboard already %s to start this one",
+                           where)
+            old.close()
 
 
 def _connect_arguments(model: Any, url: str | None, run: str | None,

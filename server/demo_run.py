@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from transformer_core.events import EventDispatcher
 
@@ -62,6 +63,10 @@ class DemoRun:
         self._stop = threading.Event()
         self._restart = threading.Event()
         self._thread: threading.Thread | None = None
+        self._here = False  # training in the caller's thread (train_here)
+        self._after_step: Callable[[], None] | None = None
+        # How a step is marked: the run's own step(), or a dashboard's (train_here).
+        self.mark: Callable[..., None] = self.run.step
 
     @property
     def model(self):
@@ -84,9 +89,24 @@ class DemoRun:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def train_here(self, mark: Callable[..., None] | None = None,
+                   after_step: Callable[[], None] | None = None) -> None:
+        """Train in the calling thread until :meth:`close` (from another thread or a signal
+        handler) or an exception; ``mark(step, loss=..., tokens=..., **scalars)`` marks each
+        step (a dashboard's ``step``), then ``after_step()`` runs."""
+        self._here = True
+        self.mark = mark or self.run.step
+        self._after_step = after_step
+        self._stop.clear()
+        try:
+            self._train()
+        finally:
+            self._here = False
+
     def _request_restart(self) -> None:
-        # Called from a server thread; the training thread resets between steps.
-        if self.alive and self.run.status != "ended":
+        # Called from a server thread (or, training here, at a step); the training loop
+        # resets between steps.
+        if (self.alive or self._here) and self.run.status != "ended":
             self._restart.set()
             return
         if self._stop.is_set():
@@ -112,8 +132,10 @@ class DemoRun:
                 result = self.training.step()
                 extra = {"repeat_loss": result.repeat_loss} \
                     if isinstance(result, InductionStep) else {}
-                self.run.step(result.step, loss=result.loss, tokens=result.tokens,
-                              accuracy=result.accuracy, **extra)
+                self.mark(result.step, loss=result.loss, tokens=result.tokens,
+                          accuracy=result.accuracy, **extra)
+                if self._after_step is not None:
+                    self._after_step()
         except Exception as exc:
             logger.exception("demo training failed")
             self.run.fail(exc)

@@ -137,7 +137,9 @@ class ChannelRun(RemoteRun):
         self.send("control", {"action": "resume"})
 
     def restart(self) -> None:
-        raise RunStateError(f"run {self.id!r} does not support restart")
+        if "restart" not in self.controls:
+            raise RunStateError(f"run {self.id!r} does not support restart")
+        self.send("control", {"action": "restart"})
 
     def capture(self, inputs: Any, kinds: list[str], layers: list[int],
                 heads: list[int] | None, max_bytes: int, timeout: float,
@@ -180,6 +182,8 @@ class ChannelRun(RemoteRun):
         elif kind == "status":
             self._paused = body.get("state") == "paused"
             self._stopped = body.get("state") == "stopped"
+            if body.get("reset"):
+                self.reset()  # the run started over: its steps and scalars too
             self._changed()
         elif kind == "capture_result":
             self.captures.receive_chunk(body, memoryview(message.tensors["bytes"].numpy()))
@@ -190,6 +194,8 @@ class ChannelRun(RemoteRun):
         elif kind in ("history_session", "history_step", "history_snapshot"):
             self._history(kind, body, message)
         elif kind == "close":
+            if body.get("error"):
+                self.error = str(body["error"])[:2000]
             self.detach_link(self.link, ended=True)
         else:
             raise MessageError("kind", f"unknown message {kind!r} from the training process")

@@ -309,7 +309,9 @@ class Publisher:
         if what == "qkv" and not isinstance(event, QKVEvent):
             return
         budget = self.run.budget
-        if budget.off:  # switched off this step: the budget measures the slowdown
+        if budget.off and layer not in self._row_layers:
+            # switched off this step: the budget measures the slowdown (a recurrent site's
+            # rows are kept: each is one row of a sequence, never skipped)
             return
         now = time.monotonic()
         t0 = time.thread_time()

@@ -152,6 +152,20 @@ class TrainingLink:
         self._failures: set[str] = set()
         self._mail_lock = threading.Lock()
         run.add_step_hook(self._on_step)
+        run.add_change_listener(self._run_changed)
+
+    def _run_changed(self, run: Run) -> None:
+        """The run started over (``Run.reset``, in the training thread): so does the
+        server's copy of its steps and scalars."""
+        if self.closed:
+            return
+        try:
+            if run.status == "ended" and run.error:  # the training failed: the page says so
+                self.channel.send("close", {"error": run.error})
+            elif run.step_index is None:
+                self.channel.send("status", {"state": "live", "reset": True})
+        except Exception:  # noqa: BLE001 (our bug must never stop the user's training)
+            self.failed("status")
 
     # -- training thread ---------------------------------------------------------
 
@@ -275,6 +289,9 @@ class TrainingLink:
             action = body.get("action")
             if action in ("pause", "resume"):
                 self._set_paused(action == "pause")
+            elif action == "restart":
+                self.run.restart()  # its trainer starts over at the next step (raises if none)
+                self._set_paused(False)
             else:
                 raise ValueError(f"action: unknown {action!r}")
         elif kind == "history":
@@ -356,6 +373,7 @@ class TrainingLink:
             return
         self.closed = True
         self.run.remove_step_hook(self._on_step)
+        self.run.remove_change_listener(self._run_changed)
         if self._recorder is not None:
             self._recorder.detach()
             self._recorder = None
