@@ -49,6 +49,7 @@ from .run_base import (
     slugify,
 )
 from .stream.publisher import Publisher
+from .tokens import check_batch, token_rows
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -296,19 +297,9 @@ class Run(BaseRun):
         self.sequence += 1
 
     def _set_tokens(self, tokens: Any) -> None:
-        if isinstance(tokens, torch.Tensor):
-            if tokens.ndim != 2:
-                raise ValueError(f"tokens: expected shape (N, L), got {tuple(tokens.shape)}")
-            tokens = tokens.detach()
-            if tokens.device.type != "cpu":
-                tokens = tokens.cpu()
-            n, length = tokens.shape
-        else:
-            try:
-                n, length = len(tokens), len(tokens[0])
-            except (TypeError, IndexError, KeyError) as exc:
-                raise ValueError("tokens: expected a list of N lists of L labels "
-                                 "or an (N, L) tensor of token ids") from exc
+        tokens, n, length = token_rows(tokens)  # TypeError / ValueError naming the mistake
+        if self._seq_hook is not None:  # the batch the attention saw is known: check against it
+            check_batch(n, length, self.batch_size, self.seq_len)
         self._tokens = tokens
         self.batch_size, self.seq_len = n, length
 
