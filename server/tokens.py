@@ -9,10 +9,10 @@ tensor, float tensors, a mapping without ``input_ids``.
 >>> ids, n, length = token_rows({"input_ids": [[5, 6, 7]], "attention_mask": [[1, 1, 1]]})
 >>> ids.tolist(), n, length
 ([[5, 6, 7]], 1, 3)
->>> token_rows(["the", "cat"])
+>>> token_rows(["the", "cat"])  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-TypeError: tokens: got a list of 2 strings; give one list of labels per sample ([["the", ...]] for one sequence), or an (N, L) tensor of token ids
+TypeError: tokens: got a list of 2 strings; give one list of labels per sample ...
 """
 
 from __future__ import annotations
@@ -87,10 +87,10 @@ def check_batch(n: int, length: int, batch_size: int | None, seq_len: int | None
     """Tokens (N, L) against the batch the model's attention saw (when known): one label
     per position, and no more samples than the batch has.
 
-    >>> check_batch(8, 10, 8, 64)
+    >>> check_batch(8, 10, 8, 64)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: tokens: shape (8, 10) does not match the batch (8, 64) the model's attention saw: give one label per position of each sample
+    ValueError: tokens: shape (8, 10) does not match the batch (8, 64) the model's attention ...
     """
     if seq_len is None:
         return
@@ -103,14 +103,16 @@ def check_batch(n: int, length: int, batch_size: int | None, seq_len: int | None
 def warn_labels_mismatch(owner: object, labels: int, positions: int) -> None:
     """Once per ``owner``: token labels given to ``step()`` that do not fit the attention
     (the page then shows position numbers)."""
-    _warn_once("labels", owner, f"tokens: {labels} labels per sample, but the attention has {positions} "
-                      "positions; the page shows position numbers (give one label per position)")
+    _warn_once("labels", owner,
+               f"tokens: {labels} labels per sample, but the attention has {positions} "
+               "positions; the page shows position numbers (give one label per position)")
 
 
 def warn_step_after_close(owner: object) -> None:
     """Once per ``owner``: ``step()`` after ``close()`` does nothing."""
-    _warn_once("closed", owner, f"{type(owner).__name__}.step() after close(): ignored, the run has "
-                      "ended (start a new dashboard to keep watching)", stacklevel=4)
+    _warn_once("closed", owner,
+               f"{type(owner).__name__}.step() after close(): ignored, the run has ended "
+               "(start a new dashboard to keep watching)", stacklevel=4)
 
 
 def _warn_once(kind: str, owner: object, message: str, stacklevel: int = 3) -> None:
