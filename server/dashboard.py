@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 import webbrowser
 from collections.abc import Sequence
@@ -59,7 +60,8 @@ class Dashboard:
         finds: ``transformer_core``, Hugging Face, ``nn.MultiheadAttention`` and modules
         calling ``F.scaled_dot_product_attention`` (README, "Your model").
         ``tokenizer``: a Hugging Face tokenizer; token ids given to :meth:`step` are
-        shown as its strings, and captures accept ``text``.
+        shown as its strings, and captures accept ``text``. ``name``: the run's name
+        (default: ``run`` and the time it started, so that every run stays listed).
         ``max_overhead``: what the dashboard may cost, a fraction of training time
         (default: ``settings.max_overhead``, ``ATTNSCOPE_MAX_OVERHEAD``, 0.03); past it
         it thins its own work and says so on the page (:mod:`attnscope.budget`).
@@ -82,7 +84,9 @@ class Dashboard:
         settings = Settings.model_validate(settings.model_dump())
         generated = settings.token_generated or given.token_generated
         registry = RunRegistry()
-        run = registry.add(Run(model, run_id=slugify(name or "run"), name=name or "run",
+        # Unnamed runs are told apart by when they started (each stays listed afterwards).
+        name = name or time.strftime("run %Y-%m-%d %H:%M:%S")
+        run = registry.add(Run(model, run_id=slugify(name), name=name,
                                tokenizer=tokenizer, max_overhead=settings.max_overhead))
         app = create_app(settings, registry)
         server = BackgroundServer(app, settings)

@@ -269,8 +269,10 @@ class Run(BaseRun):
         """Mark the end of training step ``step``: record scalars and this batch's tokens.
 
         ``tokens`` (optional) are the token labels of this step's batch: a list
-        of N lists of L strings, or an (N, L) tensor of token ids. Cheap: no
-        copy of the tokens unless they are on a GPU. Blocks while the run is
+        of N lists of L strings, an (N, L) tensor of token ids, or a mapping
+        holding ``input_ids`` (a ``BatchEncoding``); anything else raises, naming
+        it (:mod:`attnscope.tokens`). Cheap: no copy of the tokens (a GPU batch is
+        read only when its labels are shown). Blocks while the run is
         paused (the user asked for it), and runs jobs queued with
         :meth:`call_between_steps`.
         """

@@ -30,7 +30,8 @@ _warned: dict[str, weakref.WeakSet] = {}
 
 
 def token_rows(tokens: Any) -> tuple[Any, int, int]:
-    """``tokens`` as (an (N, L) long CPU tensor or a list of N lists of L strings, N, L);
+    """``tokens`` as (an (N, L) integer tensor, on its device, or a list of N lists of L
+    strings, N, L);
     ``TypeError`` / ``ValueError`` naming what was given otherwise. O(N) checks only."""
     if isinstance(tokens, Mapping):
         if "input_ids" not in tokens:
@@ -77,10 +78,9 @@ def _tensor_rows(tokens: torch.Tensor) -> tuple[torch.Tensor, int, int]:
                          "e.g. tokens.unsqueeze(0) for one sequence")
     if tokens.ndim != 2:
         raise ValueError(f"tokens: expected shape (N, L), got {tuple(tokens.shape)}")
-    tokens = tokens.detach()
-    if tokens.device.type != "cpu":
-        tokens = tokens.cpu()
-    return tokens, tokens.shape[0], tokens.shape[1]
+    # Kept where it is: a GPU batch is read (one copy) only when its labels are shown,
+    # never at every step.
+    return tokens.detach(), tokens.shape[0], tokens.shape[1]
 
 
 def check_batch(n: int, length: int, batch_size: int | None, seq_len: int | None) -> None:

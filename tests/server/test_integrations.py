@@ -38,7 +38,7 @@ def test_integrations_package_imports_neither_framework():
     assert out.strip() == "False"
 
 
-def test_trainer_callback_marks_steps_with_logged_loss(tmp_path):
+def test_trainer_callback_marks_every_step_with_its_loss(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     from attnscope.integrations.huggingface import AttnscopeCallback
@@ -60,11 +60,51 @@ def test_trainer_callback_marks_steps_with_logged_loss(tmp_path):
     trainer.train()
     logged = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
     history = callback.dashboard.run.history
-    assert history.steps == [s for s, _ in logged] == [1, 2, 3]
-    assert [v["loss"] for v in history.values] == pytest.approx([loss for _, loss in logged])
+    assert history.steps == [s for s, _ in logged] == [1, 2, 3]  # one point per step
+    assert [v["loss"] for v in history.values] == pytest.approx([loss for _, loss in logged],
+                                                               rel=1e-5)
     assert seen_during == ["ok"] * 3
-    with pytest.raises(httpx.HTTPError):  # closed with training
+    assert callback.dashboard.run.name == tmp_path.name  # named after the output dir
+    with pytest.raises(httpx.HTTPError):  # closed with training (keep_open=False)
         httpx.get(callback.dashboard.url + "/api/v1/health", timeout=2)
+
+
+def test_trainer_callback_shows_tokens_and_the_loss_of_every_step(tmp_path):
+    """A tiny GPT-2 with a byte-level BPE tokenizer, the Trainer's default logging_steps
+    (500: no loss is logged in 6 steps): every step still has its loss, the batch's tokens
+    are labelled as the tokenizer decodes them, and keep_open leaves the page served."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from hf_support import CORPUS, bpe_tokenizer, tiny_gpt2
+
+    from attnscope.integrations.huggingface import AttnscopeCallback
+
+    tok = bpe_tokenizer()
+    model = tiny_gpt2(len(tok))
+    data = [{"input_ids": ids, "labels": ids} for ids in
+            (tok(text, truncation=True, max_length=12, padding="max_length")["input_ids"]
+             for text in CORPUS[:24])]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "gpt2-tiny"), run_name="bpe-run", max_steps=6,
+        per_device_train_batch_size=4, report_to=[], use_cpu=True, save_strategy="no",
+        disable_tqdm=True)
+    callback = AttnscopeCallback(port=0, quiet=True, keep_open=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
+                                   processing_class=tok, callbacks=[callback])
+    trainer.train()
+    dash = callback.dashboard
+    try:
+        assert not [e for e in trainer.state.log_history if "loss" in e]  # logging_steps=500
+        history = dash.run.history
+        assert history.steps == [1, 2, 3, 4, 5, 6]
+        assert all(v["loss"] > 0 for v in history.values)  # every step has its loss
+        labels = dash.run.labels(0)
+        assert len(labels) == 12 and not any("Ġ" in x or "Ċ" in x for x in labels)
+        assert "".join(labels).startswith(tuple(text[:6] for text in CORPUS[:24]))
+        summary = httpx.get(dash.url + "/api/v1/runs/bpe-run").json()
+        assert summary["name"] == "bpe-run" and summary["status"] == "ended"
+    finally:
+        dash.close()
 
 
 # Lightning's own deprecations and its "few dataloader workers" advice
@@ -104,3 +144,4 @@ def test_lightning_callback_marks_steps_with_loss():
     history = callback.dashboard.run.history
     assert history.steps == [1, 2, 3]
     assert [v["loss"] for v in history.values] == pytest.approx(losses)
+    assert callback.dashboard.run.status == "ended"
