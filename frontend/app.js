@@ -84,6 +84,7 @@ const debug = {
   state,
 };
 window.__attnscope = debug;
+debug.budgetBadge = budgetBadge;
 
 /** Add plotly.js to the page once (after the first heatmap, on opening the focus view, or late). */
 function loadPlotly() {
@@ -140,9 +141,33 @@ const historyBar = new HistoryBar({
     state.chartsDirty = true;
   },
   markStep: (step) => { markCharts(); if (step !== null && step !== undefined) pollHeads(step); },
+  noSnapshots: () => view.setWaiting("this run has ended and recorded no snapshots: its charts and roles are on the right"),
   banner: (text) => view.showBanner(text),
 });
 debug.history = historyBar;
+
+/**
+ * Heights that keep the history slider in view under the overview or the focus view:
+ * the grid and the map size their cells, and the focus plot its height, to what the
+ * window has left above the slider.
+ */
+const FOCUS_MIN_PX = 320;
+const FOCUS_MAX_PX = 900;
+function fitHeights() {
+  const bar = historyBar.root;
+  const reserve = bar.hidden ? 0 : bar.offsetHeight + 24; // the bar, the gap and the padding
+  grid.reserve = reserve;
+  headmap.reserve = reserve;
+  if (!els.focus.hidden) {
+    const top = els.focusPlot.getBoundingClientRect().top + window.scrollY;
+    const height = Math.round(window.innerHeight - top - reserve - 12);
+    els.focusPlot.style.height = `${Math.max(FOCUS_MIN_PX, Math.min(FOCUS_MAX_PX, height))}px`;
+    if (plotlyReady() && els.focusPlot._fullLayout) window.Plotly.Plots.resize(els.focusPlot);
+  }
+  grid.fit();
+  headmap.fit();
+}
+window.addEventListener("resize", fitHeights);
 
 /** The history slider's step as a line on the charts (they share the step axis). */
 function markCharts() {
@@ -261,15 +286,19 @@ function setRuns(runs, fromHello) {
   state.runId = wanted ? wanted.id : null;
   view.renderRunOptions(runs, state.runId);
   view.renderRunControls(state.run);
+  if (!wanted || wanted.id !== previous) budgetBadge.reset(); // another run: its own figures
   budgetBadge.show(wanted ? wanted.budget : null);
   if (!wanted) {
     grid.build(0, 0);
-    view.setWaiting("no runs yet — start one with Dashboard.start(model) or `attnscope demo`");
+    view.setWaiting("no runs yet — start one with Dashboard.start(model) or `attnscope demo`; "
+      + "runs recorded in this server's data dir are listed here too");
     return;
   }
   const dims = (r) => (r && r.model ? `${r.model.layers}x${r.model.heads}` : "");
   if (wanted.id !== previous) {
     selectRun();
+  } else if (wanted.status === "ended" && before && before.status !== "ended") {
+    historyBar.setEnded(wanted.step); // it ended while shown: its last frames stay
   } else if (dims(before) !== dims(wanted)) {
     buildGrid();
     resubscribe();
@@ -296,7 +325,7 @@ function selectRun() {
   buildGrid();
   resubscribe();
   state.chartsDirty = true;
-  historyBar.setRun(state.runId, state.healthLayer);
+  historyBar.setRun(state.runId, state.healthLayer, state.run);
 }
 
 function buildGrid() {
@@ -309,13 +338,17 @@ function buildGrid() {
   }
   view.showOverviewMode(state.overviewMode, state.mapStat);
   setLegend();
+  fitHeights();
   grid.build(layers, heads);
   headmap.build(layers, heads);
   if (state.heads) applyHeads(state.heads);
   state.gridHasData = false;
   state.healthLayer = Math.min(state.healthLayer, Math.max(0, layers - 1));
   view.renderLayerOptions(layers, state.healthLayer);
-  view.setWaiting(layers ? "waiting for the first step…" : "this run reports no attention layers");
+  const ended = state.run && state.run.status === "ended";
+  view.setWaiting(!layers ? "this run reports no attention layers"
+    : ended ? `this run ended at step ${state.run.step ?? "–"}: loading what was recorded…`
+      : "waiting for the first step…");
 }
 
 // ---------------------------------------------------------------- drawing
@@ -396,7 +429,14 @@ function applyHeads(answer, scrubbed = false) {
     const values = scrubbed ? { ...h.stats } : { induction: h.stats.induction, duplicate_token: h.stats.duplicate_token };
     for (const [name, v] of Object.entries(values)) (entry.values[name] ||= []).push(v);
   }
-  for (const [layer, { heads, values }] of byLayer) headmap.setLayerStats(layer, heads, values);
+  for (const [layer, { heads, values }] of byLayer) {
+    headmap.setLayerStats(layer, heads, values);
+    if (scrubbed) { // the head-health outlines and list, as they were at that step
+      state.history.latestStats.set(layer, { ...values, layer, heads, step: answer.step });
+      state.healthDirty.add(layer);
+      state.chartsDirty = true;
+    }
+  }
   headmap.setRoles(roles, since);
   grid.setRoles(roles);
   state.mapDirty = true;
@@ -536,6 +576,7 @@ function openFocus(layer, head) {
   view.showFocus(layer, head, state.kind);
   view.setFocusEmpty(true);
   showFocusRole();
+  fitHeights();
   state.healthLayer = layer;
   els.healthLayer.value = String(layer);
   state.chartsDirty = true;
@@ -709,8 +750,20 @@ els.roleEvents.addEventListener("click", (event) => {
 els.runPause.addEventListener("click", () => runControl("pause"));
 els.runResume.addEventListener("click", () => runControl("resume"));
 els.runRestart.addEventListener("click", () => runControl("restart"));
+els.runDelete.addEventListener("click", async () => {
+  const run = state.run;
+  if (!run || !window.confirm(`Delete run '${run.name || run.id}' with its recorded history and captures?`)) return;
+  try {
+    await api.remove(run.id); // the server's "runs" message then lists the others
+  } catch (err) {
+    view.showBanner(err.message);
+  }
+});
 els.runSelect.addEventListener("change", () => {
   state.runId = els.runSelect.value;
+  const address = new URL(window.location.href); // a reload opens the same run
+  address.searchParams.set("run", state.runId);
+  window.history.replaceState(null, "", address);
   state.run = state.runs.find((r) => r.id === state.runId) || null;
   view.renderRunControls(state.run);
   selectRun();

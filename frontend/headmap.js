@@ -60,8 +60,9 @@ export class HeadMap {
     if (!this.heads) return;
     const byWidth = Math.floor((this.container.clientWidth - 44) / this.heads) - 4;
     const top = this.container.getBoundingClientRect().top + window.scrollY;
-    const byHeight = Math.floor((window.innerHeight - top - 24) / Math.max(1, this.layers)) - 4;
-    const size = Math.max(28, Math.min(120, byWidth, Math.max(byHeight, 40)));
+    const byHeight = Math.floor((window.innerHeight - top - 24 - (this.reserve || 0))
+      / Math.max(1, this.layers)) - 4;
+    const size = Math.max(22, Math.min(120, byWidth, byHeight));
     this.container.style.setProperty("--mapcell", `${size}px`);
     const short = size < 64;
     if (short !== this.short) {

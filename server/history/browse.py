@@ -44,7 +44,7 @@ class RecordedRun(RemoteRun):
                          {"layer_details": details,
                           "seq_len": shape[2] if isinstance(shape, list) and len(shape) == 4
                           else None},
-                         str(meta.get("host") or "recorded"))
+                         meta.get("host"))
         self.session = session["session"]
         self.started = _parse_time(session["started"]) or self.started
         last = service.store.stat_at(self.session, None)
