@@ -155,7 +155,8 @@ const FOCUS_MIN_PX = 320;
 const FOCUS_MAX_PX = 900;
 function fitHeights() {
   const bar = historyBar.root;
-  const reserve = bar.hidden ? 0 : bar.offsetHeight + 24; // the bar, the gap and the padding
+  // the bar, the gaps above and below it, and the panel's padding and border
+  const reserve = bar.hidden ? 0 : bar.offsetHeight + 44;
   grid.reserve = reserve;
   headmap.reserve = reserve;
   if (!els.focus.hidden) {
@@ -591,6 +592,7 @@ function closeFocus(subscribe = true) {
   focusView.clear();
   purge(els.focusPlot);
   view.showOverview();
+  fitHeights(); // sized while hidden, if the window changed meanwhile
   state.mapDirty = true;
   if (subscribe) resubscribe();
   for (const layer of state.history.latestStats.keys()) state.healthDirty.add(layer);

@@ -67,7 +67,7 @@ export class Grid {
   /** Size cells so the whole grid fits the container's width and the window's height,
    * less `reserve` (what must stay in view below it). */
   fit() {
-    if (!this.heads) return;
+    if (!this.heads || !this.container.clientWidth) return; // hidden: sized when shown
     const byWidth = Math.floor((this.container.clientWidth - 44) / this.heads) - 4;
     const top = this.container.getBoundingClientRect().top + window.scrollY;
     const byHeight = Math.floor((window.innerHeight - top - 24 - this.reserve)

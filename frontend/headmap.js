@@ -57,7 +57,7 @@ export class HeadMap {
 
   /** Cells as big as fits the width and the window's height (all layers on screen). */
   fit() {
-    if (!this.heads) return;
+    if (!this.heads || !this.container.clientWidth) return; // hidden: sized when shown
     const byWidth = Math.floor((this.container.clientWidth - 44) / this.heads) - 4;
     const top = this.container.getBoundingClientRect().top + window.scrollY;
     const byHeight = Math.floor((window.innerHeight - top - 24 - (this.reserve || 0))
