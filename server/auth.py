@@ -31,8 +31,8 @@ False
 from __future__ import annotations
 
 import hashlib
-import html
 import hmac
+import html
 import json
 import logging
 from collections.abc import Iterable

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-from .test_page_offline import blank, static_url  # noqa: F401 (fixtures)
-
 pytestmark = pytest.mark.browser
 
 HOVERING = """async () => {
@@ -51,14 +49,16 @@ def test_the_cost_badge_is_steady_when_the_cost_hovers_at_the_budget(blank):
 
 TICKS = """async () => {
   const h = await import('/heatmaps.js');
-  const labels = Array.from({ length: 64 }, (_, i) => i % 8 === 0 ? ' the' : i % 8 === 7 ? '\\n' : 'ab');
+  const labels = Array.from({ length: 64 },
+    (_, i) => (i % 8 === 0 ? ' the' : i % 8 === 7 ? '\\n' : 'ab'));
   const wide = h.ticks(labels, 64, 1000, true);
   const narrow = h.ticks(labels, 64, 400, true);
   const side = h.ticks(labels, 64, 900, false);
   const few = h.ticks(['a', 'b', 'c'], 3, 600, true);
-  return { wide, narrow, side, few, shown: [h.showToken(' the'), h.showToken('\\n'), h.showToken(''),
-    h.showToken('\\tx')], sparse: [h.sparse([1, null, null, null, 2, null]),
-    h.sparse(Array.from({ length: 100 }, (_, i) => i))] };
+  const shown = [' the', '\\n', '', '\\tx'].map(h.showToken);
+  const sparse = [h.sparse([1, null, null, null, 2, null]),
+    h.sparse(Array.from({ length: 100 }, (_, i) => i))];
+  return { wide, narrow, side, few, shown, sparse };
 }"""
 
 
