@@ -3,6 +3,7 @@
 
 import { api, Connection, socketUrl } from "./api.js";
 import { BudgetBadge } from "./budget.js";
+import { isCausal } from "./colormap.js";
 import { exportCanvasSvg, exportFocus, exportGridPng, exportGridSvg, exportNpz, fileStem } from "./export.js";
 import { Grid, ROLE_TAGS } from "./grid.js";
 import { changeSince, HeadMap, MAP_STATS } from "./headmap.js";
@@ -663,10 +664,14 @@ function exportView(format) {
   const step = state.history.step ?? "na";
   if (state.focus) {
     if (!plotlyReady()) return;
-    const stem = fileStem("attnscope", state.runId, `L${state.focus.layer}H${state.focus.head}`, state.kind, state.scale, `step${step}`);
     // A matrix is exported as a whole plotly heatmap (the live view paints a canvas).
     const frame = state.focusFrame;
     const index = frame ? frame.header.heads.indexOf(state.focus.head) : -1;
+    // The file says the scale its colours are in ("auto" resolved for this head).
+    const [, rows, cols] = frame ? frame.shape : [0, 0, 0];
+    const scale = state.scale !== "auto" ? state.scale : index >= 0 && frame.header.kind === "attention"
+      && isCausal(frame.data, index * rows * cols, rows, cols) ? "row" : "head";
+    const stem = fileStem("attnscope", state.runId, `L${state.focus.layer}H${state.focus.head}`, state.kind, scale, `step${step}`);
     const target = frame && frame.header.kind !== "qkv_norms" && index >= 0
       ? focusFigure(frame, index, state.scale) : els.focusPlot;
     exportFocus(target, format, stem).catch((err) => view.showBanner(`export failed: ${err.message}`));

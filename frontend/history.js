@@ -143,6 +143,8 @@ export class HistoryBar {
     }
     this.updateSlider();
     this.timer = setInterval(() => this.refresh(), REFRESH_MS);
+    // A remote run whose publisher is away sends nothing: show what it recorded meanwhile.
+    if (run && run.status === "idle" && this.steps.length) this.scrubTo(this.steps.length - 1);
   }
 
   /** The run ended (while shown, or before it was opened): no "live" to go back to. */

@@ -42,6 +42,20 @@ def slider_in_view(page) -> bool:
         page.viewport_size["height"]
 
 
+def open_focus_with_labels(page, url: str, layer: int, head: int, label: str) -> dict:
+    """Open ``url``, then head (layer, head); wait until its axes show ``label`` (as the
+    page writes tokens); the tick texts of both axes."""
+    page.goto(url)
+    page.wait_for_function("() => window.__attnscope.framesDrawn > 0", timeout=WAIT_MS)
+    page.locator(f'.cell[data-layer="{layer}"][data-head="{head}"]').click()
+    page.wait_for_function(
+        "(label) => { const l = document.getElementById('focus-plot').layout;"
+        " return l && l.yaxis && (l.yaxis.ticktext || []).includes(label); }", arg=label,
+        timeout=WAIT_MS)
+    return page.evaluate("() => { const l = document.getElementById('focus-plot').layout;"
+                         " return {x: l.xaxis.ticktext, y: l.yaxis.ticktext}; }")
+
+
 def keep(path, name: str) -> None:
     """A screenshot looked at and worth showing: into docs/."""
     shutil.copyfile(path, DOCS / name)
@@ -117,15 +131,7 @@ def test_trainer_callback_page_shows_tokens_and_a_loss_curve(page, tmp_path):
         [run] = get_json(server.url + "/api/v1/runs")
         assert run["id"] == "gpt2-trainer"  # named after the output dir
         page.set_viewport_size({"width": 1600, "height": 1000})
-        page.goto(server.url + "/")
-        page.wait_for_function("() => window.__attnscope.framesDrawn > 0", timeout=WAIT_MS)
-        page.locator('.cell[data-layer="1"][data-head="2"]').click()
-        page.wait_for_function(
-            "() => { const l = document.getElementById('focus-plot').layout;"
-            " return l && l.xaxis && (l.xaxis.ticktext || []).some(t => t.startsWith('·')); }",
-            timeout=WAIT_MS)
-        axes = page.evaluate("() => { const l = document.getElementById('focus-plot').layout;"
-                             " return {x: l.xaxis.ticktext, y: l.yaxis.ticktext}; }")
+        axes = open_focus_with_labels(page, server.url + "/", 1, 2, "·the")
         assert len(axes["y"]) >= 16  # labels thinned by the room there is, not to every other
         assert not any("Ġ" in t or "Ċ" in t for t in axes["x"] + axes["y"])
         # A causal model: "auto" colours each row by its own maximum.
@@ -179,14 +185,7 @@ def test_connect_with_a_tokenizer_labels_the_page_and_captures_text(page, tmp_pa
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         server.start()  # returns once the publisher's run is listed
-        page.goto(server.url + "/?run=carol/bpe")
-        page.wait_for_function("() => window.__attnscope.framesDrawn > 0", timeout=WAIT_MS)
-        page.locator('.cell[data-layer="0"][data-head="0"]').click()
-        page.wait_for_function(
-            "() => { const l = document.getElementById('focus-plot').layout;"
-            " return l && l.yaxis && (l.yaxis.ticktext || []).includes('·cat'); }",
-            timeout=WAIT_MS)
-        ticks = page.evaluate("() => document.getElementById('focus-plot').layout.yaxis.ticktext")
+        ticks = open_focus_with_labels(page, server.url + "/?run=carol/bpe", 0, 0, "·cat")["y"]
         assert "↵" in "".join(ticks) and not any("Ġ" in t or "Ċ" in t for t in ticks)
         body = json.dumps({"run": "carol/bpe", "text": "the cat sat", "kinds": ["attention"]})
         request = urllib.request.Request(url + "/api/v1/captures", data=body.encode(),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from hf_support import bpe_tokenizer, tiny_gpt2
-from stream_support import Served, Trainer, connect, recv_frame, run_async, small_encoder
+from stream_support import Served, Trainer, connect, run_async, small_encoder, step_until_frame
 from test_remote import wait_for
 
 from attnscope import Dashboard
@@ -69,19 +69,14 @@ def test_labels_of_another_length_than_the_attention_warn_once():
             ws = await connect(dash.url.replace("http", "ws") + "/ws")
             await ws.send(json.dumps({"type": "subscribe", "run": dash.run.id,
                                       "kinds": ["attention"], "layers": [0]}))
-            for step in range(200):
+            def step(i: int) -> None:
                 with torch.no_grad():
                     model(input_ids=ids)
-                dash.step(step, tokens=ids[:, :3])  # 3 labels for L positions
-                try:
-                    await recv_frame(ws, "attention", timeout=0.02)
-                    break
-                except TimeoutError:
-                    continue
-            for step in range(200, 203):
-                with torch.no_grad():
-                    model(input_ids=ids)
-                dash.step(step, tokens=ids[:, :3])
+                dash.step(i, tokens=ids[:, :3])  # 3 labels for L positions
+
+            await step_until_frame(ws, step, "attention")
+            for i in range(200, 203):
+                step(i)
             await ws.close()
 
         with pytest.warns(RuntimeWarning, match=rf"3 labels per sample, but the attention has "
@@ -102,15 +97,12 @@ def test_connect_with_a_tokenizer_labels_frames_and_captures_text():
                 ws = await connect(served.ws_url)
                 await ws.send(json.dumps({"type": "subscribe", "run": "carol/bpe",
                                           "kinds": ["attention"], "layers": [1]}))
-                for step in range(300):
+                def step(i: int) -> None:
                     with torch.no_grad():
                         model(input_ids=ids)
-                    dash.step(step, tokens=ids)
-                    try:
-                        header, _ = await recv_frame(ws, "attention", timeout=0.05)
-                        break
-                    except TimeoutError:
-                        continue
+                    dash.step(i, tokens=ids)
+
+                header, _ = await step_until_frame(ws, step, "attention", 300, 0.05)
                 await ws.close()
                 return header
 
