@@ -300,8 +300,10 @@ class Run(BaseRun):
 
     def _set_tokens(self, tokens: Any) -> None:
         tokens, n, length = token_rows(tokens)  # TypeError / ValueError naming the mistake
-        if self._seq_hook is not None:  # the batch the attention saw is known: check against it
-            check_batch(n, length, self.batch_size, self.seq_len)
+        # The batch the attention saw is known (our hook): the labels must fit it.
+        if self._seq_hook is not None and not check_batch(self, length, self.seq_len,
+                                                          first=self._tokens is None):
+            return
         self._tokens = tokens
         self.batch_size, self.seq_len = n, length
 

@@ -83,21 +83,25 @@ def _tensor_rows(tokens: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return tokens.detach(), tokens.shape[0], tokens.shape[1]
 
 
-def check_batch(n: int, length: int, batch_size: int | None, seq_len: int | None) -> None:
-    """Tokens (N, L) against the batch the model's attention saw (when known): one label
-    per position, and no more samples than the batch has.
+def check_batch(owner: object, length: int, seq_len: int | None, first: bool) -> bool:
+    """Tokens of ``length`` positions against the batch the model's attention saw (when
+    known): True when they fit. A mismatch on the ``first`` tokens given raises (the
+    mistake shows at once); later ones warn once and are not kept, so a stray batch
+    (a micro-batch padded to another length) never stops a long run.
 
-    >>> check_batch(8, 10, 8, 64)  # doctest: +ELLIPSIS
+    >>> check_batch(object(), 10, 64, first=True)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: tokens: shape (8, 10) does not match the batch (8, 64) the model's attention ...
+    ValueError: tokens: 10 labels per sample, but the model's attention saw 64 positions...
     """
-    if seq_len is None:
-        return
-    if length != seq_len or (batch_size is not None and n > batch_size):
-        raise ValueError(f"tokens: shape ({n}, {length}) does not match the batch "
-                         f"({batch_size}, {seq_len}) the model's attention saw: give one label "
-                         "per position of each sample")
+    if seq_len is None or length == seq_len:
+        return True
+    message = (f"tokens: {length} labels per sample, but the model's attention saw {seq_len} "
+               "positions; give one label per position of each sample")
+    if first:
+        raise ValueError(message)
+    _warn_once("labels", owner, message + " (these labels are not shown)")
+    return False
 
 
 def warn_labels_mismatch(owner: object, labels: int, positions: int) -> None:

@@ -42,10 +42,17 @@ def test_tokens_that_do_not_match_the_batch_are_refused():
     run = Run(model, run_id="toy")
     with torch.no_grad():
         model(torch.randn(8, 64, 8))
-    with pytest.raises(ValueError, match=r"shape \(8, 10\) does not match the batch \(8, 64\)"):
+    with pytest.raises(ValueError, match=r"10 labels per sample, but the model's attention "
+                                         r"saw 64 positions"):
         run.step(0, tokens=torch.zeros(8, 10, dtype=torch.long))
     run.step(0, tokens=torch.zeros(8, 64, dtype=torch.long))  # the right shape passes
-    assert run.seq_len == 64
+    assert run.seq_len == 64 and run.labels(0) == ["0"] * 64
+    # Later, a stray batch never stops training: said once, its labels not kept.
+    with torch.no_grad():
+        model(torch.randn(8, 64, 8))
+    with pytest.warns(RuntimeWarning, match="these labels are not shown"):
+        run.step(1, tokens=torch.ones(8, 10, dtype=torch.long))
+    assert run.step_index == 1 and run.labels(0) == ["0"] * 64
 
 
 def test_a_batch_encoding_is_accepted_and_labelled_as_the_tokenizer_decodes():
