@@ -145,3 +145,42 @@ def test_lightning_callback_marks_steps_with_loss():
     assert history.steps == [1, 2, 3]
     assert [v["loss"] for v in history.values] == pytest.approx(losses)
     assert callback.dashboard.run.status == "ended"
+
+
+# Lightning's own deprecations and its "few dataloader workers" advice
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+def test_lightning_callback_labels_the_batch_tokens_and_names_the_run(tmp_path):
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        pl = pytest.importorskip("pytorch_lightning")
+    pytest.importorskip("transformers")
+    from hf_support import CORPUS, bpe_tokenizer, tiny_gpt2
+
+    from attnscope.integrations.lightning import AttnscopeCallback
+
+    tok = bpe_tokenizer()
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_gpt2(len(tok))
+
+        def training_step(self, batch, batch_idx):
+            return self.net(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    ids = tok(CORPUS[:8], truncation=True, max_length=10, padding="max_length",
+              return_tensors="pt")["input_ids"]
+    loader = torch.utils.data.DataLoader([{"input_ids": row} for row in ids], batch_size=4)
+    callback = AttnscopeCallback(port=0, quiet=True, tokenizer=tok)
+    trainer = pl.Trainer(max_steps=2, callbacks=[callback], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu",
+                         default_root_dir=str(tmp_path / "lm-run"))
+    trainer.fit(Module(), loader)
+    run = callback.dashboard.run
+    assert run.name == "lm-run" and run.history.steps == [1, 2]
+    assert "".join(run.labels(0)).startswith(CORPUS[4][:8])  # the last batch, decoded
