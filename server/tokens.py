@@ -71,13 +71,13 @@ def _length(row: Any) -> str:
 
 
 def _tensor_rows(tokens: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-        raise TypeError(f"tokens: a tensor of {tokens.dtype}; token ids are integers")
     if tokens.ndim == 1:
         raise ValueError(f"tokens: a tensor of shape {tuple(tokens.shape)}; give (N, L), "
                          "e.g. tokens.unsqueeze(0) for one sequence")
     if tokens.ndim != 2:
         raise ValueError(f"tokens: expected shape (N, L), got {tuple(tokens.shape)}")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise TypeError(f"tokens: a tensor of {tokens.dtype}; token ids are integers")
     # Kept where it is: a GPU batch is read (one copy) only when its labels are shown,
     # never at every step.
     return tokens.detach(), tokens.shape[0], tokens.shape[1]
