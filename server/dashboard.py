@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 import webbrowser
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch.nn as nn
 
 from .runs import Run, RunRegistry, slugify
+from .tokens import warn_step_after_close
 
 if TYPE_CHECKING:  # the web side loads in start(), not on import (connect never needs it)
     from .serving import BackgroundServer
@@ -36,10 +38,13 @@ class Dashboard:
     :meth:`close` at the end (or use it as a context manager).
     """
 
-    def __init__(self, run: Run, registry: RunRegistry, server: BackgroundServer) -> None:
+    def __init__(self, run: Run, registry: RunRegistry, server: BackgroundServer,
+                 app: Any = None, quiet: bool = False) -> None:
         self.run = run
         self.registry = registry
         self._server = server
+        self._app = app
+        self._quiet = quiet
         self.url = server.url
         self._closed = False
 
@@ -55,7 +60,8 @@ class Dashboard:
         finds: ``transformer_core``, Hugging Face, ``nn.MultiheadAttention`` and modules
         calling ``F.scaled_dot_product_attention`` (README, "Your model").
         ``tokenizer``: a Hugging Face tokenizer; token ids given to :meth:`step` are
-        shown as its strings, and captures accept ``text``.
+        shown as its strings, and captures accept ``text``. ``name``: the run's name
+        (default: ``run`` and the time it started, so that every run stays listed).
         ``max_overhead``: what the dashboard may cost, a fraction of training time
         (default: ``settings.max_overhead``, ``ATTNSCOPE_MAX_OVERHEAD``, 0.03); past it
         it thins its own work and says so on the page (:mod:`attnscope.budget`).
@@ -78,11 +84,14 @@ class Dashboard:
         settings = Settings.model_validate(settings.model_dump())
         generated = settings.token_generated or given.token_generated
         registry = RunRegistry()
-        run = registry.add(Run(model, run_id=slugify(name or "run"), name=name or "run",
+        # Unnamed runs are told apart by when they started (each stays listed afterwards).
+        name = name or time.strftime("run %Y-%m-%d %H:%M:%S")
+        run = registry.add(Run(model, run_id=slugify(name), name=name,
                                tokenizer=tokenizer, max_overhead=settings.max_overhead))
-        server = BackgroundServer(create_app(settings, registry), settings)
+        app = create_app(settings, registry)
+        server = BackgroundServer(app, settings)
         server.start()
-        dash = cls(run, registry, server)
+        dash = cls(run, registry, server, app, quiet)
         if not quiet:
             # A generated token is shown in the URL (the user has no other way to learn
             # it); a user-supplied one is never printed (it would land in logs).
@@ -101,7 +110,8 @@ class Dashboard:
                 run: str | None = None, *, token: str | None = None, name: str | None = None,
                 config: dict[str, Any] | None = None, ranks: int | Sequence[int] | str = 0,
                 buffer_frames: int = 256, symbols: Sequence[str] | None = None,
-                history: bool = True, max_overhead: float | None = None, **old: Any) -> Any:
+                history: bool = True, max_overhead: float | None = None,
+                tokenizer: Any = None, **old: Any) -> Any:
         """Publish ``model`` to a running ``attnscope serve`` at ``url`` as run ``run``:
         ``Dashboard.connect(model, "http://HOST:8000", run="alice/lr3e-4")``.
 
@@ -110,8 +120,11 @@ class Dashboard:
         server's token (default: ``ATTNSCOPE_TOKEN``). Under torchrun / DDP only the
         ranks in ``ranks`` publish (default rank 0); ``ranks="all"`` publishes every
         rank as ``run/rank-N``. The others get a dashboard that does nothing.
-        ``symbols``: the model's vocabulary (token id -> label), for token labels
-        and for captures given as ``text``. ``history``: record this run's history
+        ``tokenizer``: a Hugging Face tokenizer, as in :meth:`start`: token ids given to
+        :meth:`step` are shown as its strings, and captures of this run accept ``text``
+        (tokenized here). ``symbols``: the model's vocabulary (token id -> label), for
+        token labels and for captures given as ``text`` (symbols separated by spaces, or
+        one per character), when there is no tokenizer. ``history``: record this run's history
         (here, sent to the server) when the server records history; False saves the
         training process that work (see docs/history.md). ``max_overhead``: what the
         dashboard may cost this process, a fraction of training time (default
@@ -133,15 +146,19 @@ class Dashboard:
                                else f"{name} (rank {rank})", token=token, config=config,
                                buffer_frames=buffer_frames, symbols=symbols, history=history,
                                max_overhead=max_overhead_from_env() if max_overhead is None
-                               else max_overhead)
+                               else max_overhead, tokenizer=tokenizer)
 
     def step(self, step: int, loss: Any = None, tokens: Any = None, **scalars: Any) -> None:
         """Mark the end of training step ``step`` (see :meth:`attnscope.runs.Run.step`).
 
         ``tokens``: this batch's token labels, a list of N lists of L strings
         or an (N, L) tensor of ids (then labelled by their numbers).
-        Blocks only while the run is paused from the page.
+        Blocks only while the run is paused from the page. After :meth:`close` it does
+        nothing (and warns once).
         """
+        if self._closed:
+            warn_step_after_close(self)
+            return
         self.run.step(step, loss=loss, tokens=tokens, **scalars)
 
     def new_sequence(self) -> None:
@@ -150,13 +167,19 @@ class Dashboard:
         self.run.new_sequence()
 
     def close(self) -> None:
-        """End the run and stop the server."""
+        """End the run and stop the server; says where the run stays browsable."""
         if self._closed:
             return
         self._closed = True
         self.run.close()
+        from .history.browse import recorded_message
+
+        after = None if self._quiet or self._app is None else recorded_message(self._app,
+                                                                                self.run.id)
         self._server.stop()
         self.run.detach()
+        if after is not None:
+            print(after, flush=True)  # the user needs to know where the run went
 
     def __enter__(self) -> Dashboard:
         return self

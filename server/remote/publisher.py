@@ -33,7 +33,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import torch.nn as nn
 import websockets
@@ -43,6 +43,7 @@ from ..jsonsafe import json_safe
 from ..runs import Run
 from ..stream.publisher import EMPTY_PLAN, Publisher
 from ..stream.stats import valid_key_counts
+from ..tokens import warn_step_after_close
 from .captures import answer_capture, model_info_message
 from .history import HistoryOutbox, config_from_message
 from .wire import WIRE_VERSION, encode_capture, plan_from_message
@@ -80,6 +81,17 @@ def publish_url(url: str) -> str:
     return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/ws/publish", "", ""))
 
 
+def browse_url(url: str, run_id: str) -> str:
+    """The page of run ``run_id`` on the server at ``url``.
+
+    >>> browse_url("http://host:8000/", "alice/lr3e-4")
+    'http://host:8000/?run=alice/lr3e-4'
+    """
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") + "/",
+                       urlencode({"run": run_id}, safe="/"), ""))
+
+
 class RemotePublisher:
     """Publishes ``model`` as run ``run_id`` to the server at ``url``; see :meth:`step`.
 
@@ -89,15 +101,17 @@ class RemotePublisher:
     def __init__(self, model: nn.Module, url: str, run_id: str, *, name: str | None = None,
                  token: str | None = None, config: dict[str, Any] | None = None,
                  buffer_frames: int = 256, symbols: Sequence[str] | None = None,
-                 history: bool = True, max_overhead: float | None = 0.03) -> None:
+                 history: bool = True, max_overhead: float | None = 0.03,
+                 tokenizer: Any = None) -> None:
         if buffer_frames < 1:
             raise ValueError(f"buffer_frames must be >= 1, got {buffer_frames}")
         self.url = url
         self.ws_url = publish_url(url)
         self.model = model
         self.run = Run(model, run_id=run_id, name=name or run_id, controls=(), symbols=symbols,
-                       max_overhead=max_overhead)
-        self._model_info = model_info_message(self.run.layout, self.run.symbols)
+                       max_overhead=max_overhead, tokenizer=tokenizer)
+        self._model_info = model_info_message(self.run.layout, self.run.symbols,
+                                              self.run.tokenizer)
         self.config = dict(config or {})
         self._token = token
         self._publisher = Publisher(self.run, self._wake)
@@ -139,7 +153,10 @@ class RemotePublisher:
 
     def step(self, step: int, loss: Any = None, tokens: Any = None, **scalars: Any) -> None:
         """Mark the end of training step ``step`` (as :meth:`attnscope.Dashboard.step`). Never
-        waits for the network."""
+        waits for the network. After :meth:`close` it does nothing (and warns once)."""
+        if self._closing:
+            warn_step_after_close(self)
+            return
         self.run.step(step, loss=loss, tokens=tokens, **scalars)
 
     def new_sequence(self) -> None:
@@ -188,6 +205,9 @@ class RemotePublisher:
         self._wake_pending = False
         self._wake()
         self._thread.join(timeout)
+        if self.connections:  # the user needs to know where the run went
+            print(f"attnscope: run {self.run.id!r} ended; it stays browsable at "
+                  f"{browse_url(self.url, self.run.id)}", flush=True)
         self._publisher.close()
         self.run.close()
         self.run.detach()

@@ -56,7 +56,13 @@ def test_dashboard_start_step_and_close(capsys):
     assert dash.run.status == "ended"
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/api/v1/health", timeout=2)
-    dash.step(1000)  # a step after close is ignored, not an error
+    # close() says where the run stays browsable (the data dir of its history)
+    data_dir = os.environ["ATTNSCOPE_DATA_DIR"]
+    assert f"attnscope serve --data-dir {data_dir}" in capsys.readouterr().out
+    with pytest.warns(RuntimeWarning, match=r"step\(\) after close\(\): ignored") as seen:
+        dash.step(1000)  # ignored, said once
+        dash.step(1001)
+    assert len(seen) == 1 and dash.run.step_index != 1000
 
 
 def test_dashboard_start_serves_from_rank_zero_only(monkeypatch, capsys):
