@@ -46,6 +46,8 @@ export const api = {
   runs: () => request("GET", "/runs"),
   run: (id) => request("GET", `/runs/${encodeURIComponent(id)}`),
   control: (id, action) => request("POST", `/runs/${encodeURIComponent(id)}/${encodeURIComponent(action)}`),
+  /** DELETE /api/v1/runs/{id}: an ended run and its data (recorded history, captures). */
+  remove: (id) => request("DELETE", `/runs/${encodeURIComponent(id)}`),
   /** POST /api/v1/captures (docs/captures.md); resolves to the capture's metadata. */
   capture: (body) => request("POST", "/captures", body),
   /** GET /api/v1/runs/{id}/heads: statistics, role scores, roles, events (at `step`). */

@@ -3,6 +3,7 @@
 
 import { api, Connection, socketUrl } from "./api.js";
 import { BudgetBadge } from "./budget.js";
+import { isCausal } from "./colormap.js";
 import { exportCanvasSvg, exportFocus, exportGridPng, exportGridSvg, exportNpz, fileStem } from "./export.js";
 import { Grid, ROLE_TAGS } from "./grid.js";
 import { changeSince, HeadMap, MAP_STATS } from "./headmap.js";
@@ -85,6 +86,7 @@ const debug = {
   state,
 };
 window.__attnscope = debug;
+debug.budgetBadge = budgetBadge;
 
 /** Add plotly.js to the page once (after the first heatmap, on opening the focus view, or late). */
 function loadPlotly() {
@@ -141,9 +143,34 @@ const historyBar = new HistoryBar({
     state.chartsDirty = true;
   },
   markStep: (step) => { markCharts(); if (step !== null && step !== undefined) pollHeads(step); },
+  noSnapshots: () => view.setWaiting("this run has ended and recorded no snapshots: its charts and roles are on the right"),
   banner: (text) => view.showBanner(text),
 });
 debug.history = historyBar;
+
+/**
+ * Heights that keep the history slider in view under the overview or the focus view:
+ * the grid and the map size their cells, and the focus plot its height, to what the
+ * window has left above the slider.
+ */
+const FOCUS_MIN_PX = 320;
+const FOCUS_MAX_PX = 900;
+function fitHeights() {
+  const bar = historyBar.root;
+  // the bar, the gaps above and below it, and the panel's padding and border
+  const reserve = bar.hidden ? 0 : bar.offsetHeight + 44;
+  grid.reserve = reserve;
+  headmap.reserve = reserve;
+  if (!els.focus.hidden) {
+    const top = els.focusPlot.getBoundingClientRect().top + window.scrollY;
+    const height = Math.round(window.innerHeight - top - reserve - 12);
+    els.focusPlot.style.height = `${Math.max(FOCUS_MIN_PX, Math.min(FOCUS_MAX_PX, height))}px`;
+    if (plotlyReady() && els.focusPlot._fullLayout) window.Plotly.Plots.resize(els.focusPlot);
+  }
+  grid.fit();
+  headmap.fit();
+}
+window.addEventListener("resize", fitHeights);
 
 /** The history slider's step as a line on the charts (they share the step axis). */
 function markCharts() {
@@ -262,15 +289,19 @@ function setRuns(runs, fromHello) {
   state.runId = wanted ? wanted.id : null;
   view.renderRunOptions(runs, state.runId);
   view.renderRunControls(state.run);
+  if (!wanted || wanted.id !== previous) budgetBadge.reset(); // another run: its own figures
   budgetBadge.show(wanted ? wanted.budget : null);
   if (!wanted) {
     grid.build(0, 0);
-    view.setWaiting("no runs yet — start one with Dashboard.start(model) or `attnscope demo`");
+    view.setWaiting("no runs yet — start one with Dashboard.start(model) or `attnscope demo`; "
+      + "runs recorded in this server's data dir are listed here too");
     return;
   }
   const dims = (r) => (r && r.model ? `${r.model.layers}x${r.model.heads}` : "");
   if (wanted.id !== previous) {
     selectRun();
+  } else if (wanted.status === "ended" && before && before.status !== "ended") {
+    historyBar.setEnded(wanted.step); // it ended while shown: its last frames stay
   } else if (dims(before) !== dims(wanted)) {
     buildGrid();
     resubscribe();
@@ -297,7 +328,7 @@ function selectRun() {
   buildGrid();
   resubscribe();
   state.chartsDirty = true;
-  historyBar.setRun(state.runId, state.healthLayer);
+  historyBar.setRun(state.runId, state.healthLayer, state.run);
 }
 
 function buildGrid() {
@@ -310,13 +341,17 @@ function buildGrid() {
   }
   view.showOverviewMode(state.overviewMode, state.mapStat);
   setLegend();
+  fitHeights();
   grid.build(layers, heads);
   headmap.build(layers, heads);
   if (state.heads) applyHeads(state.heads);
   state.gridHasData = false;
   state.healthLayer = Math.min(state.healthLayer, Math.max(0, layers - 1));
   view.renderLayerOptions(layers, state.healthLayer);
-  view.setWaiting(layers ? "waiting for the first step…" : "this run reports no attention layers");
+  const ended = state.run && state.run.status === "ended";
+  view.setWaiting(!layers ? "this run reports no attention layers"
+    : ended ? `this run ended at step ${state.run.step ?? "–"}: loading what was recorded…`
+      : "waiting for the first step…");
 }
 
 // ---------------------------------------------------------------- drawing
@@ -397,7 +432,14 @@ function applyHeads(answer, scrubbed = false) {
     const values = scrubbed ? { ...h.stats } : { induction: h.stats.induction, duplicate_token: h.stats.duplicate_token };
     for (const [name, v] of Object.entries(values)) (entry.values[name] ||= []).push(v);
   }
-  for (const [layer, { heads, values }] of byLayer) headmap.setLayerStats(layer, heads, values);
+  for (const [layer, { heads, values }] of byLayer) {
+    headmap.setLayerStats(layer, heads, values);
+    if (scrubbed) { // the head-health outlines and list, as they were at that step
+      state.history.latestStats.set(layer, { ...values, layer, heads, step: answer.step });
+      state.healthDirty.add(layer);
+      state.chartsDirty = true;
+    }
+  }
   headmap.setRoles(roles, since);
   grid.setRoles(roles);
   state.mapDirty = true;
@@ -537,6 +579,7 @@ function openFocus(layer, head) {
   view.showFocus(layer, head, state.kind);
   view.setFocusEmpty(true);
   showFocusRole();
+  fitHeights();
   state.healthLayer = layer;
   els.healthLayer.value = String(layer);
   state.chartsDirty = true;
@@ -551,6 +594,7 @@ function closeFocus(subscribe = true) {
   focusView.clear();
   purge(els.focusPlot);
   view.showOverview();
+  fitHeights(); // sized while hidden, if the window changed meanwhile
   state.mapDirty = true;
   if (subscribe) resubscribe();
   for (const layer of state.history.latestStats.keys()) state.healthDirty.add(layer);
@@ -621,10 +665,14 @@ function exportView(format) {
   const step = state.history.step ?? "na";
   if (state.focus) {
     if (!plotlyReady()) return;
-    const stem = fileStem("attnscope", state.runId, `L${state.focus.layer}H${state.focus.head}`, state.kind, state.scale, `step${step}`);
     // A matrix is exported as a whole plotly heatmap (the live view paints a canvas).
     const frame = state.focusFrame;
     const index = frame ? frame.header.heads.indexOf(state.focus.head) : -1;
+    // The file says the scale its colours are in ("auto" resolved for this head).
+    const [, rows, cols] = frame ? frame.shape : [0, 0, 0];
+    const scale = state.scale !== "auto" ? state.scale : index >= 0 && frame.header.kind === "attention"
+      && isCausal(frame.data, index * rows * cols, rows, cols) ? "row" : "head";
+    const stem = fileStem("attnscope", state.runId, `L${state.focus.layer}H${state.focus.head}`, state.kind, scale, `step${step}`);
     const target = frame && frame.header.kind !== "qkv_norms" && index >= 0
       ? focusFigure(frame, index, state.scale) : els.focusPlot;
     exportFocus(target, format, stem).catch((err) => view.showBanner(`export failed: ${err.message}`));
@@ -728,8 +776,20 @@ els.roleEvents.addEventListener("click", (event) => {
 els.runPause.addEventListener("click", () => runControl("pause"));
 els.runResume.addEventListener("click", () => runControl("resume"));
 els.runRestart.addEventListener("click", () => runControl("restart"));
+els.runDelete.addEventListener("click", async () => {
+  const run = state.run;
+  if (!run || !window.confirm(`Delete run '${run.name || run.id}' with its recorded history and captures?`)) return;
+  try {
+    await api.remove(run.id); // the server's "runs" message then lists the others
+  } catch (err) {
+    view.showBanner(err.message);
+  }
+});
 els.runSelect.addEventListener("change", () => {
   state.runId = els.runSelect.value;
+  const address = new URL(window.location.href); // a reload opens the same run
+  address.searchParams.set("run", state.runId);
+  window.history.replaceState(null, "", address);
   state.run = state.runs.find((r) => r.id === state.runId) || null;
   view.renderRunControls(state.run);
   selectRun();

@@ -1,17 +1,68 @@
 // The header's cost-budget badge: what watching costs the training loop, and what the
 // dashboard thinned to stay under its budget (server/budget.py; the run summary's
 // `budget` and the websocket's `budget` messages carry the same object).
+//
+// It reads steadily: the figure shown is averaged over the last few reports, its colour
+// changes only once a new state held SETTLE reports in a row (and "over" ends only below
+// LEAVE_OVER of the budget), and the text is short; the details are in the tooltip.
+
+const SMOOTHING = 0.3; // weight of the newest report in the figure shown (~5 reports' memory)
+const SETTLE = 3; // reports a new colour must hold before it is shown
+const LEAVE_OVER = 0.9; // "over" ends below 90 % of the budget, not at the first dip under it
 
 // 0.03 -> "3 %", 0.001 -> "0.1 %", 0.0123 -> "1.2 %" (as the server's text writes them)
-const pct = (x) => {
+export const pct = (x) => {
   if (x == null) return "–";
   const v = Math.round(1000 * x) / 10;
   return `${v >= 1 || v === 0 ? String(v) : v.toFixed(1)} %`;
 };
 
+function isThinning(budget) {
+  const t = budget.thinned || {};
+  return (t.stats_every || 1) > 1 || (t.snapshot_stride || 1) > 1 || (t.stream_factor || 1) > 1
+    || (t.view_scale || 1) < 1;
+}
+
 export class BudgetBadge {
   constructor(el) {
     this.el = el; // a <span> in the header; textContent only (no HTML from the server)
+    this.reset();
+  }
+
+  reset() {
+    this.state = null; // "ok" | "thinned" | "over", as shown
+    this.pending = null;
+    this.held = 0;
+    this.overhead = null; // smoothed
+    this.changes = 0; // colour changes shown (test hook)
+  }
+
+  /** The state this report asks for, with the "over" band's hysteresis. */
+  wanted(budget) {
+    const { max_overhead: max, overhead } = budget;
+    if (max != null && overhead != null) {
+      const limit = this.state === "over" ? LEAVE_OVER * max : max;
+      if (overhead > limit) return "over";
+    }
+    return isThinning(budget) ? "thinned" : "ok";
+  }
+
+  settle(wanted) {
+    if (this.state === null || wanted === this.state) {
+      if (this.state !== wanted) this.changes += this.state === null ? 0 : 1;
+      this.state = wanted;
+      this.pending = null;
+      this.held = 0;
+      return;
+    }
+    this.held = wanted === this.pending ? this.held + 1 : 1;
+    this.pending = wanted;
+    if (this.held >= SETTLE) {
+      this.state = wanted;
+      this.pending = null;
+      this.held = 0;
+      this.changes += 1;
+    }
   }
 
   // `budget`: Budget.status() of the run shown, or null (a remote run: none here).
@@ -20,25 +71,25 @@ export class BudgetBadge {
     if (!budget) {
       el.hidden = true;
       el.textContent = "";
+      this.reset();
       return;
     }
-    const thinned = budget.thinned || {};
-    const thinning = (thinned.stats_every || 1) > 1 || (thinned.snapshot_stride || 1) > 1
-      || (thinned.stream_factor || 1) > 1 || (thinned.view_scale || 1) < 1;
-    const over = budget.max_overhead != null && budget.overhead != null
-      && budget.overhead > budget.max_overhead;
+    if (budget.overhead != null) {
+      this.overhead = this.overhead == null ? budget.overhead
+        : this.overhead + SMOOTHING * (budget.overhead - this.overhead);
+    }
+    this.settle(this.wanted(budget));
     el.hidden = false;
-    el.dataset.state = over ? "over" : thinning ? "thinned" : "ok";
-    const items = budget.thinning || [];
-    // Two items at most in the header; the whole sentence is in the tooltip.
-    const shown = items.length > 2 ? [...items.slice(0, 2), `${items.length - 2} more`] : items;
-    el.textContent = thinning
-      ? `${shown.join(", ")} to stay under ${pct(budget.max_overhead)} (now ${pct(budget.overhead)})`
-      : `dashboard ${pct(budget.overhead)}`
-        + (budget.max_overhead == null ? "" : ` / ${pct(budget.max_overhead)}`);
+    el.dataset.state = this.state;
+    const of = budget.max_overhead == null ? "" : ` of ${pct(budget.max_overhead)}`;
+    const tail = this.state === "over" ? " · thinning" : this.state === "thinned" ? " · thinned" : "";
+    el.textContent = `cost ${pct(this.overhead)}${of}${tail}`;
     const costs = budget.costs || {};
     const parts = Object.keys(costs).map((k) => `${k} ${pct(costs[k])}`).join(", ");
-    el.title = `${budget.text}\nper part of the last window: ${parts || "–"}`
+    const thinned = (budget.thinning || []).join(", ");
+    el.title = `What watching costs the training loop (averaged over the last reports).\n${budget.text}`
+      + (thinned ? `\nthinned: ${thinned}` : "")
+      + `\nlast window: ${pct(budget.overhead)}; per part: ${parts || "–"}`
       + `\nsince the start: ${pct(budget.overhead_total)}`
       + (budget.dropped ? `\nhistory records dropped: ${budget.dropped}` : "");
   }

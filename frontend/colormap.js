@@ -81,6 +81,9 @@ export function paintMatrix(pixels, data, start, rows, cols, zmin, zmax) {
 
 /** Colour scales the page offers (grid, focus view and exports share the choice). */
 export const SCALES = {
+  // per row for a causal head (nothing above the diagonal: row 0's one key takes all of
+  // its weight and would leave the rest dark), per head otherwise
+  auto: "auto",
   head: "per head", // [0, max] of each head: its own pattern at full contrast
   row: "per row", // each query row divided by its max: causal and peaked heads show every row
   log: "log", // log10 weight from 1e-4 to 1: small weights stay visible next to a 1.0
@@ -99,6 +102,7 @@ export const LOG_FLOOR = 1e-4;
  */
 export function scaleMatrix(scale, kind, data, start, rows, cols) {
   const n = rows * cols;
+  if (scale === "auto") scale = kind === "attention" && isCausal(data, start, rows, cols) ? "row" : "head";
   if (kind !== "attention" || scale === "head" || !(scale in SCALES)) {
     const [zmin, zmax] = valueRange(kind, data, start, start + n);
     return { values: data, offset: start, zmin, zmax, title: kind === "attention" ? "weight" : "logit" };
@@ -121,6 +125,19 @@ export function scaleMatrix(scale, kind, data, start, rows, cols) {
     }
   }
   return { values: out, offset: 0, zmin: 0, zmax: 1, title: "weight / row max" };
+}
+
+/**
+ * Whether a rows x cols matrix is causal: square, more than one row, and no weight above
+ * its diagonal (stops at the first one, so a non-causal head costs a few reads).
+ */
+export function isCausal(data, start, rows, cols) {
+  if (rows !== cols || rows < 2) return false;
+  for (let r = 0; r < rows - 1; r++) {
+    const base = start + r * cols;
+    for (let c = r + 1; c < cols; c++) if (data[base + c] > 1e-6) return false;
+  }
+  return true;
 }
 
 /** Value i (row-major from the matrix's start) of a scaleMatrix result, as coloured. */

@@ -9,7 +9,7 @@
 // gave 3 updates/s at 512 x 512. Exports build the full plotly heatmap once (focusFigure).
 
 import { LUT32, paintScaled, scaledValue, scaleMatrix, VIRIDIS } from "./colormap.js";
-import { focusAxes, labelsOf, PLOT_CONFIG } from "./heatmaps.js";
+import { focusAxes, labelsOf, PLOT_CONFIG, showToken } from "./heatmaps.js";
 
 const Plotly = () => window.Plotly;
 const TICKS_INTERVAL_MS = 1000; // new token labels on the axes: at most one plotly redraw a second
@@ -118,7 +118,9 @@ export class FocusCanvas {
     this.axesDetail = this.detail(v);
     this.axesShownAt = performance.now();
     this.reacts += 1;
-    const layout = focusAxes(v, this.uirevision);
+    // The plot area: the element less the margins, the colour bar and the tick labels.
+    const side = Math.min(this.plot.clientWidth - 200, this.plot.clientHeight - 80);
+    const layout = focusAxes(v, this.uirevision, side > 0 ? side : undefined);
     layout.margin = { ...layout.margin, r: 96 }; // room for the colour bar
     const done = Plotly().react(this.plot, [], layout, PLOT_CONFIG);
     // Zoom, pan and resizes move the plot area: follow them (once; Plotly.purge drops these).
@@ -187,8 +189,8 @@ export class FocusCanvas {
     const row = Math.round(a.y[1] + (py / a.height) * (a.y[0] - a.y[1]));
     if (col < 0 || row < 0 || col >= v.cols || row >= v.rows) { this.tip.hidden = true; return; }
     const value = scaledValue(v, row * v.cols + col);
-    const q = v.queries ? v.queries[row] : row;
-    const k = v.keys ? v.keys[col] : col;
+    const q = v.queries ? showToken(v.queries[row]) : row;
+    const k = v.keys ? showToken(v.keys[col]) : col;
     this.tip.textContent = `query #${row}: ${q}\nkey #${col}: ${k}\n${v.title} ${fmt(value)}`;
     this.tip.hidden = false;
     this.tip.style.left = `${event.pageX + 14}px`;

@@ -19,7 +19,8 @@ export class Grid {
     this.cells = new Map(); // "layer:head" -> cell record
     this.layers = 0;
     this.heads = 0;
-    this.scale = "head"; // colour scale of the thumbnails (colormap.js SCALES)
+    this.scale = "auto"; // colour scale of the thumbnails (colormap.js SCALES)
+    this.reserve = 0; // px kept free under the grid (the history slider stays in view)
     container.addEventListener("click", (event) => {
       const cell = event.target.closest(".cell");
       if (cell) this.onOpen(Number(cell.dataset.layer), Number(cell.dataset.head));
@@ -63,13 +64,15 @@ export class Grid {
     return button;
   }
 
-  /** Size cells so the whole grid fits the container's width and the window's height. */
+  /** Size cells so the whole grid fits the container's width and the window's height,
+   * less `reserve` (what must stay in view below it). */
   fit() {
-    if (!this.heads) return;
+    if (!this.heads || !this.container.clientWidth) return; // hidden: sized when shown
     const byWidth = Math.floor((this.container.clientWidth - 44) / this.heads) - 4;
     const top = this.container.getBoundingClientRect().top + window.scrollY;
-    const byHeight = Math.floor((window.innerHeight - top - 24) / Math.max(1, this.layers)) - 4;
-    const size = Math.max(32, Math.min(240, byWidth, Math.max(byHeight, 48)));
+    const byHeight = Math.floor((window.innerHeight - top - 24 - this.reserve)
+      / Math.max(1, this.layers)) - 4;
+    const size = Math.max(24, Math.min(240, byWidth, byHeight));
     this.container.style.setProperty("--cell", `${size}px`);
     this.short = size < 64; // short role tags in small cells
   }

@@ -57,11 +57,12 @@ export class HeadMap {
 
   /** Cells as big as fits the width and the window's height (all layers on screen). */
   fit() {
-    if (!this.heads) return;
+    if (!this.heads || !this.container.clientWidth) return; // hidden: sized when shown
     const byWidth = Math.floor((this.container.clientWidth - 44) / this.heads) - 4;
     const top = this.container.getBoundingClientRect().top + window.scrollY;
-    const byHeight = Math.floor((window.innerHeight - top - 24) / Math.max(1, this.layers)) - 4;
-    const size = Math.max(28, Math.min(120, byWidth, Math.max(byHeight, 40)));
+    const byHeight = Math.floor((window.innerHeight - top - 24 - (this.reserve || 0))
+      / Math.max(1, this.layers)) - 4;
+    const size = Math.max(22, Math.min(120, byWidth, byHeight));
     this.container.style.setProperty("--mapcell", `${size}px`);
     const short = size < 64;
     if (short !== this.short) {

@@ -18,11 +18,23 @@ export const PLOT_CONFIG = {
 const FONT = { color: "#d7dae0", family: "system-ui, -apple-system, Segoe UI, sans-serif", size: 12 };
 const AXIS = { gridcolor: "#2a2f3a", zerolinecolor: "#2a2f3a", linecolor: "#3a4050", automargin: true };
 const NORM_COLOURS = ["#4cc9f0", "#f72585", "#ffd166"];
-const MAX_TICKS = 40;
 const MAX_TICK_CHARS = 14; // longer labels are cut on the axis; hover shows them whole
+const TICK_FONT_PX = 12; // FONT.size: a row of tick text is about this tall
+const CHAR_PX = 7; // and a character about this wide (system-ui at 12 px)
+const DEFAULT_AXIS_PX = 720; // the axis length assumed when none is given (exports)
 
 function truncate(text, n) {
   return text.length > n ? `${text.slice(0, n - 1)}…` : text;
+}
+
+/**
+ * A token as the page shows it: whitespace made visible (a space "·", a newline "↵", a tab
+ * "⇥"), and an empty token "∅", so " the" and "\n" do not look alike or blank.
+ */
+export function showToken(label) {
+  const text = String(label);
+  if (text === "") return "∅";
+  return text.replace(/ /g, "·").replace(/\n/g, "↵").replace(/\t/g, "⇥").replace(/\r/g, "␍");
 }
 
 /** Escape text for plotly's pseudo-HTML labels (ticks, hover, titles). */
@@ -41,16 +53,28 @@ function baseLayout(extra) {
   };
 }
 
-/** Tick values/text for n positions with labels; at most MAX_TICKS shown. */
-function ticks(labels, n) {
-  const every = Math.max(1, Math.ceil(n / MAX_TICKS));
+/**
+ * Tick values/text for n positions along an axis of `px` pixels: every label when they
+ * fit, else every k-th (k as small as fits). Labels are stacked along a vertical axis and,
+ * along a horizontal one, written upright while they fit side by side, else turned 90°
+ * (then each takes one line's height, as on a vertical axis).
+ */
+export function ticks(labels, n, px = DEFAULT_AXIS_PX, horizontal = false) {
+  const texts = [];
+  for (let i = 0; i < n; i++) texts.push(truncate(showToken(labels ? labels[i] ?? i : i), MAX_TICK_CHARS));
+  const widest = texts.reduce((m, t) => Math.max(m, t.length), 1) * CHAR_PX + 6;
+  const upright = horizontal && n * widest <= px;
+  const room = upright ? widest : TICK_FONT_PX + 2;
+  const every = Math.max(1, Math.ceil(n / Math.max(1, Math.floor(px / room))));
   const vals = [];
   const text = [];
   for (let i = 0; i < n; i += every) {
     vals.push(i);
-    text.push(escapePlotly(truncate(String(labels ? labels[i] ?? i : i), MAX_TICK_CHARS)));
+    text.push(escapePlotly(texts[i]));
   }
-  return { tickvals: vals, ticktext: text, tickmode: "array" };
+  const out = { tickvals: vals, ticktext: text, tickmode: "array" };
+  if (horizontal) out.tickangle = upright ? 0 : -90;
+  return out;
 }
 
 export function labelsOf(header, axis, n) {
@@ -62,13 +86,15 @@ export function labelsOf(header, axis, n) {
  * Layout of the focus matrix view (focus.js) for `v` = {rows, cols, queries, keys}: key
  * tokens on top, query tokens down the side (row 0 at the top), one square cell per pair.
  */
-export function focusAxes(v, uirevision) {
+export function focusAxes(v, uirevision, px = DEFAULT_AXIS_PX) {
+  // Square cells: both axes are about `px` long (the smaller side of the plot area).
+  const side = Math.max(120, px);
   return baseLayout({
     uirevision,
     hovermode: false, // focus.js shows the cell under the mouse itself
-    xaxis: { ...AXIS, ...ticks(v.keys, v.cols), title: { text: "key token" }, side: "top", showgrid: false,
+    xaxis: { ...AXIS, ...ticks(v.keys, v.cols, side * Math.min(1, v.cols / v.rows), true), title: { text: "key token" }, side: "top", showgrid: false,
       zeroline: false, constrain: "domain", range: [-0.5, v.cols - 0.5] },
-    yaxis: { ...AXIS, ...ticks(v.queries, v.rows), title: { text: "query token" }, showgrid: false,
+    yaxis: { ...AXIS, ...ticks(v.queries, v.rows, side * Math.min(1, v.rows / v.cols)), title: { text: "query token" }, showgrid: false,
       zeroline: false, scaleanchor: "x", constrain: "domain", range: [v.rows - 0.5, -0.5] },
     margin: { l: 72, r: 16, t: 56, b: 16 },
   });
@@ -92,7 +118,7 @@ export function drawFocusNorms(el, frame, index, style, uirevision) {
   const layout = baseLayout({
     uirevision,
     barmode: "group",
-    xaxis: { ...AXIS, ...ticks(labels, positions), title: { text: "position (token)" } },
+    xaxis: { ...AXIS, ...ticks(labels, positions, Math.max(0, el.clientWidth - 72) || DEFAULT_AXIS_PX, true), title: { text: "position (token)" } },
     yaxis: { ...AXIS, title: { text: "L2 norm" }, rangemode: "tozero" },
     legend: { orientation: "h", y: 1.08 },
     margin: { l: 56, r: 16, t: 40, b: 56 },
@@ -100,14 +126,29 @@ export function drawFocusNorms(el, frame, index, style, uirevision) {
   return Plotly().react(el, traces, layout, PLOT_CONFIG);
 }
 
-/** Line chart of a Series; names matching `rightAxis` go on a second y axis. */
+/**
+ * Whether a series is drawn with a point per value: when it has values at fewer than half
+ * of the steps (a loss logged every N steps), or so few values that a line would not show.
+ */
+export function sparse(values) {
+  let known = 0;
+  for (const v of values) if (v !== null && v !== undefined) known += 1;
+  return known < 40 || known < values.length / 2;
+}
+
+/**
+ * Line chart of a Series; names matching `rightAxis` go on a second y axis. Gaps (steps
+ * without a value) are bridged, and sparse series get a marker per value.
+ */
 export function drawSeries(el, series, { yTitle, yRange = null, rightAxis = null, uirevision }) {
   const traces = [];
   for (const [name, values] of series.values) {
     const right = rightAxis !== null && rightAxis(name);
     traces.push({
       type: "scatter",
-      mode: "lines",
+      mode: sparse(values) ? "lines+markers" : "lines",
+      connectgaps: true,
+      marker: { size: 5 },
       name: escapePlotly(name),
       x: series.steps.slice(), // copies: Plotly.react compares arrays by reference
       y: values.slice(),

@@ -59,7 +59,8 @@ function addStylesheet() {
  * The slider bar. hooks: runId() -> string|null; view() -> {layers: int[], heads: int[]|null,
  * maxSide}; showFrames(frames) draws decoded frames in place of the live ones; onScrub() and
  * onLive() are called when leaving / returning to the stream; seed(index) gets the first index
- * (with statistics) so charts can show the whole run; banner(text) reports errors.
+ * (with statistics) so charts can show the whole run; noSnapshots() says an ended run has
+ * none to show; banner(text) reports errors.
  */
 export class HistoryBar {
   constructor(hooks) {
@@ -74,6 +75,8 @@ export class HistoryBar {
     this.lastResponseMs = null; // input -> frames drawn, for tests and bench/history.py
     this.shownStep = null;
     this.timer = null;
+    this.ended = false; // the run has ended: no live stream, the slider is all there is
+    this.endStep = null; // its last step
     addStylesheet();
     this.build();
   }
@@ -101,21 +104,27 @@ export class HistoryBar {
     });
   }
 
-  /** A new run was selected: load its index (with statistics for the charts). */
-  async setRun(runId, layer = 0) {
+  /**
+   * A new run was selected (`run`: its summary): load its index (with statistics for the
+   * charts). A run that has ended opens on its last snapshot, as it was when it ended.
+   */
+  async setRun(runId, layer = 0, run = null) {
     this.goLive(false);
     this.runId = runId;
     this.session = null;
     this.steps = [];
+    this.ended = false;
     this.updateSlider();
     clearInterval(this.timer);
     if (!runId) return;
+    const ended = Boolean(run && run.status === "ended");
+    const params = new URLSearchParams({ layer: String(layer) });
+    if (run && run.session) params.set("session", run.session);
     try {
-      const index = await getJson(`${runPath(runId)}?layer=${layer}`);
+      const index = await getJson(`${runPath(runId)}?${params}`);
       if (runId !== this.runId) return;
       this.session = index.session;
       this.steps = index.snapshots.map((s) => s.step);
-      this.updateSlider();
       this.hooks.seed(index);
     } catch (err) {
       if (err.status === 503) { // the server records no history: no slider
@@ -124,8 +133,28 @@ export class HistoryBar {
       }
       if (err.status !== 404) this.hooks.banner(err.message);
     }
+    if (runId !== this.runId) return;
     this.root.hidden = false;
+    if (ended) {
+      this.setEnded(run.step);
+      if (this.steps.length) this.scrubTo(this.steps.length - 1);
+      else this.hooks.noSnapshots();
+      return;
+    }
+    this.updateSlider();
     this.timer = setInterval(() => this.refresh(), REFRESH_MS);
+    // A remote run whose publisher is away sends nothing: show what it recorded meanwhile.
+    if (run && run.status === "idle" && this.steps.length) this.scrubTo(this.steps.length - 1);
+  }
+
+  /** The run ended (while shown, or before it was opened): no "live" to go back to. */
+  setEnded(step) {
+    this.ended = true;
+    this.endStep = step ?? null;
+    clearInterval(this.timer);
+    this.live.hidden = true;
+    this.root.classList.add("ended");
+    this.updateSlider();
   }
 
   /** Extend the slider with snapshots recorded since (no statistics: the stream has them). */
@@ -155,8 +184,16 @@ export class HistoryBar {
     this.slider.disabled = n === 0;
     this.play.disabled = n === 0;
     if (!this.scrubbing) this.slider.value = String(Math.max(0, n - 1));
+    if (!this.ended) {
+      this.live.hidden = false;
+      this.root.classList.remove("ended");
+    }
+    const end = this.endStep === null ? "" : ` at step ${this.endStep}`;
     this.label.textContent = this.scrubbing && this.shownStep !== null
-      ? `step ${this.shownStep}` : n ? `live · ${n} snapshots` : "live · no history yet";
+      ? `step ${this.shownStep}${this.ended ? ` · ended${end}` : ""}`
+      : this.ended ? `ended${end} · ${n} snapshots`
+        : n ? `live · ${n} snapshots` : "live · no history yet";
+    this.label.title = this.ended ? "this run has ended: the slider shows what was recorded" : "";
   }
 
   /** Show the snapshot at slider position i for every visible head. */
@@ -190,6 +227,7 @@ export class HistoryBar {
   }
 
   goLive(notify = true) {
+    if (this.ended && notify) return; // nothing live to go back to
     this.stopPlaying();
     const was = this.scrubbing;
     this.scrubbing = false;

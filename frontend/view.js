@@ -20,6 +20,7 @@ export const els = {
   runPause: byId("run-pause"),
   runResume: byId("run-resume"),
   runRestart: byId("run-restart"),
+  runDelete: byId("run-delete"),
   exportPng: byId("export-png"),
   exportSvg: byId("export-svg"),
   exportNpz: byId("export-npz"),
@@ -128,7 +129,9 @@ export function renderRunOptions(runs, selectedId) {
   const options = runs.map((run) => {
     const option = document.createElement("option");
     option.value = run.id;
-    option.text = `${run.name || run.id} (${run.status})`;
+    option.text = run.status === "ended"
+      ? `${run.name || run.id} — ended${run.step === null || run.step === undefined ? "" : ` at step ${run.step}`}`
+      : `${run.name || run.id} (${run.status})`;
     option.selected = run.id === selectedId;
     return option;
   });
@@ -140,12 +143,14 @@ export function renderRunOptions(runs, selectedId) {
 export function renderRunControls(run) {
   const allowed = new Set(run ? run.controls || [] : []);
   const status = run ? run.status : null;
-  els.runPause.hidden = !allowed.has("pause");
-  els.runResume.hidden = !allowed.has("resume");
+  const over = status === "ended";
+  els.runPause.hidden = !allowed.has("pause") || over;
+  els.runResume.hidden = !allowed.has("resume") || over;
   els.runRestart.hidden = !allowed.has("restart");
   els.runPause.disabled = status !== "live";
   els.runResume.disabled = status !== "paused";
   els.runRestart.disabled = !allowed.has("restart");
+  els.runDelete.hidden = status !== "ended" && status !== "idle";
 }
 
 export function renderLayerOptions(layers, selected) {

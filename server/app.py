@@ -26,6 +26,7 @@ from .captures.service import CaptureLimits
 from .captures.store import CaptureStore, StoreLocked, open_store
 from .guard import RequestGuard
 from .history import service as history_service
+from .history.browse import restore_recorded_runs
 from .history.heads import router as heads_router
 from .history.router import router as history_router
 from .remote.endpoint import router as publish_router
@@ -61,6 +62,8 @@ def create_app(settings: Settings | None = None, registry: RunRegistry | None = 
         app.state.hub = hub
         app.state.capture_store = _open_capture_store(settings)
         app.state.history = history_service.start(settings, registry)  # None: off, or dir in use
+        if app.state.history is not None:  # runs of earlier processes, browsable as they were
+            restore_recorded_runs(registry, app.state.history)
         hub.heads_feed.history = app.state.history
         try:
             yield

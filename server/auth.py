@@ -11,6 +11,11 @@ token as
   the request before anything downstream (access logs included) sees it,
 - that cookie (the page's own fetches and websocket, after the first visit).
 
+A browser (a GET asking for HTML) is answered as a person: without the token it gets
+a login page (paste the token) instead of JSON; with a right ``?token=`` it is sent
+on to the same address without it (303 and the cookie), so the token leaves the
+address bar and the history.
+
 Without a token configured (the loopback default) every request is let in.
 Whatever the token, a websocket upgrade whose ``Origin`` is not the server's
 own (or one of ``allowed_origins``) is refused: a web page elsewhere cannot
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import html
 import json
 import logging
 from collections.abc import Iterable
@@ -130,15 +136,22 @@ class AuthMiddleware:
         if self.token is None or scope["path"] in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
+        tried = "token=" in scope.get("query_string", b"").decode("latin-1")
         verdict = self._check(scope, headers)
+        browser = _wants_html(scope, headers)
         if verdict is None:
             if scope["type"] == "websocket":
                 await deny_websocket(scope, receive, send, 401)
+            elif browser:
+                await _login_page(scope, send, wrong=tried)
             else:
                 await _deny_http(send)
             return
         if verdict == "query" and scope["type"] == "http":
             send = self._setting_cookie(scope, send)
+            if browser:  # the same address without the token, now that the cookie holds it
+                await _see_other(scope, send)
+                return
         await self.app(scope, receive, send)
 
     def _check(self, scope: Scope, headers: dict[str, str]) -> str | None:
@@ -173,6 +186,67 @@ class AuthMiddleware:
             await send(message)
 
         return send_with_cookie
+
+
+def _wants_html(scope: Scope, headers: dict[str, str]) -> bool:
+    """A browser navigating: a GET (or HEAD) that accepts HTML."""
+    return scope["type"] == "http" and scope.get("method") in ("GET", "HEAD") \
+        and "text/html" in headers.get("accept", "")
+
+
+def _address(scope: Scope) -> str:
+    """The request's path and query (the token already removed by ``_check``)."""
+    query = scope.get("query_string", b"").decode("latin-1")
+    return scope.get("path", "/") + (f"?{query}" if query else "")
+
+
+async def _see_other(scope: Scope, send: Send) -> None:
+    location = _address(scope).encode("latin-1", "replace")
+    await send({"type": "http.response.start", "status": 303, "headers": [
+        (b"location", location), (b"cache-control", b"no-store"),
+        (b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})
+
+
+_LOGIN = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>attnscope: log in</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">
+<style>
+body {{ margin: 0; min-height: 100vh; display: grid; place-items: center; background: #0f1117;
+  color: #d7dae0; font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; }}
+form {{ background: #171a22; border: 1px solid #2a2f3a; border-radius: 10px; padding: 28px 32px;
+  width: min(30em, 90vw); }}
+h1 {{ font-size: 20px; margin: 0 0 8px; }} h1 span {{ color: #21918c; }}
+p {{ color: #8a93a6; margin: 0 0 16px; }} .wrong {{ color: #ff4d6d; }}
+input, button {{ font: inherit; color: inherit; background: #222733; border: 1px solid #2a2f3a;
+  border-radius: 6px; padding: 6px 10px; }}
+input[type=password] {{ width: 100%; margin-bottom: 12px; }}
+button {{ border-color: #21918c; }} code {{ color: #d7dae0; }}
+</style></head><body>
+<form method="get" action="{action}">
+<h1>attn<span>scope</span></h1>
+<p>This dashboard needs its access token: the one in the URL the server printed
+(<code>?token=...</code>), or <code>$ATTNSCOPE_TOKEN</code>.</p>
+{wrong}<input type="password" name="token" aria-label="access token" placeholder="access token"
+ autocomplete="current-password" autofocus required>
+{hidden}<button type="submit">Open the dashboard</button>
+</form></body></html>
+"""
+
+
+async def _login_page(scope: Scope, send: Send, wrong: bool) -> None:
+    """401 with a page that asks for the token (and keeps the address's other parameters)."""
+    pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    hidden = "".join(f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">\n'
+                     for k, v in pairs if k != "token")
+    body = _LOGIN.format(
+        action=html.escape(scope.get("path", "/")), hidden=hidden,
+        wrong='<p class="wrong" role="alert">That token is not right.</p>\n' if wrong else "",
+    ).encode()
+    await send({"type": "http.response.start", "status": 401, "headers": [
+        (b"content-type", b"text/html; charset=utf-8"), (b"www-authenticate", b"Bearer"),
+        (b"cache-control", b"no-store"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _deny_http(send: Send) -> None:

@@ -39,11 +39,19 @@ def _parser() -> argparse.ArgumentParser:
                                       "answer and watch its heads learn, live: reverse a "
                                       "sequence (default), or continue a repeated one "
                                       "(induction heads).")
-    serve = sub.add_parser("serve", help="serve the dashboard alone (for runs that connect later)",
-                           description="Serve the dashboard and its API without a run.")
+    serve = sub.add_parser("serve", help="serve the dashboard alone: browse recorded runs, "
+                                         "receive runs that connect",
+                           description="Serve the dashboard and its API without a run of its "
+                                       "own: every run recorded in the data dir is listed and "
+                                       "opens with its history; runs publish to it with "
+                                       "Dashboard.connect.")
     for p in (demo, serve):
         p.add_argument("--port", type=int, default=None, help="TCP port (default 8000; 0: any)")
         p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+        p.add_argument("--data-dir", default=None, metavar="DIR",
+                       help="where captures and history live, and whose recorded runs the "
+                            "page lists (default: ATTNSCOPE_DATA_DIR, else the user data "
+                            "folder)")
     demo.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     demo.add_argument("--device", default=None, help="auto (default), cpu or cuda[:N]")
     demo.add_argument("--task", choices=("reverse", "induction"), default="reverse",
@@ -64,7 +72,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port),
-                                   ("device", getattr(args, "device", None))) if v is not None}
+                                   ("device", getattr(args, "device", None)),
+                                   ("data_dir", getattr(args, "data_dir", None)))
+                 if v is not None}
     return Settings(**overrides)
 
 
@@ -137,6 +147,7 @@ def _serve(settings: Settings, registry: RunRegistry) -> int:
     server = uvicorn.Server(uvicorn_config(create_app(settings, registry), settings))
     _, shown = _login(settings, url_of(sock))
     print(f"attnscope {__version__}: dashboard at {shown}  (Ctrl-C to stop)", flush=True)
+    print(f"runs recorded in {settings.data_dir} are listed on the page", flush=True)
     # uvicorn shuts down gracefully on SIGINT / SIGTERM, then re-raises the signal to
     # the previous handler: KeyboardInterrupt for SIGINT, _Terminated (ours) for SIGTERM.
     previous = signal.signal(signal.SIGTERM, _on_sigterm)

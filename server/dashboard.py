@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 import weakref
 import webbrowser
@@ -22,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch.nn as nn
 
 from .runs import Run, RunRegistry, slugify
+from .tokens import warn_step_after_close
+from .tokens import warn_step_after_close
 
 if TYPE_CHECKING:  # the web side loads in start(), not on import (connect never needs it)
     from .serving import BackgroundServer
@@ -47,15 +50,18 @@ class Dashboard:
 
     def __init__(self, run: Run, url: str, *, process: ChildProcess | None = None,
                  link: TrainingLink | None = None, registry: RunRegistry | None = None,
-                 server: BackgroundServer | None = None) -> None:
+                 server: BackgroundServer | None = None, app: Any = None,
+                 quiet: bool = False) -> None:
         self.run = run
         self.url = url
         self.registry = registry  # in-process only: the server's registry
         self._process = process
         self._link = link
         self._server = server
+        self._app = app  # in-process only
+        self._quiet = quiet
         self._closed = False
-        self._warned_closed = False
+        self._settings: Settings | None = None
 
     @classmethod
     def start(cls, model: nn.Module, port: int = 8000, host: str = "127.0.0.1",
@@ -73,6 +79,8 @@ class Dashboard:
         Face, ``nn.MultiheadAttention`` and modules calling ``F.scaled_dot_product_attention``
         (README, "Your model"). ``tokenizer``: a Hugging Face tokenizer; token ids given to
         :meth:`step` are shown as its strings, and captures accept ``text``.
+        ``name``: the run's name (default: ``run`` and the time it started, so that every
+        run stays listed).
         ``max_overhead``: what the dashboard may cost, a fraction of training time
         (default: ``settings.max_overhead``, ``ATTNSCOPE_MAX_OVERHEAD``, 0.03); past it
         it thins its own work and says so on the page (:mod:`attnscope.budget`).
@@ -97,9 +105,11 @@ class Dashboard:
         settings = Settings.model_validate(settings.model_dump())
         generated = settings.token_generated or given.token_generated
         _replace_live(settings.host, settings.port, model)
-        run = Run(model, run_id=slugify(name or "run"), name=name or "run",
-                  tokenizer=tokenizer, max_overhead=settings.max_overhead)
-        dash = cls.serve(run, settings, tokenizer)
+        # Unnamed runs are told apart by when they started (each stays listed afterwards).
+        name = name or time.strftime("run %Y-%m-%d %H:%M:%S")
+        run = Run(model, run_id=slugify(name), name=name, tokenizer=tokenizer,
+                  max_overhead=settings.max_overhead)
+        dash = cls.serve(run, settings, tokenizer, quiet=quiet)
         if not quiet:
             # A generated token is shown in the URL (the user has no other way to learn
             # it); a user-supplied one is never printed (it would land in logs).
@@ -114,14 +124,16 @@ class Dashboard:
         return dash
 
     @classmethod
-    def serve(cls, run: Run, settings: Settings, tokenizer: Any = None) -> Dashboard:
+    def serve(cls, run: Run, settings: Settings, tokenizer: Any = None,
+              quiet: bool = True) -> Dashboard:
         """A dashboard serving ``run`` (made by the caller: the demo's, say) as
-        :meth:`start` does, without printing anything."""
+        :meth:`start` does; ``quiet``: say nothing when it closes."""
         try:
             dash = cls._serve(run, settings, tokenizer)
         except BaseException:
             run.detach()
             raise
+        dash._quiet, dash._settings = quiet, settings
         if settings.port:
             _LIVE[(settings.host, settings.port)] = weakref.ref(dash)
         _LIVE[("model", id(run.model))] = weakref.ref(dash)
@@ -136,9 +148,10 @@ class Dashboard:
 
             registry = RunRegistry()
             registry.add(run)
-            server = BackgroundServer(create_app(settings, registry), settings)
+            app = create_app(settings, registry)
+            server = BackgroundServer(app, settings)
             server.start()
-            return cls(run, server.url, registry=registry, server=server)
+            return cls(run, server.url, registry=registry, server=server, app=app)
         from .training.link import TrainingLink, hello_message
         from .training.process import ChildProcess, pickled_tokenizer
 
@@ -178,9 +191,11 @@ class Dashboard:
         server's token (default: ``ATTNSCOPE_TOKEN``). Under torchrun / DDP only the
         ranks in ``ranks`` publish (default rank 0); ``ranks="all"`` publishes every
         rank as ``run/rank-N``. The others get a dashboard that does nothing.
-        ``symbols``: the model's vocabulary (token id -> label), for token labels
-        and for captures given as ``text``; ``tokenizer``: a Hugging Face tokenizer, for
-        token labels (as :meth:`start` takes it). ``history``: record this run's history
+        ``tokenizer``: a Hugging Face tokenizer, as in :meth:`start`: token ids given to
+        :meth:`step` are shown as its strings, and captures of this run accept ``text``
+        (tokenized here). ``symbols``: the model's vocabulary (token id -> label), for
+        token labels and for captures given as ``text`` (symbols separated by spaces, or
+        one per character), when there is no tokenizer. ``history``: record this run's history
         (here, sent to the server) when the server records history; False saves the
         training process that work (see docs/history.md). ``max_overhead``: what the
         dashboard may cost this process, a fraction of training time (default
@@ -209,14 +224,11 @@ class Dashboard:
 
         ``tokens``: this batch's token labels, a list of N lists of L strings
         or an (N, L) tensor of ids (then labelled by their numbers).
-        Blocks only while the run is paused from the page.
+        Blocks only while the run is paused from the page. After :meth:`close` it does
+        nothing (and warns once).
         """
         if self._closed:
-            if not self._warned_closed:
-                self._warned_closed = True
-                warnings.warn("Dashboard.step() after close(): the step is not recorded; "
-                              "start a new dashboard to keep watching", RuntimeWarning,
-                              stacklevel=2)
+            warn_step_after_close(self)
             return
         if self._process is not None:
             self._process.check()  # a monotonic-clock compare; a waitpid once a second
@@ -228,13 +240,15 @@ class Dashboard:
         self.run.new_sequence()
 
     def close(self) -> None:
-        """End the run and stop the server (its history is written first)."""
+        """End the run and stop the server (its history is written first); says where the
+        run stays browsable."""
         if self._closed:
             return
         self._closed = True
         if self._link is not None:
             self._link.close()
         self.run.close()
+        after = None if self._quiet else self._recorded_message()
         if self._process is not None:
             self._process.stop()
         if self._server is not None:
@@ -243,6 +257,19 @@ class Dashboard:
         for key, ref in list(_LIVE.items()):
             if ref() is self:
                 del _LIVE[key]
+        if after is not None:
+            print(after, flush=True)  # the user needs to know where the run went
+
+    def _recorded_message(self) -> str | None:
+        """Where the run's recorded history stays browsable (None: nothing recorded)."""
+        from .history.browse import browse_command, recorded_message
+
+        if self._app is not None:
+            return recorded_message(self._app, self.run.id)
+        if self._link is None or not self._link.recorded or self._settings is None:
+            return None
+        return (f"attnscope: run {self.run.id!r} is recorded; browse it after this process "
+                f"ends with `{browse_command(self._settings.data_dir)}`")
 
     def __enter__(self) -> Dashboard:
         return self

@@ -65,14 +65,34 @@ def model_pad_id(model: nn.Module) -> int | None:
     return pad if isinstance(pad, int) else None
 
 
+# A token label on the page and on the wire (the publish protocol's limit); longer ones
+# (runs of spaces in code tokenizers) are cut with an ellipsis.
+MAX_LABEL_CHARS = 64
+
+
+def short_label(text: str) -> str:
+    """``text`` cut to :data:`MAX_LABEL_CHARS` characters.
+
+    >>> short_label("ab"), len(short_label("x" * 100))
+    ('ab', 64)
+    """
+    return text if len(text) <= MAX_LABEL_CHARS else text[: MAX_LABEL_CHARS - 1] + "\u2026"
+
+
 class TextTokenizer:
-    """A Hugging Face tokenizer, as a run uses it: token labels and text -> ids."""
+    """A Hugging Face tokenizer, as a run uses it: token labels and text -> ids.
+
+    Labels are what the tokenizer decodes each id to (``" the"``, ``"\\n"``: byte-level
+    BPE's ``"Ġthe"`` and ``"Ċ"`` never reach the page), cached per id so a step's labels
+    cost a dictionary look-up per position after the first time.
+    """
 
     def __init__(self, tokenizer: Any) -> None:
         if not callable(tokenizer) or not hasattr(tokenizer, "convert_ids_to_tokens"):
             raise TypeError("tokenizer must be a Hugging Face tokenizer (callable, with "
                             f"convert_ids_to_tokens), got {type(tokenizer).__name__}")
         self.tokenizer = tokenizer
+        self._labels: dict[int, str] = {}
 
     @property
     def pad_id(self) -> int | None:
@@ -81,8 +101,24 @@ class TextTokenizer:
 
     def labels(self, ids: torch.Tensor) -> list[str]:
         """The strings of token ids (L,), as the text shows them (``" the"``, not ``"Ġthe"``)."""
-        return [self.tokenizer.decode([i]) or self.tokenizer.convert_ids_to_tokens(i)
-                for i in ids.tolist()]
+        cache = self._labels
+        out = []
+        for i in ids.tolist():
+            label = cache.get(i)
+            if label is None:
+                label = cache[i] = self._decode(i)
+            out.append(label)
+        return out
+
+    def _decode(self, i: int) -> str:
+        text = self.tokenizer.decode([i])
+        return short_label(text if text else str(self.tokenizer.convert_ids_to_tokens(i)))
+
+    def vocabulary(self) -> list[str]:
+        """The label of every id, ``len(tokenizer)`` of them, decoded in one batch (what a
+        remote run sends the server as its symbols)."""
+        texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+        return [short_label(t) if t else self._decode(i) for i, t in enumerate(texts)]
 
     def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token ids (N, L) of ``texts``, right-padded to one length, and their attention

@@ -49,6 +49,7 @@ from .run_base import (
     slugify,
 )
 from .stream.publisher import Publisher
+from .tokens import check_batch, token_rows
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -277,8 +278,10 @@ class Run(BaseRun):
         """Mark the end of training step ``step``: record scalars and this batch's tokens.
 
         ``tokens`` (optional) are the token labels of this step's batch: a list
-        of N lists of L strings, or an (N, L) tensor of token ids. Cheap: no
-        copy of the tokens unless they are on a GPU. Blocks while the run is
+        of N lists of L strings, an (N, L) tensor of token ids, or a mapping
+        holding ``input_ids`` (a ``BatchEncoding``); anything else raises, naming
+        it (:mod:`attnscope.tokens`). Cheap: no copy of the tokens (a GPU batch is
+        read only when its labels are shown). Blocks while the run is
         paused (the user asked for it), and runs jobs queued with
         :meth:`call_between_steps`.
         """
@@ -305,19 +308,11 @@ class Run(BaseRun):
         self.sequence += 1
 
     def _set_tokens(self, tokens: Any) -> None:
-        if isinstance(tokens, torch.Tensor):
-            if tokens.ndim != 2:
-                raise ValueError(f"tokens: expected shape (N, L), got {tuple(tokens.shape)}")
-            tokens = tokens.detach()
-            if tokens.device.type != "cpu":
-                tokens = tokens.cpu()
-            n, length = tokens.shape
-        else:
-            try:
-                n, length = len(tokens), len(tokens[0])
-            except (TypeError, IndexError, KeyError) as exc:
-                raise ValueError("tokens: expected a list of N lists of L labels "
-                                 "or an (N, L) tensor of token ids") from exc
+        tokens, n, length = token_rows(tokens)  # TypeError / ValueError naming the mistake
+        # The batch the attention saw is known (our hook): the labels must fit it.
+        if self._seq_hook is not None and not check_batch(self, length, self.seq_len,
+                                                          first=self._tokens is None):
+            return
         self._tokens = tokens
         self.batch_size, self.seq_len = n, length
 

@@ -27,6 +27,12 @@ PROTOCOL_MAX_SIDE = 1024
 MIN_TOKEN_LENGTH = 16
 
 
+def default_data_dir() -> Path:
+    """Where captures and history live unless ``ATTNSCOPE_DATA_DIR`` says otherwise: the
+    OS's per-user data folder (``~/.local/share/attnscope`` on Linux)."""
+    return Path(platformdirs.user_data_dir("attnscope"))
+
+
 class Settings(BaseSettings):
     """Created once at start, validated there, and passed down (``app.state.settings``)."""
 
@@ -38,7 +44,7 @@ class Settings(BaseSettings):
     # 8000: uvicorn's and the docs' default; 0 picks a free port.
     port: int = Field(8000, ge=0, le=65535)
     # Where captures and other persistent data live (the OS's per-user data folder).
-    data_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_data_dir("attnscope")))
+    data_dir: Path = Field(default_factory=default_data_dir)
     # "auto": CUDA when there is a GPU, else the CPU (used by the demo run).
     device: str = "auto"
     # 64 KiB: a subscribe message is a few hundred bytes; anything bigger is a mistake.

@@ -27,3 +27,31 @@ def pytest_configure(config: pytest.Config) -> None:
 
     if "ATTNSCOPE_DATA_DIR" not in os.environ:
         os.environ["ATTNSCOPE_DATA_DIR"] = tempfile.mkdtemp(prefix="attnscope-test-data-")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_data_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A fresh data dir per test module (for module-scoped servers): every run a server
+    ever recorded there is listed by the servers that open it later, so tests that
+    share one would see each other's runs."""
+    yield from _data_dir(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(autouse=True)
+def _test_data_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A fresh data dir per test (see ``_module_data_dir``)."""
+    yield from _data_dir(tmp_path_factory.mktemp("data"))
+
+
+def _data_dir(path):
+    import os
+
+    before = os.environ.get("ATTNSCOPE_DATA_DIR")
+    os.environ["ATTNSCOPE_DATA_DIR"] = str(path)
+    try:
+        yield path
+    finally:
+        if before is None:
+            os.environ.pop("ATTNSCOPE_DATA_DIR", None)
+        else:
+            os.environ["ATTNSCOPE_DATA_DIR"] = before

@@ -7,6 +7,8 @@ from typing import Annotated
 from fastapi import Depends, HTTPException
 from starlette.requests import HTTPConnection
 
+from ..captures.store import CaptureStore
+from ..history.service import HistoryService
 from ..run_base import BaseRun, RunRegistry, UnknownRunError
 from ..settings import Settings
 from ..stream.hub import Hub
@@ -24,6 +26,16 @@ def get_hub(conn: HTTPConnection) -> Hub:
     return conn.app.state.hub
 
 
+def get_history(conn: HTTPConnection) -> HistoryService | None:
+    """The history service (None: the server records no history)."""
+    return getattr(conn.app.state, "history", None)
+
+
+def get_capture_store(conn: HTTPConnection) -> CaptureStore | None:
+    """The captures store (None: captures are off)."""
+    return getattr(conn.app.state, "capture_store", None)
+
+
 def get_run(run_id: str, registry: Annotated[RunRegistry, Depends(get_registry)]) -> BaseRun:
     """The run named in the path, or 404 naming the id."""
     try:
@@ -36,3 +48,5 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[RunRegistry, Depends(get_registry)]
 HubDep = Annotated[Hub, Depends(get_hub)]
 RunDep = Annotated[BaseRun, Depends(get_run)]
+HistoryDep = Annotated["HistoryService | None", Depends(get_history)]
+CaptureStoreDep = Annotated["CaptureStore | None", Depends(get_capture_store)]

@@ -58,6 +58,8 @@ class RunPublic(BaseModel):
     # Remote runs (Dashboard.connect): the publisher's "hostname:pid" and its config.
     host: str | None = None
     config: dict[str, Any] | None = None
+    # A run known only from the data dir's history (its process has ended): the session shown.
+    session: str | None = None
 
 
 class HealthPublic(BaseModel):

@@ -6,8 +6,9 @@ from enum import StrEnum
 
 from fastapi import APIRouter, HTTPException
 
+from ..history.browse import delete_run_data
 from ..run_base import RunStateError
-from .deps import RegistryDep, RunDep
+from .deps import CaptureStoreDep, HistoryDep, RegistryDep, RunDep
 from .models import RunPublic, ScalarsPublic
 
 router = APIRouter(prefix="/runs", tags=["runs"])
@@ -40,15 +41,15 @@ def get_run(run: RunDep) -> RunPublic:
 @router.delete("/{run_id:path}", status_code=204,
                responses={404: {"description": "no run has this id"},
                           409: {"description": "the run is still live or paused"}})
-def delete_run(run: RunDep, registry: RegistryDep) -> None:
-    """Forget a run that has ended (or whose publisher went idle), with its last frames.
-
-    Its recorded history stays available under ``/api/v1/history``.
-    """
+def delete_run(run: RunDep, registry: RegistryDep, history: HistoryDep,
+               captures: CaptureStoreDep) -> None:
+    """Delete a run that has ended (or whose publisher went idle) with all its data: its
+    recorded history (every session of the id) and its stored captures."""
     if run.status not in ("ended", "idle"):
         raise HTTPException(409, detail=f"run {run.id!r} is {run.status}; only ended or "
                                         "idle runs can be deleted")
     registry.remove(run.id)
+    delete_run_data(history, captures, run.id)
 
 
 @router.post(

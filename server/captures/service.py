@@ -17,6 +17,7 @@ from fastapi import HTTPException
 
 from ..layout import ModelLayout
 from ..model_inputs import TextTokenizer, padding_mask
+from ..remote.run import RemoteRun
 from ..run_base import BaseRun, RunStateError
 from .capture import CaptureError, CaptureUnavailable, check_selection, estimate_bytes
 from .models import CaptureCreate
@@ -176,7 +177,10 @@ def resolve_labels(body: CaptureCreate, shape: tuple[int, ...], tokens: torch.Te
 
 
 def _layout(body: CaptureCreate, run: BaseRun) -> ModelLayout:
-    layout = run.capture_layout()
+    try:
+        layout = run.capture_layout()
+    except RunStateError as exc:
+        raise field_error(["run"], str(exc), status=409) from None
     if layout is None:
         raise field_error(["run"], f"run {body.run!r} is published from another process "
                           "whose publisher did not describe its model (an older attnscope "
@@ -191,44 +195,91 @@ def create_capture(body: CaptureCreate, run: BaseRun, store: CaptureStore,
     (its metadata gets ``extra_meta``, such as the heads' roles).
 
     A run published with ``Dashboard.connect`` has its model in the training
-    process: the capture runs there, between two of its steps, and comes back here.
+    process: the capture runs there, between two of its steps, and comes back here;
+    so does its ``text``, when the publisher has a tokenizer (``tokenizer=``).
     """
     info = _layout(body, run)
+    if body.text is not None and run.tokenizer is None and isinstance(run, RemoteRun) \
+            and run.text_captures:
+        return _remote_text_capture(body, run, info, store, limits, extra_meta)
     symbols = run.symbols or None
     tokenizer = run.tokenizer  # a local run's; a remote run has none
     x, field, mask = prepare_input(body, info, symbols, limits, tokenizer)
     tokens = x if x.dtype == torch.long else None
     labels = resolve_labels(body, tuple(x.shape), tokens, symbols, tokenizer)
-    try:
-        layers, heads = check_selection(info, body.layers, body.heads)
-    except CaptureError as exc:
-        raise field_error([exc.field], exc.message) from None
-    kinds = list(dict.fromkeys(body.kinds))
+    layers, heads, kinds = _selection(body, info)
     expected = estimate_bytes(info, x.shape[0], x.shape[1], kinds, layers, heads)
     if expected > limits.max_capture_bytes:
         raise field_error([field], f"the capture would hold about {expected} bytes, over the "
                           f"limit of {limits.max_capture_bytes}: ask for fewer kinds, layers, "
                           "heads or positions")
+    masked = {} if mask is None else {"attention_mask": mask}  # only a local run's
+
+    def forward() -> tuple[dict[str, Any], int | None]:
+        return run.capture(x, kinds, layers, heads, limits.max_capture_bytes,
+                           limits.timeout_s, **masked)
 
     try:  # the budget is checked before the forward pass; only reserve() raises StoreFull
         with store.reserve(expected + x.numel() * 8, limits.max_total_bytes):
-            return _capture_and_save(body, run, store, limits, x, mask, field, kinds, layers,
-                                     heads, tokens, labels, extra_meta)
+            arrays, step = _captured(body, forward, field, limits)
+            if tokens is not None:
+                arrays["tokens"] = tokens.numpy()  # (N, L)
+            return _save(body, store, arrays, step, kinds, layers, heads, field,
+                         list(x.shape), labels, extra_meta)
     except StoreFull as exc:
         raise HTTPException(507, detail=str(exc)) from None
 
 
-def _capture_and_save(body: CaptureCreate, run: BaseRun,
-                      store: CaptureStore, limits: CaptureLimits, x: torch.Tensor,
-                      mask: torch.Tensor | None, field: str,
-                      kinds: list[str], layers: list[int], heads: list[int] | None,
-                      tokens: torch.Tensor | None, labels: list[list[str]] | None,
-                      extra_meta: dict[str, Any] | None) -> CaptureRecord:
-    """The forward pass (here or in a publisher's process), then the store."""
+def _selection(body: CaptureCreate, info: ModelLayout,
+               ) -> tuple[list[int], list[int] | None, list[str]]:
     try:
-        masked = {} if mask is None else {"attention_mask": mask}  # only a local run's
-        arrays, step = run.capture(x, kinds, layers, heads, limits.max_capture_bytes,
-                                   limits.timeout_s, **masked)
+        layers, heads = check_selection(info, body.layers, body.heads)
+    except CaptureError as exc:
+        raise field_error([exc.field], exc.message) from None
+    return layers, heads, list(dict.fromkeys(body.kinds))
+
+
+def _remote_text_capture(body: CaptureCreate, run: RemoteRun, info: ModelLayout,
+                         store: CaptureStore, limits: CaptureLimits,
+                         extra_meta: dict[str, Any] | None) -> CaptureRecord:
+    """``text`` of a remote run whose publisher tokenizes it: the texts travel to the
+    training process, the token ids (N, L) come back with the tensors."""
+    texts = [body.text] if isinstance(body.text, str) else list(body.text or [])
+    if not texts or len(texts) > limits.max_batch:
+        raise field_error(["text"], f"give 1 to {limits.max_batch} texts")
+    for i, text in enumerate(texts):
+        if not text.strip():
+            raise field_error(["text", i] if len(texts) > 1 else ["text"], "empty text")
+    layers, heads, kinds = _selection(body, info)
+    # The length is known once tokenized there: reserve for about 3 bytes a token here;
+    # the publisher checks the real size against max_capture_bytes before keeping it.
+    guess = min(limits.max_length, max(len(t.encode()) for t in texts) // 3 + 2)
+    expected = estimate_bytes(info, len(texts), guess, kinds, layers, heads)
+
+    def forward() -> tuple[dict[str, Any], int | None]:
+        return run.capture_text(texts, kinds, layers, heads, limits.max_capture_bytes,
+                                limits.timeout_s)
+
+    try:
+        with store.reserve(expected, limits.max_total_bytes):
+            arrays, step = _captured(body, forward, "text", limits)
+            ids = arrays.get("tokens")
+            if ids is None or ids.ndim != 2 or ids.shape[0] != len(texts):
+                raise HTTPException(502, detail="the publisher's text capture came back "
+                                                "without its token ids")
+            tokens = torch.from_numpy(ids.astype("int64"))
+            labels = resolve_labels(body, tuple(tokens.shape), tokens, run.symbols or None)
+            return _save(body, store, arrays, step, kinds, layers, heads, "text",
+                         list(tokens.shape), labels, extra_meta)
+    except StoreFull as exc:
+        raise HTTPException(507, detail=str(exc)) from None
+
+
+def _captured(body: CaptureCreate, forward: Any, field: str,
+              limits: CaptureLimits) -> tuple[dict[str, Any], int | None]:
+    """``forward()`` (here or in a publisher's process), its failures as HTTP errors."""
+    try:
+        return forward()
     except TimeoutError:
         raise HTTPException(503, detail=f"run {body.run!r} did not reach a step boundary within "
                             f"{limits.timeout_s:g} s; try again") from None
@@ -241,14 +292,18 @@ def _capture_and_save(body: CaptureCreate, run: BaseRun,
         raise field_error(["run"], str(error), status=409) from None
     except CaptureUnavailable as error:
         raise HTTPException(502, detail=str(error)) from None
-    if tokens is not None:
-        arrays["tokens"] = tokens.numpy()  # (N, L)
+
+
+def _save(body: CaptureCreate, store: CaptureStore, arrays: dict[str, Any], step: int | None,
+          kinds: list[str], layers: list[int], heads: list[int] | None, field: str,
+          shape: list[int], labels: list[list[str]] | None,
+          extra_meta: dict[str, Any] | None) -> CaptureRecord:
     meta = {
         "step": step,
         "kinds": kinds,
         "layers": layers,
         "heads": heads,
-        "input": {"kind": "text" if body.text is not None else field, "shape": list(x.shape)},
+        "input": {"kind": "text" if body.text is not None else field, "shape": shape},
         "labels": labels,
         **(extra_meta or {}),
     }

@@ -31,6 +31,14 @@ ROLE_TEXT = {
     "induction": "an induction head", "duplicate_token": "a duplicate-token head",
 }
 MAX_EVENTS = 5000  # older events are dropped (a run whose heads flicker for ever)
+# Roles are assigned from role scores averaged over rows (an exponential moving average
+# weighing the newest row 0.3, ~5 rows' memory): one batch's noise moves them little, a
+# clean change of pattern still crosses the thresholds within a row or two.
+SCORE_SMOOTHING = 0.3
+# A head changes role only after the new role held this many rows in a row (the same
+# idea as the budget's, which restores only after several quiet windows): scores that
+# hover at a threshold do not flip a role back and forth.
+SETTLE_ROWS = 3
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,8 @@ class RoleTracker:
         self.stats: np.ndarray | None = None  # (K, R, H) of the last row
         self.repeat: np.ndarray | None = None  # (K, 2, H): the latest induction probe's scores
         self.repeat_step: int | None = None
+        self.smoothed: np.ndarray | None = None  # (K, len(ROLES), H): scores roles come from
+        self.pending: list[list[tuple[str | None, int]]] = []  # (K, H): (role, rows held)
         self.lock = threading.Lock()
 
     def set_repeat(self, step: int, scores: np.ndarray) -> None:
@@ -140,10 +150,13 @@ class RoleTracker:
             self._grow(K, H)
             new: list[RoleEvent] = []
             first = self.step is None  # the roles heads start with are not events
+            smoothed = self._smooth(stats)  # (K, len(ROLES), H)
             for layer in range(K):
-                scores = {name: torch.from_numpy(stats[layer, _INDEX[name]].copy())
-                          for name in ROLES}
+                scores = {name: torch.from_numpy(smoothed[layer, r].copy())
+                          for r, name in enumerate(ROLES)}
                 roles = assign_roles(scores, self.roles[layer][:H], self.rule)
+                if not first:
+                    roles = [self._settled(layer, head, role) for head, role in enumerate(roles)]
                 for head, role in enumerate(roles):
                     events = self._update(step, layer, head, role, stats[layer, :, head])
                     new.extend(e for e in events if not (first and e.kind == "gained"))
@@ -156,12 +169,39 @@ class RoleTracker:
                 del self.events[: len(self.events) - MAX_EVENTS]
             return new
 
+    def _smooth(self, stats: np.ndarray) -> np.ndarray:
+        """The role scores of ``stats`` (K, R, H) averaged with the earlier rows' (EMA);
+        a score unknown now (NaN) is unknown, a score new now starts from its value."""
+        raw = stats[:, [_INDEX[name] for name in ROLES], :].astype(np.float32)  # (K, roles, H)
+        old = self.smoothed
+        if old is None or old.shape != raw.shape:
+            self.smoothed = raw
+            return raw
+        out = np.where(np.isnan(old), raw, old + SCORE_SMOOTHING * (raw - old))
+        self.smoothed = out
+        return out
+
+    def _settled(self, layer: int, head: int, role: str | None) -> str | None:
+        """``role`` once it held :data:`SETTLE_ROWS` rows in a row, else the head's role."""
+        current = self.roles[layer][head]
+        if role == current:
+            self.pending[layer][head] = (current, 0)
+            return current
+        waiting, rows = self.pending[layer][head]
+        rows = rows + 1 if waiting == role else 1
+        self.pending[layer][head] = (role, rows)
+        return role if rows >= SETTLE_ROWS else current
+
     def _grow(self, K: int, H: int) -> None:
         for table in (self.roles, self.since, self.flags):
             while len(table) < K:
                 table.append([])
             for row in table:
                 row.extend([None] * (H - len(row)))
+        while len(self.pending) < K:
+            self.pending.append([])
+        for row in self.pending:
+            row.extend([(None, 0)] * (H - len(row)))
 
     def _update(self, step: int, layer: int, head: int, role: str | None,
                 values: np.ndarray) -> list[RoleEvent]:

@@ -36,6 +36,7 @@ import torch
 
 from ..captures.capture import CaptureError, CaptureTooLarge, CaptureUnavailable
 from ..layout import ModelLayout
+from ..model_inputs import TextTokenizer
 from ..protocol import pack
 from ..runs import Run
 
@@ -52,12 +53,19 @@ TRANSFER_GRACE_S = 30.0
 
 # -- what the server knows of the remote model -----------------------------------
 
-def model_info_message(layout: ModelLayout, symbols: Sequence[str] | None) -> dict[str, Any]:
-    """What captures need to know of a model (the ``capture`` of a publisher's announce)."""
+def model_info_message(layout: ModelLayout, symbols: Sequence[str] | None,
+                       tokenizer: TextTokenizer | None = None) -> dict[str, Any]:
+    """What captures need to know of a model (the ``capture`` of a publisher's announce).
+    With a ``tokenizer``: ``text: true`` (the publisher tokenizes captures given as text)
+    and, unless ``symbols`` are given, its decoded vocabulary as the symbols the server
+    labels token ids with (``" the"``, not ``"Ġthe"``)."""
+    if symbols is None and tokenizer is not None:
+        symbols = tokenizer.vocabulary()
     return {"vocab_size": layout.vocab_size, "d_model": layout.d_model,
             "max_len": layout.max_len,
             "layers": [{"name": s.name, "heads": s.heads} for s in layout.sites],
-            "symbols": None if symbols is None else list(symbols)}
+            "symbols": None if symbols is None else list(symbols),
+            "text": tokenizer is not None}
 
 
 def model_info_from_message(message: dict[str, Any]) -> ModelLayout:
@@ -188,18 +196,24 @@ class CaptureRequests:
 
 # -- publisher end -----------------------------------------------------------------
 
-def capture_request_input(message: dict[str, Any]) -> tuple[torch.Tensor,
-                                                           torch.Tensor | None]:
-    """The input of a capture request: (tokens (N, L) long or features (N, L, d), its
-    attention mask (N, L) or None: nothing padded)."""
+def capture_request_input(message: dict[str, Any], tokenizer: Any = None,
+                          ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """The input of a capture request: tokens (N, L) long or features (N, L, d), its
+    attention mask (N, L) (None: nothing padded), and whether it came as text (tokenized
+    here by ``tokenizer``, a :class:`~attnscope.model_inputs.TextTokenizer`)."""
     given = message.get("input") or {}
     mask = given.get("attention_mask")
     mask = None if mask is None else torch.tensor(mask, dtype=torch.long)
     if given.get("tokens") is not None:
-        return torch.tensor(given["tokens"], dtype=torch.long), mask
+        return torch.tensor(given["tokens"], dtype=torch.long), mask, False
     if given.get("features") is not None:
-        return torch.tensor(given["features"], dtype=torch.float32), mask
-    raise CaptureError("tokens", "the capture request has neither tokens nor features")
+        return torch.tensor(given["features"], dtype=torch.float32), mask, False
+    if given.get("text") is not None:
+        if tokenizer is None:
+            raise CaptureError("text", "this run's publisher has no tokenizer; send tokens")
+        ids, mask = tokenizer.encode([str(t) for t in given["text"]])
+        return ids, mask, True
+    raise CaptureError("tokens", "the capture request has neither tokens, text nor features")
 
 
 def classify_capture_error(exc: BaseException) -> tuple[str, str | None, str]:
@@ -229,13 +243,16 @@ def answer_capture(run: Run, message: dict[str, Any]) -> list[bytes | str]:
     """
     capture_id = str(message.get("id"))
     try:
-        x, mask = capture_request_input(message)
+        x, mask, text = capture_request_input(message, run.tokenizer)
         kinds = [str(k) for k in message.get("kinds", [])]
         layers, heads = message.get("layers"), message.get("heads")
         max_bytes = int(message["max_bytes"])
 
+        masked = {} if mask is None else {"attention_mask": mask}
         out, step = run.capture(x, kinds, layers, heads, max_bytes,
-                                float(message.get("timeout", 60.0)), attention_mask=mask)
+                                float(message.get("timeout", 60.0)), **masked)
+        if text:  # the server labels the positions from these ids
+            out["tokens"] = x.numpy()
         data = safetensors.numpy.save(out)
     except Exception as exc:  # noqa: BLE001 (reported to the server, which answers 4xx/5xx)
         kind, field_name, text = classify_capture_error(exc)

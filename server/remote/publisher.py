@@ -26,11 +26,12 @@ import os
 import time
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import torch.nn as nn
 
 from ..runs import Run
+from ..tokens import warn_step_after_close
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,17 @@ class _Connected:
                 return False
             time.sleep(0.01)
         return True
+
+
+def browse_url(url: str, run_id: str) -> str:
+    """The page of run ``run_id`` on the server at ``url``.
+
+    >>> browse_url("http://host:8000/", "alice/lr3e-4")
+    'http://host:8000/?run=alice/lr3e-4'
+    """
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") + "/",
+                       urlencode({"run": run_id}, safe="/"), ""))
 
 
 class RemotePublisher:
@@ -180,7 +192,10 @@ class RemotePublisher:
 
     def step(self, step: int, loss: Any = None, tokens: Any = None, **scalars: Any) -> None:
         """Mark the end of training step ``step`` (as :meth:`attnscope.Dashboard.step`). Never
-        waits for the network."""
+        waits for the network. After :meth:`close` it does nothing (and warns once)."""
+        if self._closing:
+            warn_step_after_close(self)
+            return
         self._process.check()
         self.run.step(step, loss=loss, tokens=tokens, **scalars)
 
@@ -197,9 +212,13 @@ class RemotePublisher:
         self._closing = True
         if self._link is not None:
             self._link.close()
+        connected = self.connections
         self.run.close()
         self._process.stop(timeout)
         self.run.detach()
+        if connected:  # the user needs to know where the run went
+            print(f"attnscope: run {self.run.id!r} ended; it stays browsable at "
+                  f"{browse_url(self.url, self.run.id)}", flush=True)
 
     def __enter__(self) -> RemotePublisher:
         return self

@@ -56,6 +56,7 @@ class RemoteRun(BaseRun):
         self.link: Any = None  # the attached publisher connection (endpoint._Link)
         self.proxy: RemotePlanPublisher | None = None
         self._capture_layout: ModelLayout | None = None  # from the announce; None: no captures
+        self.text_captures = False  # the publisher tokenizes captures given as text
         self.captures = CaptureRequests()
         self.history_inbox: Any = None  # a remote.history.HistoryInbox when history is on
         # Issued at the first announce (remote.endpoint): proves a reconnecting publisher
@@ -81,8 +82,10 @@ class RemoteRun(BaseRun):
         """What the publisher's announce says captures need to know of its model."""
         if message is None:
             self._capture_layout = None
+            self.text_captures = False
             return
         self._capture_layout = model_info_from_message(message)
+        self.text_captures = message.get("text") is True
         symbols = message.get("symbols")
         self.symbols = None if symbols is None else [str(s) for s in symbols]
 
@@ -97,6 +100,19 @@ class RemoteRun(BaseRun):
                                 "connected, so there is no model to run")
         given = {"tokens" if inputs.dtype == torch.long else "features": inputs.tolist()}
         request = {"input": given, "kinds": kinds, "layers": layers, "heads": heads}
+        return self.captures.request(link.send_threadsafe, request, max_bytes, timeout)
+
+    def capture_text(self, texts: list[str], kinds: list[str], layers: list[int],
+                     heads: list[int] | None, max_bytes: int,
+                     timeout: float) -> tuple[dict[str, Any], int | None]:
+        """As :meth:`capture`, on ``texts`` tokenized by the publisher's tokenizer; the
+        result holds their token ids as ``tokens`` (N, L)."""
+        link = self.link
+        if link is None:
+            raise RunStateError(f"run {self.id!r} is {self.status}: its publisher is not "
+                                "connected, so there is no model to run")
+        request = {"input": {"text": list(texts)}, "kinds": kinds, "layers": layers,
+                   "heads": heads}
         return self.captures.request(link.send_threadsafe, request, max_bytes, timeout)
 
     # -- from the publisher's connection (event loop) ---------------------------

@@ -34,6 +34,7 @@ import torch
 from transformer_core.events import AttentionEvent, QKVEvent
 from transformer_core.events.portable import portable_sample
 
+from ..tokens import warn_labels_mismatch
 from .plan import EMPTY_PLAN, Capture, Plan, SampleNeed, SlotKey
 from .reduce import (
     HostCopy,
@@ -443,6 +444,9 @@ class Publisher:
                 cap = grown
             else:
                 cap.labels = _axis_labels(labels[cap.sample], cap)
+                if cap.labels is None and labels[cap.sample] and cap.kind != "head_stats":
+                    warn_labels_mismatch(self.run, len(labels[cap.sample]),
+                                         (cap.full_shape or cap.data.shape[-2:])[0])
             cap.seq = next(self._seq)
             self.slots[key] = cap
 

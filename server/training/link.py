@@ -65,7 +65,7 @@ def hello_message(run: Run, config: dict[str, Any] | None = None,
         layer["qkv"] = site.qkv
     return {"run": run.id, "name": run.name, "model": model,
             "host": f"{socket.gethostname()}:{os.getpid()}", "config": dict(config or {}),
-            "capture": model_info_message(run.layout, run.symbols),
+            "capture": model_info_message(run.layout, run.symbols, run.tokenizer),
             "controls": list(run.controls), "symbols": run.symbols,
             "records_history": records_history, "history": run.history.to_dict(),
             "budget": json_safe(run.budget.status())}
@@ -84,6 +84,7 @@ class ChannelSink:
 
     def new_session(self, run_id: str, name: str | None, meta: dict[str, Any]) -> str:
         self._sessions += 1
+        self.link.recorded = True
         session = f"{self.link.process_tag}-{self._sessions}"
         self.link.channel.send("history_session",
                                {"session": session, "name": name, "meta": json_safe(meta)})
@@ -141,6 +142,7 @@ class TrainingLink:
         self.publisher = Publisher(run, self._published, staging=self.staging)
         self.paused = False
         self.closed = False
+        self.recorded = False  # a history session was recorded (the server process has it)
         self.later: list[Any] = []  # captures and history steps whose device copies run
         self._sent: dict[SlotKey, int] = {}
         self._recorder: RunRecorder | None = None
@@ -327,10 +329,12 @@ class TrainingLink:
             return
         self.channel.send("capture_started", {"id": capture_id})
         try:
-            x, mask = capture_request_input(request)
+            x, mask, text = capture_request_input(request, self.run.tokenizer)
             out, step = self.run.capture_now(
                 x, [str(k) for k in request.get("kinds", [])], request.get("layers"),
                 request.get("heads"), int(request["max_bytes"]), attention_mask=mask)
+            if text:  # the server labels the positions from these ids
+                out["tokens"] = x
             data = safetensors.torch.save({k: v.contiguous() for k, v in out.items()})
         except Exception as exc:  # noqa: BLE001 (answered to the server, which answers 4xx/5xx)
             kind, field, text = classify_capture_error(exc)

@@ -8,11 +8,14 @@ Screenshots go to ``test-artifacts/`` (gitignored).
 from __future__ import annotations
 
 import contextlib
+import functools
+import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -161,3 +164,38 @@ def screenshot(page, name: str) -> Path:
     path = ARTIFACTS / f"{name}.png"
     page.screenshot(path=str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def static_url():
+    import plotly
+
+    vendor = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        """frontend/ at /, plotly.js at /vendor/plotly.min.js (as the real server does)."""
+
+        def translate_path(self, path: str) -> str:
+            if path.split("?")[0] == "/vendor/plotly.min.js":
+                return str(vendor)
+            return super().translate_path(path)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(REPO / "frontend"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def blank(page, static_url):
+    page.goto(static_url + "/decode.js")  # same origin as the modules; no page scripts run
+    return page

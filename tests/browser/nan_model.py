@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = build_model()
-    tokens = [f"t{i}" for i in range(SEQ)]
+    tokens = [[f"t{i}" for i in range(SEQ)]]  # one sample's labels
     with Dashboard.start(model, port=args.port, host="127.0.0.1") as dash:
         deadline = time.monotonic() + args.seconds
         step = 0

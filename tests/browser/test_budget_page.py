@@ -20,16 +20,17 @@ def test_header_shows_the_overhead_and_what_is_thinned(page, tmp_path):
         page.wait_for_function("() => window.__attnscope.framesDrawn > 0", timeout=WAIT_MS)
         badge = page.locator("#budget")
         page.wait_for_function(
-            "() => document.querySelector('#budget').textContent.includes('to stay under')",
+            "() => ['thinned', 'over'].includes(document.querySelector('#budget').dataset.state)",
             timeout=WAIT_MS)
         text = badge.text_content()
         assert badge.is_visible()
-        assert badge.get_attribute("data-state") in ("thinned", "over")
-        assert "to stay under 0.1 %" in text and "(now " in text
+        # Short: the figure and the budget; what is thinned is in the tooltip.
+        assert text.startswith("cost ") and " of 0.1 % · thin" in text and len(text) < 40
         # The page says what the server says (the run summary's budget, same words).
         budget = get_json(server.url + "/api/v1/runs/demo")["budget"]
         assert budget["max_overhead"] == 0.001 and "to stay under 0.1 %" in budget["text"]
-        assert "since the start" in badge.get_attribute("title")
+        title = badge.get_attribute("title")
+        assert "since the start" in title and "thinned: " in title
         path = screenshot(page, "budget-header")
         assert path.stat().st_size > 0
         assert page.log.errors == []

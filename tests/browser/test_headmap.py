@@ -59,6 +59,12 @@ def test_map_is_the_overview_of_a_12x12_model_and_a_click_opens_the_head(page, b
     assert page.locator("#overview-mode").input_value() == "map"
     assert page.locator("#grid").is_hidden() and page.locator("#headmap").is_visible()
     assert page.locator("#headmap .map-cell").count() == 144
+    for width, height in [(1600, 1000), (1366, 768), (1920, 1080), (1280, 800)]:
+        page.set_viewport_size({"width": width, "height": height})  # 12 rows, slider in view
+        page.wait_for_timeout(300)
+        box = page.locator("#history").bounding_box()
+        assert box["y"] + box["height"] <= height, (width, height)
+    page.set_viewport_size({"width": 1400, "height": 900})
     # the map needs statistics only: no attention frames for 144 heads
     sub = page.evaluate("() => window.__attnscope.subscribed")
     assert sub["kinds"] == ["head_stats", "scalars", "head_roles"]

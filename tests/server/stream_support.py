@@ -146,6 +146,18 @@ async def recv_frame(ws: Any, kind: str, layer: int | None = None, min_step: int
                 return header, array
 
 
+async def step_until_frame(ws: Any, step: Callable[[int], None], kind: str,
+                           tries: int = 200, timeout: float = 0.02) -> tuple[dict[str, Any], Any]:
+    """Call ``step(i)`` (a training step) until a frame of ``kind`` arrives; that frame."""
+    for i in range(tries):
+        step(i)
+        try:
+            return await recv_frame(ws, kind, timeout=timeout)
+        except TimeoutError:
+            continue
+    raise TimeoutError(f"no {kind} frame in {tries} steps")
+
+
 async def connect(url: str) -> Any:
     ws = await websockets.connect(url, max_size=None, compression=None)
     hello = json.loads(await ws.recv())

@@ -140,3 +140,28 @@ def test_refused_websockets_leave_no_error_in_the_server_log() -> None:
     log = stream.getvalue()
     assert '"WebSocket /ws" 401' in log and '"WebSocket /ws" 403' in log
     assert "handshake" not in log
+
+
+HTML = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}  # what a browser navigating sends
+
+
+def test_a_browser_without_the_token_gets_a_login_page(served: Served) -> None:
+    page = served.http.get("/?run=alice/lr3e-4", headers=HTML)
+    assert page.status_code == 401 and page.headers["content-type"].startswith("text/html")
+    assert '<input type="password" name="token"' in page.text
+    assert '<input type="hidden" name="run" value="alice/lr3e-4">' in page.text  # kept
+    assert "not right" not in page.text
+    wrong = served.http.get("/?token=nope", headers=HTML)
+    assert wrong.status_code == 401 and "That token is not right." in wrong.text
+    # scripts still get JSON
+    assert served.http.get("/api/v1/runs").json() == {"detail": "authentication required"}
+
+
+def test_a_browser_logging_in_leaves_the_token_out_of_the_address(served: Served) -> None:
+    with httpx.Client(base_url=served.url, timeout=10, headers=HTML) as browser:
+        login = browser.get(f"/?run=x&token={TOKEN}", follow_redirects=False)
+        assert login.status_code == 303 and login.headers["location"] == "/?run=x"
+        assert login.headers["set-cookie"].startswith(f"{COOKIE_NAME}=")
+        page = browser.get(login.headers["location"])  # the cookie now logs it in
+        assert page.status_code == 200 and "<html" in page.text.lower()
+        assert TOKEN not in str(page.url)

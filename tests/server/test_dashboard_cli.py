@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 import os
 import signal
 import socket
@@ -57,11 +56,13 @@ def test_dashboard_start_step_and_close(capsys):
     assert dash.run.status == "ended"
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/api/v1/health", timeout=2)
-    with pytest.warns(RuntimeWarning, match=r"step\(\) after close\(\)"):
-        dash.step(1000)  # a step after close is ignored, with a warning
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        dash.step(1001)  # ... said once
+    # close() says where the run stays browsable (the data dir of its history)
+    data_dir = os.environ["ATTNSCOPE_DATA_DIR"]
+    assert f"attnscope serve --data-dir {data_dir}" in capsys.readouterr().out
+    with pytest.warns(RuntimeWarning, match=r"step\(\) after close\(\): ignored") as seen:
+        dash.step(1000)  # ignored, said once
+        dash.step(1001)
+    assert len(seen) == 1 and dash.run.step_index != 1000
 
 
 def test_dashboard_start_serves_from_rank_zero_only(monkeypatch, capsys):

@@ -38,7 +38,7 @@ def test_integrations_package_imports_neither_framework():
     assert out.strip() == "False"
 
 
-def test_trainer_callback_marks_steps_with_logged_loss(tmp_path):
+def test_trainer_callback_marks_every_step_with_its_loss(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     from attnscope.integrations.huggingface import AttnscopeCallback
@@ -60,11 +60,51 @@ def test_trainer_callback_marks_steps_with_logged_loss(tmp_path):
     trainer.train()
     logged = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
     history = callback.dashboard.run.history
-    assert history.steps == [s for s, _ in logged] == [1, 2, 3]
-    assert [v["loss"] for v in history.values] == pytest.approx([loss for _, loss in logged])
+    assert history.steps == [s for s, _ in logged] == [1, 2, 3]  # one point per step
+    assert [v["loss"] for v in history.values] == pytest.approx([loss for _, loss in logged],
+                                                               rel=1e-5)
     assert seen_during == ["ok"] * 3
-    with pytest.raises(httpx.HTTPError):  # closed with training
+    assert callback.dashboard.run.name == tmp_path.name  # named after the output dir
+    with pytest.raises(httpx.HTTPError):  # closed with training (keep_open=False)
         httpx.get(callback.dashboard.url + "/api/v1/health", timeout=2)
+
+
+def test_trainer_callback_shows_tokens_and_the_loss_of_every_step(tmp_path):
+    """A tiny GPT-2 with a byte-level BPE tokenizer, the Trainer's default logging_steps
+    (500: no loss is logged in 6 steps): every step still has its loss, the batch's tokens
+    are labelled as the tokenizer decodes them, and keep_open leaves the page served."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from hf_support import CORPUS, bpe_tokenizer, tiny_gpt2
+
+    from attnscope.integrations.huggingface import AttnscopeCallback
+
+    tok = bpe_tokenizer()
+    model = tiny_gpt2(len(tok))
+    data = [{"input_ids": ids, "labels": ids} for ids in
+            (tok(text, truncation=True, max_length=12, padding="max_length")["input_ids"]
+             for text in CORPUS[:24])]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "gpt2-tiny"), run_name="bpe-run", max_steps=6,
+        per_device_train_batch_size=4, report_to=[], use_cpu=True, save_strategy="no",
+        disable_tqdm=True)
+    callback = AttnscopeCallback(port=0, quiet=True, keep_open=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
+                                   processing_class=tok, callbacks=[callback])
+    trainer.train()
+    dash = callback.dashboard
+    try:
+        assert not [e for e in trainer.state.log_history if "loss" in e]  # logging_steps=500
+        history = dash.run.history
+        assert history.steps == [1, 2, 3, 4, 5, 6]
+        assert all(v["loss"] > 0 for v in history.values)  # every step has its loss
+        labels = dash.run.labels(0)
+        assert len(labels) == 12 and not any("Ġ" in x or "Ċ" in x for x in labels)
+        assert "".join(labels).startswith(tuple(text[:6] for text in CORPUS[:24]))
+        summary = httpx.get(dash.url + "/api/v1/runs/bpe-run").json()
+        assert summary["name"] == "bpe-run" and summary["status"] == "ended"
+    finally:
+        dash.close()
 
 
 # Lightning's own deprecations and its "few dataloader workers" advice
@@ -104,3 +144,43 @@ def test_lightning_callback_marks_steps_with_loss():
     history = callback.dashboard.run.history
     assert history.steps == [1, 2, 3]
     assert [v["loss"] for v in history.values] == pytest.approx(losses)
+    assert callback.dashboard.run.status == "ended"
+
+
+# Lightning's own deprecations and its "few dataloader workers" advice
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+def test_lightning_callback_labels_the_batch_tokens_and_names_the_run(tmp_path):
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        pl = pytest.importorskip("pytorch_lightning")
+    pytest.importorskip("transformers")
+    from hf_support import CORPUS, bpe_tokenizer, tiny_gpt2
+
+    from attnscope.integrations.lightning import AttnscopeCallback
+
+    tok = bpe_tokenizer()
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_gpt2(len(tok))
+
+        def training_step(self, batch, batch_idx):
+            return self.net(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    ids = tok(CORPUS[:8], truncation=True, max_length=10, padding="max_length",
+              return_tensors="pt")["input_ids"]
+    loader = torch.utils.data.DataLoader([{"input_ids": row} for row in ids], batch_size=4)
+    callback = AttnscopeCallback(port=0, quiet=True, tokenizer=tok)
+    trainer = pl.Trainer(max_steps=2, callbacks=[callback], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu",
+                         default_root_dir=str(tmp_path / "lm-run"))
+    trainer.fit(Module(), loader)
+    run = callback.dashboard.run
+    assert run.name == "lm-run" and run.history.steps == [1, 2]
+    assert "".join(run.labels(0)).startswith(CORPUS[4][:8])  # the last batch, decoded

@@ -29,7 +29,7 @@ CORE = {
     "attnscope.captures", "attnscope.captures.capture", "attnscope.captures.store",
     "attnscope.captures.formats", "attnscope.history", "attnscope.history.store",
     "attnscope.history.config", "attnscope.history.thinning", "attnscope.stream.roles",
-    "attnscope.history.roles", "attnscope.limits",
+    "attnscope.history.roles", "attnscope.limits", "attnscope.tokens",
     "attnscope.contract", "attnscope.contract.ring", "attnscope.contract.channel",
     "attnscope.contract.messages", "attnscope.sockets",
     "attnscope.assets", "attnscope.bundle", "attnscope.standalone", "attnscope.look",

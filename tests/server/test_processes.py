@@ -43,7 +43,8 @@ TRAINER = textwrap.dedent('''
     model = TransformerEncoderBuilder.from_kwargs(n_layers=2, n_heads=2, query_dimensions=4,
         value_dimensions=4, feed_forward_dimensions=16).get()
     port, data_dir, steps = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-    dash = Dashboard.start(model, port=port, quiet=True, settings=Settings(data_dir=data_dir))
+    dash = Dashboard.start(model, port=port, quiet=True, name="run",
+                           settings=Settings(data_dir=data_dir))
     say(url=dash.url, child=dash._process.proc.pid,
         threads=[t.name for t in threading.enumerate()])
     x = torch.randn(1, 6, 8)
@@ -166,7 +167,7 @@ def test_no_torch_op_of_ours_when_nobody_watches_and_a_bounded_number_when_watch
     x = torch.randn(1, 6, 8)
     plain = _ops_per_step(model, x, lambda: None)
     settings = Settings(data_dir=tmp_path, history_enabled=False)
-    with Dashboard.start(model, port=0, quiet=True, settings=settings) as dash:
+    with Dashboard.start(model, port=0, quiet=True, name="run", settings=settings) as dash:
         steps = iter(range(10_000))
         idle = [_ops_per_step(model, x, lambda: dash.step(next(steps), loss=1.0))
                 for _ in range(5)]
@@ -197,7 +198,8 @@ def test_no_torch_op_of_ours_when_nobody_watches_and_a_bounded_number_when_watch
 def test_a_killed_server_process_comes_back_and_training_goes_on(tmp_path: Path) -> None:
     model = small_encoder(EventDispatcher())
     x = torch.randn(1, 6, 8)
-    with Dashboard.start(model, port=0, quiet=True, settings=Settings(data_dir=tmp_path)) as dash:
+    with Dashboard.start(model, port=0, quiet=True, name="run",
+                         settings=Settings(data_dir=tmp_path)) as dash:
         first = dash._process.proc.pid
         for step in range(3):
             model(x)
