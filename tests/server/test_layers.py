@@ -43,7 +43,7 @@ TRAINING = {
     "attnscope.integrations", "attnscope.integrations._common",
     "attnscope.integrations.huggingface", "attnscope.integrations.lightning",
     "attnscope.budget", "attnscope.training", "attnscope.training.link",
-    "attnscope.training.process",
+    "attnscope.training.process", "attnscope.training.staging",
 }
 # Everything else is the web side (app, routers, hub, endpoints, auth, settings, CLI).
 LAYER_NAMES = ("core", "training side", "web side")
