@@ -385,6 +385,8 @@ class Budget:
         restore = True
         if self._hold > 0 and not queue_full:
             self._hold -= 1  # windows, whatever the evidence
+        if measured is not None and measured[1] > (self.max_overhead or 0.0):
+            measured = None  # too noisy to act on (a busy machine): more samples first
         if measured is not None:
             # What thinning acts on is the slowdown itself; it also calibrates the CPU
             # accounting used while the next measurement is made (after a change, say).
@@ -503,6 +505,8 @@ class Budget:
             return f"dashboard cost not measured yet ({budget})"
         measured = None if self.probe is None else self.probe.slowdown
         now = f"{_percent(overhead)} %"
+        if measured is not None and self.source != "measured":
+            budget += f"; measured {_percent(max(measured[0], 0.0))} ± {_percent(measured[1])} %"
         if measured is not None and self.source == "measured":
             now = f"{_percent(overhead)} ± {_percent(measured[1])} %"
             budget = f"measured; {budget}"
