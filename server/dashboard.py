@@ -11,6 +11,7 @@ Three lines in your loop::
 
 from __future__ import annotations
 
+import html
 import logging
 import os
 import time
@@ -62,6 +63,7 @@ class Dashboard:
         self._quiet = quiet
         self._closed = False
         self._settings: Settings | None = None
+        self._token: str | None = None  # the server's token, for the inline page
 
     @classmethod
     def start(cls, model: nn.Module, port: int = 8000, host: str = "127.0.0.1",
@@ -134,6 +136,9 @@ class Dashboard:
             run.detach()
             raise
         dash._quiet, dash._settings = quiet, settings
+        dash._token = settings.token_value
+        if dash._link is not None:
+            dash._link.serve_notebook()  # between cells the kernel's loop serves the page
         if settings.port:
             _LIVE[(settings.host, settings.port)] = weakref.ref(dash)
         _LIVE[("model", id(run.model))] = weakref.ref(dash)
@@ -165,7 +170,8 @@ class Dashboard:
 
         process = ChildProcess("attnscope.backend.child", boot, lambda: hello_message(run),
                                host=settings.host, port=settings.port,
-                               tokenizer=pickled_tokenizer(tokenizer), on_channel=on_channel)
+                               tokenizer=pickled_tokenizer(tokenizer), on_channel=on_channel,
+                               on_close=lambda: link[0].channel_closing() if link else None)
         try:
             process.start()
         except BaseException:
@@ -279,6 +285,49 @@ class Dashboard:
 
     def __repr__(self) -> str:
         return f"Dashboard({self.url!r}, run={self.run.id!r})"
+
+    # -- between runs, and in notebooks ---------------------------------------------
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Keep serving the page's requests that need the model (captures, the text box)
+        from this thread, with no training loop: until ``timeout`` seconds, Ctrl-C, or the
+        run is closed. In a notebook this is not needed: between cells the kernel's event
+        loop serves them."""
+        if self._link is None:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self._closed and (deadline is None or time.monotonic() < deadline):
+                self.run.call_idle(0.2)  # in-process: jobs queued for the training thread
+            return
+        self._link.serve_here(timeout)
+
+    def export_html(self, path: str | Any, text: str | None = None, *, tokens: Any = None,
+                    **options: Any) -> Any:
+        """Every head of this run's model on one input, written to ``path`` as one
+        self-contained .html file (docs/standalone.md): ``text`` (tokenized by the run's
+        tokenizer) or ``tokens`` (ids), by default the last batch's first sample given to
+        :meth:`step`. Runs one forward pass here (call it between steps). ``options`` as
+        :func:`attnscope.show` takes them (``view``, ``focus``, ``scale``...)."""
+        from .look import show
+
+        tokenizer = None if self.run.tokenizer is None else self.run.tokenizer.tokenizer
+        if text is None and tokens is None:
+            tokens = self.run.last_tokens(0)
+            if tokens is None:
+                raise ValueError("export_html: give text= or tokens= (no batch of token ids "
+                                 "was given to step() yet)")
+        return show(self.run.model, tokenizer, text, tokens=tokens, path=path, **options)
+
+    def _repr_html_(self) -> str:
+        """In a notebook: the page itself, inline (an iframe of its URL, logged in when the
+        server needs a token)."""
+        url = self.url if self._token is None else f"{self.url}/?token={self._token}"
+        if self._closed:
+            return f"<p>attnscope dashboard {html.escape(self.url)} (closed)</p>"
+        return (f'<iframe src="{html.escape(url)}" width="100%" height="820" '
+                'style="border:1px solid #ccc;border-radius:4px" '
+                'title="attnscope dashboard"></iframe>'
+                f'<p><a href="{html.escape(url)}" target="_blank">open {html.escape(self.url)} '
+                "in a tab</a></p>")
 
 
 def _settings_message(settings: Settings) -> dict[str, Any]:

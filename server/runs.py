@@ -103,6 +103,21 @@ class StepGate:
                 fn, future = self._jobs.popleft()
             _run_job(fn, future)
 
+    def serve(self, timeout: float) -> None:
+        """Run jobs queued for the training thread from the calling thread, for up to
+        ``timeout`` seconds (a thread with no training loop to run: ``Dashboard.wait``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cond:
+                if not self._jobs:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    self._cond.wait(timeout=left)
+                    continue
+                fn, future = self._jobs.popleft()
+            _run_job(fn, future)
+
     def call(self, fn: Callable[[], Any], timeout: float, owner: str) -> Any:
         """Run ``fn()`` in the training thread between two steps; return its result or
         raise its exception here. When closed, ``fn`` runs right here. ``TimeoutError``
@@ -218,6 +233,19 @@ class Run(BaseRun):
     def dispatchers(self) -> list[EventDispatcher]:
         """The distinct dispatchers this run's modules talk to."""
         return self.local.dispatchers()
+
+    def last_tokens(self, sample: int) -> torch.Tensor | None:
+        """The token ids (L,) of ``sample`` of the last batch given to :meth:`step`, if ids
+        were given."""
+        tokens = self._tokens
+        if not isinstance(tokens, torch.Tensor) or not 0 <= sample < tokens.shape[0]:
+            return None
+        return tokens[sample].detach().cpu()
+
+    def call_idle(self, timeout: float) -> None:
+        """Run, from the calling thread, what waits for the training thread (captures) for
+        up to ``timeout`` seconds: for a process with no training loop running."""
+        self._gate.serve(timeout)
 
     def labels(self, sample: int) -> list[str] | None:
         """Token labels of ``sample`` of the last batch given to :meth:`step`, or None."""

@@ -19,9 +19,12 @@ server that goes away releases it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -54,6 +57,16 @@ PAUSE_POLL_S = 0.5
 # drains it at once; only a stopped server leaves it full). The training thread runs the
 # capture anyway; only its answer is lost.
 RESULT_ROOM_S = 10.0
+
+
+def _ipython_kernel_shell() -> Any:
+    """The IPython shell of a Jupyter kernel this code runs in, or None."""
+    if "ipykernel" not in sys.modules or "IPython" not in sys.modules:
+        return None
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    return shell if shell is not None and getattr(shell, "kernel", None) is not None else None
 
 
 def hello_message(run: Run, config: dict[str, Any] | None = None,
@@ -152,6 +165,10 @@ class TrainingLink:
         self.extra: dict[str, Any] = {}
         self._deferred: list[Message] = []
         self._failures: set[str] = set()
+        self._state = "live"  # what the server was last told: live, paused or stopped
+        self._loop: Any = None  # a notebook kernel's event loop serving requests between cells
+        self._notebook = False  # served from a kernel's loop (again after a restart)
+        self._shell: Any = None
         self._mail_lock = threading.Lock()
         run.add_step_hook(self._on_step)
         run.add_change_listener(self._run_changed)
@@ -186,6 +203,8 @@ class TrainingLink:
         self._failures.add(what)
 
     def _step(self, run: Run) -> None:
+        if self._state != "live" and not self.paused:
+            self.set_state("live")  # steps again (after a cell ended, say)
         if self.later:
             self._send_arrived()
         if self.channel.has_mail or self._deferred:
@@ -308,7 +327,7 @@ class TrainingLink:
 
     def _set_paused(self, paused: bool) -> None:
         self.paused = paused
-        self.channel.send("status", {"state": "paused" if paused else "live"})
+        self.set_state("paused" if paused else "live")
 
     def _follow_history(self, config: dict[str, Any] | None) -> None:
         if config is not None and self._recorder is None and self.records_history:
@@ -355,10 +374,83 @@ class TrainingLink:
                     return
                 time.sleep(0.002)
 
+    # -- no training loop running -----------------------------------------------------
+
+    def serve_here(self, timeout: float | None = None) -> None:
+        """Serve the server's messages (captures above all) from the calling thread until
+        ``timeout``, Ctrl-C, the end of the run or the server's: a process with no training
+        loop running (``Dashboard.wait``)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.set_state("stopped")
+        while not self.closed:
+            left = PAUSE_POLL_S if deadline is None else min(PAUSE_POLL_S,
+                                                              deadline - time.monotonic())
+            if left <= 0:
+                return
+            if not self.channel.wait(left):
+                return  # the server process is gone
+            self._read_mail()
+
+    def serve_notebook(self) -> None:
+        """In a Jupyter kernel: between cells, the kernel's event loop (in the thread that
+        runs the cells) serves the server's messages, so a capture runs at once when no
+        cell is running; a cell that ends (or is interrupted) leaves the run stopped, not
+        live. Outside a kernel, nothing."""
+        shell = _ipython_kernel_shell()
+        if shell is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._loop = loop
+        self._notebook = True
+        loop.add_reader(self.channel.bell_in, self._idle_bell)
+        shell.events.register("post_run_cell", self._cell_ended)
+        self._shell = shell
+
+    def _idle_bell(self) -> None:
+        """The doorbell rang while the kernel waits between cells: nobody is training."""
+        if not self.channel.drain_bell():
+            self._stop_serving()  # the server process is gone
+            return
+        try:
+            self._read_mail()
+        except Exception:  # noqa: BLE001 (never into the kernel's event loop)
+            self.failed("idle requests")
+
+    def _cell_ended(self, result: Any = None) -> None:
+        if not self.closed and self.run.step_index is not None:
+            self.set_state("stopped")
+
+    def channel_closing(self) -> None:
+        """The channel is about to close (its server process died): stop watching it."""
+        self._stop_serving()
+
+    def _stop_serving(self) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self.channel.bell_in)
+            self._loop = None
+        if self._shell is not None:
+            with contextlib.suppress(ValueError):
+                self._shell.events.unregister("post_run_cell", self._cell_ended)
+            self._shell = None
+
+    def set_state(self, state: str) -> None:
+        """Tell the server whether the run trains (``live``), is paused or stopped."""
+        if state != self._state:
+            self._state = state
+            self.channel.send("status", {"state": state})
+
     def reconnect(self, channel: Channel) -> None:
         """A new server process (the last one died): nobody watches yet, history starts
         over when it asks, frames and steps go to ``channel`` from now on."""
+        self._stop_serving()
         self.channel = channel
+        if self._notebook:
+            self.serve_notebook()
+        self._state = "live"
         self.publisher.set_plan(EMPTY_PLAN)
         self._sent = {}
         self.later = []
@@ -376,6 +468,7 @@ class TrainingLink:
         if self.closed:
             return
         self.closed = True
+        self._stop_serving()
         self.run.remove_step_hook(self._on_step)
         self.run.remove_change_listener(self._run_changed)
         if self._recorder is not None:

@@ -78,12 +78,14 @@ class ChildProcess:
                  host: str | None = None, port: int | None = None,
                  tokenizer: torch.Tensor | None = None,
                  on_channel: Callable[[Channel], None] | None = None,
+                 on_close: Callable[[], None] | None = None,
                  channel_bytes: int = CHANNEL_BYTES) -> None:
         self.module = module
         self.sock = None if host is None else bind_socket(host, port or 0)  # PortInUse
         self.url = None if self.sock is None else url_of(self.sock)
         self._boot, self._hello, self._tokenizer = boot, hello, tokenizer
         self._on_channel = on_channel
+        self._on_close = on_close  # told before a channel closes
         self._channel_bytes = channel_bytes
         self.channel: Channel | None = None
         self.proc: subprocess.Popen | None = None
@@ -171,6 +173,8 @@ class ChildProcess:
 
     def _close_channel(self) -> None:
         if self.channel is not None:
+            if self._on_close is not None:
+                self._on_close()
             self.channel.close()
             self.channel = None
 
