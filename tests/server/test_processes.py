@@ -284,3 +284,48 @@ def test_a_port_in_use_is_an_error_naming_it(tmp_path: Path) -> None:
         with pytest.raises(PortInUse, match=f"127.0.0.1:{port}.*in use"):
             Dashboard.start(small_encoder(EventDispatcher()), port=port, quiet=True,
                             settings=Settings(data_dir=tmp_path))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_watching_copies_on_a_side_stream_and_never_waits(tmp_path: Path) -> None:
+    """A watched and recorded step on a GPU: the dashboard's copies go to pinned buffers on
+    a side stream (allocated once, events reused), and no synchronisation happens in the
+    training thread (sync-debug mode raises on one)."""
+    model = small_encoder(EventDispatcher()).cuda().train()
+    x = torch.randn(2, 6, 8, device="cuda")
+    settings = Settings(data_dir=tmp_path)
+    with Dashboard.start(model, port=0, quiet=True, name="run", settings=settings) as dash:
+        steps = iter(range(10_000))
+
+        def step() -> None:
+            model(x).sum().backward()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                dash.step(next(steps), loss=1.0)  # a float: the loop's own .item() happened
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+
+        async def watched() -> dict:
+            ws = await connect(dash.url.replace("http", "ws") + "/ws")
+            await ws.send(json.dumps({"type": "subscribe", "run": "run",
+                                      "kinds": ["attention", "head_stats"], "max_fps": 60}))
+            for _ in range(300):
+                step()
+                try:
+                    header, _ = await recv_frame(ws, "attention", timeout=0.02)
+                    break
+                except TimeoutError:
+                    continue
+            staging = dash._link.staging
+            before = (staging.allocated, staging.events_made)
+            for _ in range(30):  # steady state: nothing new allocated or created
+                step()
+            await ws.close()
+            return {"header": header, "before": before,
+                    "after": (staging.allocated, staging.events_made)}
+
+        seen = run_async(watched, timeout=120)
+    assert seen["header"]["kind"] == "attention"
+    assert seen["after"] == seen["before"], "pinned buffers or events made on watched steps"
+    assert dash._link.staging._side, "no side stream was used"
