@@ -129,12 +129,18 @@ class ChannelRun(RemoteRun):
     # -- controls and history (any thread) -----------------------------------------
 
     def pause(self) -> None:
+        """Paused from now on: the training loop waits at its next step (as a run in the
+        server's own process does); its confirmation comes as a ``status`` message."""
         self._check_control("pause")
         self.send("control", {"action": "pause"})
+        self._paused = True
+        self._changed()
 
     def resume(self) -> None:
         self._check_control("resume")
         self.send("control", {"action": "resume"})
+        self._paused = False
+        self._changed()
 
     def restart(self) -> None:
         if "restart" not in self.controls:

@@ -294,6 +294,9 @@ class RunRecorder:
         if self.session is None:
             return
         if budget.off:  # the budget measures the slowdown: no record, no snapshot this step
+            every = self.config.every * self._snapshot_stride
+            if self.last_snapshot is not None and step // every > self.last_snapshot // every:
+                self.last_snapshot = step  # skipped, not taken late: snapshots stay on multiples
             return
         if self._stats_due:
             item = StepItem(self.session, step, now, dict(run.scalars), pending, len(run.sites),
