@@ -245,6 +245,13 @@ class Dashboard:
         :meth:`attnscope.runs.Run.new_sequence`."""
         self.run.new_sequence()
 
+    def end_run(self) -> None:
+        """Mark the run ended and keep the page served (until :meth:`close` or the end of
+        this process): what the Trainer callback's ``keep_open`` does."""
+        if self._link is not None:
+            self._link.end_run()
+        self.run.close()
+
     def close(self) -> None:
         """End the run and stop the server (its history is written first); says where the
         run stays browsable."""

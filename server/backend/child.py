@@ -94,7 +94,7 @@ async def _serve(channel: Channel, boot: Message, hello: Message, sock: socket.s
                 run.receive(message)
             except (ValueError, TypeError, KeyError, IndexError) as exc:
                 logger.warning("run %r: dropped a %s message: %s", run.id, message.kind, exc)
-            if message.kind == "close":
+            if message.kind == "close" and not message.header.get("keep_serving"):
                 stop("the run ended")
 
     async def housekeeping() -> None:

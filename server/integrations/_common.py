@@ -43,7 +43,7 @@ class DashboardOwner:
         ended and leave the page served (until ``dashboard.close()`` or the process ends)."""
         if self._owned and self.dashboard is not None:
             if keep_open:
-                self.dashboard.run.close()
+                self.dashboard.end_run()
                 return
             self.dashboard.close()
         self._owned = False

@@ -277,16 +277,19 @@ class TrainingLink:
             self.handle(self.channel.receive())
 
     def poll(self) -> None:
-        """From any thread (not the training thread's step): apply the messages handled by
-        :attr:`extra` now; keep the others for the next step."""
+        """From any thread (not the training thread's step): apply what the server sent,
+        plans and controls too (as a server in this process's threads did), except
+        capture requests, which wait for the training thread (its next step)."""
         if not self._mail_lock.acquire(blocking=False):
             return
         try:
             for message in self.channel.receive():
                 if message.kind in self.extra:
                     self.extra[message.kind](message.header)
-                else:
+                elif message.kind == "capture":
                     self._deferred.append(message)
+                else:
+                    self.handle([message])
         finally:
             self._mail_lock.release()
 
@@ -462,6 +465,12 @@ class TrainingLink:
             self.paused = False
 
     # -- end ----------------------------------------------------------------------
+
+    def end_run(self) -> None:
+        """The run ended, the page stays served (the server process keeps running)."""
+        if not self.closed:
+            self._send_arrived()
+            self.channel.send("close", {"keep_serving": True})
 
     def close(self) -> None:
         """End the run: stop listening, send what has arrived and ``close``."""

@@ -229,7 +229,8 @@ def test_on_the_cpu_the_training_thread_only_copies_and_the_reader_computes() ->
     q, k = torch.randn(2, 40, 3, 4), torch.randn(2, 40, 3, 4)
     event = att._event(q, k, 0.5, FullMask(40), LengthMask(torch.tensor([40, 30])))
     need = SampleNeed(1, attention=True, stats=True, max_side=20)
-    no_rows = SimpleNamespace(_row_layers=frozenset())  # a publisher of no recurrent site
+    # a publisher of no recurrent site, in the server's process (no staging: computed here)
+    no_rows = SimpleNamespace(_row_layers=frozenset(), staging=None)
     stats, view = Publisher._capture_attention(no_rows, event, 0, (need,))
     assert stats.pending is not None and view.pending is not None  # nothing computed yet
     assert view.full_shape == (40, 40) and view.pool == 2
