@@ -256,7 +256,7 @@ class HistoryService:
         self._write_stats(steps)
 
     def _write_stats(self, steps: list[StepItem]) -> None:
-        for session, rows in stat_rows(steps).items():
+        for session, rows in stat_rows(steps, self.config.stats_rows).items():
             self.store.add_stats(session, self.roles.rows(session, rows))
 
 

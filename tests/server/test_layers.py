@@ -24,7 +24,7 @@ CORE = {
     "attnscope", "attnscope.layout", "attnscope.run_base", "attnscope.jsonsafe",
     "attnscope.protocol", "attnscope.model_inputs",
     "attnscope.storage", "attnscope.stream", "attnscope.stream.plan", "attnscope.stream.stats",
-    "attnscope.stream.reduce",
+    "attnscope.stream.reduce", "attnscope.stream.rowstats",
     "attnscope.stream.frames", "attnscope.remote", "attnscope.remote.wire",
     "attnscope.captures", "attnscope.captures.capture", "attnscope.captures.store",
     "attnscope.captures.formats", "attnscope.history", "attnscope.history.store",

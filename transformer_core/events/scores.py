@@ -115,8 +115,11 @@ class SoftmaxScores:
         """Queries (n, h, L, E) and keys (n, h, S, E) of ``samples`` and query heads
         ``heads`` (h,): each query head paired with its key head."""
         H, K = self.queries.shape[2], self.keys.shape[2]
-        q = self.queries[samples][:, :, heads]  # (n, L, h, E)
-        k = self.keys[samples][:, :, heads // (H // K)]  # (n, S, h, E)
+        every = len(heads) == H and bool((heads == torch.arange(H, device=heads.device)).all())
+        q = self.queries[samples]  # (n, L, H, E): a view for a slice of samples
+        q = q if every else q[:, :, heads]  # (n, L, h, E)
+        k = self.keys[samples]
+        k = k if every and K == H else k[:, :, heads // (H // K)]  # (n, S, h, E)
         return q.transpose(1, 2), k.transpose(1, 2)
 
     def visible(self, samples: Any, heads: torch.Tensor, rows: torch.Tensor,

@@ -203,7 +203,6 @@ def _fused(scores: SoftmaxScores, samples: Any, heads: torch.Tensor, rows: torch
     if key_features is not None:  # appended as value columns; q and k padded with zeros
         f = key_features.to(k.device, torch.float32).reshape(S, -1)
         F = f.shape[1]
-        q = torch.cat([q, q.new_zeros(n, h, L, F)], -1)  # (n, h, L, E + F)
         v = torch.cat([k, f.expand(n, h, S, F)], -1)  # (n, h, S, E + F)
         k = torch.cat([k, k.new_zeros(n, h, S, F)], -1)  # (n, h, S, E + F)
     whole = len(rows) == L and bool((rows == torch.arange(L)).all())
@@ -211,34 +210,42 @@ def _fused(scores: SoftmaxScores, samples: Any, heads: torch.Tensor, rows: torch
                                                                           (None, 0))
     outs, lses, counts = [], [], []
     if whole and simple:  # one call, no mask: O((L + S) E)
-        out, lse = _kernel(q, k, v, None, scores.band == (None, 0), scores.scale)
+        qe = q if key_features is None else _padded(q, v.shape[-1])
+        out, lse = _kernel(qe, k, v, None, scores.band == (None, 0), scores.scale)
         outs, lses = [out], [lse]
         i = torch.arange(L, device=q.device)
         counts = [(i + 1).clamp(max=S).float().expand(n, h, L) if scores.causal
                   else torch.full((n, h, L), float(S), device=q.device)]
     else:
-        for block in _row_blocks(rows, max(1, block_elements // max(1, S))):
+        for block in _row_blocks(scores, rows, S, block_elements):
             r = block.to(q.device)
-            cols = _columns(scores, block, S).to(q.device)
+            c0, c1 = _columns(scores, block, S)
+            cols = torch.arange(c0, c1, device=q.device)
             visible = scores.visible(samples, heads, r, cols)  # (n|1, h|1, B, C) or None
-            mask = None
-            if visible is not None:
-                mask = _float_mask(visible, q.is_cuda)
-            out, lse = _kernel(q[:, :, r], k[:, :, cols], v[:, :, cols], mask, False,
-                               scores.scale)
+            mask = None if visible is None else _float_mask(visible, q.is_cuda)
+            qe = q[:, :, r] if key_features is None else _padded(q[:, :, r], v.shape[-1])
+            out, lse = _kernel(qe, k[:, :, c0:c1], v[:, :, c0:c1], mask, False, scores.scale)
             outs.append(out)
             lses.append(lse)
-            counts.append(torch.full((n, h, len(r)), float(len(cols)), device=q.device)
+            counts.append(torch.full((n, h, len(r)), float(c1 - c0), device=q.device)
                           if visible is None else visible.sum(-1).float().expand(n, h, -1))
     out, lse, keys = torch.cat(outs, 2), torch.cat(lses, 2), torch.cat(counts, 2)  # (n, h, R..)
-    qr = q[:, :, rows.to(q.device), :E]  # (n, h, R, E)
+    qr = q[:, :, rows.to(q.device)]  # (n, h, R, E)
     mean_logit = scores.scale * (qr * out[..., :E]).sum(-1)  # sum_j p_ij s_ij  (n, h, R)
     empty = keys == 0
     entropy = torch.where(empty, torch.zeros_like(lse), lse - mean_logit)
     lse = lse.masked_fill(empty, float("-inf"))  # the kernel gives 0 for an empty row
     expected = None if key_features is None else out[..., E:]
-    top = _max_logits(scores, samples, heads, rows, block_elements) if max_logit else None
+    top = None
+    if max_logit:
+        top = _over_blocks(scores, samples, heads, rows, q, k[..., :E], block_elements,
+                           lambda logits: logits.amax(-1))
     return RowStatistics(rows, entropy, lse, keys, top, expected, "fused")
+
+
+def _padded(q: torch.Tensor, width: int) -> torch.Tensor:
+    """``q`` (n, h, B, E) with zero columns up to ``width`` (for appended key features)."""
+    return torch.cat([q, q.new_zeros(*q.shape[:-1], width - q.shape[-1])], -1)
 
 
 def _float_mask(visible: torch.Tensor, aligned: bool) -> torch.Tensor:
@@ -253,16 +260,23 @@ def _float_mask(visible: torch.Tensor, aligned: bool) -> torch.Tensor:
     return out.masked_fill_(~visible, float("-inf"))
 
 
-def _max_logits(scores: SoftmaxScores, samples: Any, heads: torch.Tensor, rows: torch.Tensor,
-                block_elements: int) -> torch.Tensor:
-    """The exact max logit (n, h, R) of ``rows``, one block of rows at a time."""
-    q, _ = scores.selected(samples, heads)
-    n, h = q.shape[:2]
-    S = scores.shape[3]
+def _block_logits(scores: SoftmaxScores, samples: Any, heads: torch.Tensor, q: torch.Tensor,
+                  k: torch.Tensor, rows: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+    """Exact logits (n, h, B, C) of ``rows`` against keys ``c0:c1``, from q (n, h, L, E) and
+    k (n, h, S, E) float32, selected already."""
+    r = rows.to(q.device)
+    dots = torch.matmul(q[:, :, r], k[:, :, c0:c1].transpose(-1, -2)) * scores.scale
+    return scores.finish(dots, samples, heads, r, torch.arange(c0, c1, device=q.device))
+
+
+def _over_blocks(scores: SoftmaxScores, samples: Any, heads: torch.Tensor, rows: torch.Tensor,
+                 q: torch.Tensor, k: torch.Tensor, block_elements: int, reduce) -> torch.Tensor:
+    """``reduce(logits)`` (n, h, B) of each block of ``rows``' exact logits, joined."""
+    S = k.shape[2]
     out = []
-    for block in _row_blocks(rows, max(1, block_elements // max(1, n * h * S))):
-        cols = _columns(scores, block, S)
-        out.append(scores.logits(samples, heads, block, cols).amax(-1))  # (n, h, B)
+    for block in _row_blocks(scores, rows, q.shape[0] * q.shape[1] * S, block_elements):
+        out.append(reduce(_block_logits(scores, samples, heads, q, k, block,
+                                        *_columns(scores, block, S))))
     return torch.cat(out, 2)
 
 
@@ -272,16 +286,17 @@ def _max_logits(scores: SoftmaxScores, samples: Any, heads: torch.Tensor, rows: 
 def _blocks(scores: SoftmaxScores, samples: Any, heads: torch.Tensor, rows: torch.Tensor,
             max_logit: bool, key_features: torch.Tensor | None,
             block_elements: int) -> RowStatistics:
-    q, _ = scores.selected(samples, heads)
-    n, h = q.shape[:2]
-    S = scores.shape[3]
+    q, k = scores.selected(samples, heads)  # (n, h, L, E), (n, h, S, E)
+    q, k = q.float(), k.float()
+    S = k.shape[2]
+    features = None if key_features is None else \
+        key_features.to(q.device, torch.float32).reshape(S, -1)
     parts: dict[str, list[torch.Tensor]] = {"entropy": [], "lse": [], "keys": [], "max": [],
                                             "expected": []}
-    for block in _row_blocks(rows, max(1, block_elements // max(1, n * h * S))):
-        cols = _columns(scores, block, S)
-        logits = scores.logits(samples, heads, block, cols)  # (n, h, B, C)
-        _reduce_rows(logits, None, parts, None if key_features is None
-                     else key_features.to(logits.device, torch.float32).reshape(S, -1)[cols])
+    for block in _row_blocks(scores, rows, q.shape[0] * q.shape[1] * S, block_elements):
+        c0, c1 = _columns(scores, block, S)
+        logits = _block_logits(scores, samples, heads, q, k, block, c0, c1)  # (n, h, B, C)
+        _reduce_rows(logits, None, parts, None if features is None else features[c0:c1])
     return _collect(rows, parts, max_logit, key_features is not None, "blocks")
 
 
@@ -314,19 +329,29 @@ def _collect(rows: torch.Tensor, parts: dict[str, list], max_logit: bool, expect
                          torch.cat(parts["expected"], 2) if expected else None, method)
 
 
-def _row_blocks(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
+def _row_blocks(scores: SoftmaxScores, rows: torch.Tensor, per_row: int,
+                block_elements: int) -> list[torch.Tensor]:
+    """``rows`` in blocks of about ``block_elements / per_row`` rows; under a band of width
+    W (both ends bounded), blocks span about W positions, so that each sees about 2 W
+    keys, not all S."""
+    size = max(1, block_elements // max(1, per_row))
+    lo, hi = scores.band
+    if lo is not None and hi is not None and len(rows) > 1:
+        stride = max(1.0, float(rows.max() - rows.min()) / (len(rows) - 1))
+        size = min(size, max(64, int((hi - lo + 1) / stride)))
     return list(rows.split(size)) if len(rows) else [rows]
 
 
-def _columns(scores: SoftmaxScores, block: torch.Tensor, S: int) -> torch.Tensor:
-    """The key columns (C,) a block of rows can see at all: those the band allows the
-    block's first and last rows (all S without a band)."""
+def _columns(scores: SoftmaxScores, block: torch.Tensor, S: int) -> tuple[int, int]:
+    """The key columns [start, stop) a block of rows can see at all: those the band allows
+    the block's first and last rows (all S without a band)."""
     lo, hi = scores.band
     first = 0 if lo is None or not len(block) else max(0, int(block.min()) + lo)
     last = S - 1 if hi is None or not len(block) else min(S - 1, int(block.max()) + hi)
     if last < first:  # no key in reach: one column, invisible to every row of the block
-        return torch.tensor([min(first, max(S - 1, 0))])
-    return torch.arange(first, last + 1)
+        first = min(first, max(S - 1, 0))
+        return first, first + 1
+    return first, last + 1
 
 
 # -- matrix ------------------------------------------------------------------------------
