@@ -16,7 +16,7 @@ from fastapi import APIRouter, Query
 
 from ..stream.roles import ROLES, RoleRule
 from ..stream.stats import HEAD_STATISTICS
-from .models import HeadPublic, HeadsPublic, RoleEventPublic
+from .models import AlertPublic, HeadPublic, HeadsPublic, RoleEventPublic
 from .roles import RoleTracker
 from .router import ServiceDep, SessionQ, _session
 from .service import HistoryService
@@ -62,7 +62,8 @@ def run_heads(run_id: str, service: ServiceDep,
                                                                       "the latest events")] = 500,
               ) -> HeadsPublic:
     """Every head's statistics, role scores (:data:`ROLES`), role and the step since which
-    it holds it; and the events (roles gained / lost, collapses, NaN/Inf) up to the step."""
+    it holds it; the events (roles gained / lost, collapses, NaN/Inf) and the alerts
+    (``GET /alerts``) up to the step."""
     return heads_answer(service, run_id, step, session, events)
 
 
@@ -98,12 +99,14 @@ def heads_answer(service: HistoryService, run_id: str, step: int | None = None,
             happened = [e for e in tracker.events if e.step <= step]
     shown = happened[-events:] if events else []
     layers = int(s.meta.get("layers", 0))
+    alerts = service.store.alerts(s.id, end=step, limit=events) if events else []
     return HeadsPublic(
         run=s.run, session=s.id, step=None if row is None else row.step,
         probe_step=tracker.repeat_step, layers=layers, roles=list(ROLES), thresholds=thresholds,
         heads=head_list(None if row is None else row.heads, roles, since,
                         s.meta.get("layer_heads")),
-        events=[RoleEventPublic(**e.to_dict()) for e in shown])
+        events=[RoleEventPublic(**e.to_dict()) for e in shown],
+        alerts=[AlertPublic(**a) for a in alerts])
 
 
 def head_roles(service: HistoryService | None, run_id: str) -> dict[str, Any] | None:

@@ -29,7 +29,8 @@ CORE = {
     "attnscope.captures", "attnscope.captures.capture", "attnscope.captures.store",
     "attnscope.captures.formats", "attnscope.history", "attnscope.history.store",
     "attnscope.history.config", "attnscope.history.thinning", "attnscope.stream.roles",
-    "attnscope.history.roles", "attnscope.limits",
+    "attnscope.history.roles", "attnscope.limits", "attnscope.alerts", "attnscope.alerts.rules",
+    "attnscope.alerts.book", "attnscope.alerts.webhook",
 }
 # Training side: Dashboard, the publishers, the history recorder and outbox, the demo.
 TRAINING = {

@@ -233,7 +233,8 @@ def _fused(scores: SoftmaxScores, samples: Any, heads: torch.Tensor, rows: torch
     qr = q[:, :, rows.to(q.device)]  # (n, h, R, E)
     mean_logit = scores.scale * (qr * out[..., :E]).sum(-1)  # sum_j p_ij s_ij  (n, h, R)
     empty = keys == 0
-    entropy = torch.where(empty, torch.zeros_like(lse), lse - mean_logit)
+    # lse - mean logit cancels for a near one-hot row: rounding may leave -1e-6, not 0
+    entropy = torch.where(empty, torch.zeros_like(lse), (lse - mean_logit).clamp_min(0.0))
     lse = lse.masked_fill(empty, float("-inf"))  # the kernel gives 0 for an empty row
     expected = None if key_features is None else out[..., E:]
     top = None
@@ -310,7 +311,7 @@ def _reduce_rows(logits: torch.Tensor, p: torch.Tensor | None, parts: dict[str, 
     if p is None:
         p = torch.exp(logits - lse.masked_fill(empty, 0.0)[..., None])  # (n, h, B, C)
         plogit = torch.where(p > 0, p * logits, torch.zeros_like(p)).sum(-1)
-        entropy = lse - plogit
+        entropy = (lse - plogit).clamp_min(0.0)  # rounding on a near one-hot row
     else:
         entropy = -torch.xlogy(p, p).sum(-1)
     parts["entropy"].append(torch.where(empty, torch.zeros_like(entropy), entropy))
