@@ -126,8 +126,10 @@ class Settings(BaseSettings):
     alert_drop_fraction: float = Field(0.5, ge=0, le=1)
     alert_drop_steps: int = Field(20, ge=1)
     alert_drop_from: float = Field(0.1, ge=0, le=1)
-    # A layer: mean entropy of its heads without a one-key role below 0.05, or the mean
-    # of all its heads falling by 40 % within alert_drop_steps.
+    # Drops compare means over the last 5 steps (one sample's statistics are noisy).
+    alert_smooth_steps: int = Field(5, ge=1)
+    # A layer: the mean entropy of its heads without a one-key role below 0.05, or
+    # falling by 40 % within alert_drop_steps.
     alert_layer_entropy_floor: float = Field(0.05, ge=0, le=1)
     alert_layer_drop_fraction: float = Field(0.4, ge=0, le=1)
     # A head going dead (95 % of the weight on the first token) or uniform (entropy 0.99).

@@ -7,7 +7,7 @@ and re-arms only when the value is back past a second threshold (hysteresis), so
 value sitting at the edge does not flood anyone. Thresholds are an
 :class:`AlertRules` (``ATTNSCOPE_ALERT_*`` settings; docs/statistics.md).
 
->>> tracker = AlertTracker(AlertRules(warmup_steps=0))
+>>> tracker = AlertTracker(AlertRules(warmup_steps=0, smooth_steps=1))
 >>> row = lambda e: np.array([[[e]]] + [[[0.0]]] * 12, np.float32).reshape(1, 13, 1)
 >>> [a.rule for a in tracker.observe(0, row(0.8))], [a.rule for a in tracker.observe(1, row(0.01))]
 ([], ['entropy_floor', 'entropy_drop', 'layer_entropy_floor', 'layer_entropy_drop'])
@@ -53,15 +53,19 @@ class AlertRules:
     entropy_floor: float = 0.02
     # Falling by half of its highest value of the last 20 steps is collapse, not
     # learning (heads specialise over hundreds of steps); only from 0.1 up, below that
-    # the drop is rounding.
+    # the drop is rounding. Heads holding a one-key role are exempt here too (an
+    # induction head forming is a drop).
     drop_fraction: float = 0.5
     drop_steps: int = 20
     drop_from: float = 0.1
+    # Drops compare means over the last 5 rows: one sample's statistics jump from batch
+    # to batch (by half, in the induction demo), a collapse lasts.
+    smooth_steps: int = 5
     # A layer's mean entropy (over its heads without a one-key role) below 0.05: the
     # whole layer collapsed (Zhai et al. 2023 watch it per layer).
     layer_entropy_floor: float = 0.05
-    # A layer's mean entropy (all heads) falling by 40 % within drop_steps: the heads
-    # collapse together, as they do before a loss spike under too high a learning rate.
+    # That mean falling by 40 % within drop_steps: the heads collapse together, as they
+    # do before a loss spike under too high a learning rate.
     layer_drop_fraction: float = 0.4
     # Dead: 95 % of every query's weight on the first token (an attention sink that
     # passes nothing on). Uniform: entropy 0.99, the head averages everything. Both
@@ -84,7 +88,7 @@ class AlertRules:
             if isinstance(value, bool) or not isinstance(value, int | float) \
                     or not 0 <= value <= 1:
                 raise ValueError(f"alert_{name} must be a number in [0, 1], got {value!r}")
-        for name, low in (("drop_steps", 1), ("warmup_steps", 0)):
+        for name, low in (("drop_steps", 1), ("smooth_steps", 1), ("warmup_steps", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"alert_{name} must be an int >= {low}, got {value!r}")
@@ -161,7 +165,8 @@ class AlertTracker:
     def __init__(self, rules: AlertRules | None = None) -> None:
         self.rules = (rules or AlertRules()).validate()
         self._episodes: dict[tuple[str, int, int | None], _Episode] = {}
-        self._recent: dict[tuple[int, int | None], deque] = {}  # entropy of the last steps
+        self._raw: dict[tuple[int, int | None], deque] = {}  # the last smooth_steps values
+        self._recent: dict[tuple[int, int | None], deque] = {}  # (step, smoothed value)
         self._first: int | None = None
 
     def observe(self, step: int, stats: np.ndarray) -> list[Alert]:
@@ -185,10 +190,8 @@ class AlertTracker:
                     out.extend(self._head(step, layer, head, values[:, head], bool(one_key[head]),
                                           warm))
             free = [h for h in range(H) if not one_key[h] and math.isfinite(entropy[h])]
-            finite = entropy[np.isfinite(entropy)]
-            if len(finite):
-                out.extend(self._layer(step, layer, float(finite.mean()),
-                                       float(entropy[free].mean()) if free else math.nan, warm))
+            out.extend(self._layer(step, layer, float(entropy[free].mean()) if free else math.nan,
+                                   warm))
         return out
 
     def _one_key(self, values: np.ndarray) -> np.ndarray:
@@ -203,17 +206,26 @@ class AlertTracker:
         return episode
 
     def _drop(self, key: tuple[int, int | None], step: int, value: float,
-              fraction: float) -> tuple[bool, bool, float]:
-        """(falling, recovered, highest) of ``value`` against the last ``drop_steps`` steps."""
+              fraction: float) -> tuple[bool, bool, float, float]:
+        """(falling, recovered, highest, now): ``value`` averaged over the last
+        ``smooth_steps`` rows (``now``) against the highest such average of the last
+        ``drop_steps`` steps."""
+        rules = self.rules
+        raw = self._raw.setdefault(key, deque(maxlen=rules.smooth_steps))
+        if math.isfinite(value):
+            raw.append(value)
+        if not raw:
+            return False, True, math.nan, math.nan
+        now = sum(raw) / len(raw)
         recent = self._recent.setdefault(key, deque())
-        while recent and recent[0][0] <= step - self.rules.drop_steps:
+        while recent and recent[0][0] <= step - rules.drop_steps:
             recent.popleft()
-        highest = max((v for _, v in recent), default=value)
-        recent.append((step, value))
-        if not math.isfinite(value) or highest < self.rules.drop_from:
-            return False, True, highest
-        drop = (highest - value) / highest
-        return drop >= fraction, drop < fraction / 2, highest
+        highest = max((v for _, v in recent), default=now)
+        recent.append((step, now))
+        if highest < rules.drop_from:
+            return False, True, highest, now
+        drop = (highest - now) / highest
+        return drop >= fraction, drop < fraction / 2, highest, now
 
     def _head(self, step: int, layer: int, head: int, v: np.ndarray, one_key: bool,
               warm: bool) -> list[Alert]:
@@ -233,13 +245,15 @@ class AlertTracker:
             out.append(Alert(step, layer, head, "entropy_floor",
                              {"entropy": entropy, "floor": floor},
                              f"{where} entropy collapsed to {entropy:.3f} (floor {floor:g})"))
-        falling, recovered, highest = self._drop((layer, head), step, entropy,
-                                                 rules.drop_fraction)
-        if self._episode("entropy_drop", layer, head).update(warm and falling, recovered):
+        falling, recovered, highest, now = self._drop((layer, head), step, entropy,
+                                                      rules.drop_fraction)
+        if self._episode("entropy_drop", layer, head).update(warm and falling and not one_key,
+                                                             recovered):
             out.append(Alert(step, layer, head, "entropy_drop",
-                             {"entropy": entropy, "from": highest, "steps": rules.drop_steps},
-                             f"{where} entropy fell from {highest:.3f} to {entropy:.3f} "
-                             f"within {rules.drop_steps} steps"))
+                             {"entropy": entropy, "mean": now, "from": highest,
+                              "steps": rules.drop_steps},
+                             f"{where} entropy fell from {highest:.3f} to {now:.3f} within "
+                             f"{rules.drop_steps} steps"))
         first = float(v[_INDEX["first_token"]])
         if math.isfinite(first) and self._episode("dead", layer, head, armed=False).update(
                 warm and first >= rules.dead_first_token, first < rules.dead_first_token - 0.1):
@@ -253,8 +267,7 @@ class AlertTracker:
                              "every key"))
         return out
 
-    def _layer(self, step: int, layer: int, mean: float, free_mean: float,
-               warm: bool) -> list[Alert]:
+    def _layer(self, step: int, layer: int, free_mean: float, warm: bool) -> list[Alert]:
         rules, out = self.rules, []
         where = _where(step, layer, None)
         floor = rules.layer_entropy_floor
@@ -264,11 +277,12 @@ class AlertTracker:
                              {"entropy": free_mean, "floor": floor},
                              f"{where} collapsed: mean head entropy {free_mean:.3f} "
                              f"(floor {floor:g})"))
-        falling, recovered, highest = self._drop((layer, None), step, mean,
-                                                 rules.layer_drop_fraction)
+        falling, recovered, highest, now = self._drop((layer, None), step, free_mean,
+                                                      rules.layer_drop_fraction)
         if self._episode("layer_entropy_drop", layer, None).update(warm and falling, recovered):
             out.append(Alert(step, layer, None, "layer_entropy_drop",
-                             {"entropy": mean, "from": highest, "steps": rules.drop_steps},
-                             f"{where} mean head entropy fell from {highest:.3f} to {mean:.3f} "
+                             {"entropy": free_mean, "mean": now, "from": highest,
+                              "steps": rules.drop_steps},
+                             f"{where} mean head entropy fell from {highest:.3f} to {now:.3f} "
                              f"within {rules.drop_steps} steps"))
         return out

@@ -45,7 +45,7 @@ def fired(tracker: AlertTracker, step: int, stats: np.ndarray) -> list[tuple]:
 
 def test_a_floor_fires_once_per_episode_and_rearms_above_twice_the_floor():
     t = AlertTracker(AlertRules(warmup_steps=0, layer_entropy_floor=0.0,
-                                layer_drop_fraction=1.0))
+                                layer_drop_fraction=1.0, smooth_steps=1))
     assert fired(t, 0, row()) == []
     assert fired(t, 1, row(entropy=[0.01, 0.8])) == [("entropy_floor", 0, 0),
                                                       ("entropy_drop", 0, 0)]
@@ -66,7 +66,7 @@ def test_a_head_with_a_one_key_role_may_sit_on_one_key():
 
 def test_entropy_falling_by_half_within_n_steps_after_the_warmup():
     rules = AlertRules(warmup_steps=10, drop_steps=5, drop_fraction=0.5,
-                       layer_drop_fraction=1.0)
+                       layer_drop_fraction=1.0, smooth_steps=1)
     t = AlertTracker(rules)
     assert fired(t, 0, row(entropy=0.9)) == []
     assert fired(t, 1, row(entropy=0.3)) == []  # in the warm-up: heads leave uniform fast
@@ -82,8 +82,17 @@ def test_entropy_falling_by_half_within_n_steps_after_the_warmup():
         assert fired(t2, step, row(entropy=float(e))) == []
 
 
+def test_drops_compare_means_so_a_noisy_statistic_does_not_fire():
+    t = AlertTracker(AlertRules(warmup_steps=0, layer_drop_fraction=1.0))  # 5-step means
+    for step in range(60):  # one sample's entropy jumping by half from step to step
+        assert fired(t, step, row(entropy=0.3 if step % 2 else 0.13)) == []
+    fell = [fired(t, step, row(entropy=0.05)) for step in range(60, 66)]
+    assert fell[:2] == [[], []] and fell[2] == [("entropy_drop", 0, 0), ("entropy_drop", 0, 1)]
+
+
 def test_a_layer_collapses_when_its_heads_fall_together():
-    t = AlertTracker(AlertRules(warmup_steps=0, drop_fraction=1.0, entropy_floor=0.0))
+    t = AlertTracker(AlertRules(warmup_steps=0, drop_fraction=1.0, entropy_floor=0.0,
+                                smooth_steps=1))
     t.observe(0, row(K=2, H=4, entropy=0.8))
     stats = row(K=2, H=4, entropy=0.8)
     stats[1, I["entropy"]] = [0.4, 0.4, 0.45, 0.5]  # layer 1 falls 45 %: each head < 50 %
@@ -141,7 +150,7 @@ def test_the_book_stores_logs_and_tells_listeners_and_a_restart_does_not_repeat(
                                                                                caplog):
     with HistoryStore(tmp_path) as store:
         session = store.new_session("lm", None, META).id
-        quiet_layers = AlertRules(warmup_steps=0, layer_drop_fraction=1.0)
+        quiet_layers = AlertRules(warmup_steps=0, layer_drop_fraction=1.0, smooth_steps=1)
         book = AlertBook(store, quiet_layers)
         heard = []
         book.listeners.append(heard.append)
@@ -170,7 +179,7 @@ def test_the_book_stores_logs_and_tells_listeners_and_a_restart_does_not_repeat(
 
 def test_rest_alerts_and_the_heads_answer(tmp_path):
     app = create_app(Settings(data_dir=tmp_path, alert_warmup_steps=0,
-                              alert_layer_drop_fraction=1.0))
+                              alert_layer_drop_fraction=1.0, alert_smooth_steps=1))
     with TestClient(app, base_url="http://127.0.0.1") as client:
         service = app.state.history
         session = service.store.new_session("lm", None, {**META, "heads": 2}).id

@@ -37,7 +37,7 @@ TRAINING = {
     "attnscope.dashboard", "attnscope.runs", "attnscope.stream.publisher", "attnscope.stream.rows",
     "attnscope.remote.publisher", "attnscope.remote.captures", "attnscope.remote.history",
     "attnscope.history.recorder", "attnscope.history.service", "attnscope.demo",
-    "attnscope.demo_run", "attnscope.client", "attnscope.induction",
+    "attnscope.demo_run", "attnscope.client", "attnscope.induction", "attnscope.collapse",
     "attnscope.integrations", "attnscope.integrations._common",
     "attnscope.integrations.huggingface", "attnscope.integrations.lightning",
     "attnscope.budget",

@@ -19,8 +19,8 @@ batch 1) at each sequence length L, side by side in one process:
 Ratios (writer work / training step) are what to read: this machine is shared, and
 ``uptime``'s load is printed beside the figures.
 
-    .venv/bin/python bench/statistics.py                             # 512, 2048, 8192 (~15 min)
-    .venv/bin/python bench/statistics.py --lengths 512 --layers 2    # quick
+    .venv/bin/python bench/entropy.py                             # 512, 2048, 8192 (~15 min)
+    .venv/bin/python bench/entropy.py --lengths 512 --layers 2    # quick
 """
 
 from __future__ import annotations
