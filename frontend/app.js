@@ -1,6 +1,7 @@
 // Wiring: connection -> state -> drawing. Frames are kept in latest-value slots and drawn
 // once per animation frame, so a burst of frames never queues up work in the page.
 
+import { AlertView } from "./alerts.js";
 import { api, Connection, socketUrl } from "./api.js";
 import { BudgetBadge } from "./budget.js";
 import { exportCanvasSvg, exportFocus, exportGridPng, exportGridSvg, exportNpz, fileStem } from "./export.js";
@@ -141,16 +142,36 @@ const historyBar = new HistoryBar({
   },
   markStep: (step) => { markCharts(); if (step !== null && step !== undefined) pollHeads(step); },
   banner: (text) => view.showBanner(text),
+  openMark: (alert) => openAlert(alert),
 });
 debug.history = historyBar;
+// Alerts (frontend/alerts.js): a banner and marks on the history bar; a click opens the head.
+const alertView = new AlertView({ onOpen: (alert) => openAlert(alert), anchor: els.banner });
+debug.alerts = alertView;
 
-/** The history slider's step as a line on the charts (they share the step axis). */
+/** The history slider's step as a line on the charts (they share the step axis), with the
+ * role events (training chart) and the alerts (both charts). */
 function markCharts() {
   if (!plotlyReady()) return;
-  const shapes = HistoryBar.shape(historyBar.scrubbing ? historyBar.shownStep : null);
+  const shapes = [...HistoryBar.shape(historyBar.scrubbing ? historyBar.shownStep : null), ...alertView.shapes()];
   for (const el of [els.entropyPlot, els.curvesPlot]) {
     if (el.data) window.Plotly.relayout(el, { shapes: el === els.curvesPlot ? [...shapes, ...eventShapes] : shapes });
   }
+}
+
+/** Open what an alert names at its step: the head (focus view), or the layer's heads on
+ * the entropy chart; the history slider goes to the step. */
+function openAlert(alert) {
+  if (alert.head === null || alert.head === undefined) {
+    if (state.focus) closeFocus();
+    state.healthLayer = alert.layer;
+    els.healthLayer.value = String(alert.layer);
+    state.chartsDirty = true;
+  } else {
+    openFocus(alert.layer, alert.head);
+  }
+  historyBar.scrubToStep(alert.step);
+  debug.alertOpened = alert;
 }
 
 // ---------------------------------------------------------------- subscription
@@ -286,6 +307,8 @@ function setRuns(runs, fromHello) {
 function selectRun() {
   state.history = new RunHistory();
   state.heads = null;
+  alertView.reset();
+  historyBar.setMarks([]);
   state.statsRing = new Map();
   purge(els.entropyPlot);
   purge(els.curvesPlot);
@@ -414,6 +437,10 @@ function applyHeads(answer, scrubbed = false) {
       + "self, local and uniform roles; induction and duplicate-token need the history's "
       + "induction probe (ATTNSCOPE_HISTORY_ENABLED=true)" : "");
   markEvents(answer.events || []);
+  if (!scrubbed) { // a scrubbed step's answer lists the alerts up to that step only
+    alertView.update(answer.alerts || [], answer.session, true);
+    historyBar.setMarks(alertView.marks());
+  }
   if (state.focus) showFocusRole();
 }
 
@@ -489,7 +516,7 @@ function drawCharts() {
       yTitle: "loss", rightAxis: (name) => name !== "loss", uirevision: `curves:${state.runId}`,
     });
   }
-  if (historyBar.scrubbing || eventShapes.length) markCharts();
+  if (historyBar.scrubbing || eventShapes.length || alertView.alerts.length) markCharts();
 }
 
 function drawHeader(force = false) {
