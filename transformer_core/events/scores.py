@@ -131,12 +131,10 @@ class SoftmaxScores:
         out = None
         lo, hi = self.band
         if lo is not None or hi is not None:
-            offset = cols - rows if pairs else cols[None, :] - rows[:, None]  # (R,) | (R, C)
-            ok = torch.ones_like(offset, dtype=torch.bool)
+            r, c = (rows, cols) if pairs else (rows[:, None], cols[None, :])  # (R,) | (R, C)
+            ok = c <= r + hi if hi is not None else None  # j - i <= hi
             if lo is not None:
-                ok &= offset >= lo
-            if hi is not None:
-                ok &= offset <= hi
+                ok = c >= r + lo if ok is None else ok & (c >= r + lo)
             out = ok[None, None]  # (1, 1, R) | (1, 1, R, C)
         for m in self.masks:
             part = _rows_cols(m, samples, heads, rows, cols, pairs)  # (n|1, h|1, R[, C])
@@ -159,15 +157,21 @@ class SoftmaxScores:
         return self.finish(logits * self.scale, samples, head_idx, rows, cols)  # (n, h, R, C)
 
     def finish(self, logits: torch.Tensor, samples: Any, heads: torch.Tensor,
-               rows: torch.Tensor, cols: torch.Tensor, pairs: bool = False) -> torch.Tensor:
+               rows: torch.Tensor, cols: torch.Tensor, pairs: bool = False,
+               inplace: bool = False) -> torch.Tensor:
         """Scaled dot products (n, h, R, C) -> logits: the cap, the bias, and ``-inf`` at
-        invisible keys. With ``pairs``: (n, h, R) dot products of row r with ``cols[r]``."""
+        invisible keys. With ``pairs``: (n, h, R) dot products of row r with ``cols[r]``.
+        ``inplace``: ``logits`` may be overwritten (a block the caller owns)."""
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         if self.bias is not None:
             logits = logits + _rows_cols(self.bias, samples, heads, rows, cols, pairs).float()
         allowed = self.visible(samples, heads, rows, cols, pairs)
-        return logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
+        if allowed is None:
+            return logits
+        if inplace:
+            return logits.masked_fill_(allowed.logical_not(), float("-inf"))
+        return logits.masked_fill(allowed.logical_not(), float("-inf"))
 
     def pair_logits(self, samples: Any, heads: Any, rows: torch.Tensor,
                     cols: torch.Tensor) -> torch.Tensor:

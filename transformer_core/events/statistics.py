@@ -195,21 +195,20 @@ def _kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 def _fused(scores: SoftmaxScores, samples: Any, heads: torch.Tensor, rows: torch.Tensor,
            max_logit: bool, key_features: torch.Tensor | None,
            block_elements: int) -> RowStatistics:
-    q, k = scores.selected(samples, heads)  # (n, h, L, E), (n, h, S, E)
-    q, k = q.float(), k.float()
+    q, kq = scores.selected(samples, heads)  # (n, h, L, E), (n, h, S, E)
+    q, kq = q.float(), kq.float()
     n, h, L, E = q.shape
-    S = k.shape[2]
-    v = k
+    S = kq.shape[2]
+    k = v = kq
     if key_features is not None:  # appended as value columns; q and k padded with zeros
         f = key_features.to(k.device, torch.float32).reshape(S, -1)
         F = f.shape[1]
-        v = torch.cat([k, f.expand(n, h, S, F)], -1)  # (n, h, S, E + F)
-        k = torch.cat([k, k.new_zeros(n, h, S, F)], -1)  # (n, h, S, E + F)
+        v = torch.cat([kq, f.expand(n, h, S, F)], -1)  # (n, h, S, E + F)
+        k = torch.cat([kq, kq.new_zeros(n, h, S, F)], -1)  # (n, h, S, E + F)
     whole = len(rows) == L and bool((rows == torch.arange(L)).all())
-    simple = not scores.masks and scores.bias is None and scores.band in ((None, None),
-                                                                          (None, 0))
+    simple = not scores.masks and scores.bias is None  # a band at most: counted, not summed
     outs, lses, counts = [], [], []
-    if whole and simple:  # one call, no mask: O((L + S) E)
+    if whole and simple and scores.band in ((None, None), (None, 0)):  # one call, no mask
         qe = q if key_features is None else _padded(q, v.shape[-1])
         out, lse = _kernel(qe, k, v, None, scores.band == (None, 0), scores.scale)
         outs, lses = [out], [lse]
@@ -227,8 +226,8 @@ def _fused(scores: SoftmaxScores, samples: Any, heads: torch.Tensor, rows: torch
             out, lse = _kernel(qe, k[:, :, c0:c1], v[:, :, c0:c1], mask, False, scores.scale)
             outs.append(out)
             lses.append(lse)
-            counts.append(torch.full((n, h, len(r)), float(c1 - c0), device=q.device)
-                          if visible is None else visible.sum(-1).float().expand(n, h, -1))
+            counts.append(_band_counts(scores, r, c0, c1).expand(n, h, -1) if simple
+                          else visible.sum(-1).float().expand(n, h, -1))
     out, lse, keys = torch.cat(outs, 2), torch.cat(lses, 2), torch.cat(counts, 2)  # (n, h, R..)
     qr = q[:, :, rows.to(q.device)]  # (n, h, R, E)
     mean_logit = scores.scale * (qr * out[..., :E]).sum(-1)  # sum_j p_ij s_ij  (n, h, R)
@@ -239,7 +238,7 @@ def _fused(scores: SoftmaxScores, samples: Any, heads: torch.Tensor, rows: torch
     expected = None if key_features is None else out[..., E:]
     top = None
     if max_logit:
-        top = _over_blocks(scores, samples, heads, rows, q, k[..., :E], block_elements,
+        top = _over_blocks(scores, samples, heads, rows, q, kq, block_elements,
                            lambda logits: logits.amax(-1))
     return RowStatistics(rows, entropy, lse, keys, top, expected, "fused")
 
@@ -249,12 +248,19 @@ def _padded(q: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([q, q.new_zeros(*q.shape[:-1], width - q.shape[-1])], -1)
 
 
+def _band_counts(scores: SoftmaxScores, rows: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+    """Keys (R,) float each row sees among columns c0:c1 under the band alone."""
+    lo, hi = scores.band
+    first = torch.full_like(rows, c0) if lo is None else (rows + lo).clamp(min=c0)
+    last = torch.full_like(rows, c1 - 1) if hi is None else (rows + hi).clamp(max=c1 - 1)
+    return (last - first + 1).clamp(min=0).float()
+
+
 def _float_mask(visible: torch.Tensor, aligned: bool) -> torch.Tensor:
     """(n|1, h|1, B, C) bool -> float32 0 / -inf; on CUDA in memory whose rows start at a
     multiple of 16 elements, as the memory-efficient kernel requires of a bias."""
     if not aligned:
-        return torch.zeros(visible.shape, device=visible.device).masked_fill_(
-            ~visible, float("-inf"))
+        return torch.where(visible, 0.0, float("-inf"))
     C = visible.shape[-1]
     padded = torch.zeros(*visible.shape[:-1], -(-C // 16) * 16, device=visible.device)
     out = padded[..., :C]
@@ -266,8 +272,9 @@ def _block_logits(scores: SoftmaxScores, samples: Any, heads: torch.Tensor, q: t
     """Exact logits (n, h, B, C) of ``rows`` against keys ``c0:c1``, from q (n, h, L, E) and
     k (n, h, S, E) float32, selected already."""
     r = rows.to(q.device)
-    dots = torch.matmul(q[:, :, r], k[:, :, c0:c1].transpose(-1, -2)) * scores.scale
-    return scores.finish(dots, samples, heads, r, torch.arange(c0, c1, device=q.device))
+    dots = torch.matmul(q[:, :, r] * scores.scale, k[:, :, c0:c1].transpose(-1, -2))
+    return scores.finish(dots, samples, heads, r, torch.arange(c0, c1, device=q.device),
+                         inplace=True)
 
 
 def _over_blocks(scores: SoftmaxScores, samples: Any, heads: torch.Tensor, rows: torch.Tensor,
