@@ -5,13 +5,15 @@ batch 1) at each sequence length L, side by side in one process:
 
 1. **Training step**: one SGD step (forward + backward), wall seconds (after a warm-up
    step at the smallest L).
-2. **Writer work of one step** (``attnscope.history.recorder.stats_of`` on the 12 layers'
-   sample copies, as the history writer does every recorded step), with
-   (b) the default 256 spread query rows per head, (c) every query row (fused), and
-   (m) the matrix path the history used before (``layer_statistics`` of each layer's
-   attention matrix): wall and process CPU seconds, and the peak resident memory it
-   added (this process re-runs itself with ``MALLOC_MMAP_THRESHOLD_`` set, so freed
-   blocks go back at once and the peak is what was live).
+2. **Statistics of one step** (the 12 layers' sample copies, as the history writer gets
+   them every recorded step): (h) what the history writer does now
+   (``attnscope.history.recorder.stats_of``: the matrix up to 4M values a copy, else
+   256 spread query rows per head without the matrix), (r) the rows path at 256 rows per
+   head at every length, (c) the rows path on every query row, and (m) the matrix path
+   the history used before (``layer_statistics`` of each layer's attention matrix): wall
+   and process CPU seconds, and the peak resident memory it added (this process re-runs
+   itself with ``MALLOC_MMAP_THRESHOLD_`` set, so freed blocks go back at once and the
+   peak is what was live).
    (m) at L=8192 holds a (12, 8192, 8192) float32 matrix per layer (3 GiB): it is run
    on one layer (``--matrix-layers``, in a child process capped at ``--matrix-limit-gib``
    of address space); 12 layers are 12 times that.
@@ -134,7 +136,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--d-model", type=int, default=768)
     parser.add_argument("--ff", type=int, default=3072)
-    parser.add_argument("--rows", type=int, default=256, help="(b)'s query rows per head")
+    parser.add_argument("--rows", type=int, default=256, help="query rows per head")
     parser.add_argument("--matrix-layers", type=int, default=1,
                         help="layers the matrix path runs on above --matrix-full-below")
     parser.add_argument("--matrix-full-below", type=int, default=4096,
@@ -149,6 +151,7 @@ def main() -> None:
         return
 
     from attnscope.history.recorder import StepItem, stats_of
+    from attnscope.stream.rowstats import event_statistics
     from transformer_core.masking import TriangularCausalMask
 
     print(f"load: {os.getloadavg()}, torch {torch.__version__}, {torch.get_num_threads()} "
@@ -168,9 +171,10 @@ def main() -> None:
         step_s, _, step_mib = measured(lambda x=x, mask=mask: train_step(x, mask))
         copies = copies_of(model, dispatcher, x, mask)
         item = StepItem("s", 0, 0.0, {}, copies, len(copies))
-        rows = {}
-        for name, max_rows in (("b", args.rows), ("c", 0)):
-            rows[name] = measured(lambda m=max_rows, i=item: stats_of([i], m))
+        rows = {"h": measured(lambda i=item: stats_of([i], args.rows))}
+        for name, max_rows in (("r", args.rows), ("c", 0)):
+            rows[name] = measured(lambda m=max_rows, c=copies: [
+                event_statistics(e, m, method="rows") for e in c.values()])
         if args.matrix_full_below > L:
             wall, cpu, peak = measured(lambda c=copies: matrix_path(c))
             matrix = f"{wall:.2f} s wall ({wall / step_s:.1%} of a step), {cpu:.2f} s CPU, " \
@@ -179,9 +183,10 @@ def main() -> None:
             matrix = f"{args.matrix_layers} of {args.layers} layers: {matrix_child(args, L)}"
         print(f"\nL={L}: training step {step_s:.2f} s wall (+{step_mib:.0f} MiB peak), "
               f"load {os.getloadavg()[0]:.2f}")
-        for name, label in (("b", f"{args.rows} rows/head"), ("c", "every row")):
+        for name, label in (("h", "history writer now"), ("r", f"rows, {args.rows}/head"),
+                            ("c", "rows, every row")):
             wall, cpu, peak = rows[name]
-            print(f"  ({name}) fused, {label}: {wall:.2f} s wall ({wall / step_s:.1%} of a "
+            print(f"  ({name}) {label}: {wall:.2f} s wall ({wall / step_s:.1%} of a "
                   f"step), {cpu:.2f} s CPU, +{peak:.0f} MiB peak")
         print(f"  (m) matrix path: {matrix}")
         sys.stdout.flush()

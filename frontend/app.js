@@ -27,6 +27,7 @@ const PLOTLY_URL = "/vendor/plotly.min.js";
 const PLOTLY_FALLBACK_MS = 1500; // load plotly anyway if no heatmap came by then
 const MAP_DEFAULT_ABOVE = 16; // more heads than this: the overview starts as the map
 const STATS_RING = 4000; // head_stats kept per layer for "change since N steps"
+const CURVES_MS = 10_000; // the map's entropy curves (tooltips) are refetched this often
 const ROLE_NAMES = {
   previous_token: "previous-token", sink: "first-token (sink)", diagonal: "self (diagonal)",
   local: "local", uniform: "uniform", induction: "induction", duplicate_token: "duplicate-token",
@@ -309,6 +310,8 @@ function selectRun() {
   state.heads = null;
   alertView.reset();
   historyBar.setMarks([]);
+  headmap.setCurves({});
+  refreshCurves();
   state.statsRing = new Map();
   purge(els.entropyPlot);
   purge(els.curvesPlot);
@@ -387,6 +390,20 @@ function keepStats(message) {
 }
 
 // ---------------------------------------------------------------- head roles
+
+/** Every head's recorded entropy curve for the map's tooltips (GET /heads?curve=entropy),
+ * refreshed every CURVES_MS while the map is shown. */
+async function refreshCurves() {
+  const runId = state.runId;
+  if (!runId || state.viewPaused) return;
+  try {
+    const answer = await api.entropyCurves(runId);
+    if (runId === state.runId) headmap.setCurves(answer);
+  } catch {
+    /* no history (503) or nothing recorded yet (404): no curves */
+  }
+}
+setInterval(() => { if (state.overviewMode === "map" && !state.focus) refreshCurves(); }, CURVES_MS);
 
 /** Ask the server for every head's roles at the history slider's step (live ones come
  * over the websocket as "heads" messages). */

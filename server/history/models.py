@@ -81,6 +81,8 @@ class HeadPublic(BaseModel):
     scores: dict[str, float | None]
     role: str | None
     since: int | None
+    # One statistic (``curve`` of GET /heads, e.g. entropy) at each of ``curve_steps``.
+    curve: list[float | None] | None = None
 
 
 class RoleEventPublic(BaseModel):
@@ -136,3 +138,5 @@ class HeadsPublic(BaseModel):
     heads: list[HeadPublic]
     events: list[RoleEventPublic]
     alerts: list[AlertPublic] = []  # the latest alerts up to ``step`` (GET /alerts: all)
+    curve_stat: str | None = None  # the statistic of every head's ``curve``
+    curve_steps: list[int] | None = None  # the steps of every head's ``curve``

@@ -48,7 +48,7 @@ from transformer_core.events import AttentionEvent, EventDispatcher, dispatching
 
 from ..stream.reduce import HostCopy, layer_statistics, pool_factor, pool_matrix, to_host
 from ..stream.roles import repeat_scores, repeated_probe
-from ..stream.rowstats import STATS_ROWS, event_statistics
+from ..stream.rowstats import MATRIX_UP_TO, STATS_ROWS, event_statistics
 from ..stream.stats import HEAD_STATISTICS, MaskInfo, valid_key_counts, with_repeat_rows
 from .config import HistoryConfig
 from .store import StatRow
@@ -477,12 +477,14 @@ def stats_of(steps: list[StepItem], max_rows: int | None = STATS_ROWS
     """Head statistics (layers, R, H) of each step; NaN where a layer or head is missing.
 
     Statistics reduced on a device are waited for here. Those of sample copies are
-    computed here, in float32, for every head: where the attention describes its logits
-    (softmax attentions), without the L x S matrix, over at most ``max_rows`` query rows
-    per head (:func:`~attnscope.stream.rowstats.event_statistics`: fused kernels, any
-    sequence length), the steps' copies of a layer joined into one call; otherwise from
-    the attention matrix itself (linear, clustered...), the steps' copies joined into one
-    attention computation and, without masks, reduced in one batched call.
+    computed here, in float32, for every head. A copy whose matrix would hold more than
+    ``MATRIX_UP_TO`` values, of an attention that describes its logits (softmax
+    attentions), is reduced without the matrix, over at most ``max_rows`` query rows per
+    head (:func:`~attnscope.stream.rowstats.event_statistics`: fused kernels, any sequence
+    length), the steps' copies of a layer joined into one call. Smaller ones, and
+    attentions that do not describe their logits (linear, clustered...), from the matrix
+    itself, the steps' copies joined into one attention computation and, without masks,
+    reduced in one batched call.
     """
     out: list[np.ndarray | None] = []
     for item in steps:
@@ -508,14 +510,18 @@ def stats_of(steps: list[StepItem], max_rows: int | None = STATS_ROWS
 
 
 def _layer_rows(events: list[AttentionEvent], max_rows: int | None) -> list[np.ndarray]:
-    """:data:`HEAD_STATISTICS` (R, H) of each one-sample copy of one layer's events."""
+    """:data:`HEAD_STATISTICS` (R, H) of each one-sample copy of one layer's events: from
+    their rows without the matrix past ``MATRIX_UP_TO`` values a copy, else (and for
+    attentions that do not describe their logits) from the matrix."""
     joined = AttentionEvent.concat(events)
-    if joined.scores is not None:  # one call for all steps
-        return [with_repeat_rows(s).cpu().numpy() for s in event_statistics(joined, max_rows)]
-    if all(e.scores is not None for e in events):  # masks differ between steps
-        return [with_repeat_rows(event_statistics(e, max_rows)[0]).cpu().numpy()
-                for e in events]
-    L, S = joined.shape[2:]
+    H, L, S = joined.shape[1:]
+    if H * L * S > MATRIX_UP_TO:
+        if joined.scores is not None:  # one call for all steps
+            return [with_repeat_rows(s).cpu().numpy()
+                    for s in event_statistics(joined, max_rows, method="rows")]
+        if all(e.scores is not None for e in events):  # masks differ between steps
+            return [with_repeat_rows(event_statistics(e, max_rows, method="rows")[0])
+                    .cpu().numpy() for e in events]
     attention = joined.attention()  # (T, H, L, S)
     valid = [valid_key_counts(MaskInfo.of(e), 0, L, S) for e in events]
     if all(v is None for v in valid):  # one call for all T steps

@@ -387,8 +387,10 @@ class HistoryStore:
                 raise
 
     def stats(self, session_id: str, start: int | None = None,
-              end: int | None = None) -> list[StatRow]:
-        """Stats rows with ``start <= step <= end``, ascending; ``heads`` (layers, R, H)."""
+              end: int | None = None, points: int | None = None) -> list[StatRow]:
+        """Stats rows with ``start <= step <= end``, ascending; ``heads`` (layers, R, H).
+        ``points``: at most that many rows, spread evenly over those (the first and last
+        among them), only those read."""
         session = self.session(session_id)
         if session is None:
             return []
@@ -397,9 +399,24 @@ class HistoryStore:
         lo = start if start is not None else -(2**62)
         hi = end if end is not None else 2**62
         with self._lock:
-            rows = self._db.execute(
-                "SELECT step, time, scalars, heads FROM stats WHERE session = ? AND step "
-                "BETWEEN ? AND ? ORDER BY step", (session_id, lo, hi)).fetchall()
+            if points is not None:
+                steps = [r[0] for r in self._db.execute(
+                    "SELECT step FROM stats WHERE session = ? AND step BETWEEN ? AND ? "
+                    "ORDER BY step", (session_id, lo, hi))]
+                if len(steps) > points:
+                    picked = np.unique(np.linspace(0, len(steps) - 1, points).round().astype(int))
+                    steps = [steps[i] for i in picked]
+                rows = []
+                for i in range(0, len(steps), 500):  # SQLite's bound on host parameters
+                    chunk = steps[i: i + 500]
+                    rows += self._db.execute(
+                        "SELECT step, time, scalars, heads FROM stats WHERE session = ? AND "
+                        f"step IN ({','.join('?' * len(chunk))}) ORDER BY step",
+                        (session_id, *chunk)).fetchall()
+            else:
+                rows = self._db.execute(
+                    "SELECT step, time, scalars, heads FROM stats WHERE session = ? AND step "
+                    "BETWEEN ? AND ? ORDER BY step", (session_id, lo, hi)).fetchall()
         out = []
         for step, time_, scalars, blob in rows:
             arr = None if blob is None else \

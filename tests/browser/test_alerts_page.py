@@ -38,8 +38,8 @@ def test_the_banner_and_the_timeline_marks_open_the_head_at_its_step(page, colla
     url = collapse_demo.url
     page.set_viewport_size({"width": 1400, "height": 1150})
     page.goto(url)
-    page.wait_for_function("() => window.__attnscope && window.__attnscope.alerts.alerts.length > 0",
-                           timeout=WAIT_MS)
+    page.wait_for_function(
+        "() => window.__attnscope && window.__attnscope.alerts.alerts.length > 0", timeout=WAIT_MS)
     # the page shows what the server stored
     run = get_json(url + "/api/v1/runs")[0]["id"]
     stored = get_json(f"{url}/api/v1/runs/{run}/alerts")["alerts"]

@@ -194,6 +194,14 @@ def test_rest_alerts_and_the_heads_answer(tmp_path):
         assert [a["id"] for a in heads["alerts"]] == [f"{session}:0", f"{session}:1"]
         missing = client.get("/api/v1/runs/nobody/alerts")
         assert missing.status_code == 404
+        # every head's per-step entropy, spread over at most `points` steps
+        curves = client.get("/api/v1/runs/lm/heads", params={
+            "session": session, "curve": "entropy", "points": 3}).json()
+        assert curves["curve_stat"] == "entropy" and curves["curve_steps"] == [0, 2, 3]
+        collapsing = [pytest.approx(v) for v in (0.8, 0.01, 0.01)]
+        assert [h["curve"] for h in curves["heads"]] == [collapsing, [pytest.approx(0.8)] * 3]
+        bad = client.get("/api/v1/runs/lm/heads", params={"session": session, "curve": "x"})
+        assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["query", "curve"]
 
 
 # -- the webhook ---------------------------------------------------------------------------

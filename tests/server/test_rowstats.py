@@ -62,7 +62,7 @@ def test_every_statistic_equals_the_matrix_path(masks):
     if "padded" in masks:
         kwargs["length_mask"] = LengthMask(torch.tensor([23, 15, 6]), L)
     for event in recorded(encoder(), torch.randn(N, L, 24), **kwargs):
-        got = event_statistics(event, max_rows=None)
+        got = event_statistics(event, max_rows=None, method="rows")
         assert got.shape == (N, 11, 3)
         for n in range(N):
             assert_same(got[n], matrix_rows(event, n))
@@ -89,7 +89,7 @@ def test_other_kinds_of_softmax_attention(case):
             mask = -(i[None, :] - i[:, None]).abs()[None, None] * 0.3
         events = [sdpa_event(None, SDPACall.of(q, k, mask, causal, softcap=cap))]
     for event in events:
-        got = event_statistics(event, max_rows=None)
+        got = event_statistics(event, max_rows=None, method="rows")
         for n in range(event.shape[0]):
             want = matrix_rows(event, n)
             if case == "bool-mask":  # counts per row differ: the reference's own counts
@@ -103,11 +103,11 @@ def test_cross_attention_and_a_single_query_row():
         n_layers=1, n_heads=2, query_dimensions=8, value_dimensions=8,
         feed_forward_dimensions=16).get().eval()
     for event in recorded(model, torch.randn(2, 5, 16), torch.randn(2, 9, 16)):
-        got = event_statistics(event, max_rows=None)
+        got = event_statistics(event, max_rows=None, method="rows")
         for n in range(2):
             assert_same(got[n], matrix_rows(event, n))
     one = sdpa_event(None, SDPACall.of(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 6, 4)))
-    assert_same(event_statistics(one)[0], matrix_rows(one, 0))
+    assert_same(event_statistics(one, method="rows")[0], matrix_rows(one, 0))
 
 
 def test_spread_rows_are_the_mean_over_those_rows():
@@ -115,7 +115,7 @@ def test_spread_rows_are_the_mean_over_those_rows():
     L = 300
     q, k = torch.randn(1, 2, L, 8), torch.randn(1, 2, L, 8)
     event = sdpa_event(None, SDPACall.of(q, k, is_causal=True))
-    got = event_statistics(event, max_rows=40)[0]
+    got = event_statistics(event, max_rows=40, method="rows")[0]
     rows = spread_rows(L, 40)
     p = event.attention(0)[:, rows]  # (H, R, S): the reference, those rows only
     i = rows.float()
@@ -142,12 +142,14 @@ def test_spread_rows_are_the_mean_over_those_rows():
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_nan_in_the_queries_is_counted_per_row():
+@pytest.mark.parametrize("method, count", [("matrix", 6.0), ("rows", 1.0)])
+def test_nan_in_the_queries_is_counted(method, count):
     q, k = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4)
     q[0, 1, 3] = float("nan")
-    got = event_statistics(sdpa_event(None, SDPACall.of(q, k, is_causal=True)))[0]
-    nan = got[STAT_NAMES.index("nan")]
-    assert nan.tolist() == [0.0, 1.0] and torch.isnan(got[0, 1]) and not torch.isnan(got[0, 0])
+    event = sdpa_event(None, SDPACall.of(q, k, is_causal=True))
+    got = event_statistics(event, method=method)[0]
+    nan = got[STAT_NAMES.index("nan")]  # the matrix: NaN weights; rows: rows
+    assert nan.tolist() == [0.0, count] and torch.isnan(got[0, 1]) and not torch.isnan(got[0, 0])
 
 
 def test_the_history_writer_computes_every_head_at_8192_queries():

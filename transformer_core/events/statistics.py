@@ -216,7 +216,7 @@ def _fused(scores: SoftmaxScores, samples: Any, heads: torch.Tensor, rows: torch
         counts = [(i + 1).clamp(max=S).float().expand(n, h, L) if scores.causal
                   else torch.full((n, h, L), float(S), device=q.device)]
     else:
-        for block in _row_blocks(scores, rows, S, block_elements):
+        for block in row_blocks(scores, rows, S, block_elements):
             r = block.to(q.device)
             c0, c1 = _columns(scores, block, S)
             cols = torch.arange(c0, c1, device=q.device)
@@ -267,7 +267,7 @@ def _float_mask(visible: torch.Tensor, aligned: bool) -> torch.Tensor:
     return out.masked_fill_(~visible, float("-inf"))
 
 
-def _block_logits(scores: SoftmaxScores, samples: Any, heads: torch.Tensor, q: torch.Tensor,
+def block_logits(scores: SoftmaxScores, samples: Any, heads: torch.Tensor, q: torch.Tensor,
                   k: torch.Tensor, rows: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
     """Exact logits (n, h, B, C) of ``rows`` against keys ``c0:c1``, from q (n, h, L, E) and
     k (n, h, S, E) float32, selected already."""
@@ -282,8 +282,8 @@ def _over_blocks(scores: SoftmaxScores, samples: Any, heads: torch.Tensor, rows:
     """``reduce(logits)`` (n, h, B) of each block of ``rows``' exact logits, joined."""
     S = k.shape[2]
     out = []
-    for block in _row_blocks(scores, rows, q.shape[0] * q.shape[1] * S, block_elements):
-        out.append(reduce(_block_logits(scores, samples, heads, q, k, block,
+    for block in row_blocks(scores, rows, q.shape[0] * q.shape[1] * S, block_elements):
+        out.append(reduce(block_logits(scores, samples, heads, q, k, block,
                                         *_columns(scores, block, S))))
     return torch.cat(out, 2)
 
@@ -301,9 +301,9 @@ def _blocks(scores: SoftmaxScores, samples: Any, heads: torch.Tensor, rows: torc
         key_features.to(q.device, torch.float32).reshape(S, -1)
     parts: dict[str, list[torch.Tensor]] = {"entropy": [], "lse": [], "keys": [], "max": [],
                                             "expected": []}
-    for block in _row_blocks(scores, rows, q.shape[0] * q.shape[1] * S, block_elements):
+    for block in row_blocks(scores, rows, q.shape[0] * q.shape[1] * S, block_elements):
         c0, c1 = _columns(scores, block, S)
-        logits = _block_logits(scores, samples, heads, q, k, block, c0, c1)  # (n, h, B, C)
+        logits = block_logits(scores, samples, heads, q, k, block, c0, c1)  # (n, h, B, C)
         _reduce_rows(logits, None, parts, None if features is None else features[c0:c1])
     return _collect(rows, parts, max_logit, key_features is not None, "blocks")
 
@@ -337,7 +337,7 @@ def _collect(rows: torch.Tensor, parts: dict[str, list], max_logit: bool, expect
                          torch.cat(parts["expected"], 2) if expected else None, method)
 
 
-def _row_blocks(scores: SoftmaxScores, rows: torch.Tensor, per_row: int,
+def row_blocks(scores: SoftmaxScores, rows: torch.Tensor, per_row: int,
                 block_elements: int) -> list[torch.Tensor]:
     """``rows`` in blocks of about ``block_elements / per_row`` rows; under a band of width
     W (both ends bounded), blocks span about W positions, so that each sees about 2 W
