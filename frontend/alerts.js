@@ -4,18 +4,9 @@
 // "heads" message and GET /heads answer (`alerts`, the latest 500). This module builds its
 // own banner (text only ever through textContent) and talks to app.js through `onOpen`.
 
-const LEVEL = { critical: "bad", warning: "warn" };
+import { el } from "./view.js";
 
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    if (key === "class") node.className = value;
-    else if (key === "text") node.textContent = value;
-    else node.setAttribute(key, value);
-  }
-  node.append(...children);
-  return node;
-}
+const LEVEL = { critical: "bad", warning: "warn" };
 
 /** "L1 H2" or "L1" (a layer's alert). */
 export function alertWhere(alert) {

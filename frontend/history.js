@@ -7,6 +7,7 @@
 import { parseFrame } from "./decode.js";
 import { paintMatrix } from "./colormap.js";
 import { Series } from "./store.js";
+import { el } from "./view.js";
 
 const API = "/api/v1";
 const REFRESH_MS = 3000; // while live, how often the slider's range catches up with the run
@@ -37,17 +38,6 @@ export async function fetchSnapshot(runId, { step, layer, heads = null, maxSide 
   const response = await fetch(`${runPath(runId)}/frame?${params}`);
   if (!response.ok) throw new Error(`snapshot of step ${step}, layer ${layer}: HTTP ${response.status}`);
   return parseFrame(await response.arrayBuffer());
-}
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    if (key === "class") node.className = value;
-    else if (key === "text") node.textContent = value;
-    else node.setAttribute(key, value);
-  }
-  node.append(...children);
-  return node;
 }
 
 function addStylesheet() {

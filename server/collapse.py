@@ -35,7 +35,7 @@ from transformer_core.builders import TransformerEncoderBuilder
 from transformer_core.events import EventDispatcher
 from transformer_core.masking import TriangularCausalMask
 
-from .demo import StepResult, resolve_device
+from .demo import StepResult, reset_seeded, resolve_device
 
 
 @dataclass
@@ -154,11 +154,7 @@ class CausalModel(nn.Module):
 
     def reset_parameters(self, seed: int) -> None:
         """Re-initialise every parameter in place from ``seed`` (the global RNG is kept)."""
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(seed)
-            for module in self.modules():
-                if module is not self and hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
+        reset_seeded(self, seed)
 
 
 @dataclass

@@ -78,4 +78,17 @@ def test_the_banner_and_the_timeline_marks_open_the_head_at_its_step(page, colla
     page.click("#alert-close")
     assert banner.is_hidden() or page.evaluate(
         "(id) => window.__attnscope.alerts.latest().id !== id", newest["id"])
+
+    # the layers x heads map: each cell's tooltip draws that head's recorded entropy curve
+    if page.locator("#focus").is_visible():
+        page.click("#focus-back")
+    page.click("#history-live")
+    page.select_option("#overview-mode", "map")
+    page.wait_for_function("() => window.__attnscope.headmap.curveSteps.length > 10",
+                           timeout=30_000)
+    page.hover(f".map-cell[data-layer='{first['layer']}'][data-head='0']")
+    spark = page.locator(".map-tip .map-spark polyline")
+    spark.wait_for(state="attached")
+    assert len(spark.get_attribute("points").split()) > 10
+    screenshot(page, "alerts-map-curve")
     assert page.log.errors == []
