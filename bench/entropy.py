@@ -8,7 +8,7 @@ batch 1) at each sequence length L, side by side in one process:
 2. **Statistics of one step** (the 12 layers' sample copies, as the history writer gets
    them every recorded step): (h) what the history writer does now
    (``attnscope.history.recorder.stats_of``: the matrix up to 4M values a copy, else
-   256 spread query rows per head without the matrix), (r) the rows path at 256 rows per
+   128 spread query rows per head without the matrix), (r) the rows path at 128 rows per
    head at every length, (c) the rows path on every query row, and (m) the matrix path
    the history used before (``layer_statistics`` of each layer's attention matrix): wall
    and process CPU seconds, and the peak resident memory it added (this process re-runs
@@ -136,7 +136,9 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--d-model", type=int, default=768)
     parser.add_argument("--ff", type=int, default=3072)
-    parser.add_argument("--rows", type=int, default=256, help="query rows per head")
+    parser.add_argument("--rows", type=int, default=128,
+                        help="query rows per head (the history's default)")
+    parser.add_argument("--skip-matrix", action="store_true", help="leave (m) out")
     parser.add_argument("--matrix-layers", type=int, default=1,
                         help="layers the matrix path runs on above --matrix-full-below")
     parser.add_argument("--matrix-full-below", type=int, default=4096,
@@ -175,7 +177,9 @@ def main() -> None:
         for name, max_rows in (("r", args.rows), ("c", 0)):
             rows[name] = measured(lambda m=max_rows, c=copies: [
                 event_statistics(e, m, method="rows") for e in c.values()])
-        if args.matrix_full_below > L:
+        if args.skip_matrix:
+            matrix = "not run (--skip-matrix)"
+        elif args.matrix_full_below > L:
             wall, cpu, peak = measured(lambda c=copies: matrix_path(c))
             matrix = f"{wall:.2f} s wall ({wall / step_s:.1%} of a step), {cpu:.2f} s CPU, " \
                      f"+{peak:.0f} MiB peak"

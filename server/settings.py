@@ -105,11 +105,10 @@ class Settings(BaseSettings):
     # Snapshots pooled to at most 256 x 256 per head (12 x 12 heads at L=1024: 19 MB
     # a snapshot, not 302 MB); the page's history frames are 128 px by default.
     history_snapshot_max_side: int = Field(256, ge=4, le=4096)
-    # Per-step head statistics over at most 256 query rows per head spread over the
-    # sequence (all rows up to L=256; each exact, without the L x S matrix where the
-    # attention allows: docs/statistics.md); 12 x 12 heads at L=8192 then fit the 3 %
-    # budget on a CPU. 0: every row.
-    history_stats_rows: int = Field(256, ge=0)
+    # Per-step head statistics of long sequences over 128 query rows per head spread over
+    # the sequence (each exact, without the L x S matrix: docs/statistics.md); 12 x 12
+    # heads at L=8192 then fit the 3 % budget on a CPU at every step. 0: every row.
+    history_stats_rows: int = Field(128, ge=0)
     # Deprecated (max_overhead below bounds the probe with everything else); when set,
     # probe passes alone may also take at most this share of training time.
     history_probe_budget: float | None = Field(None, gt=0, le=1)

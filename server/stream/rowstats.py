@@ -41,11 +41,11 @@ from transformer_core.events.statistics import RowStatistics, scores_statistics,
 from .reduce import layer_statistics, local_window
 from .stats import MaskInfo, valid_key_counts
 
-# Query rows per head for the per-step statistics of long sequences: 256 rows spread over
-# the sequence. Every row is exact, and at L=8192 they cost 1/32 of all rows (12 layers x
-# 12 heads: bench/RESULTS.md "statistics"). Up to L=256 every row is computed, so short
-# sequences match the stream's statistics exactly.
-STATS_ROWS = 256
+# Query rows per head for the per-step statistics of long sequences: 128 rows spread over
+# the sequence, every one exact. 12 layers x 12 heads at L=8192 then cost ~2 % of a
+# training step on 2 CPU cores (256 rows: 3.7-6 %; bench/RESULTS.md "statistics"), so the
+# cost budget can keep them at every step.
+STATS_ROWS = 128
 # ``auto`` computes the matrix while one sample's holds at most 4M values (12 heads at
 # L = S = 590): there a few large operations cost less than the rows' passes; above, the
 # rows, whose cost grows with S only (bench/entropy.py, on 2 CPU cores: 12 heads at

@@ -9,7 +9,7 @@ import torch
 
 from attnscope.history.recorder import StepItem, stats_of
 from attnscope.stream.reduce import layer_statistics, local_window
-from attnscope.stream.rowstats import event_statistics
+from attnscope.stream.rowstats import STATS_ROWS, event_statistics
 from attnscope.stream.stats import HEAD_STATISTICS, STAT_NAMES, MaskInfo, valid_key_counts
 from transformer_core.builders import TransformerDecoderBuilder, TransformerEncoderBuilder
 from transformer_core.events import AttentionEvent, EventDispatcher, spread_rows
@@ -161,7 +161,7 @@ def test_the_history_writer_computes_every_head_at_8192_queries():
     assert all(r.shape == (1, len(HEAD_STATISTICS), H) for r in rows)
     entropy = rows[0][0, 0]
     assert np.isfinite(entropy).all() and (entropy > 0.5).all()
-    st = copy.row_statistics(rows=spread_rows(L, 256), method="blocks")
+    st = copy.row_statistics(rows=spread_rows(L, STATS_ROWS), method="blocks")
     np.testing.assert_allclose(entropy, st.normalised_entropy()[0].mean(-1).numpy(), atol=1e-4)
 
 
