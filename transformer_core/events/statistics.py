@@ -339,14 +339,16 @@ def _collect(rows: torch.Tensor, parts: dict[str, list], max_logit: bool, expect
 
 def row_blocks(scores: SoftmaxScores, rows: torch.Tensor, per_row: int,
                 block_elements: int) -> list[torch.Tensor]:
-    """``rows`` in blocks of about ``block_elements / per_row`` rows; under a band of width
-    W (both ends bounded), blocks span about W positions, so that each sees about 2 W
-    keys, not all S."""
+    """``rows`` in blocks of about ``block_elements / per_row`` rows. Under a band of
+    width W (both ends bounded), blocks span about W positions (at least 16 rows: fewer
+    calls), so that each sees about 2 W keys, not all S; under a causal band, blocks of
+    at most 32 rows, so that early rows do not carry the keys only late rows see."""
     size = max(1, block_elements // max(1, per_row))
     lo, hi = scores.band
-    if lo is not None and hi is not None and len(rows) > 1:
+    if hi is not None and len(rows) > 1:
         stride = max(1.0, float(rows.max() - rows.min()) / (len(rows) - 1))
-        size = min(size, max(64, int((hi - lo + 1) / stride)))
+        width = (hi - lo + 1) / stride if lo is not None else 32
+        size = min(size, max(16, int(width)))
     return list(rows.split(size)) if len(rows) else [rows]
 
 
