@@ -62,6 +62,7 @@ const state = {
   changeN: Number(els.changeN.value),
   scale: els.scale.value,
   heads: null, // the latest /heads answer (live, or at the scrubbed step)
+  curvesRun: null, // the run whose entropy curves the map has (GET /heads?curve=entropy)
   headsRequest: 0,
   statsRing: new Map(), // layer -> [{step, heads, values}] for "change since N steps"
   mapDirty: false,
@@ -311,7 +312,7 @@ function selectRun() {
   alertView.reset();
   historyBar.setMarks([]);
   headmap.setCurves({});
-  refreshCurves();
+  state.curvesRun = null; // fetched once the run's heads come from the history
   state.statsRing = new Map();
   purge(els.entropyPlot);
   purge(els.curvesPlot);
@@ -395,7 +396,9 @@ function keepStats(message) {
  * refreshed every CURVES_MS while the map is shown. */
 async function refreshCurves() {
   const runId = state.runId;
-  if (!runId || state.viewPaused) return;
+  // only a recorded run has curves (without history the heads come from the stream)
+  if (!runId || state.viewPaused || !state.heads || state.heads.source === "stream") return;
+  state.curvesRun = runId;
   try {
     const answer = await api.entropyCurves(runId);
     if (runId === state.runId) headmap.setCurves(answer);
@@ -457,6 +460,7 @@ function applyHeads(answer, scrubbed = false) {
   if (!scrubbed) { // a scrubbed step's answer lists the alerts up to that step only
     alertView.update(answer.alerts || [], answer.session, true);
     historyBar.setMarks(alertView.marks());
+    if (state.curvesRun !== state.runId && answer.session) refreshCurves();
   }
   if (state.focus) showFocusRole();
 }
@@ -726,6 +730,7 @@ els.pauseView.addEventListener("click", () => {
 });
 els.overviewMode.addEventListener("change", () => {
   state.overviewMode = els.overviewMode.value;
+  if (state.overviewMode === "map") refreshCurves();
   state.overviewChosen = true;
   view.showOverviewMode(state.overviewMode, state.mapStat);
   setLegend();

@@ -84,8 +84,9 @@ def test_the_banner_and_the_timeline_marks_open_the_head_at_its_step(page, colla
         page.click("#focus-back")
     page.click("#history-live")
     page.select_option("#overview-mode", "map")
-    page.wait_for_function("() => window.__attnscope.headmap.curveSteps.length > 10",
-                           timeout=30_000)
+    page.wait_for_function("(step) => { const s = window.__attnscope.headmap.curveSteps; "
+                           "return s.length > 10 && s[s.length - 1] > step; }",
+                           arg=first["step"], timeout=30_000)
     page.hover(f".map-cell[data-layer='{first['layer']}'][data-head='0']")
     spark = page.locator(".map-tip .map-spark polyline")
     spark.wait_for(state="attached")
