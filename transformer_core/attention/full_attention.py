@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ..attention_registry import AttentionRegistry, EventDispatcherInstance, Float, Optional
 from ..events import AttentionEvent, EventDispatcher
 from ..masking import BaseMask, concat_rows, sample_rows
-from ._masks import apply_masks, sdpa_mask, select
+from ._masks import apply_masks, sdpa_mask, select, softmax_scores
 
 # nanoGPT-style feature detection: torch >= 2.0 has the fused kernel.
 HAS_SDPA = hasattr(F, "scaled_dot_product_attention")
@@ -146,6 +146,7 @@ class FullAttention(nn.Module):
             matrix=matrix,
             copy_fn=copy,
             concat_fn=concat,
+            scores_fn=lambda: softmax_scores(queries, keys, scale, attn_mask, key_lengths),
         )
 
 
