@@ -53,6 +53,9 @@ export const api = {
   /** GET /api/v1/runs/{id}/heads: statistics, role scores, roles, events (at `step`). */
   heads: (id, step = null) => request("GET", `/runs/${encodeURIComponent(id)}/heads${
     step === null ? "" : `?step=${encodeURIComponent(step)}`}`),
+  /** Every head's recorded entropy over the run (at most `points` steps, spread evenly). */
+  entropyCurves: (id, points = 200) => request("GET", `/runs/${encodeURIComponent(id)}/heads?${
+    new URLSearchParams({ curve: "entropy", events: "0", points: String(points) })}`),
 };
 
 /** Websocket URL of the page's own server. */

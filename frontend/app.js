@@ -1,6 +1,7 @@
 // Wiring: connection -> state -> drawing. Frames are kept in latest-value slots and drawn
 // once per animation frame, so a burst of frames never queues up work in the page.
 
+import { AlertView } from "./alerts.js";
 import { api, Connection, socketUrl } from "./api.js";
 import { BudgetBadge } from "./budget.js";
 import { isCausal } from "./colormap.js";
@@ -28,6 +29,7 @@ const PLOTLY_URL = "/vendor/plotly.min.js";
 const PLOTLY_FALLBACK_MS = 1500; // load plotly anyway if no heatmap came by then
 const MAP_DEFAULT_ABOVE = 16; // more heads than this: the overview starts as the map
 const STATS_RING = 4000; // head_stats kept per layer for "change since N steps"
+const CURVES_MS = 10_000; // the map's entropy curves (tooltips) are refetched this often
 const ROLE_NAMES = {
   previous_token: "previous-token", sink: "first-token (sink)", diagonal: "self (diagonal)",
   local: "local", uniform: "uniform", induction: "induction", duplicate_token: "duplicate-token",
@@ -62,6 +64,7 @@ const state = {
   changeN: Number(els.changeN.value),
   scale: els.scale.value,
   heads: null, // the latest /heads answer (live, or at the scrubbed step)
+  curvesRun: null, // the run whose entropy curves the map has (GET /heads?curve=entropy)
   headsRequest: 0,
   statsRing: new Map(), // layer -> [{step, heads, values}] for "change since N steps"
   mapDirty: false,
@@ -145,8 +148,12 @@ const historyBar = new HistoryBar({
   markStep: (step) => { markCharts(); if (step !== null && step !== undefined) pollHeads(step); },
   noSnapshots: () => view.setWaiting("this run has ended and recorded no snapshots: its charts and roles are on the right"),
   banner: (text) => view.showBanner(text),
+  openMark: (alert) => openAlert(alert),
 });
 debug.history = historyBar;
+// Alerts (frontend/alerts.js): a banner and marks on the history bar; a click opens the head.
+const alertView = new AlertView({ onOpen: (alert) => openAlert(alert), anchor: els.banner });
+debug.alerts = alertView;
 
 /**
  * Heights that keep the history slider in view under the overview or the focus view:
@@ -172,13 +179,29 @@ function fitHeights() {
 }
 window.addEventListener("resize", fitHeights);
 
-/** The history slider's step as a line on the charts (they share the step axis). */
+/** The history slider's step as a line on the charts (they share the step axis), with the
+ * role events (training chart) and the alerts (both charts). */
 function markCharts() {
   if (!plotlyReady()) return;
-  const shapes = HistoryBar.shape(historyBar.scrubbing ? historyBar.shownStep : null);
+  const shapes = [...HistoryBar.shape(historyBar.scrubbing ? historyBar.shownStep : null), ...alertView.shapes()];
   for (const el of [els.entropyPlot, els.curvesPlot]) {
     if (el.data) window.Plotly.relayout(el, { shapes: el === els.curvesPlot ? [...shapes, ...eventShapes] : shapes });
   }
+}
+
+/** Open what an alert names at its step: the head (focus view), or the layer's heads on
+ * the entropy chart; the history slider goes to the step. */
+function openAlert(alert) {
+  if (alert.head === null || alert.head === undefined) {
+    if (state.focus) closeFocus();
+    state.healthLayer = alert.layer;
+    els.healthLayer.value = String(alert.layer);
+    state.chartsDirty = true;
+  } else {
+    openFocus(alert.layer, alert.head);
+  }
+  historyBar.scrubToStep(alert.step);
+  debug.alertOpened = alert;
 }
 
 // ---------------------------------------------------------------- subscription
@@ -318,6 +341,10 @@ function setRuns(runs, fromHello) {
 function selectRun() {
   state.history = new RunHistory();
   state.heads = null;
+  alertView.reset();
+  historyBar.setMarks([]);
+  headmap.setCurves({});
+  state.curvesRun = null; // fetched once the run's heads come from the history
   state.statsRing = new Map();
   purge(els.entropyPlot);
   purge(els.curvesPlot);
@@ -401,6 +428,22 @@ function keepStats(message) {
 
 // ---------------------------------------------------------------- head roles
 
+/** Every head's recorded entropy curve for the map's tooltips (GET /heads?curve=entropy),
+ * refreshed every CURVES_MS while the map is shown. */
+async function refreshCurves() {
+  const runId = state.runId;
+  // only a recorded run has curves (without history the heads come from the stream)
+  if (!runId || state.viewPaused || !state.heads || state.heads.source === "stream") return;
+  state.curvesRun = runId;
+  try {
+    const answer = await api.entropyCurves(runId);
+    if (runId === state.runId) headmap.setCurves(answer);
+  } catch {
+    /* no history (503) or nothing recorded yet (404): no curves */
+  }
+}
+setInterval(() => { if (state.overviewMode === "map" && !state.focus) refreshCurves(); }, CURVES_MS);
+
 /** Ask the server for every head's roles at the history slider's step (live ones come
  * over the websocket as "heads" messages). */
 async function pollHeads(step) {
@@ -457,6 +500,11 @@ function applyHeads(answer, scrubbed = false) {
       + "self, local and uniform roles; induction and duplicate-token need the history's "
       + "induction probe (ATTNSCOPE_HISTORY_ENABLED=true)" : "");
   markEvents(answer.events || []);
+  if (!scrubbed) { // a scrubbed step's answer lists the alerts up to that step only
+    alertView.update(answer.alerts || [], answer.session, true);
+    historyBar.setMarks(alertView.marks());
+    if (state.curvesRun !== state.runId && answer.session) refreshCurves();
+  }
   if (state.focus) showFocusRole();
 }
 
@@ -532,7 +580,7 @@ function drawCharts() {
       yTitle: "loss", rightAxis: (name) => name !== "loss", uirevision: `curves:${state.runId}`,
     });
   }
-  if (historyBar.scrubbing || eventShapes.length) markCharts();
+  if (historyBar.scrubbing || eventShapes.length || alertView.alerts.length) markCharts();
 }
 
 function drawHeader(force = false) {
@@ -749,6 +797,7 @@ els.pauseView.addEventListener("click", () => {
 });
 els.overviewMode.addEventListener("change", () => {
   state.overviewMode = els.overviewMode.value;
+  if (state.overviewMode === "map") refreshCurves();
   state.overviewChosen = true;
   view.showOverviewMode(state.overviewMode, state.mapStat);
   setLegend();

@@ -40,6 +40,8 @@ export class HeadMap {
     this.values = new Map(); // "layer:head" -> {name: value}
     this.roles = [];
     this.since = [];
+    this.curves = new Map(); // "layer:head" -> entropy at each of curveSteps (GET /heads?curve=)
+    this.curveSteps = [];
     this.short = false; // short role tags in small cells
     this.tip = document.createElement("div");
     this.tip.className = "map-tip";
@@ -116,6 +118,40 @@ export class HeadMap {
     });
   }
 
+  /** Take every head's recorded entropy curve (a GET /heads?curve=entropy answer). */
+  setCurves(answer) {
+    this.curveSteps = answer.curve_steps || [];
+    this.curves = new Map((answer.heads || []).map((h) => [`${h.layer}:${h.head}`, h.curve || []]));
+  }
+
+  /** The hovered head's entropy over the recorded steps, as a small SVG line (0 to 1). */
+  sparkline(key) {
+    const values = this.curves.get(key);
+    const steps = this.curveSteps;
+    if (!values || values.length < 2) return null;
+    const ns = "http://www.w3.org/2000/svg";
+    const [w, h] = [220, 40];
+    const x0 = steps[0];
+    const span = Math.max(1, steps[steps.length - 1] - x0);
+    const points = [];
+    values.forEach((v, i) => {
+      if (Number.isFinite(v)) points.push(`${((steps[i] - x0) / span * w).toFixed(1)},${((1 - v) * h).toFixed(1)}`);
+    });
+    const svg = document.createElementNS(ns, "svg");
+    svg.setAttribute("width", String(w));
+    svg.setAttribute("height", String(h));
+    svg.setAttribute("class", "map-spark");
+    const line = document.createElementNS(ns, "polyline");
+    line.setAttribute("points", points.join(" "));
+    svg.append(line);
+    const caption = document.createElement("div");
+    caption.className = "map-spark-caption";
+    caption.textContent = `entropy, steps ${steps[0]}–${steps[steps.length - 1]}`;
+    const box = document.createElement("div");
+    box.append(svg, caption);
+    return box;
+  }
+
   /** Take the roles (and since-steps) of a /heads answer: [layer][head]. */
   setRoles(roles, since) {
     this.roles = roles || [];
@@ -176,6 +212,8 @@ export class HeadMap {
     ];
     if (this.stat === "change") lines.push(`change ${fmt(Number(cell.dataset.value))}`);
     this.tip.textContent = lines.join("\n");
+    const spark = this.sparkline(`${l}:${h}`);
+    if (spark) this.tip.append(spark);
     this.tip.hidden = false;
     this.tip.style.left = `${event.pageX + 14}px`;
     this.tip.style.top = `${event.pageY + 14}px`;

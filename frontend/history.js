@@ -7,6 +7,7 @@
 import { parseFrame } from "./decode.js";
 import { paintMatrix } from "./colormap.js";
 import { Series } from "./store.js";
+import { el } from "./view.js";
 
 const API = "/api/v1";
 const REFRESH_MS = 3000; // while live, how often the slider's range catches up with the run
@@ -37,17 +38,6 @@ export async function fetchSnapshot(runId, { step, layer, heads = null, maxSide 
   const response = await fetch(`${runPath(runId)}/frame?${params}`);
   if (!response.ok) throw new Error(`snapshot of step ${step}, layer ${layer}: HTTP ${response.status}`);
   return parseFrame(await response.arrayBuffer());
-}
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    if (key === "class") node.className = value;
-    else if (key === "text") node.textContent = value;
-    else node.setAttribute(key, value);
-  }
-  node.append(...children);
-  return node;
 }
 
 function addStylesheet() {
@@ -90,8 +80,12 @@ export class HistoryBar {
     this.label = el("span", { id: "history-step", class: "history-step", text: "live" });
     this.compareButton = el("button", { type: "button", id: "history-compare-open",
       title: "Compare two runs or two steps" }, "compare");
+    // Alert marks sit over the slider's track, at their steps' snapshot positions.
+    this.marksBox = el("div", { id: "history-marks", class: "history-marks" });
+    this.track = el("span", { class: "history-track" }, this.slider, this.marksBox);
+    this.marks = [];
     this.root = el("section", { id: "history", class: "panel history-bar", "aria-label": "history" },
-      this.play, this.slider, this.label, this.live, this.compareButton);
+      this.play, this.track, this.label, this.live, this.compareButton);
     const main = document.querySelector("main.layout");
     main.append(this.root);
     this.compare = new ComparePanel(main, this);
@@ -178,7 +172,42 @@ export class HistoryBar {
     }
   }
 
+  /** Marks on the timeline: [{step, title, level, alert}]; a click calls hooks.openMark(alert). */
+  setMarks(marks) {
+    this.marks = marks || [];
+    this.drawMarks();
+  }
+
+  /** The slider position of `step`: its snapshot, or the last one before it (0 if none). */
+  indexAt(step) {
+    let i = 0;
+    while (i + 1 < this.steps.length && this.steps[i + 1] <= step) i += 1;
+    return i;
+  }
+
+  drawMarks() {
+    const n = this.steps.length;
+    const nodes = this.marks.map((mark) => {
+      const i = this.indexAt(mark.step);
+      const button = el("button", { type: "button", class: `history-mark ${mark.level}`, title: mark.title,
+        "aria-label": mark.title, "data-step": String(mark.step) });
+      // the thumb's centre runs from half a thumb (8 px) in to half a thumb before the end
+      const f = n > 1 ? i / (n - 1) : 0;
+      button.style.left = `calc(${(100 * f).toFixed(3)}% + ${(8 - 16 * f).toFixed(2)}px)`;
+      button.addEventListener("click", () => this.hooks.openMark(mark.alert));
+      return button;
+    });
+    this.marksBox.replaceChildren(...nodes);
+    this.marksBox.hidden = n === 0;
+  }
+
+  /** Show the snapshot at or before `step` (an alert's). */
+  scrubToStep(step) {
+    if (this.steps.length) this.scrubTo(this.indexAt(step));
+  }
+
   updateSlider() {
+    if (this.marks.length) this.drawMarks();
     const n = this.steps.length;
     this.slider.max = String(Math.max(0, n - 1));
     this.slider.disabled = n === 0;

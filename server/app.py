@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from . import __version__
+from .alerts.router import router as alerts_router
 from .api import api_router
 from .assets import frontend_dir, plotly_js_path
 from .auth import AuthMiddleware
@@ -80,6 +81,7 @@ def create_app(settings: Settings | None = None, registry: RunRegistry | None = 
     app.state.runs = registry
     app.include_router(history_router)  # before api_router: its /runs/{id:path} takes all
     app.include_router(heads_router)  # /runs/{id}/heads: the same
+    app.include_router(alerts_router)  # /runs/{id}/alerts: the same
     app.include_router(api_router)
     app.include_router(build_captures_router(CaptureLimits.from_settings(settings)))
     app.include_router(ws_router)

@@ -37,8 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train the demo model and serve the dashboard on it",
                           description="Train a small transformer on a task with a known "
                                       "answer and watch its heads learn, live: reverse a "
-                                      "sequence (default), or continue a repeated one "
-                                      "(induction heads).")
+                                      "sequence (default), continue a repeated one "
+                                      "(induction heads), or watch attention entropy "
+                                      "collapse under a rising learning rate (collapse).")
     serve = sub.add_parser("serve", help="serve the dashboard alone: browse recorded runs, "
                                          "receive runs that connect",
                            description="Serve the dashboard and its API without a run of its "
@@ -54,15 +55,18 @@ def _parser() -> argparse.ArgumentParser:
                             "folder)")
     demo.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     demo.add_argument("--device", default=None, help="auto (default), cpu or cuda[:N]")
-    demo.add_argument("--task", choices=("reverse", "induction"), default="reverse",
+    demo.add_argument("--task", choices=("reverse", "induction", "collapse"), default="reverse",
                       help="reverse: a one-layer model reverses 24 symbols (heads converge in "
                            "seconds); induction: a two-layer attention-only model learns to "
                            "continue repeated random tokens (previous-token and induction "
-                           "heads form after ~250-400 steps). Default: reverse")
+                           "heads form after ~250-400 steps); collapse: a causal model's "
+                           "learning rate rises until its attention entropy collapses "
+                           "(~step 270), raising alerts before its loss spikes. Default: "
+                           "reverse")
     demo.add_argument("--max-rate", type=float, default=None, metavar="STEPS_PER_S",
                       help="pace training so the heads can be watched forming "
-                           "(default 8 steps/s for reverse, 20 for induction; 0: as fast "
-                           "as possible)")
+                           "(default 8 steps/s for reverse, 20 for induction, 10 for "
+                           "collapse; 0: as fast as possible)")
     capture = sub.add_parser("capture", help="capture a run's attention into a file",
                              description="Run one forward pass of a run's model on the given "
                                          "tokens and save the tensors (npz or safetensors).")
@@ -207,24 +211,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(settings, RunRegistry())
     import torch
 
+    from .collapse import CollapseConfig
     from .demo import DemoConfig
     from .demo_run import DemoRun
     from .induction import InductionConfig
 
     torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
 
-    induction = args.task == "induction"
-    rate = args.max_rate if args.max_rate is not None else 20.0 if induction else 8.0
+    configs = {"reverse": DemoConfig, "induction": InductionConfig, "collapse": CollapseConfig}
+    rate = args.max_rate if args.max_rate is not None else \
+        {"reverse": 8.0, "induction": 20.0, "collapse": 10.0}[args.task]
     try:
-        config = InductionConfig(device=settings.device) if induction \
-            else DemoConfig(device=settings.device)
+        config = configs[args.task](device=settings.device)
         demo = DemoRun(config, max_rate=rate or None, task=args.task,
                        max_overhead=settings.max_overhead)
     except ValueError as exc:
         print(f"attnscope: {exc}", file=sys.stderr)
         return 2
-    what = "learning induction heads" if induction else \
-        f"reversing {demo.config.seq_len} symbols"
+    what = {"induction": "learning induction heads",
+            "collapse": "raising the learning rate until attention collapses",
+            "reverse": f"reversing {demo.config.seq_len} symbols"}[args.task]
     print(f"demo: {what} on {demo.training.device} "
           f"({torch.get_num_threads()} torch threads)", flush=True)
     return _demo(settings, demo, not args.no_browser)

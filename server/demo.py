@@ -263,13 +263,19 @@ class DemoModel(nn.Module):
         ``from_layer(model.encoder.layers[1])`` stay valid across a restart.
         The global RNG is left as it was.
         """
-        device = self.head.weight.device
-        devices = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            torch.manual_seed(seed)
-            for module in self.modules():
-                if module is not self and hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
+        reset_seeded(self, seed)
+
+
+def reset_seeded(model: nn.Module, seed: int) -> None:
+    """Re-initialise every submodule of ``model`` that can (``reset_parameters``), in place,
+    from ``seed``; the global RNG (CPU, and the model's CUDA device) is left as it was."""
+    device = next(model.parameters()).device
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if module is not model and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
 
 
 @dataclass

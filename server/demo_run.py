@@ -14,23 +14,25 @@ from collections.abc import Callable
 
 from transformer_core.events import EventDispatcher
 
+from .collapse import CollapseConfig, CollapseStep, CollapseTraining
 from .demo import DemoConfig, DemoTraining
 from .induction import InductionConfig, InductionStep, InductionTraining
 from .runs import Run
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("reverse", "induction")
+TASKS = ("reverse", "induction", "collapse")
 
 
 class DemoRun:
     """Owns the demo's training, its thread and its :class:`Run` (``self.run``)."""
 
-    def __init__(self, config: DemoConfig | InductionConfig | None = None,
+    def __init__(self, config: DemoConfig | InductionConfig | CollapseConfig | None = None,
                  run_id: str = "demo", max_rate: float | None = None,
                  task: str = "reverse", max_overhead: float | None = None) -> None:
         """``max_rate``: at most this many steps per second (None: as fast as possible).
-        ``task``: ``reverse`` (:mod:`attnscope.demo`) or ``induction`` (:mod:`attnscope.induction`).
+        ``task``: ``reverse`` (:mod:`attnscope.demo`), ``induction`` (:mod:`attnscope.induction`)
+        or ``collapse`` (:mod:`attnscope.collapse`).
         ``max_overhead``: the run's cost budget (:mod:`attnscope.budget`; None: measured only).
 
         The reversal demo converges in ~50 steps; paced, a viewer can watch the heads form.
@@ -43,8 +45,13 @@ class DemoRun:
         self.period = 1.0 / max_rate if max_rate is not None else 0.0
         # A private dispatcher: nothing else in the process listens to the demo.
         self.dispatcher = EventDispatcher()
-        self.training: DemoTraining | InductionTraining
-        if task == "induction":
+        self.training: DemoTraining | InductionTraining | CollapseTraining
+        if task == "collapse":
+            self.config = config if config is not None else CollapseConfig()
+            self.training = CollapseTraining(self.config, event_dispatcher=self.dispatcher)
+            name = (f"demo: entropy collapse ({self.config.n_layers} layers x "
+                    f"{self.config.n_heads} heads, rising learning rate)")
+        elif task == "induction":
             self.config = config if config is not None else InductionConfig()
             self.training = InductionTraining(self.config, event_dispatcher=self.dispatcher)
             name = (f"demo: induction heads ({self.config.n_layers} layers x "
@@ -131,7 +138,8 @@ class DemoRun:
                     self.run.reset()
                 result = self.training.step()
                 extra = {"repeat_loss": result.repeat_loss} \
-                    if isinstance(result, InductionStep) else {}
+                    if isinstance(result, InductionStep) else \
+                    {"lr": result.lr} if isinstance(result, CollapseStep) else {}
                 self.mark(result.step, loss=result.loss, tokens=result.tokens,
                           accuracy=result.accuracy, **extra)
                 if self._after_step is not None:

@@ -116,9 +116,43 @@ class Settings(BaseSettings):
     # Snapshots pooled to at most 256 x 256 per head (12 x 12 heads at L=1024: 19 MB
     # a snapshot, not 302 MB); the page's history frames are 128 px by default.
     history_snapshot_max_side: int = Field(256, ge=4, le=4096)
+    # Per-step head statistics of long sequences over 128 query rows per head spread over
+    # the sequence (each exact, without the L x S matrix: docs/statistics.md); 12 x 12
+    # heads at L=8192 then fit the 3 % budget on a CPU at every step. 0: every row.
+    history_stats_rows: int = Field(128, ge=0)
     # Deprecated (max_overhead below bounds the probe with everything else); when set,
     # probe passes alone may also take at most this share of training time.
     history_probe_budget: float | None = Field(None, gt=0, le=1)
+
+    # Alerts (server/alerts, docs/statistics.md): rules over every recorded step's head
+    # statistics; each alert is stored with the run's history, served at
+    # /api/v1/runs/{id}/alerts, shown on the page and logged as one line.
+    alert_enabled: bool = True
+    # Normalised entropy below 0.02: every query on one key (the page's "collapsed");
+    # heads holding a one-key role (previous-token, self, sink, induction) are exempt.
+    alert_entropy_floor: float = Field(0.02, ge=0, le=1)
+    # Falling by half of its highest value of the last 20 steps (from 0.1 up) is
+    # collapse, not learning.
+    alert_drop_fraction: float = Field(0.5, ge=0, le=1)
+    alert_drop_steps: int = Field(20, ge=1)
+    alert_drop_from: float = Field(0.1, ge=0, le=1)
+    # Drops compare means over the last 5 steps (one sample's statistics are noisy).
+    alert_smooth_steps: int = Field(5, ge=1)
+    # A layer: the mean entropy of its heads without a one-key role below 0.05, or
+    # falling by 40 % within alert_drop_steps.
+    alert_layer_entropy_floor: float = Field(0.05, ge=0, le=1)
+    alert_layer_drop_fraction: float = Field(0.4, ge=0, le=1)
+    # A head going dead (95 % of the weight on the first token) or uniform (entropy 0.99).
+    alert_dead_first_token: float = Field(0.95, ge=0, le=1)
+    alert_uniform_entropy: float = Field(0.99, ge=0, le=1)
+    # Drops, dead and uniform heads wait 100 steps: heads leave uniform attention fast at
+    # the start of training, by design. NaN / Inf and the floors apply from step 0.
+    alert_warmup_steps: int = Field(100, ge=0)
+    # A JSON POST per burst of alerts ({"text": ..., "alerts": [...]}, Slack-compatible)
+    # to this URL; none by default. A failed POST is not retried (docs/statistics.md).
+    alert_webhook: str | None = None
+    # A slow endpoint is given up after 5 s; it never holds up training (its own thread).
+    alert_webhook_timeout_s: float = Field(5.0, gt=0, le=60)
 
     # The dashboard's cost budget (server/budget.py): its time in the training thread
     # plus its helper threads' CPU at most 3 % of training time, a slowdown nobody sees
@@ -174,6 +208,15 @@ class Settings(BaseSettings):
         if value == "auto" or value == "cpu" or value == "mps" or value.startswith("cuda"):
             return value
         raise ValueError(f"device must be 'auto', 'cpu', 'mps' or 'cuda[:N]', got {value!r}")
+
+    @field_validator("alert_webhook")
+    @classmethod
+    def _check_webhook(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"alert_webhook must be an http:// or https:// URL, got {value!r}")
+        return value
 
     @field_validator("log_level")
     @classmethod

@@ -33,6 +33,11 @@ class HistoryConfig:
     # history frames are 128 px by default. The induction probe is reduced to its scores
     # at full resolution before that.
     snapshot_max_side: int = 256
+    # Per-step head statistics of long sequences over 128 query rows per head, spread over
+    # the sequence (each row exact, computed without the L x S matrix: docs/statistics.md):
+    # 12 x 12 heads at L=8192 then fit the 3 % budget on a CPU at every step (256 rows
+    # did not); 0: every row, whatever it costs.
+    stats_rows: int = 128
     # Head statistics and scalars at every step, thinned by halving past this many points.
     max_stat_points: int = 20_000
     # 2 GiB of snapshot files over all runs; the fattest run is thinned first.
@@ -47,6 +52,7 @@ class HistoryConfig:
 
     def validate(self) -> HistoryConfig:
         for name, low in (("every", 1), ("max_snapshots", 3), ("probe_samples", 1),
+                          ("stats_rows", 0),
                           ("snapshot_max_side", 4),
                           ("max_stat_points", 4), ("max_bytes", 1), ("max_sessions", 1),
                           ("queue_size", 1), ("queue_bytes", 1)):

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Query
 
 from ..stream.roles import ROLES, RoleRule
 from ..stream.stats import HEAD_STATISTICS
-from .models import HeadPublic, HeadsPublic, RoleEventPublic
+from .models import AlertPublic, HeadPublic, HeadsPublic, RoleEventPublic
 from .roles import RoleTracker
 from .router import ServiceDep, SessionQ, _session
 from .service import HistoryService
@@ -24,6 +24,7 @@ from .store import StatRow
 
 router = APIRouter(prefix="/api/v1", tags=["history"])
 _COUNTS = ("nan", "inf")
+Curve = Literal[HEAD_STATISTICS]  # type: ignore[valid-type]
 
 
 def _value(v: float) -> float | None:
@@ -60,10 +61,37 @@ def run_heads(run_id: str, service: ServiceDep,
               session: SessionQ = None,
               events: Annotated[int, Query(ge=0, le=5000, description="at most this many of "
                                                                       "the latest events")] = 500,
+              curve: Annotated[Curve | None, Query(description="add each head's values of "
+                                                   "this statistic over the steps")] = None,
+              points: Annotated[int, Query(ge=2, le=5000, description="the curve's steps, "
+                                                                     "at most")] = 200,
               ) -> HeadsPublic:
     """Every head's statistics, role scores (:data:`ROLES`), role and the step since which
-    it holds it; and the events (roles gained / lost, collapses, NaN/Inf) up to the step."""
-    return heads_answer(service, run_id, step, session, events)
+    it holds it; the events (roles gained / lost, collapses, NaN/Inf) and the alerts
+    (``GET /alerts``) up to the step. ``curve=entropy``: every head's entropy at up to
+    ``points`` recorded steps up to the step, spread evenly (``curve_steps``)."""
+    answer = heads_answer(service, run_id, step, session, events)
+    if curve is not None and answer.session is not None:
+        add_curves(service, answer, curve, step, points)
+    return answer
+
+
+def add_curves(service: HistoryService, answer: HeadsPublic, stat: str, step: int | None,
+               points: int) -> None:
+    """Set every head's ``curve`` of ``answer``: statistic ``stat`` at up to ``points``
+    recorded steps up to ``step`` (``curve_steps``)."""
+    index = HEAD_STATISTICS.index(stat)
+    rows = [r for r in service.store.stats(answer.session, end=step, points=points)
+            if r.heads is not None]
+    answer.curve_stat = stat
+    answer.curve_steps = [r.step for r in rows]
+    for head in answer.heads:
+        values = []
+        for r in rows:
+            a = r.heads
+            inside = head.layer < a.shape[0] and index < a.shape[1] and head.head < a.shape[2]
+            values.append(_value(a[head.layer, index, head.head]) if inside else None)
+        head.curve = values
 
 
 def thresholds_of(rule: RoleRule) -> dict[str, float]:
@@ -98,12 +126,14 @@ def heads_answer(service: HistoryService, run_id: str, step: int | None = None,
             happened = [e for e in tracker.events if e.step <= step]
     shown = happened[-events:] if events else []
     layers = int(s.meta.get("layers", 0))
+    alerts = service.store.alerts(s.id, end=step, limit=events) if events else []
     return HeadsPublic(
         run=s.run, session=s.id, step=None if row is None else row.step,
         probe_step=tracker.repeat_step, layers=layers, roles=list(ROLES), thresholds=thresholds,
         heads=head_list(None if row is None else row.heads, roles, since,
                         s.meta.get("layer_heads")),
-        events=[RoleEventPublic(**e.to_dict()) for e in shown])
+        events=[RoleEventPublic(**e.to_dict()) for e in shown],
+        alerts=[AlertPublic(**a) for a in alerts])
 
 
 def head_roles(service: HistoryService | None, run_id: str) -> dict[str, Any] | None:

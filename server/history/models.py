@@ -81,6 +81,8 @@ class HeadPublic(BaseModel):
     scores: dict[str, float | None]
     role: str | None
     since: int | None
+    # One statistic (``curve`` of GET /heads, e.g. entropy) at each of ``curve_steps``.
+    curve: list[float | None] | None = None
 
 
 class RoleEventPublic(BaseModel):
@@ -92,6 +94,35 @@ class RoleEventPublic(BaseModel):
     kind: str
     role: str | None
     text: str
+
+
+class AlertPublic(BaseModel):
+    """One alert (attnscope.alerts.rules.Alert.to_message): a rule's episode on a head
+    (``head`` null: the whole layer), with the values that raised it."""
+
+    type: str = "alert"
+    id: str
+    run: str
+    session: str
+    seq: int
+    step: int
+    layer: int
+    head: int | None
+    scope: str
+    rule: str
+    severity: str
+    values: dict[str, float | None]
+    text: str
+    time: float
+
+
+class AlertsPublic(BaseModel):
+    """``GET /api/v1/runs/{id}/alerts``: a run's alerts, oldest first, and the rules."""
+
+    run: str
+    session: str | None
+    rules: dict[str, Any]
+    alerts: list[AlertPublic]
 
 
 class HeadsPublic(BaseModel):
@@ -106,3 +137,6 @@ class HeadsPublic(BaseModel):
     thresholds: dict[str, float]
     heads: list[HeadPublic]
     events: list[RoleEventPublic]
+    alerts: list[AlertPublic] = []  # the latest alerts up to ``step`` (GET /alerts: all)
+    curve_stat: str | None = None  # the statistic of every head's ``curve``
+    curve_steps: list[int] | None = None  # the steps of every head's ``curve``

@@ -49,6 +49,7 @@ from transformer_core.events.portable import Portable, portable_sample
 
 from ..stream.reduce import HostCopy, layer_statistics, pool_factor, pool_matrix, to_host
 from ..stream.roles import repeat_scores, repeated_probe
+from ..stream.rowstats import MATRIX_UP_TO, STATS_ROWS, event_statistics
 from ..stream.stats import HEAD_STATISTICS, MaskInfo, valid_key_counts, with_repeat_rows
 from .config import HistoryConfig
 from .store import StatRow
@@ -446,10 +447,12 @@ class RunRecorder:
         return out
 
 
-def stat_rows(steps: list[StepItem]) -> dict[str, list[StatRow]]:
-    """The stored rows of recorded steps, per session (their statistics computed here)."""
+def stat_rows(steps: list[StepItem], max_rows: int | None = STATS_ROWS
+              ) -> dict[str, list[StatRow]]:
+    """The stored rows of recorded steps, per session (their statistics computed here, over
+    at most ``max_rows`` query rows per head: :func:`stats_of`)."""
     rows: dict[str, list[StatRow]] = {}
-    for item, heads in zip(steps, stats_of(steps), strict=True):
+    for item, heads in zip(steps, stats_of(steps, max_rows), strict=True):
         rows.setdefault(item.session, []).append(StatRow(item.step, item.time, item.scalars, heads))
     return rows
 
@@ -493,13 +496,19 @@ def _repeat_scores_of(copies: list[AttentionEvent]) -> torch.Tensor | None:
         return repeat_scores(a.flatten(0, 1), half).view(2, T, H).transpose(0, 1)  # (T, 2, H)
 
 
-def stats_of(steps: list[StepItem]) -> list[np.ndarray | None]:
+def stats_of(steps: list[StepItem], max_rows: int | None = STATS_ROWS
+             ) -> list[np.ndarray | None]:
     """Head statistics (layers, R, H) of each step; NaN where a layer or head is missing.
 
     Statistics reduced on a device are waited for here. Those of sample copies are
-    computed here, in float32 from the attention itself (the values the stream shows):
-    per layer, the steps' copies are joined into one attention computation, and
-    steps without masks are reduced in one batched call (their heads side by side).
+    computed here, in float32, for every head. A copy whose matrix would hold more than
+    ``MATRIX_UP_TO`` values, of an attention that describes its logits (softmax
+    attentions), is reduced without the matrix, over at most ``max_rows`` query rows per
+    head (:func:`~attnscope.stream.rowstats.event_statistics`: fused kernels, any sequence
+    length), the steps' copies of a layer joined into one call. Smaller ones, and
+    attentions that do not describe their logits (linear, clustered...), from the matrix
+    itself, the steps' copies joined into one attention computation and, without masks,
+    reduced in one batched call.
     """
     out: list[np.ndarray | None] = []
     for item in steps:
@@ -517,14 +526,31 @@ def stats_of(steps: list[StepItem]) -> list[np.ndarray | None]:
             by_layer.setdefault((layer, event.shape), []).append((k, event))
     with torch.no_grad():
         for (layer, shape), members in by_layer.items():
-            H, L, S = shape[1:]
-            attention = AttentionEvent.concat([e for _, e in members]).attention()  # (T, H, L, S)
-            valid = [valid_key_counts(MaskInfo.of(e), 0, L, S) for _, e in members]
-            if all(v is None for v in valid):  # one call for all T steps
-                rows = with_repeat_rows(layer_statistics(attention.flatten(0, 1))).cpu()
-                for j, (k, _) in enumerate(members):
-                    out[k][layer, :, :H] = rows[:, j * H: (j + 1) * H].numpy()  # (R, H)
-                continue
-            for (k, _), a, v in zip(members, attention, valid, strict=True):
-                out[k][layer, :, :H] = with_repeat_rows(layer_statistics(a, v)).cpu().numpy()
+            H = shape[1]
+            events = [e for _, e in members]
+            for (k, _), rows in zip(members, _layer_rows(events, max_rows), strict=True):
+                out[k][layer, :, :H] = rows  # (R, H)
     return out
+
+
+def _layer_rows(events: list[AttentionEvent], max_rows: int | None) -> list[np.ndarray]:
+    """:data:`HEAD_STATISTICS` (R, H) of each one-sample copy of one layer's events: from
+    their rows without the matrix past ``MATRIX_UP_TO`` values a copy, else (and for
+    attentions that do not describe their logits) from the matrix."""
+    joined = AttentionEvent.concat(events)
+    H, L, S = joined.shape[1:]
+    if H * L * S > MATRIX_UP_TO:
+        if joined.scores is not None:  # one call for all steps
+            return [with_repeat_rows(s).cpu().numpy()
+                    for s in event_statistics(joined, max_rows, method="rows")]
+        if all(e.scores is not None for e in events):  # masks differ between steps
+            return [with_repeat_rows(event_statistics(e, max_rows, method="rows")[0])
+                    .cpu().numpy() for e in events]
+    attention = joined.attention()  # (T, H, L, S)
+    valid = [valid_key_counts(MaskInfo.of(e), 0, L, S) for e in events]
+    if all(v is None for v in valid):  # one call for all T steps
+        H = joined.shape[1]
+        rows = with_repeat_rows(layer_statistics(attention.flatten(0, 1))).cpu().numpy()
+        return [rows[:, j * H: (j + 1) * H] for j in range(len(events))]
+    return [with_repeat_rows(layer_statistics(a, v)).cpu().numpy()
+            for a, v in zip(attention, valid, strict=True)]

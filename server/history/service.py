@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..alerts.book import AlertBook
 from ..run_base import BaseRun, RunRegistry
 from .config import HistoryConfig
 from .recorder import (
@@ -36,11 +37,13 @@ WRITE_PERIOD_S = 0.25  # the writer collects records this long before writing th
 class HistoryService:
     """Records the runs of a registry into a :class:`HistoryStore` with one writer thread."""
 
-    def __init__(self, store: HistoryStore, config: HistoryConfig | None = None) -> None:
+    def __init__(self, store: HistoryStore, config: HistoryConfig | None = None,
+                 alerts: AlertBook | None = None) -> None:
         self.store = store
         self.config = (config or HistoryConfig()).validate()
         self.recorders: dict[str, RunRecorder] = {}
         self.roles = RoleBook(store)  # head roles per session, fed by the writer
+        self.alerts = alerts if alerts is not None else AlertBook(store)  # fed by the writer
         self.dropped = 0
         self._queue: queue.Queue = queue.Queue(self.config.queue_size)
         self._registry: RunRegistry | None = None
@@ -188,6 +191,7 @@ class HistoryService:
         self._queue.put(None)
         self._wake.set()
         self._thread.join(timeout)
+        self.alerts.close()
         self.store.close()
 
     def _write_loop(self) -> None:
@@ -243,7 +247,7 @@ class HistoryService:
             self._write_stats(steps)  # keep the order of the items
             steps = []
             if isinstance(item, StoredStats):
-                self.store.add_stats(item.session, self.roles.rows(item.session, item.rows))
+                self._add_rows(item.session, item.rows)
             elif isinstance(item, SnapshotItem | StoredSnapshot):
                 tensors = item.arrays()
                 self.roles.snapshot(item.session, item.step, tensors)
@@ -256,8 +260,17 @@ class HistoryService:
         self._write_stats(steps)
 
     def _write_stats(self, steps: list[StepItem]) -> None:
-        for session, rows in stat_rows(steps).items():
-            self.store.add_stats(session, self.roles.rows(session, rows))
+        for session, rows in stat_rows(steps, self.config.stats_rows).items():
+            self._add_rows(session, rows)
+
+    def _add_rows(self, session: str, rows: list) -> None:
+        """Store a session's new stats rows, with their roles and the alerts they raise."""
+        rows = self.roles.rows(session, rows)
+        self.store.add_stats(session, rows)
+        try:
+            self.alerts.rows(session, rows)
+        except Exception:  # the rows are stored; an alert bug must not stop the writer
+            logger.exception("history: evaluating alert rules failed")
 
 
 def open_service(settings: Any, **overrides: Any) -> HistoryService | None:
@@ -268,7 +281,7 @@ def open_service(settings: Any, **overrides: Any) -> HistoryService | None:
     store = HistoryStore(Path(settings.data_dir) / "history", max_snapshots=config.max_snapshots,
                          max_bytes=config.max_bytes, max_stat_points=config.max_stat_points,
                          max_sessions=config.max_sessions)
-    return HistoryService(store, config)
+    return HistoryService(store, config, AlertBook.from_settings(store, settings))
 
 
 def start(settings: Any, registry: Any) -> HistoryService | None:

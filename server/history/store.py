@@ -2,7 +2,8 @@
 
 Layout under ``root`` (the settings' data dir + ``/history``)::
 
-    index.sqlite3                    sessions, snapshots (step -> file), stats (every step)
+    index.sqlite3                    sessions, snapshots (step -> file), stats (every step),
+                                     alerts (attnscope.alerts)
     files/<session>/<step>.safetensors   ``attention.<layer>`` (P, H, L, S) float16
     tmp/                             snapshots being written (emptied at start)
     .lock                            held (flock) by the one process that owns the store
@@ -70,6 +71,13 @@ CREATE TABLE IF NOT EXISTS stats (
     scalars TEXT NOT NULL,
     heads BLOB,
     PRIMARY KEY (session, step)
+);
+CREATE TABLE IF NOT EXISTS alerts (
+    session TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (session, seq)
 );
 """
 
@@ -231,7 +239,7 @@ class HistoryStore:
     def delete_session(self, session_id: str) -> None:
         with self._lock:
             for table, column in (("snapshots", "session"), ("stats", "session"),
-                                  ("sessions", "id")):
+                                  ("alerts", "session"), ("sessions", "id")):
                 self._db.execute(f"DELETE FROM {table} WHERE {column} = ?", (session_id,))
         shutil.rmtree(self.files / session_id, ignore_errors=True)
 
@@ -379,8 +387,10 @@ class HistoryStore:
                 raise
 
     def stats(self, session_id: str, start: int | None = None,
-              end: int | None = None) -> list[StatRow]:
-        """Stats rows with ``start <= step <= end``, ascending; ``heads`` (layers, R, H)."""
+              end: int | None = None, points: int | None = None) -> list[StatRow]:
+        """Stats rows with ``start <= step <= end``, ascending; ``heads`` (layers, R, H).
+        ``points``: at most that many rows, spread evenly over those (the first and last
+        among them), only those read."""
         session = self.session(session_id)
         if session is None:
             return []
@@ -389,15 +399,62 @@ class HistoryStore:
         lo = start if start is not None else -(2**62)
         hi = end if end is not None else 2**62
         with self._lock:
-            rows = self._db.execute(
-                "SELECT step, time, scalars, heads FROM stats WHERE session = ? AND step "
-                "BETWEEN ? AND ? ORDER BY step", (session_id, lo, hi)).fetchall()
+            if points is not None:
+                steps = [r[0] for r in self._db.execute(
+                    "SELECT step FROM stats WHERE session = ? AND step BETWEEN ? AND ? "
+                    "ORDER BY step", (session_id, lo, hi))]
+                if len(steps) > points:
+                    picked = np.unique(np.linspace(0, len(steps) - 1, points).round().astype(int))
+                    steps = [steps[i] for i in picked]
+                rows = []
+                for i in range(0, len(steps), 500):  # SQLite's bound on host parameters
+                    chunk = steps[i: i + 500]
+                    rows += self._db.execute(
+                        "SELECT step, time, scalars, heads FROM stats WHERE session = ? AND "
+                        f"step IN ({','.join('?' * len(chunk))}) ORDER BY step",
+                        (session_id, *chunk)).fetchall()
+            else:
+                rows = self._db.execute(
+                    "SELECT step, time, scalars, heads FROM stats WHERE session = ? AND step "
+                    "BETWEEN ? AND ? ORDER BY step", (session_id, lo, hi)).fetchall()
         out = []
         for step, time_, scalars, blob in rows:
             arr = None if blob is None else \
                 np.frombuffer(blob, "<f4").reshape(layers, names, -1)
             out.append(StatRow(step, time_, json.loads(scalars), arr))
         return out
+
+    # -- alerts ----------------------------------------------------------------
+
+    def add_alerts(self, session_id: str, messages: Sequence[dict[str, Any]]) -> None:
+        """Store alert messages (``attnscope.alerts.rules.Alert.to_message``: ``seq``,
+        ``step``...) of a session, in one transaction."""
+        if not messages:
+            return
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO alerts (session, seq, step, body) VALUES (?, ?, ?, ?)",
+                [(session_id, m["seq"], m["step"], json.dumps(m)) for m in messages])
+
+    def alerts(self, session_id: str, start: int | None = None, end: int | None = None,
+               limit: int | None = None) -> list[dict[str, Any]]:
+        """A session's alert messages with ``start <= step <= end``, oldest first; the last
+        ``limit`` of them when given."""
+        lo = start if start is not None else -(2**62)
+        hi = end if end is not None else 2**62
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT body FROM (SELECT seq, body FROM alerts WHERE session = ? AND step "
+                "BETWEEN ? AND ? ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+                (session_id, lo, hi, -1 if limit is None else limit)).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def alert_count(self, session_id: str) -> int:
+        """How many alerts a session has stored (the next one's ``seq``)."""
+        with self._lock:
+            row = self._db.execute("SELECT COALESCE(MAX(seq) + 1, 0) FROM alerts "
+                                   "WHERE session = ?", (session_id,)).fetchone()
+        return int(row[0])
 
     def stat_at(self, session_id: str, step: int | None) -> StatRow | None:
         """The stats row at or before ``step`` (None: the last one), or None."""

@@ -47,7 +47,8 @@ logger = logging.getLogger(__name__)
 # one go (a fixed cost per batch, in the training process), and fewer, larger messages.
 SEND_PERIOD_S = 0.5
 # What of the server's HistoryConfig the publisher's recorder uses.
-_RECORDER_FIELDS = ("every", "probe_samples", "probe_budget", "queue_size", "queue_bytes")
+_RECORDER_FIELDS = ("every", "probe_samples", "probe_budget", "queue_size", "queue_bytes",
+                    "stats_rows")
 
 
 def config_message(config: HistoryConfig | None, max_message_bytes: int) -> dict[str, Any] | None:
@@ -164,7 +165,8 @@ class HistoryOutbox:
         steps: list[StepItem] = []
 
         def add_steps() -> None:
-            out.extend(encode_stats(session, rows) for session, rows in stat_rows(steps).items())
+            out.extend(encode_stats(session, rows)
+                       for session, rows in stat_rows(steps, self.config.stats_rows).items())
             steps.clear()
 
         for item in items:

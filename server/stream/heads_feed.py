@@ -128,7 +128,8 @@ def history_version(service: HistoryService, run_id: str) -> tuple[Any, ...] | N
         return None if not service.is_recording(run_id) else ("waiting",)
     tracker = service.roles.get(session)
     with tracker.lock:
-        return (session, tracker.step, len(tracker.events), tracker.repeat_step)
+        version = (session, tracker.step, len(tracker.events), tracker.repeat_step)
+    return (*version, service.alerts.count(session))
 
 
 class HeadsFeed:

@@ -24,7 +24,7 @@ CORE = {
     "attnscope", "attnscope.layout", "attnscope.run_base", "attnscope.jsonsafe",
     "attnscope.protocol", "attnscope.model_inputs",
     "attnscope.storage", "attnscope.stream", "attnscope.stream.plan", "attnscope.stream.stats",
-    "attnscope.stream.reduce",
+    "attnscope.stream.reduce", "attnscope.stream.rowstats",
     "attnscope.stream.frames", "attnscope.remote", "attnscope.remote.wire",
     "attnscope.captures", "attnscope.captures.capture", "attnscope.captures.store",
     "attnscope.captures.formats", "attnscope.history", "attnscope.history.store",
@@ -33,13 +33,15 @@ CORE = {
     "attnscope.contract", "attnscope.contract.ring", "attnscope.contract.channel",
     "attnscope.contract.messages", "attnscope.sockets",
     "attnscope.assets", "attnscope.bundle", "attnscope.standalone", "attnscope.look",
+    "attnscope.alerts", "attnscope.alerts.rules", "attnscope.alerts.book",
+    "attnscope.alerts.webhook",
 }
 # Training side: Dashboard, the publishers, the history recorder and outbox, the demo.
 TRAINING = {
     "attnscope.dashboard", "attnscope.runs", "attnscope.stream.publisher", "attnscope.stream.rows",
     "attnscope.remote.publisher", "attnscope.remote.captures", "attnscope.remote.history",
     "attnscope.history.recorder", "attnscope.history.service", "attnscope.demo",
-    "attnscope.demo_run", "attnscope.client", "attnscope.induction",
+    "attnscope.demo_run", "attnscope.client", "attnscope.induction", "attnscope.collapse",
     "attnscope.integrations", "attnscope.integrations._common",
     "attnscope.integrations.huggingface", "attnscope.integrations.lightning",
     "attnscope.budget", "attnscope.training", "attnscope.training.link",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..events import SoftmaxScores
 from ..masking import BaseMask
 
 
@@ -29,6 +30,24 @@ def sdpa_mask(
         keys_ok = key_lengths.bool_matrix[:, None, None, :S]  # (N, 1, 1, S)
         mask = keys_ok if mask is None else mask & keys_ok
     return mask, False
+
+
+def softmax_scores(queries: torch.Tensor, keys: torch.Tensor, scale: float,
+                   attn_mask: BaseMask | None, key_lengths: BaseMask | None) -> SoftmaxScores:
+    """The logits of ``softmax_logits`` as :class:`SoftmaxScores`: a causal attention mask
+    becomes the band (None, 0) (no (L, S) tensor read), other masks bool (1, 1, L, S) and
+    key lengths (N, 1, 1, S). queries (N, L, H, E), keys (N, S, H, E)."""
+    S = keys.shape[1]
+    band: tuple[int | None, int | None] = (None, None)
+    masks = []
+    if attn_mask is not None and not attn_mask.all_ones:
+        if attn_mask.lower_triangular:
+            band = (None, 0)
+        else:
+            masks.append(attn_mask.bool_matrix[None, None])  # (1, 1, L, S)
+    if key_lengths is not None and not key_lengths.all_ones:
+        masks.append(key_lengths.bool_matrix[:, None, None, :S])  # (N, 1, 1, S)
+    return SoftmaxScores(queries, keys, scale, band, tuple(masks))
 
 
 def apply_masks(

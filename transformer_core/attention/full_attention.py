@@ -12,7 +12,7 @@ from ..attention_registry import AttentionRegistry, EventDispatcherInstance, Flo
 from ..events import AttentionEvent, EventDispatcher
 from ..events.portable import Recipe
 from ..masking import BaseMask, concat_rows, sample_rows
-from ._masks import apply_masks, sdpa_mask, select
+from ._masks import apply_masks, sdpa_mask, select, softmax_scores
 
 # nanoGPT-style feature detection: torch >= 2.0 has the fused kernel.
 HAS_SDPA = hasattr(F, "scaled_dot_product_attention")
@@ -158,6 +158,7 @@ def softmax_event(source, queries, keys, scale, attn_mask, key_lengths, *, role:
         matrix=matrix,
         copy_fn=copy,
         concat_fn=concat,
+        scores_fn=lambda: softmax_scores(queries, keys, scale, attn_mask, key_lengths),
         recipe=Recipe("softmax", {"scale": float(scale)}, {"queries": queries, "keys": keys},
                       {"attn_mask": attn_mask, "key_lengths": key_lengths}),
     )

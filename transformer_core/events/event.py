@@ -7,11 +7,15 @@ head, D value dimension per head.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .portable import Recipe
+from .scores import SoftmaxScores
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .statistics import RowStatistics
 
 Index = int | Sequence[int] | slice | torch.Tensor | None
 # (samples, heads) -> (n, h, L, S); samples/heads are a slice or a 1-D LongTensor.
@@ -20,6 +24,8 @@ SliceFn = Callable[[Any, Any], torch.Tensor]
 CopyFn = Callable[[int], "AttentionEvent"]
 # events of one emitter -> one event of all their samples, or None (see concat).
 ConcatFn = Callable[[Sequence["AttentionEvent"]], "AttentionEvent | None"]
+# () -> what the logits are (see AttentionEvent.scores); built on first read.
+ScoresFn = Callable[[], SoftmaxScores]
 
 
 class Event:
@@ -93,6 +99,9 @@ class AttentionEvent(Event):
     ``concat_fn(events)`` joins events of this emitter for :meth:`concat`.
     ``recipe`` (a :class:`~transformer_core.events.portable.Recipe`) says how to build the
     event again from data, in another process (:mod:`transformer_core.events.portable`).
+    ``scores_fn()`` describes the logits of an attention that is exactly their softmax
+    (:attr:`scores`, read by :meth:`row_statistics`); emitters of other attentions
+    (linear, clustered...) leave it out.
     """
 
     def __init__(
@@ -113,6 +122,7 @@ class AttentionEvent(Event):
         copy_fn: CopyFn | None = None,
         concat_fn: ConcatFn | None = None,
         recipe: Recipe | None = None,
+        scores_fn: ScoresFn | None = None,
     ) -> None:
         super().__init__(source)
         self.shape = tuple(shape)
@@ -129,6 +139,8 @@ class AttentionEvent(Event):
         self._copy_fn = copy_fn
         self._concat_fn = concat_fn
         self.recipe = recipe
+        self._scores_fn = scores_fn
+        self._scores: SoftmaxScores | None = None
 
     @property
     def is_cross(self) -> bool:
@@ -162,6 +174,26 @@ class AttentionEvent(Event):
         matrix row is all zeros (the fused kernel's zero output), not NaN.
         """
         return self._sliced(self._logits_fn, sample, heads, cache=None)
+
+    @property
+    def scores(self) -> SoftmaxScores | None:
+        """What the logits are (:class:`~.scores.SoftmaxScores`: queries, keys, scale,
+        masks, band, bias, soft cap) when the attention is exactly their softmax, built
+        on first read; None for attentions that are not (linear, clustered, top-k...)."""
+        if self._scores is None and self._scores_fn is not None:
+            self._scores = self._scores_fn()
+        return self._scores
+
+    def row_statistics(self, sample: Index = None, heads: Index = None,
+                       rows: torch.Tensor | None = None, **options: Any) -> RowStatistics:
+        """Entropy, log-sum-exp and visible keys (n, h, R) of query ``rows`` (None: all),
+        without the L x S matrix where the emitter describes its logits
+        (:func:`~.statistics.row_statistics`, which takes the ``options``). Every
+        dimension is kept: ``row_statistics(sample=0).entropy`` is (1, H, L).
+        """
+        from .statistics import row_statistics
+
+        return row_statistics(self, sample, heads, rows, **options)
 
     def sample_copy(self, sample: int) -> AttentionEvent:
         """This event for ``sample`` alone (shape (1, H, L, S)), owning detached copies of

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..events import AttentionEvent
+from ..events import AttentionEvent, SoftmaxScores
 from ..events.portable import Recipe
 from ..masking import FullMask
 
@@ -86,6 +86,17 @@ class SDPACall:
             tri = torch.ones(L, S, dtype=torch.bool, device=self.queries.device).tril()
             keep = tri if keep is None else keep & tri
         return None if keep is None else FullMask(keep)
+
+    def scores(self) -> SoftmaxScores:
+        """These logits as :class:`~transformer_core.events.SoftmaxScores`: ``is_causal``
+        as the band (None, 0), a bool mask as a mask, a float mask as a bias."""
+        self.check_fresh()
+        mask = self.mask
+        floating = mask is not None and mask.dtype != torch.bool
+        return SoftmaxScores(self.queries, self.keys, self.scale,
+                             (None, 0) if self.is_causal else (None, None),
+                             () if mask is None or floating else (mask,),
+                             mask if floating else None, self.softcap)
 
     def check_fresh(self) -> None:
         """Raise :class:`StaleEventError` if queries or keys changed since dispatch."""
@@ -189,7 +200,7 @@ def sdpa_event(source: Any, call: SDPACall, role: str = "self",
         source, call.shape, call.logits, call.matrix,
         queries=call.queries, keys=keys, attn_mask=call.shared_mask(),
         softmax_temp=call.scale, role=role,
-        attention_type=attention_type, copy_fn=copy, concat_fn=concat,
+        attention_type=attention_type, copy_fn=copy, concat_fn=concat, scores_fn=call.scores,
         recipe=Recipe("sdpa", {"is_causal": call.is_causal, "scale": call.scale,
                                "softcap": call.softcap},
                       {"queries": call.queries, "keys": call.keys, "mask": call.mask}))

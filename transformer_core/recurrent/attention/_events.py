@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ...events import AttentionEvent
+from ...events import AttentionEvent, SoftmaxScores
 from ...events.portable import Recipe
 from ...masking import BaseMask, sample_rows
 
@@ -62,9 +62,18 @@ def softmax_step_event(source, query: torch.Tensor, keys: torch.Tensor, scale: f
         queries=query[:, None],  # (N, 1, H, E)
         keys=keys, key_lengths=key_lengths, softmax_temp=scale, role=role,
         attention_type="full", matrix=matrix, copy_fn=copy,
+        scores_fn=lambda: _step_scores(query, keys, scale, key_lengths),
         recipe=Recipe("softmax_step", {"scale": float(scale)}, {"query": query, "keys": keys},
                       {"key_lengths": key_lengths}),
     )
+
+
+def _step_scores(query: torch.Tensor, keys: torch.Tensor, scale: float,
+                 key_lengths: BaseMask | None) -> SoftmaxScores:
+    """The logits of one step, query (N, H, E) over keys (N, S, H, E), as SoftmaxScores."""
+    allowed = _key_mask(key_lengths, slice(None), keys.shape[1])  # (N, 1, 1, S) or None
+    return SoftmaxScores(query[:, None], keys, scale,
+                         masks=() if allowed is None else (allowed,))
 
 
 def softmax_step_event_of(source, query: torch.Tensor, keys: torch.Tensor,

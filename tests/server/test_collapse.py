@@ -1,0 +1,76 @@
+"""The collapse demo: its attention collapses under a rising learning rate, and the
+history's alerts say so before the loss spikes."""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+
+import pytest
+import torch
+
+from attnscope.collapse import CollapseConfig, CollapseTraining
+from attnscope.demo_run import DemoRun
+from attnscope.history.config import HistoryConfig
+from attnscope.history.service import HistoryService
+from attnscope.history.store import HistoryStore
+from attnscope.runs import Run
+from transformer_core.events import EventDispatcher
+
+
+def test_the_rate_is_steady_then_grows_then_stops():
+    training = CollapseTraining(CollapseConfig(seq_len=8, batch_size=2, device="cpu",
+                                               steady_steps=2, lr_growth=2.0, lr_max=0.005))
+    rates = [training.step().lr for _ in range(6)]
+    assert rates == [1e-3, 1e-3, 1e-3, 2e-3, 4e-3, 5e-3]
+    training.reset()
+    assert training.steps_done == 0 and training.lr == 1e-3
+
+
+@pytest.mark.parametrize("field, value", [("lr_growth", 0.0), ("vocab", 1), ("lr", math.inf)])
+def test_bad_settings_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        CollapseConfig(**{field: value}).validate()
+
+
+def test_the_demo_run_reports_the_learning_rate():
+    demo = DemoRun(CollapseConfig(seq_len=8, batch_size=2, device="cpu"), task="collapse")
+    demo.start()
+    try:
+        for _ in range(400):  # 20 s at most
+            if demo.run.step_index is not None and demo.run.step_index >= 2:
+                break
+            assert demo.alive
+            time.sleep(0.05)
+        assert demo.run.scalars["lr"] == pytest.approx(1e-3)
+        assert "entropy collapse" in demo.run.name
+    finally:
+        demo.close()
+
+
+@pytest.mark.slow
+def test_an_entropy_alert_comes_before_the_loss_spikes(tmp_path):
+    logging.getLogger("attnscope.alerts").setLevel(logging.ERROR)
+    torch.set_num_threads(1)
+    config = CollapseConfig(device="cpu")
+    training = CollapseTraining(config, event_dispatcher=EventDispatcher())
+    run = Run(training.model, run_id="collapse", max_overhead=None)
+    service = HistoryService(HistoryStore(tmp_path), HistoryConfig())
+    losses: list[float] = []
+    try:
+        service.attach(run)
+        for _ in range(330):
+            result = training.step()
+            run.step(result.step, loss=result.loss)
+            losses.append(result.loss)
+        assert service.flush(60)
+        alerts = service.store.alerts(service.session_of("collapse"))
+    finally:
+        service.close()
+    spike = next(s for s in range(config.steady_steps, len(losses))
+                 if losses[s] > 1.2 * statistics.median(losses[s - 50: s]))
+    first = next(a for a in alerts if "entropy" in a["rule"])
+    assert config.steady_steps < first["step"] < spike, (first, spike)
+    assert not [a for a in alerts if a["step"] < first["step"]]  # nothing before: no noise
