@@ -11,6 +11,7 @@ Three lines in your loop::
 
 from __future__ import annotations
 
+import collections
 import html
 import logging
 import os
@@ -64,6 +65,8 @@ class Dashboard:
         self._closed = False
         self._settings: Settings | None = None
         self._token: str | None = None  # the server's token, for the inline page
+        self._alert_callbacks: list[Any] = []  # in-process on_alert
+        self._alerts_seen: collections.deque | None = None
 
     @classmethod
     def start(cls, model: nn.Module, port: int = 8000, host: str = "127.0.0.1",
@@ -239,11 +242,40 @@ class Dashboard:
         if self._process is not None:
             self._process.check()  # a monotonic-clock compare; a waitpid once a second
         self.run.step(step, loss=loss, tokens=tokens, **scalars)
+        while self._alerts_seen:  # in-process alerts, in the training thread
+            alert = self._alerts_seen.popleft()
+            for callback in list(self._alert_callbacks):
+                try:
+                    callback(alert)
+                except Exception:  # noqa: BLE001 (the user's callback: logged)
+                    logger.exception("attnscope: the on_alert callback %r failed", callback)
 
     def new_sequence(self) -> None:
         """A new sequence starts (recurrent inference): see
         :meth:`attnscope.runs.Run.new_sequence`."""
         self.run.new_sequence()
+
+    def on_alert(self, callback: Any) -> Any:
+        """Call ``callback(alert)`` for each alert raised on this run (entropy collapse, NaN,
+        a dead or uniform head: docs/statistics.md), in the training thread at its next
+        step (or between notebook cells), so it may change the learning rate or save a
+        checkpoint. ``alert`` is a dict: ``step``, ``rule``, ``layer``, ``head``, ``values``,
+        ``text``... Returns ``callback`` (usable as a decorator)."""
+        if self._link is not None:
+            self._link.alert_callbacks.append(callback)
+            return callback
+        if self._alerts_seen is None:  # in-process: the writer's thread queues, step() calls
+            service = getattr(self._app.state, "history", None) if self._app else None
+            if service is None:
+                raise RuntimeError("on_alert: this dashboard records no history, so no "
+                                   "alerts are raised (history is off, or its data dir is "
+                                   "another process's)")
+            self._alerts_seen = collections.deque(maxlen=1000)
+            run_id = self.run.id
+            service.alerts.listeners.append(
+                lambda m: self._alerts_seen.append(m) if m.get("run") == run_id else None)
+        self._alert_callbacks.append(callback)
+        return callback
 
     def end_run(self) -> None:
         """Mark the run ended and keep the page served (until :meth:`close` or the end of

@@ -70,11 +70,23 @@ class RecorderProxy:
         self.service = service
         self.session: str | None = None
         config: HistoryConfig = service.config
+        alerts = getattr(service, "alerts", None)  # the book its writer feeds
+        self._alerts = None if alerts is None else alerts.listeners
+        if self._alerts is not None:
+            self._alerts.append(self._alert)
         run.send("history", {"config": {
             f: getattr(config, f) for f in ("every", "probe_samples", "probe_budget",
                                             "snapshot_max_side", "queue_size", "queue_bytes")}})
 
+    def _alert(self, message: dict[str, Any]) -> None:
+        """An alert of this run (the writer's thread): to the training process, where
+        ``dash.on_alert`` callbacks get it at its next step."""
+        if message.get("run") == self.run.id and self.run.link is not None:
+            self.run.send("alert", message)
+
     def detach(self) -> None:
+        if self._alerts is not None and self._alert in self._alerts:
+            self._alerts.remove(self._alert)
         self.run.send("history", {"config": None})
         if self.run.recorder is self:
             self.run.recorder = None
@@ -224,7 +236,9 @@ class ChannelRun(RemoteRun):
             raise MessageError("session", f"unknown history session {item.session!r}")
         item.session = session
         if service.submit(item) is False:
+            # the writer is behind: the training side's budget thins the history's work
             self.history_dropped += 1
+            self.send("queue_full", {"dropped": self.history_dropped})
 
     def gone(self) -> None:
         """The training process is gone (its doorbell read EOF)."""

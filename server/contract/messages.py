@@ -25,7 +25,9 @@ Down (server process -> training process):
   "restart"}``), ``history`` (``{"config": {...} | null}``: record or stop), ``helper_cpu``
   (``{"stream": s, "stats": s, ...}``: the server process's CPU spent for this run),
   ``link`` (a relay's connection to its team server: ``{connected, connections,
-  refused, dropped, history_dropped}``).
+  refused, dropped, history_dropped}``), ``alert`` (an alert of the run:
+  ``attnscope.alerts.rules.Alert.to_message``, for ``dash.on_alert`` callbacks),
+  ``queue_full`` (the history writer dropped a record: the budget thins history work).
 
 Tensors travel beside the header (``Channel.send``); events travel as
 :class:`~transformer_core.events.portable.Portable` data, their tensors named
@@ -48,7 +50,8 @@ from ..stream.plan import Capture, SampleNeed
 UP = ("boot", "hello", "steps", "frames", "history_session", "history_step",
       "history_snapshot", "capture_started", "capture_result", "capture_error", "budget",
       "status", "close")
-DOWN = ("ready", "failed", "plan", "capture", "control", "history", "helper_cpu", "link")
+DOWN = ("ready", "failed", "plan", "capture", "control", "history", "helper_cpu", "link",
+        "alert", "queue_full")
 CONTROLS = ("pause", "resume", "restart")
 STATES = ("live", "paused", "stopped")
 

@@ -165,6 +165,7 @@ class TrainingLink:
         self.extra: dict[str, Any] = {}
         self._deferred: list[Message] = []
         self._failures: set[str] = set()
+        self.alert_callbacks: list[Any] = []  # dash.on_alert
         self._state = "live"  # what the server was last told: live, paused or stopped
         self._loop: Any = None  # a notebook kernel's event loop serving requests between cells
         self._notebook = False  # served from a kernel's loop (again after a restart)
@@ -323,10 +324,24 @@ class TrainingLink:
         elif kind == "helper_cpu":
             for component, seconds in body.items():
                 self.run.budget.spend_helper(str(component), float(seconds))
+        elif kind == "alert":
+            self.alerted(body)
+        elif kind == "queue_full":
+            self.run.budget.queue_full()
         elif kind in self.extra:
             self.extra[kind](body)
         else:
             raise ValueError(f"kind: unknown message {kind!r}")
+
+    def alerted(self, alert: dict[str, Any]) -> None:
+        """An alert of the run: each ``dash.on_alert`` callback gets it, here (the training
+        thread, at a step boundary or between notebook cells); a callback that fails is
+        logged and the others still run."""
+        for callback in list(self.alert_callbacks):
+            try:
+                callback(alert)
+            except Exception:  # noqa: BLE001 (the user's callback: logged, training goes on)
+                logger.exception("attnscope: the on_alert callback %r failed", callback)
 
     def _set_paused(self, paused: bool) -> None:
         self.paused = paused

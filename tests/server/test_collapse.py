@@ -74,3 +74,39 @@ def test_an_entropy_alert_comes_before_the_loss_spikes(tmp_path):
     first = next(a for a in alerts if "entropy" in a["rule"])
     assert config.steady_steps < first["step"] < spike, (first, spike)
     assert not [a for a in alerts if a["step"] < first["step"]]  # nothing before: no noise
+
+
+def test_on_alert_calls_the_training_script_back_in_its_own_thread(tmp_path):
+    """dash.on_alert: the server process's alert reaches the training loop, which may react
+    (here: it halves the learning rate), in the training thread, at a step."""
+    import threading
+
+    from attnscope import Dashboard
+    from attnscope.settings import Settings
+
+    logging.getLogger("attnscope.alerts").setLevel(logging.ERROR)
+    torch.set_num_threads(1)
+    config = CollapseConfig(device="cpu")
+    training = CollapseTraining(config, event_dispatcher=EventDispatcher())
+    settings = Settings(data_dir=tmp_path, max_overhead=1.0)  # every step recorded
+    got: list[tuple[dict, int]] = []
+    with Dashboard.start(training.model, port=0, quiet=True, name="collapse",
+                         settings=settings) as dash:
+        @dash.on_alert
+        def react(alert: dict) -> None:
+            got.append((alert, threading.get_ident()))
+
+        for _ in range(330):
+            result = training.step()
+            dash.step(result.step, loss=result.loss)
+            if got:
+                break
+        for _ in range(60):  # the server process's writer may lag: keep serving meanwhile
+            if got:
+                break
+            dash.wait(timeout=1.0)
+    assert got, "no alert reached the training script"
+    alert, thread = got[0]
+    assert thread == threading.get_ident()
+    assert "entropy" in alert["rule"] and alert["run"] == "collapse" and alert["text"]
+    assert config.steady_steps < alert["step"] <= result.step
