@@ -15,11 +15,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from . import __version__
 from .api import api_router
+from .api.errors import validation_error
 from .auth import AuthMiddleware
 from .captures.router import build_router as build_captures_router
 from .captures.service import CaptureLimits
@@ -95,6 +97,7 @@ def create_app(settings: Settings | None = None, registry: RunRegistry | None = 
                   summary="A live window into a transformer while it trains.")
     app.state.settings = settings
     app.state.runs = registry
+    app.add_exception_handler(RequestValidationError, validation_error)
     app.include_router(history_router)  # before api_router: its /runs/{id:path} takes all
     app.include_router(heads_router)  # /runs/{id}/heads: the same
     app.include_router(api_router)
