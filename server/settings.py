@@ -61,6 +61,15 @@ class Settings(BaseSettings):
     # 256 remote runs listed at most: past it the oldest ended (then idle) one is
     # forgotten (its recorded history stays); all of them live: a new run is refused.
     max_remote_runs: int = Field(256, ge=1, le=100_000)
+    # HTTP connections (server/connections.py): a request's headers must arrive within 10 s
+    # of the connection (or of the previous response), a body may pause 30 s at most; a
+    # slow client on a bad link sends its headers in well under a second.
+    http_header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    http_idle_timeout_s: float = Field(30.0, gt=0, le=3600)
+    # 128 open connections per client address, websockets included: a team's browsers
+    # behind one NAT (6 HTTP connections and a websocket per tab) and its publishers.
+    # Behind a reverse proxy every client has the proxy's address: raise it there.
+    max_connections_per_client: int = Field(128, ge=1, le=1_000_000)
     # 256 MiB: the largest REST response built in memory (history data and frames);
     # a 200-snapshot history of 12 heads at L = S = 128 is 157 MiB of float32.
     max_response_bytes: int = Field(256 << 20, ge=1024)
