@@ -3,7 +3,8 @@
 uvicorn closes a keep-alive connection that idles between requests, but waits for
 ever for a request's headers, or for a body that stops arriving: a thousand
 connections that send nothing held a thousand file descriptors. The protocol
-classes of :func:`protocols` (given to uvicorn as ``http`` and ``ws``):
+classes of :func:`protocols` (uvicorn's own httptools and websockets protocols,
+the ones it picks by default, given to it as ``http`` and ``ws``):
 
 - close a connection whose request headers are not complete ``header_timeout`` s
   after it opened (or after the response to its previous request);
@@ -25,8 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 logger = logging.getLogger(__name__)
@@ -106,9 +106,9 @@ class ClientConnections:
                        address, self.limit)
 
 
-def protocols(limits: ConnectionLimits) -> tuple[type[H11Protocol],
+def protocols(limits: ConnectionLimits) -> tuple[type[HttpToolsProtocol],
                                                  type[WebSocketsSansIOProtocol]]:
-    """uvicorn's HTTP (h11) and websocket protocols with ``limits``, sharing one count."""
+    """uvicorn's HTTP and websocket protocols with ``limits``, sharing one count."""
     counts = ClientConnections(limits.max_per_client)
 
     class GuardedWebSockets(WebSocketsSansIOProtocol):
@@ -116,9 +116,9 @@ def protocols(limits: ConnectionLimits) -> tuple[type[H11Protocol],
             counts.release(self.transport)
             super().connection_lost(exc)
 
-    class GuardedHTTP(H11Protocol):
-        _header_timer: asyncio.TimerHandle | None = None
-        _idle_timer: asyncio.TimerHandle | None = None
+    class GuardedHTTP(HttpToolsProtocol):
+        _header_timer: asyncio.TimerHandle | None = None  # until a request's headers are in
+        _idle_timer: asyncio.TimerHandle | None = None  # while its body is coming
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -133,19 +133,19 @@ def protocols(limits: ConnectionLimits) -> tuple[type[H11Protocol],
             counts.release(self.transport)
             super().connection_lost(exc)
 
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            if self.transport.is_closing():
-                return
-            state = self.conn.their_state
-            if state is not h11.IDLE and self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
-                self._idle_timer = None
-            if state is h11.SEND_BODY:
-                self._idle_timer = self._later(limits.idle_timeout, "body")
+        def on_headers_complete(self) -> None:
+            self._cancel()
+            self._idle_timer = self._later(limits.idle_timeout, "body")
+            super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            self._cancel()
+            self._idle_timer = self._later(limits.idle_timeout, "body")
+            super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            self._cancel()
+            super().on_message_complete()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -153,9 +153,9 @@ def protocols(limits: ConnectionLimits) -> tuple[type[H11Protocol],
                 self._cancel()
                 self._header_timer = self._later(limits.header_timeout, "headers")
 
-        def handle_websocket_upgrade(self, event: h11.Request) -> None:
+        def handle_websocket_upgrade(self) -> None:
             self._cancel()  # a websocket has its own keepalive pings
-            super().handle_websocket_upgrade(event)
+            super().handle_websocket_upgrade()
 
         def _later(self, seconds: float, waiting_for: str) -> asyncio.TimerHandle:
             return self.loop.call_later(seconds, self._timed_out, waiting_for)

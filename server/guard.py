@@ -109,9 +109,10 @@ class RequestGuard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         host = headers.get("host", "")
         name = host_name(host)
-        if sum(k.lower() == b"host" for k, _ in scope["headers"]) > 1 or \
-                (name is None and host != ""):
-            logger.warning("refused a request with a malformed Host header %r", host[:100])
+        count = sum(k.lower() == b"host" for k, _ in scope["headers"])
+        if count > 1 or (name is None and host != ""):
+            logger.warning("refused a request with %s", f"{count} Host headers" if count > 1
+                           else f"a malformed Host header {host[:100]!r}")
             await self._refuse(scope, receive, send, "malformed host header")
             return
         if self.hosts is not None and scope["path"] not in PUBLIC_PATHS \

@@ -39,7 +39,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
-    # h11 with header and idle timeouts and a cap per client address (connections.py).
+    # Header and idle timeouts and a cap per client address (connections.py).
     http, ws = protocols(ConnectionLimits.from_settings(settings))
     return uvicorn.Config(
         app,
