@@ -206,6 +206,9 @@ class HistoryInbox:
         session is known (a reconnection, or the newest session after a restart)."""
         record = check_history_session(self.bounds, message)
         theirs = record.session
+        known = self.sessions.get(theirs)
+        if known is not None and self.service.store.session(known[0]) is None:
+            del self.sessions[theirs]  # evicted by the run's own quota: a new one
         if theirs not in self.sessions:
             latest = self.service.store.latest_session(self.run.id)
             if latest is not None and latest.meta.get("publisher_session") == theirs:
