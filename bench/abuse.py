@@ -59,13 +59,16 @@ def status_kb(pid: int, key: str) -> int:
 
 
 class Health(threading.Thread):
-    def __init__(self, url: str) -> None:
+    """Polls /api/v1/health every ``period`` s: ``samples`` (latencies, s) and ``times``
+    (``time.monotonic()`` of each)."""
+
+    def __init__(self, url: str, period: float = 0.02) -> None:
         super().__init__(daemon=True)
-        self.url, self.samples, self.errors = url, [], 0
+        self.url, self.period, self.samples, self.times, self.errors = url, period, [], [], 0
         self.stop = threading.Event()
 
     def run(self) -> None:
-        with httpx.Client(timeout=5) as c:
+        with httpx.Client(timeout=10) as c:
             while not self.stop.is_set():
                 t0 = time.perf_counter()
                 try:
@@ -73,7 +76,8 @@ class Health(threading.Thread):
                 except httpx.HTTPError:
                     self.errors += 1
                 self.samples.append(time.perf_counter() - t0)
-                time.sleep(0.02)
+                self.times.append(time.monotonic())
+                time.sleep(self.period)
 
 
 def measure(pid: int, url: str, attack: Callable[[], str]) -> dict[str, Any]:

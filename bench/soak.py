@@ -55,6 +55,8 @@ import websockets
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from abuse import Health, free_port  # noqa: E402  (bench/ is this script's folder)
+
 MiB = 1 << 20
 GOOD = 5
 VIEWERS = 20
@@ -62,12 +64,6 @@ SAMPLE_S = 10.0
 STEP_S = 0.2  # good publishers: ~5 steps/s
 ENV = {"ATTNSCOPE_DEVICE": "cpu", "ATTNSCOPE_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1",
        "ATTNSCOPE_MAX_OVERHEAD": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -267,24 +263,6 @@ class Viewers(threading.Thread):
                 await asyncio.sleep(1.0)
 
 
-class Health(threading.Thread):
-    def __init__(self, url: str) -> None:
-        super().__init__(daemon=True)
-        self.url, self.samples, self.errors = url, [], 0
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        with httpx.Client(timeout=10) as client:
-            while not self.stop.is_set():
-                t0 = time.perf_counter()
-                try:
-                    client.get(self.url + "/api/v1/health").raise_for_status()
-                except httpx.HTTPError:
-                    self.errors += 1
-                self.samples.append((time.monotonic(), time.perf_counter() - t0))
-                time.sleep(0.5)
-
-
 def complete(http: httpx.Client, run: str, last: int | None, every: int = 10) -> str:
     """Whether ``run``'s history has a row for every step from its first up to ``last``
     and a snapshot at its first step and every ``every`` steps (thinned past 200 by
@@ -361,7 +339,7 @@ def run_soak(seconds: float) -> None:
                                 str(seconds - 10), str(Path(folder) / "bad.json")],
                                env={**os.environ, **ENV}, cwd=ROOT)
         viewers = Viewers(url.replace("http", "ws") + "/ws", ["demo", *good])
-        health = Health(url)
+        health = Health(url, period=0.5)
         viewers.start()
         health.start()
         samples: list[dict[str, Any]] = []
@@ -381,7 +359,8 @@ def run_soak(seconds: float) -> None:
             samples.append(sample)
             loads.append(os.getloadavg()[0])
             if len(samples) % 6 == 0:
-                recent = sorted(lat for t, lat in health.samples if t > now - 60) or [0.0]
+                recent = sorted(lat for t, lat in zip(health.times, health.samples, strict=False)
+                                if t > now - 60) or [0.0]
                 frames = sum(viewers.frames)
                 print(f"| {sample['t'] / 60:.0f} | {sample['VmRSS'] / 1024:.0f} | "
                       f"{sample['fds']} | {sample['Threads']} | {sample['disk'] / MiB:.1f} | "
@@ -420,7 +399,7 @@ def report(http: httpx.Client, samples: list[dict], loads: list[float], health: 
     disk = samples[-1]["disk"]
     runs = len({s["run"] for s in http.get("/api/v1/history").json()})
     disk_bound = settings.history_max_bytes + runs * settings.history_max_run_bytes
-    lat = sorted(latency for _, latency in health.samples)
+    lat = sorted(health.samples)
     checks = {
         f"RSS max - min {max(rss) - min(rss):.1f} MB < 64 MB": max(rss) - min(rss) < 64,
         f"RSS slope over the second half {slope:.2f} MB/min < 1 MB/min": slope < 1.0,

@@ -28,6 +28,7 @@ from starlette.websockets import WebSocketDisconnected
 
 from ..api.deps import RegistryDep
 from ..history.config import HistoryConfig
+from ..limits import check_numbers
 from ..run_base import ScalarHistory, UnknownRunError
 from ..stream.plan import Plan
 from .checks import (
@@ -131,6 +132,7 @@ def _attach_run(registry: Any, hello: Announce, limits: AnnounceLimits,
     if steps is not None and (not isinstance(steps, list) or len(steps) > MAX_HISTORY_POINTS):
         raise FrameError("history.steps", f"at most {MAX_HISTORY_POINTS} points")
     if hello.history is not None:
+        check_numbers("history", hello.history)  # steps int64, times and values finite
         try:  # what attach() will read: refuse a malformed history here, not mid-attach
             ScalarHistory.from_dict(hello.history)
         except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:

@@ -520,11 +520,9 @@ def test_viewer_socket_never_closes_with_1011(demo: dict, messages: list) -> Non
     demo["others"].check()
 
 
-@FUZZ
-@given(attempt=publisher_messages())
-def test_publisher_socket_never_closes_with_1011(demo: dict, attempt: tuple) -> None:
-    announce, messages = attempt
-
+def _publish(demo: dict, announce: dict, messages: list[str | bytes]) -> None:
+    """One publisher's messages; then no 1011, every other run untouched, its own run
+    readable."""
     async def body() -> int | None:
         async with websockets.connect(demo["ws"] + "/ws/publish", max_size=None) as ws:
             await ws.send(json.dumps(announce))
@@ -539,24 +537,15 @@ def test_publisher_socket_never_closes_with_1011(demo: dict, attempt: tuple) -> 
     assert code in (None, 1000, 1003, 1007, 1008, 1009), (code, announce, messages)
     demo["others"].check()
     demo["others"].readable(str(announce.get("run")))
+
+
+@FUZZ
+@given(attempt=publisher_messages())
+def test_publisher_socket_never_closes_with_1011(demo: dict, attempt: tuple) -> None:
+    _publish(demo, *attempt)
 
 
 @FUZZ
 @given(attempt=history_messages())
 def test_publisher_history_never_touches_another_run(demo: dict, attempt: tuple) -> None:
-    announce, messages = attempt
-
-    async def body() -> int | None:
-        async with websockets.connect(demo["ws"] + "/ws/publish", max_size=None) as ws:
-            await ws.send(json.dumps(announce))
-            for message in messages:
-                try:
-                    await ws.send(message)
-                except websockets.ConnectionClosed:
-                    break
-            return await _drain(ws)
-
-    code = asyncio.run(body())
-    assert code in (None, 1000, 1003, 1007, 1008, 1009), (code, announce, messages)
-    demo["others"].check()
-    demo["others"].readable(str(announce.get("run")))
+    _publish(demo, *attempt)

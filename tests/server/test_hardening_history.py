@@ -319,6 +319,22 @@ def test_non_finite_numbers_in_a_capture_request_are_422(shared: Served, body: s
     assert response.json()["detail"][0]["loc"] == loc
 
 
+def test_an_announced_scalar_history_beyond_int64_or_json_is_refused(shared: Served) -> None:
+    for history in ({"steps": [1], "time": [1e999], "values": {}},
+                    {"steps": [2**64], "time": [1.0], "values": {}},
+                    {"steps": [1], "time": [1.0], "values": {"loss": [float("nan")]}}):
+        hello = json.loads(announce(f"mallory/scalars{next(_RUN_IDS)}"))
+        text = json.dumps({**hello, "history": history})
+
+        async def body(text: str = text) -> tuple[dict, int]:
+            ws, answer = await publisher(shared, text)
+            return answer, await closed_code(ws)
+
+        answer, code = run_async(body)
+        assert answer["type"] == "error" and answer["message"].startswith("history."), answer
+        assert code == 1008
+
+
 # -- G. a publisher's close is an ordinary event ----------------------------------------
 
 def test_a_publisher_closing_its_run_is_an_ordinary_event(tmp_path) -> None:
