@@ -118,7 +118,7 @@ class Settings(BaseSettings):
     history_max_run_sessions: int = Field(10, ge=1, le=10_000)
     history_max_run_bytes: int = Field(1 << 30, ge=1 << 20)
     # Remote runs whose history is kept (32 x 1 GiB at most on disk); a new one makes the
-    # server forget the one written least recently that is not being recorded.
+    # server forget the one whose newest session is the oldest, not one being recorded.
     history_max_remote_runs: int = Field(32, ge=1, le=100_000)
     # 64 KiB: a publisher's session metadata, and a snapshot's probe labels, as JSON.
     history_max_meta_bytes: int = Field(64 << 10, ge=1024, le=16 << 20)

@@ -46,7 +46,7 @@ class HistoryConfig:
     max_run_sessions: int = 10
     max_run_bytes: int = 1024**3
     # Remote runs whose history is kept: 32 x max_run_bytes is the most disk publishers can
-    # use. A new one makes the store forget the one written least recently (not one
+    # use. A new one makes the store forget the one whose newest session is the oldest (not one
     # being recorded).
     max_remote_runs: int = 32
     # A publisher's session metadata, and a snapshot's probe labels, as JSON: the recorder's

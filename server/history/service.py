@@ -266,6 +266,8 @@ class HistoryService:
         self._write_stats(steps)
 
     def _write_one(self, item: Any) -> None:
+        if not self.store.has_session(item.session):
+            return  # deleted (a quota) while the record waited: no role tracker for it
         if isinstance(item, StoredStats):
             self.store.add_stats(item.session, self.roles.rows(item.session, item.rows))
         elif isinstance(item, SnapshotItem | StoredSnapshot):
@@ -294,6 +296,8 @@ class HistoryService:
                 for session, found in rows.items():
                     by_session.setdefault(session, []).extend(found)
         for session, rows in by_session.items():
+            if not self.store.has_session(session):
+                continue  # deleted (a quota) while the rows waited
             try:
                 self.store.add_stats(session, self.roles.rows(session, rows))
             except Exception as exc:  # other sessions are still written

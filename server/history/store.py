@@ -26,8 +26,8 @@ first, then its current one is thinned); per session ``max_snapshots`` snapshots
 and ``max_stat_points`` rows. Local runs together keep at most ``max_sessions``
 sessions and ``max_bytes`` of snapshots; remote runs are never evicted for them,
 nor they for remote runs. At most ``max_remote_runs`` remote run ids are kept: a
-new one makes the store forget the one written least recently (not one that is
-being recorded, see :meth:`HistoryStore.new_session`).
+new one makes the store forget the one whose newest session is the oldest (not
+one that is being recorded, see :meth:`HistoryStore.new_session`).
 
 Shape legend: P probe samples, H heads, L queries, S keys.
 """
@@ -227,8 +227,8 @@ class HistoryStore:
         The run's oldest sessions past ``max_run_sessions`` are deleted, and a local
         run's oldest local sessions past ``max_sessions``. A remote run id new to the
         store, past ``max_remote_runs`` remote run ids, makes it forget the remote run
-        written least recently whose id is not in ``keep`` (the runs being recorded);
-        :class:`HistoryFull` when there is none.
+        whose newest session is the oldest, of those not in ``keep`` (the runs being
+        recorded); :class:`HistoryFull` when there is none.
         """
         if origin not in ORIGINS:
             raise ValueError(f"origin must be one of {ORIGINS}, got {origin!r}")
@@ -262,8 +262,8 @@ class HistoryStore:
             raise HistoryFull(f"this server keeps the history of at most {self.max_remote_runs} "
                               "remote runs (ATTNSCOPE_HISTORY_MAX_REMOTE_RUNS), all being "
                               "recorded now; try again later")
-        logger.info("history: forgot remote run %r, written least recently, to record %r",
-                    spare[0], run)
+        logger.info("history: forgot remote run %r (its newest session the oldest) to record "
+                    "%r", spare[0], run)
         return [r[0] for r in self._db.execute(
             "SELECT id FROM sessions WHERE origin = 'remote' AND run = ?", (spare[0],))]
 
@@ -314,6 +314,10 @@ class HistoryStore:
             shutil.rmtree(self.files / session_id, ignore_errors=True)
         for listener in self.deleted:
             listener(session_id)
+
+    def has_session(self, session_id: str) -> bool:
+        with self._lock:
+            return self._run_of(session_id) is not None
 
     def _run_of(self, session_id: str) -> tuple[str, str] | None:
         """(run, origin) of a session, or None when it is gone."""
