@@ -78,7 +78,15 @@ def proc_status(pid: int) -> dict[str, int]:
 
 
 def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """Bytes of the files under ``path`` (the server deletes some as it goes)."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(folder, name)).st_size
+            except FileNotFoundError:
+                continue
+    return total
 
 
 # -- a well-behaved publisher (a process of its own) ----------------------------------------
@@ -301,86 +309,99 @@ def main() -> None:
 
 
 def run_soak(seconds: float) -> None:
+    with tempfile.TemporaryDirectory() as folder, \
+            open(Path(folder) / "server.log", "w") as server_log:
+        children: list[subprocess.Popen] = []
+        try:
+            soak(seconds, Path(folder), server_log, children)
+        finally:  # whatever happened, nothing of the soak keeps running
+            for child in children:
+                if child.poll() is None:
+                    child.terminate()
+                    child.wait(30)
+        log = (Path(folder) / "server.log").read_text()
+        print(f"server log: {len(log.splitlines())} lines, {log.count('Traceback')} tracebacks, "
+              f"{log.count('ERROR')} ERROR lines, {log.count('1011')} mentions of 1011")
+        for line in log.splitlines():
+            if "ERROR" in line or "Error" in line:
+                print("  ", line[:300])
+
+
+def soak(seconds: float, folder: Path, server_log: Any,
+         children: list[subprocess.Popen]) -> None:
     import attnscope.cli
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as folder, \
-            open(Path(folder) / "server.log", "w") as server_log:
-        data = Path(folder) / "data"
-        env = {**os.environ, **ENV, "ATTNSCOPE_DATA_DIR": str(data)}
-        server = subprocess.Popen([sys.executable, "-m", attnscope.cli.__name__, "demo",
-                                   "--port", str(port), "--no-browser", "--max-rate", "4"],
-                                  env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                  stderr=server_log)
-        http = httpx.Client(base_url=url, timeout=30)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                runs = http.get("/api/v1/runs").json()
-                if runs and (runs[0]["step"] or 0) > 5:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("the demo did not start")
-            time.sleep(0.3)
-        good = [f"soak/good/{i}" for i in range(GOOD)]
-        procs = [subprocess.Popen([sys.executable, __file__, "--publisher", url, run,
-                                   str(seconds), str(Path(folder) / f"good{i}.json")],
-                                  env={**os.environ, **ENV}, cwd=ROOT)
-                 for i, run in enumerate(good)]
-        deadline = time.monotonic() + 120  # the runs exist before the viewers subscribe
-        while not set(good) <= {r["id"] for r in http.get("/api/v1/runs").json()}:
-            if time.monotonic() > deadline:
-                raise SystemExit("the good publishers did not connect")
-            time.sleep(0.5)
-        bad = subprocess.Popen([sys.executable, __file__, "--misbehave", url,
-                                str(seconds - 10), str(Path(folder) / "bad.json")],
-                               env={**os.environ, **ENV}, cwd=ROOT)
-        viewers = Viewers(url.replace("http", "ws") + "/ws", ["demo", *good])
-        health = Health(url, period=0.5)
-        viewers.start()
-        health.start()
-        samples: list[dict[str, Any]] = []
-        loads: list[float] = []
-        t_start = time.monotonic()
-        print(f"soak: {seconds:.0f} s, server pid {server.pid}, {os.cpu_count()} CPUs, "
-              f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
-        print("| minute | RSS MB | fds | threads | data dir MB | health p50 / p99 ms | "
-              "viewer frames | load |", flush=True)
-        print("|---|---|---|---|---|---|---|---|", flush=True)
-        frames_seen = 0
-        while time.monotonic() - t_start < seconds:
-            time.sleep(SAMPLE_S)
-            now = time.monotonic()
-            sample = {"t": now - t_start, **proc_status(server.pid),
-                      "disk": folder_bytes(data)}
-            samples.append(sample)
-            loads.append(os.getloadavg()[0])
-            if len(samples) % 6 == 0:
-                recent = sorted(lat for t, lat in zip(health.times, health.samples, strict=False)
-                                if t > now - 60) or [0.0]
-                frames = sum(viewers.frames)
-                print(f"| {sample['t'] / 60:.0f} | {sample['VmRSS'] / 1024:.0f} | "
-                      f"{sample['fds']} | {sample['Threads']} | {sample['disk'] / MiB:.1f} | "
-                      f"{statistics.median(recent) * 1e3:.1f} / "
-                      f"{recent[int(0.99 * (len(recent) - 1))] * 1e3:.1f} | "
-                      f"{frames - frames_seen} | {loads[-1]:.1f} |", flush=True)
-                frames_seen = frames
-        starving = [i for i, n in enumerate(viewers.frames) if n == 0]
-        for proc in procs:
-            proc.wait(120)
-        bad.wait(120)
-        viewers.stop.set()
-        health.stop.set()
-        time.sleep(2.0)  # the writer stores the last records
-        report(http, samples, loads, health, viewers, starving, folder, good)
-        server.terminate()
-        server.wait(30)
-        log = (Path(folder) / "server.log").read_text()
-        print(f"server log: {len(log.splitlines())} lines, {log.count('Traceback')} tracebacks, "
-              f"{log.count('ERROR')} ERROR lines, {log.count('1011')} mentions of 1011")
+    data = folder / "data"
+    env = {**os.environ, **ENV, "ATTNSCOPE_DATA_DIR": str(data)}
+    server = subprocess.Popen([sys.executable, "-m", attnscope.cli.__name__, "demo",
+                               "--port", str(port), "--no-browser", "--max-rate", "4"],
+                              env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=server_log)
+    children.append(server)
+    http = httpx.Client(base_url=url, timeout=30)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            runs = http.get("/api/v1/runs").json()
+            if runs and (runs[0]["step"] or 0) > 5:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            raise SystemExit("the demo did not start")
+        time.sleep(0.3)
+    good = [f"soak/good/{i}" for i in range(GOOD)]
+    procs = [subprocess.Popen([sys.executable, __file__, "--publisher", url, run,
+                               str(seconds), str(folder / f"good{i}.json")],
+                              env={**os.environ, **ENV}, cwd=ROOT)
+             for i, run in enumerate(good)]
+    children.extend(procs)
+    deadline = time.monotonic() + 120  # the runs exist before the viewers subscribe
+    while not set(good) <= {r["id"] for r in http.get("/api/v1/runs").json()}:
+        if time.monotonic() > deadline:
+            raise SystemExit("the good publishers did not connect")
+        time.sleep(0.5)
+    bad = subprocess.Popen([sys.executable, __file__, "--misbehave", url, str(seconds - 10),
+                            str(folder / "bad.json")], env={**os.environ, **ENV}, cwd=ROOT)
+    children.append(bad)
+    viewers = Viewers(url.replace("http", "ws") + "/ws", ["demo", *good])
+    health = Health(url, period=0.5)
+    viewers.start()
+    health.start()
+    samples: list[dict[str, Any]] = []
+    loads: list[float] = []
+    t_start = time.monotonic()
+    print(f"soak: {seconds:.0f} s, server pid {server.pid}, {os.cpu_count()} CPUs, "
+          f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
+    print("| minute | RSS MB | fds | threads | data dir MB | health p50 / p99 ms | "
+          "viewer frames | load |", flush=True)
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    frames_seen = 0
+    while time.monotonic() - t_start < seconds:
+        time.sleep(SAMPLE_S)
+        now = time.monotonic()
+        sample = {"t": now - t_start, **proc_status(server.pid), "disk": folder_bytes(data)}
+        samples.append(sample)
+        loads.append(os.getloadavg()[0])
+        if len(samples) % 6 == 0:
+            recent = sorted(lat for t, lat in zip(health.times, health.samples, strict=False)
+                            if t > now - 60) or [0.0]
+            frames = sum(viewers.frames)
+            print(f"| {sample['t'] / 60:.0f} | {sample['VmRSS'] / 1024:.0f} | "
+                  f"{sample['fds']} | {sample['Threads']} | {sample['disk'] / MiB:.1f} | "
+                  f"{statistics.median(recent) * 1e3:.1f} / "
+                  f"{recent[int(0.99 * (len(recent) - 1))] * 1e3:.1f} | "
+                  f"{frames - frames_seen} | {loads[-1]:.1f} |", flush=True)
+            frames_seen = frames
+    starving = [i for i, n in enumerate(viewers.frames) if n == 0]
+    for proc in procs:
+        proc.wait(120)
+    bad.wait(120)
+    viewers.stop.set()
+    health.stop.set()
+    time.sleep(2.0)  # the writer stores the last records
+    report(http, samples, loads, health, viewers, starving, str(folder), good)
 
 
 def report(http: httpx.Client, samples: list[dict], loads: list[float], health: Health,
@@ -433,7 +454,7 @@ def report(http: httpx.Client, samples: list[dict], loads: list[float], health: 
     print(f"\nmisbehaving publisher: {bad.get('cycles')} cycles; answers "
           f"{ {k: v for k, v in sorted(bad.items()) if k != 'cycles'} }; its sessions kept "
           f"{len(kept)} over {len({s['run'] for s in kept})} run ids, "
-          f"{sum(s['bytes'] for s in kept) / MiB:.2f} MiB of snapshots")
+          f"{sum(s['bytes'] for s in kept) / 1024:.1f} KiB of snapshots")
     if viewers.closed:
         print(f"viewer reconnections: {len(viewers.closed)} ({viewers.closed[:3]})")
 

@@ -259,6 +259,8 @@ class HistoryService:
             if isinstance(item, threading.Event):
                 item.set()
                 continue
+            if item is None:  # close(): written up to here
+                continue
             try:
                 self._write_one(item)
             except Exception as exc:  # one record fails alone, logged below
