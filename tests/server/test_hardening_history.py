@@ -194,6 +194,18 @@ def test_a_record_that_fails_to_write_fails_alone(tmp_path) -> None:
         service.close()
 
 
+def test_closing_the_writer_with_records_waiting_writes_them_quietly(tmp_path) -> None:
+    service = HistoryService(HistoryStore(tmp_path), HistoryConfig())
+    session = service.new_session("alice", "a", {"layers": 1})
+    rows = [StatRow(1, 0.0, {}, np.zeros((1, 5, 1), np.float32))]
+    with log_of("attnscope") as log:
+        service.submit(StoredStats(session, rows))
+        service.close()  # the writer's last batch: these rows, then the end
+    assert "Traceback" not in log.getvalue() and "failed" not in log.getvalue()
+    with HistoryStore(tmp_path) as store:
+        assert [r.step for r in store.stats(session)] == [1]
+
+
 def test_a_snapshot_step_beyond_int64_is_refused_and_other_runs_lose_no_row(
         toy: Served) -> None:
     before = toy_index(toy)
