@@ -3,10 +3,11 @@ history records within the layout it announced. Checked on arrival, before anyth
 reaches a run, a slot or the history writer.
 
 :func:`check_announce` gives the run's :class:`RunBounds`; every later message is
-checked against them, whatever transport brought it: a message is its parsed header
-(a dict) and its payload (bytes), and each check returns what it decoded or raises
-:class:`FrameError` naming the field. The endpoint answers the publisher with an
-``error`` and drops the message, so viewers and the history never see it.
+checked against them, whatever transport brought it: each ``check_*(bounds, ...)``
+takes the message as its parsed header (a dict) and its payload (bytes), returns
+what it decoded, or raises :class:`FrameError` naming the field. The endpoint
+answers the publisher with an ``error`` and drops the message, so viewers and the
+history never see it.
 
 - stream frames (:func:`check_frame_header`): kind, dtype, layer, heads (each once,
   each below the layer's head count), shape (h, L, S) or (3, h, P) with h heads,
@@ -21,15 +22,15 @@ checked against them, whatever transport brought it: a message is its parsed hea
 >>> bounds = RunBounds(layer_heads=(2,), max_side=64)
 >>> header = {"kind": "attention", "layer": 0, "sample": 0, "heads": [0, 1], "role": "self",
 ...           "time": 1.0, "step": 3, "dtype": "float16", "shape": [2, 4, 4]}
->>> check_frame_header(header, 32 * 2, bounds)
+>>> check_frame_header(bounds, header, 32 * 2)
 (2, 4, 4)
 >>> try:
-...     check_frame_header({**header, "shape": [8, 8]}, 64 * 2, bounds)
+...     check_frame_header(bounds, {**header, "shape": [8, 8]}, 64 * 2)
 ... except FrameError as exc:
 ...     exc.field, exc.message
 ('shape', 'an attention frame has shape (h, L, S) with h = 2 heads, got [8, 8]')
 >>> try:
-...     check_frame_header({**header, "shape": [2, 128, 4]}, 2 * 128 * 4 * 2, bounds)
+...     check_frame_header(bounds, {**header, "shape": [2, 128, 4]}, 2 * 128 * 4 * 2)
 ... except FrameError as exc:
 ...     exc.field, exc.message
 ('shape', 'expected an integer in [1, 64], got 128')
@@ -199,8 +200,8 @@ def check_announce(model: dict[str, Any], config: dict[str, Any],
     return RunBounds(tuple(heads), tuple(roles), limits.max_heads, max_side)
 
 
-def check_frame_header(header: dict[str, Any], payload_bytes: int,
-                       bounds: RunBounds) -> tuple[int, ...]:
+def check_frame_header(bounds: RunBounds, header: dict[str, Any],
+                       payload_bytes: int) -> tuple[int, ...]:
     """The frame's shape, after checking ``header`` against the run and its payload."""
     kind = header.get("kind")
     if kind not in STREAM_KINDS:

@@ -351,5 +351,5 @@ def _receive_binary(run: RemoteRun, data: bytes) -> None:
         if run.history_inbox is not None:
             run.history_inbox.on_binary(header, payload)
     else:
-        check_frame_header(header, len(payload), run.bounds)
+        check_frame_header(run.bounds, header, len(payload))
         run.deliver(*decode_capture(header, payload))
