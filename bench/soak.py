@@ -25,8 +25,8 @@ Bounds, after a warm-up of a tenth of the run: RSS max - min < 64 MB and its slo
 over the second half < 1 MB/min; threads max - min <= 4; open descriptors at most
 the warm-up median + 128 (the per-client connection cap: the half-open connections
 in flight) + 16, their floor (fewest open: a sample may or may not fall while the
-half-open connections are held) over the second half at most the first half's + 8; data dir
-below the history quotas (history_max_bytes + runs x history_max_run_bytes); health
+half-open connections are held) over the second half at most the first half's + 8;
+data dir below the history quotas (history_max_bytes + runs x history_max_run_bytes); health
 p99 per minute printed (no bound: this machine is shared).
 
     .venv/bin/python bench/soak.py [--seconds 1800]
