@@ -414,7 +414,7 @@ def history_attacks(url: str) -> dict[str, Callable[[], str]]:
                    _snapshot("s1", 1, {"../../x": np.zeros((1, 2, 8, 8), np.float16)})]
 
         async def body() -> list[dict]:
-            pub, _ = await connect("abuse/malformed")
+            pub, _ = await connect("abuse/history-malformed")
             await pub.send(session("s1"))
             await pub.send(_stats("s1", 0, [2, R, 2]))
             for record in records:
@@ -424,7 +424,7 @@ def history_attacks(url: str) -> dict[str, Callable[[], str]]:
             return errors
         errors = asyncio.run(body())
         time.sleep(0.6)
-        heads = http.get("/api/v1/runs/abuse/malformed/heads").status_code
+        heads = http.get("/api/v1/runs/abuse/history-malformed/heads").status_code
         fields = ", ".join(e["field"] for e in errors)
         return f"{len(errors)} of {len(records)} refused ({fields}); its /heads {heads}"
 
@@ -452,7 +452,9 @@ def history_attacks(url: str) -> dict[str, Callable[[], str]]:
         for run in http.get("/api/v1/runs").json():
             if run["id"].startswith("abuse/bye/"):
                 statuses[run["status"]] = statuses.get(run["status"], 0) + 1
-        return f"runs {statuses} (of 500 still listed)"
+        listed = sum(statuses.values())
+        return f"of the {listed} still listed (past ATTNSCOPE_MAX_REMOTE_RUNS the oldest ended " \
+            f"are forgotten): {statuses}"
 
     def second_connection() -> str:
         async def body() -> str:
