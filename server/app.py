@@ -14,12 +14,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from . import __version__
 from .alerts.router import router as alerts_router
 from .api import api_router
+from .api.errors import validation_error
 from .assets import frontend_dir, plotly_js_path
 from .auth import AuthMiddleware
 from .captures.router import build_router as build_captures_router
@@ -79,6 +81,7 @@ def create_app(settings: Settings | None = None, registry: RunRegistry | None = 
                   summary="A live window into a transformer while it trains.")
     app.state.settings = settings
     app.state.runs = registry
+    app.add_exception_handler(RequestValidationError, validation_error)
     app.include_router(history_router)  # before api_router: its /runs/{id:path} takes all
     app.include_router(heads_router)  # /runs/{id}/heads: the same
     app.include_router(alerts_router)  # /runs/{id}/alerts: the same

@@ -7,12 +7,14 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..limits import Finite
+
 Kind = Literal["attention", "qkv", "qk_logits", "intermediate"]
 Format = Literal["npz", "safetensors", "json"]
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Index = Annotated[int, Field(ge=0, le=65535)]
 Label = Annotated[str, Field(max_length=64)]
-Feature = Annotated[float, Field(allow_inf_nan=False)]
+Feature = Finite  # NaN, Infinity and 1e999 are 422 (limits.check_finite)
 
 
 class CaptureCreate(BaseModel):

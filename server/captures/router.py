@@ -15,6 +15,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
+from starlette.requests import ClientDisconnect
 from starlette.types import Message as ASGIMessage
 
 from ..history.heads import head_roles
@@ -86,10 +87,14 @@ def body_limited_route(max_bytes: int) -> type[APIRoute]:
                 if declared.isdigit() and int(declared) > max_bytes:
                     return too_large()
                 body = bytearray()
-                async for chunk in request.stream():
-                    body += chunk
-                    if len(body) > max_bytes:
-                        return too_large()
+                try:
+                    async for chunk in request.stream():
+                        body += chunk
+                        if len(body) > max_bytes:
+                            return too_large()
+                except ClientDisconnect:  # gone mid-body (or closed for stalling): nobody
+                    return Response(status_code=400)  # reads this answer
+
                 replayed = False
 
                 async def replay() -> ASGIMessage:
