@@ -243,7 +243,7 @@ class PinnedCaptures:
         if next_step is None:
             return "waiting", None, None, "first capture at the run's next step boundary"
         wait = None if not_before is None else max(0.0, not_before - self.clock())
-        later = f", not before {wait:.0f} s from now" if wait else ""
+        later = f", not before {wait:.0f} s from now" if wait is not None and wait >= 1 else ""
         return "waiting", next_step, not_before, f"next capture after step {next_step}{later}"
 
     # -- the thread ------------------------------------------------------------------

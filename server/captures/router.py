@@ -256,8 +256,9 @@ def build_router(limits: CaptureLimits | None = None) -> APIRouter:
     def get_frame(capture_id: str, store: StoreDep,
                   layer: Annotated[int, Query(ge=0, le=65535)] = 0,
                   kind: Annotated[str, Query(description="attention or qk_logits")] = "attention",
-                  heads: Annotated[str | None, Query(max_length=65536, description="comma-"
-                                                     "separated head indices (default all)")] = None,
+                  heads: Annotated[str | None, Query(
+                      max_length=65536, description="comma-separated head indices (default all)",
+                  )] = None,
                   sample: Annotated[int, Query(ge=0, le=65535)] = 0,
                   max_side: Annotated[int, Query(ge=4, le=1024)] = 128) -> Response:
         """One layer of a capture as a binary frame of docs/protocol.md (float16, pooled to

@@ -69,7 +69,7 @@ def capture_frame(capture_id: str, run: str, meta: Mapping[str, Any], tensor: np
                            f"{tensor.shape[0]} samples")
     kept = captured_heads(meta, tensor.shape[1])
     chosen = list(range(len(kept))) if heads is None else heads
-    values = torch.from_numpy(np.ascontiguousarray(tensor[sample, chosen], np.float32))  # (h, L, S)
+    values = torch.from_numpy(np.array(tensor[sample, chosen], np.float32))  # (h, L, S)
     length, keys = values.shape[1:]
     pool = pool_factor(length, keys, max_side)
     values = pool_matrix(values, pool)  # as the stream's views: a masked logit's -inf stays
@@ -109,7 +109,7 @@ def capture_heads(attention: Mapping[int, np.ndarray], meta: Mapping[str, Any],
         if not 0 <= sample < tensor.shape[0]:
             raise CaptureError("sample", f"sample {sample} out of range: the capture has "
                                f"{tensor.shape[0]} samples")
-        p = torch.from_numpy(np.ascontiguousarray(tensor[sample], np.float32))  # (h, L, S)
+        p = torch.from_numpy(np.array(tensor[sample], np.float32))  # (h, L, S)
         rows = layer_statistics(p, valid_keys(p))  # (11, h)
         scores = {name: rows[len(STAT_NAMES) + i] for i, name in enumerate(PATTERN_NAMES)}
         kept = captured_heads(meta, tensor.shape[1])
