@@ -3,6 +3,18 @@
 
 const byId = (id) => document.getElementById(id);
 
+/** A new element: `attrs` class / text / other attributes; text only via textContent. */
+export function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "class") node.className = value;
+    else if (key === "text") node.textContent = value;
+    else node.setAttribute(key, value);
+  }
+  node.append(...children);
+  return node;
+}
+
 /** Cached element lookups. */
 export const els = {
   runSelect: byId("run-select"),

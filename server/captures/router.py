@@ -222,8 +222,10 @@ def build_router(limits: CaptureLimits | None = None) -> APIRouter:
         """What input a capture of ``run`` takes: text, token ids or features."""
         try:
             return CaptureInput(**input_of(run_of(runs, run), limits))
-        except CaptureRejected as exc:
-            raise http_error(exc) from None
+        except CaptureRejected as exc:  # the run cannot capture: say why, in one sentence
+            detail = exc.detail if isinstance(exc.detail, str) else "; ".join(
+                d["msg"] for d in exc.detail)
+            raise HTTPException(exc.status, detail=detail) from None
 
     @router.get("", response_model=CaptureList)
     def list_captures(
