@@ -178,6 +178,7 @@ debug.look = look;
 // While a capture is shown, a thumbnail's tip names the query and key tokens under the mouse.
 const gridTip = el("div", { class: "focus-tip", hidden: "" });
 document.body.append(gridTip);
+debug.gridTip = gridTip;
 els.grid.addEventListener("mousemove", (event) => {
   const text = look.showing ? thumbnailTip(event, (layer) => state.lastFrames.get(`${state.kind}:${layer}`)
     || state.lastFrames.get(`attention:${layer}`)) : null;

@@ -294,3 +294,20 @@ def test_a_capture_whose_client_hangs_up_is_not_kept(tmp_path):
         stop.set()
         trainer.join(10)
         run.close()
+
+
+def test_a_gpt2_input_longer_than_its_positions_is_refused_before_any_pass(tmp_path):
+    pytest.importorskip("transformers")
+    from hf_support import bpe_tokenizer, tiny_gpt2
+
+    from attnscope.runs import Run
+
+    tok = bpe_tokenizer()
+    run = Run(tiny_gpt2(len(tok), positions=16), run_id="gpt2", tokenizer=tok)  # nobody steps
+    assert run.layout.max_len == 16  # its learned position embedding's rows
+    with serve(make_app(tmp_path, [run], CaptureLimits(timeout_s=30))) as url, \
+            httpx.Client(base_url=url, timeout=60) as c:
+        long = c.post(CAPTURES, json={"run": "gpt2", "text": "the cat sat on the mat. " * 6})
+        assert long.status_code == 422, long.text
+        assert "over the limit of 16 positions" in long.json()["detail"][0]["msg"]
+    run.close()
