@@ -4,45 +4,25 @@
     python examples/look_at_text.py --port 0 --sleep 0.05 --steps 2000
 
 Everything is made here, no download: a byte-level BPE tokenizer trained in milliseconds
-on generated sentences ("the cat sat on the mat."), and a 2-layer, 4-head GPT-2 from a
-config, trained to continue them. ``Dashboard.start(model, tokenizer=tok)`` gives the
-page's text box the tokenizer: "Look" shows every layer and head of the text you type
-(token strings on both axes), "Pin" captures it again every k steps so you can watch its
-heads change as the model learns, "compare" puts two texts side by side. ``--steps 0``
-trains until stopped (Ctrl-C).
+on generated sentences ("the cat sat on the mat.", examples/toy_text.py), and a 2-layer,
+4-head GPT-2 from a config, trained to continue them. ``Dashboard.start(model,
+tokenizer=tok)`` gives the page's text box the tokenizer: "Look" shows every layer and
+head of the text you type (token strings on both axes), "Pin" captures it again every k
+steps so you can watch its heads change as the model learns, "compare" puts two texts
+side by side. ``--steps 0`` trains until stopped (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import random
 import time
 
 import torch
 import transformers
-from tokenizers import ByteLevelBPETokenizer
+from toy_text import sentences, tokenizer
 
 from attnscope import Dashboard
-
-SUBJECTS = ["the cat", "a dog", "the bird", "my friend", "the old man", "a small child"]
-VERBS = ["sat on", "looked at", "walked to", "found", "jumped over", "talked to"]
-OBJECTS = ["the mat", "a tree", "the house", "the river", "a red box", "the garden"]
-
-
-def sentences(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}."
-            for _ in range(n)]
-
-
-def tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """A GPT-2-style byte-level BPE ("Ġcat" inside; the page shows " cat")."""
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(sentences(2000), vocab_size=400, min_frequency=1,
-                            special_tokens=["<pad>"])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer,
-                                                pad_token="<pad>")
 
 
 def main() -> int:
@@ -63,7 +43,7 @@ def main() -> int:
     try:
         step = 0
         while args.steps <= 0 or step < args.steps:
-            batch = tok([" ".join(sentences(3, seed=step * 8 + i)) for i in range(8)],
+            batch = tok(["".join(sentences(3, seed=step * 8 + i)) for i in range(8)],
                         return_tensors="pt", padding=True)
             loss = model(**batch, labels=batch["input_ids"]).loss
             optimizer.zero_grad()

@@ -238,26 +238,24 @@ export class LookPanel {
 
   // ---------------------------------------------------------------- taking captures
 
-  /** The request body's input: {text} or {tokens} (a run without a tokenizer), or an error. */
+  /** The request body's input: {text}, or {tokens} for a run without a tokenizer; null
+   * (and the panel says why) when the box holds neither. */
   given() {
     const text = this.text.value;
-    if (!text.trim()) throw new Error("type something to look at");
-    if (this.input && this.input.text) return { text };
-    const ids = parseIds(text);
-    if (!ids) throw new Error(this.input && this.input.message ? this.input.message : "type token ids: numbers separated by spaces");
-    return { tokens: ids };
+    let why = null;
+    if (!text.trim()) why = "type something to look at";
+    else if (this.input && this.input.text) return { text };
+    else if (parseIds(text)) return { tokens: parseIds(text) };
+    else why = this.input && this.input.message ? this.input.message : "type token ids: numbers separated by spaces";
+    this.setError(why);
+    return null;
   }
 
   /** Capture the text box's input and show it; the page says it waits, and can cancel. */
   async look() {
     if (!this.runId || this.pending) return;
-    let given;
-    try {
-      given = this.given();
-    } catch (err) {
-      this.setError(err.message);
-      return;
-    }
+    const given = this.given();
+    if (!given) return;
     this.setError("");
     const controller = new AbortController();
     const text = given.text ?? given.tokens.join(" ");
@@ -311,13 +309,8 @@ export class LookPanel {
   /** Pin the text box's input: captured now and every k steps (within the cost budget). */
   async pin() {
     if (!this.runId) return;
-    let given;
-    try {
-      given = this.given();
-    } catch (err) {
-      this.setError(err.message);
-      return;
-    }
+    const given = this.given();
+    if (!given) return;
     const every = Number.parseInt(this.every.value, 10);
     this.setError("");
     try {

@@ -126,9 +126,8 @@ class PinnedCaptures:
     ``clock`` is ``time.time`` (injected so tests can move time on)."""
 
     def __init__(self, registry: RunRegistry, store: CaptureStore, limits: CaptureLimits,
-                 *, every: int = 50, min_interval_s: float = 5.0, keep: int = 100,
-                 max_per_run: int = 8, max_overhead: float = 0.03,
-                 clock: Callable[[], float] = time.time) -> None:
+                 *, every: int, min_interval_s: float, keep: int, max_per_run: int,
+                 max_overhead: float, clock: Callable[[], float] = time.time) -> None:
         self.registry = registry
         self.store = store
         self.limits = limits
@@ -149,11 +148,12 @@ class PinnedCaptures:
 
     @classmethod
     def from_settings(cls, registry: RunRegistry, store: CaptureStore, settings: Any,
-                      ) -> PinnedCaptures:
+                      clock: Callable[[], float] = time.time) -> PinnedCaptures:
+        """With the server's settings (``pinned_*``, ``max_overhead``, ``captures_*``)."""
         return cls(registry, store, CaptureLimits.from_settings(settings),
                    every=settings.pinned_every, min_interval_s=settings.pinned_min_interval_s,
                    keep=settings.pinned_keep, max_per_run=settings.pinned_max_per_run,
-                   max_overhead=settings.max_overhead)
+                   max_overhead=settings.max_overhead, clock=clock)
 
     # -- lifecycle -----------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """The pinned-inputs REST resource: ``/api/v1/pins`` (:mod:`.pinned` does the work).
 
 Needs ``app.state.pins`` (a :class:`~.pinned.PinnedCaptures`, None when the server has no
-capture store: 503).
+capture store: 503; ``attnscope.api.deps.get_pins``).
 """
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Response
 
+from ..api.deps import PinsDep
 from .models import Message, PinCreate, PinList, PinnedCapturePublic, PinPublic, PinUpdate
 from .pinned import Pin, PinError, PinnedCaptures
 from .service import CaptureRejected
@@ -18,15 +19,6 @@ from .service import CaptureRejected
 router = APIRouter(prefix="/api/v1/pins", tags=["captures"])
 
 
-def get_pins(request: Request) -> PinnedCaptures:
-    pins = getattr(request.app.state, "pins", None)
-    if pins is None:
-        raise HTTPException(503, detail="pinned inputs are not available: the server has no "
-                                        "capture store")
-    return pins
-
-
-PinsDep = Annotated[PinnedCaptures, Depends(get_pins)]
 not_found = {404: {"model": Message, "description": "no such pin"}}
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 import time
 import urllib.error
@@ -16,26 +15,13 @@ import urllib.request
 
 import pytest
 
-from .conftest import REPO, ServerProcess, free_port, get_json, screenshot
+from .conftest import REPO, ServerProcess, free_port, get_json, keep, screenshot, wait_until
 
 pytestmark = pytest.mark.browser
 
 WAIT_MS = 60_000
-DOCS = REPO / "docs"
 CAT = "the cat sat on the mat."
 DOG = "a dog sat on the mat."  # as many tokens as CAT: A − B is defined
-
-
-def keep(path, name: str) -> None:
-    """A screenshot looked at and worth showing: into docs/."""
-    shutil.copyfile(path, DOCS / name)
-
-
-def wait_until(predicate, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def status_of(request) -> int:
@@ -208,7 +194,7 @@ def test_two_texts_compared_side_by_side_with_their_difference(page, training):
 STEPPED = """
 import pathlib, sys, time, torch, transformers
 sys.path.insert(0, {examples!r})
-from look_at_text import sentences, tokenizer
+from toy_text import sentences, tokenizer
 from attnscope import Dashboard
 flags = pathlib.Path({flags!r})
 tok = tokenizer()
@@ -217,7 +203,7 @@ config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32,
                                  vocab_size=len(tok), pad_token_id=tok.pad_token_id)
 model = transformers.GPT2LMHeadModel(config)
 dash = Dashboard.start(model, port={port}, name="stepped", tokenizer=tok)
-batch = tok([" ".join(sentences(2))], return_tensors="pt")
+batch = tok(["".join(sentences(2))], return_tensors="pt")
 step = 0
 while not (flags / "end").exists():
     if step == 0 or (flags / "step").exists():

@@ -62,8 +62,9 @@ def make_app(data_dir: Path, runs: list[Run] | None = None,
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.capture_store = open_store(app.state.settings)
-        app.state.pins = PinnedCaptures(registry, app.state.capture_store, limits,
-                                        min_interval_s=0.0).start()
+        app.state.pins = PinnedCaptures(registry, app.state.capture_store, limits, every=50,
+                                        min_interval_s=0.0, keep=100, max_per_run=8,
+                                        max_overhead=0.03).start()
         try:
             yield
         finally:

@@ -83,11 +83,14 @@ def store(tmp_path: Path) -> Iterator[CaptureStore]:
         yield s
 
 
-def scheduler(run: BaseRun, store: CaptureStore, **options) -> PinnedCaptures:
+def scheduler(run: BaseRun, store: CaptureStore, clock=time.time, **settings) -> PinnedCaptures:
+    """Pins of ``run`` with these ``pinned_*`` settings (no time floor, a lax budget)."""
     registry = RunRegistry()
     registry.add(run)
-    options = {"min_interval_s": 0.0, "max_overhead": 1.0, **options}
-    return PinnedCaptures(registry, store, CaptureLimits(timeout_s=5), **options).start()
+    values = {"pinned_min_interval_s": 0.0, "max_overhead": 1.0, "captures_timeout_s": 5,
+              **settings}
+    return PinnedCaptures.from_settings(registry, store, Settings(port=0, **values),
+                                        clock).start()
 
 
 def test_a_pinned_text_is_captured_every_k_steps_through_the_run_interface(store):
@@ -120,7 +123,7 @@ def test_a_pinned_text_is_captured_every_k_steps_through_the_run_interface(store
 def test_the_cost_rule_spaces_captures_by_what_they_took(store):
     clock = Clock()
     run = InterfaceRun(clock, pass_s=0.3)
-    pins = scheduler(run, store, max_overhead=0.03, clock=clock)  # a third: 1 %
+    pins = scheduler(run, store, clock, max_overhead=0.03)  # a third: 1 %
     try:
         pin = pins.add("elsewhere", text="ABC", every=1)
         wait_until(lambda: len(pin.captures) == 1, 10, "the first capture")
@@ -140,7 +143,7 @@ def test_the_cost_rule_spaces_captures_by_what_they_took(store):
 
 def test_pins_keep_a_bounded_thinned_set_and_survive_a_restart(store):
     run = InterfaceRun()
-    pins = scheduler(run, store, keep=4)
+    pins = scheduler(run, store, pinned_keep=4)
     try:
         pin = pins.add("elsewhere", text="AB", every=1)
         for step in range(8):
