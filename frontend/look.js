@@ -285,7 +285,7 @@ export class LookPanel {
   waitReason(lead) {
     const run = this.hooks.run();
     const name = run ? `'${run.name || run.id}'` : "the run";
-    if (run && run.status === "paused") return `run ${name} is paused: the capture runs when it resumes`;
+    if (run && run.status === "paused") return `run ${name} is paused: it takes the capture while it waits`;
     return `${lead} run ${name} ${lead === "waiting for" ? "to reach" : "reaches"} its next step boundary`;
   }
 
