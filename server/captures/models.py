@@ -125,7 +125,8 @@ class Message(BaseModel):
 
 class CaptureInput(BaseModel):
     """``GET /api/v1/captures/input?run=``: what input a capture of a run takes, so a page can
-    ask for the right one (``message`` says why text cannot be given, when it cannot)."""
+    ask for the right one (``message`` says why text cannot be given, when it cannot; all
+    false when the run cannot capture at all: it has ended, its publisher is away)."""
 
     run: str
     text: bool = Field(description="text is tokenized (the run's tokenizer or symbols)")

@@ -314,9 +314,15 @@ def check_input(body: CaptureCreate, run: BaseRun, limits: CaptureLimits) -> Non
 
 
 def input_of(run: BaseRun, limits: CaptureLimits) -> dict[str, Any]:
-    """What input a capture of ``run`` takes (the fields of ``CaptureInput``); raises
-    :class:`CaptureRejected` (409) when it cannot capture at all."""
-    info = _layout(CaptureCreate(run=run.id, tokens=[[0]]), run)
+    """What input a capture of ``run`` takes (the fields of ``CaptureInput``): none, with
+    the reason as ``message``, when it cannot capture at all (it has ended, its
+    publisher is away)."""
+    try:
+        info = _layout(CaptureCreate(run=run.id, tokens=[[0]]), run)
+    except CaptureRejected as exc:
+        return {"run": run.id, "text": False, "tokens": False, "features": False,
+                "vocab_size": None, "d_model": None, "max_length": 0,
+                "message": "; ".join(d["msg"] for d in exc.detail)}
     tokens = info.vocab_size is not None
     text = tokens and (run.tokenizer is not None or bool(run.symbols)
                        or (isinstance(run, RemoteRun) and run.text_captures))
