@@ -231,12 +231,12 @@ class PinnedCaptures:
             run = self.registry.get(pin.run)
         except UnknownRunError:
             return "ended", None, None, f"run {pin.run!r} is gone: no more captures"
+        if run.status == "ended":  # a capture still in flight is kept
+            return "ended", None, None, "the run has ended: no more captures"
         if pin.capturing:
             return "capturing", None, None, "capturing at the run's next step boundary…"
         if pin.failed:
             return "failed", None, None, f"stopped: {pin.error}"
-        if run.status == "ended":
-            return "ended", None, None, "the run has ended: no more captures"
         if run.status in ("paused", "idle"):
             return "paused", None, None, f"the run is {run.status}: captures resume with it"
         next_step, not_before = self._next(pin)
