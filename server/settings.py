@@ -107,6 +107,18 @@ class Settings(BaseSettings):
     captures_max_json_bytes: int = Field(32 << 20, ge=0)
     # How long a capture waits for the training loop to reach a step boundary.
     captures_timeout_s: float = Field(60.0, gt=0)
+    # Pinned inputs (server/captures/pinned.py, docs/captures.md): a pinned text is
+    # captured again every 50 steps by default: a forward pass in the training process,
+    # cheap next to 50 training steps (forward, backward and optimizer each).
+    pinned_every: int = Field(50, ge=1, le=1_000_000)
+    # ... and never more often than every 5 s, however fast the run steps (a demo at
+    # 100 steps/s would otherwise take two passes a second per pin).
+    pinned_min_interval_s: float = Field(5.0, ge=0)
+    # 100 captures kept per pin (older ones thinned, the first and newest kept): enough
+    # to scrub through as the history's ~200 snapshots, bounded on disk.
+    pinned_keep: int = Field(100, ge=3, le=10_000)
+    # 8 pins per run: each costs a forward pass per capture.
+    pinned_max_per_run: int = Field(8, ge=1, le=1000)
 
     # History (server/history, docs/history.md): on, so the page can scrub back. Off:
     # no listener at all while nobody watches (the model stays on the fused kernel).
