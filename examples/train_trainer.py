@@ -17,32 +17,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-import random
 import time
 
 import torch
 import transformers
-from tokenizers import ByteLevelBPETokenizer
+from toy_text import sentences, tokenizer
 
 from attnscope.integrations.huggingface import AttnscopeCallback
-
-SUBJECTS = ["the cat", "a dog", "the bird", "my friend", "the old man", "a small child"]
-VERBS = ["sat on", "looked at", "walked to", "found", "jumped over", "talked to"]
-OBJECTS = ["the mat", "a tree", "the house", "the river", "a red box", "the garden"]
-
-
-def sentences(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}.\n"
-            for _ in range(n)]
-
-
-def tokenizer() -> transformers.PreTrainedTokenizerFast:
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(sentences(2000), vocab_size=400, min_frequency=1,
-                            special_tokens=["<pad>"])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer,
-                                                pad_token="<pad>")
 
 
 class Pace(transformers.TrainerCallback):

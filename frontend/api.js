@@ -7,9 +7,10 @@ const API = "/api/v1";
 
 /** Error from a REST call; `message` is what the server said, `status` the HTTP status. */
 export class ApiError extends Error {
-  constructor(message, status) {
+  constructor(message, status, detail = null) {
     super(message);
     this.status = status;
+    this.detail = detail; // what the server said, alone
   }
 }
 
@@ -22,11 +23,11 @@ function describe(detail) {
   return JSON.stringify(detail);
 }
 
-async function request(method, path, body = undefined) {
+async function request(method, path, body = undefined, signal = undefined) {
   const headers = { Accept: "application/json" };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const response = await fetch(API + path, {
-    method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+    method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal,
   });
   let payload = null;
   try {
@@ -37,7 +38,7 @@ async function request(method, path, body = undefined) {
   if (!response.ok) {
     const detail = payload && (payload.detail ?? payload.message);
     const text = describe(detail ?? response.statusText);
-    throw new ApiError(`${method} ${API}${path} failed (${response.status}): ${text}`, response.status);
+    throw new ApiError(`${method} ${API}${path} failed (${response.status}): ${text}`, response.status, text);
   }
   return payload;
 }
@@ -48,8 +49,32 @@ export const api = {
   control: (id, action) => request("POST", `/runs/${encodeURIComponent(id)}/${encodeURIComponent(action)}`),
   /** DELETE /api/v1/runs/{id}: an ended run and its data (recorded history, captures). */
   remove: (id) => request("DELETE", `/runs/${encodeURIComponent(id)}`),
-  /** POST /api/v1/captures (docs/captures.md); resolves to the capture's metadata. */
-  capture: (body) => request("POST", "/captures", body),
+  /** POST /api/v1/captures (docs/captures.md); resolves to the capture's metadata.
+   * `signal` (an AbortSignal) cancels it: the server then keeps nothing. */
+  capture: (body, signal = undefined) => request("POST", "/captures", body, signal),
+  /** A run's captures, newest first (GET /api/v1/captures?run=). */
+  captures: (run, limit = 20) => request("GET", `/captures?${new URLSearchParams({ run, limit: String(limit) })}`),
+  removeCapture: (id) => request("DELETE", `/captures/${encodeURIComponent(id)}`),
+  /** What input a capture of `run` takes: {text, tokens, features, vocab_size, message}. */
+  captureInput: (run) => request("GET", `/captures/input?${new URLSearchParams({ run })}`),
+  /** Every head's statistics, role scores and role on a capture's input (as `heads`). */
+  captureHeads: (id) => request("GET", `/captures/${encodeURIComponent(id)}/heads`),
+  /** One layer of a capture as a decoded frame ({header, data, shape}), as the stream's. */
+  captureFrame: async (id, { layer, kind = "attention", heads = null, maxSide = 128 }) => {
+    const params = new URLSearchParams({ layer: String(layer), kind, max_side: String(maxSide) });
+    if (heads) params.set("heads", heads.join(","));
+    const response = await fetch(`${API}/captures/${encodeURIComponent(id)}/frame?${params}`);
+    if (!response.ok) {
+      let detail = response.statusText;
+      try { detail = describe((await response.json()).detail); } catch { /* keep statusText */ }
+      throw new ApiError(`layer ${layer} of capture ${id}: ${detail} (${response.status})`, response.status, detail);
+    }
+    return parseFrame(await response.arrayBuffer());
+  },
+  /** Pinned inputs (docs/captures.md): captured again every k steps while the run trains. */
+  pins: (run) => request("GET", `/pins?${new URLSearchParams({ run })}`),
+  pin: (body) => request("POST", "/pins", body),
+  unpin: (id) => request("DELETE", `/pins/${encodeURIComponent(id)}`),
   /** GET /api/v1/runs/{id}/heads: statistics, role scores, roles, events (at `step`). */
   heads: (id, step = null) => request("GET", `/runs/${encodeURIComponent(id)}/heads${
     step === null ? "" : `?step=${encodeURIComponent(step)}`}`),

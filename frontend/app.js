@@ -6,16 +6,17 @@ import { api, Connection, socketUrl } from "./api.js";
 import { BudgetBadge } from "./budget.js";
 import { isCausal } from "./colormap.js";
 import { exportCanvasSvg, exportFocus, exportGridPng, exportGridSvg, exportNpz, fileStem } from "./export.js";
-import { Grid, ROLE_TAGS } from "./grid.js";
+import { Grid, placeTip, ROLE_TAGS, thumbnailTip } from "./grid.js";
 import { changeSince, HeadMap, MAP_STATS } from "./headmap.js";
 import { HistoryBar, seedRunHistory } from "./history.js";
+import { LookPanel } from "./look.js";
 import { exportHtml } from "./htmlexport.js";
 import { FocusCanvas, focusFigure } from "./focus.js";
 import { drawFocusNorms, drawSeries, plotlyReady, purge } from "./heatmaps.js";
 import { classifyHead, RunHistory } from "./store.js";
 import * as view from "./view.js";
 
-const { els } = view;
+const { el, els } = view;
 const budgetBadge = new BudgetBadge(document.getElementById("budget"));
 const OVERVIEW_MAX_SIDE = 64; // thumbnails are small: 64 keeps 144 cells cheap to ship and paint
 const FOCUS_MAX_SIDE = 512;
@@ -125,21 +126,28 @@ const connection = new Connection(socketUrl(), {
   },
 });
 
+/** What the main view draws, for the history slider and the look panel to fetch. */
+function shownView() {
+  const model = state.run && state.run.model;
+  if (state.focus) return { layers: [state.focus.layer], heads: [state.focus.head], maxSide: FOCUS_MAX_SIDE, kind: state.kind };
+  // The map draws statistics (GET /heads?step=, asked by markStep): no snapshot frames.
+  if (state.overviewMode === "map") return { layers: [], heads: null, maxSide: OVERVIEW_MAX_SIDE, kind: state.kind };
+  return { layers: [...Array(model ? model.layers : 0).keys()], heads: null, maxSide: OVERVIEW_MAX_SIDE, kind: state.kind };
+}
+
+/** Frames fetched for the main view (a snapshot, a capture) drawn in place of the stream's. */
+function showFrames(frames) {
+  state.pending.clear();
+  for (const frame of frames) state.pending.set(`${frame.header.kind}:${frame.header.layer}`, frame);
+  drawPending();
+}
+
 // The step slider (frontend/history.js): while it is off "live", stream frames are ignored.
 const historyBar = new HistoryBar({
-  view: () => {
-    const model = state.run && state.run.model;
-    if (state.focus) return { layers: [state.focus.layer], heads: [state.focus.head], maxSide: FOCUS_MAX_SIDE };
-    // The map draws statistics (GET /heads?step=, asked by markStep): no snapshot frames.
-    if (state.overviewMode === "map") return { layers: [], heads: null, maxSide: OVERVIEW_MAX_SIDE };
-    return { layers: [...Array(model ? model.layers : 0).keys()], heads: null, maxSide: OVERVIEW_MAX_SIDE };
-  },
-  showFrames: (frames) => {
-    state.pending.clear();
-    for (const frame of frames) state.pending.set(`${frame.header.kind}:${frame.header.layer}`, frame);
-    drawPending();
-  },
-  onScrub: () => state.pending.clear(),
+  view: shownView,
+  showFrames,
+  onScrub: () => { state.pending.clear(); look.leave(false); },
+  compareSources: () => look.compareSources(),
   onLive: () => resubscribe(), // a new subscription brings the current heads message
   seed: (index) => {
     seedRunHistory(state.history, index);
@@ -154,6 +162,37 @@ debug.history = historyBar;
 // Alerts (frontend/alerts.js): a banner and marks on the history bar; a click opens the head.
 const alertView = new AlertView({ onOpen: (alert) => openAlert(alert), anchor: els.banner });
 debug.alerts = alertView;
+
+// "Look at an input" (frontend/look.js): a typed text's capture in the main view; while it is
+// shown, stream frames are ignored as while the history slider is off "live".
+const look = new LookPanel(document.querySelector("main.layout"), els.overview, {
+  run: () => state.run,
+  view: shownView,
+  showFrames,
+  showHeads: (answer) => applyHeads(answer, true),
+  onShow: () => { historyBar.goLive(false); state.pending.clear(); },
+  onLive: () => { // back to the stream: a new subscription brings its frames and heads message
+    if (historyBar.ended && historyBar.steps.length) historyBar.scrubTo(historyBar.steps.length - 1);
+    else resubscribe();
+  },
+  onResize: () => fitHeights(),
+  rate: () => state.history.rate.rate(),
+  step: () => state.history.step,
+  compare: (a, b) => historyBar.compare.open(a, b, state.focus ? state.focus.layer : null,
+    state.focus ? state.focus.head : null),
+});
+debug.look = look;
+// While a capture is shown, a thumbnail's tip names the query and key tokens under the mouse.
+const gridTip = el("div", { class: "focus-tip", hidden: "" });
+document.body.append(gridTip);
+debug.gridTip = gridTip;
+els.grid.addEventListener("mousemove", (event) => {
+  const text = look.showing ? thumbnailTip(event, (layer) => state.lastFrames.get(`${state.kind}:${layer}`)
+    || state.lastFrames.get(`attention:${layer}`)) : null;
+  if (text === null) gridTip.hidden = true;
+  else placeTip(gridTip, text, event);
+});
+els.grid.addEventListener("mouseleave", () => { gridTip.hidden = true; });
 
 /**
  * Heights that keep the history slider in view under the overview or the focus view:
@@ -228,6 +267,7 @@ function subscription() {
 
 function resubscribe() {
   if (historyBar.scrubbing) historyBar.scrubTo(historyBar.index); // the view changed: refetch
+  if (look.showing) look.refetch();
   state.pending.clear();
   if (state.viewPaused) {
     connection.send({ type: "unsubscribe" });
@@ -273,14 +313,14 @@ function handleJson(message) {
       state.history.addHeadStats(message);
       state.healthDirty.add(message.layer);
       state.chartsDirty = true;
-      if (!historyBar.scrubbing) {
+      if (!historyBar.scrubbing && !look.showing) {
         headmap.setLayerStats(message.layer, message.heads, message);
         state.mapDirty = true;
       }
       keepStats(message);
       break;
     case "heads": // roles and role scores, pushed when they change (server: heads_feed.py)
-      if (message.run !== state.runId || state.viewPaused || historyBar.scrubbing) return;
+      if (message.run !== state.runId || state.viewPaused || historyBar.scrubbing || look.showing) return;
       debug.headsReceived += 1;
       state.headsRequest += 1; // a REST answer still on its way is older: drop it
       applyHeads(message);
@@ -295,7 +335,7 @@ function handleFrame(frame) {
   debug.framesReceived += 1;
   mark("frame");
   if (header.run !== state.runId || header.kind !== state.kind || header.sample !== state.sample) return;
-  if (state.viewPaused || historyBar.scrubbing) return;
+  if (state.viewPaused || historyBar.scrubbing || look.showing) return;
   state.history.observeStep(header.step);
   state.pending.set(`${header.kind}:${header.layer}`, frame);
 }
@@ -356,6 +396,7 @@ function selectRun() {
   resubscribe();
   state.chartsDirty = true;
   historyBar.setRun(state.runId, state.healthLayer, state.run);
+  look.setRun(state.runId);
 }
 
 function buildGrid() {

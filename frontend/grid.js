@@ -3,6 +3,7 @@
 // freeze a browser, 144 putImageData calls do not.
 
 import { paintScaled, scaleMatrix } from "./colormap.js";
+import { labelsOf } from "./heatmaps.js";
 import { classifyHead, HEALTH } from "./store.js";
 
 const NORM_COLOURS = ["#4cc9f0", "#f72585", "#ffd166"]; // q, k, v
@@ -206,6 +207,44 @@ function drawNorms(cell, data, shape, i) {
   }
 }
 
+export const VALUE_NAMES = { attention: "weight", qk_logits: "logit" };
+
+/** A token as hover text shows it: quoted, so spaces and newlines can be seen. */
+export function quoteToken(labels, i) {
+  return labels ? `“${String(labels[i]).replace(/\n/g, "↵").replace(/\t/g, "⇥")}”` : "";
+}
+
+/**
+ * What the mouse is over on a thumbnail: the lines of a tip (head, query and key with their
+ * tokens, the value), or null off a matrix. `frameOf(layer)` gives the frame drawn there.
+ */
+export function thumbnailTip(event, frameOf) {
+  const cell = event.target.closest(".cell");
+  const frame = cell && frameOf(Number(cell.dataset.layer));
+  const index = frame ? frame.header.heads.indexOf(Number(cell.dataset.head)) : -1;
+  if (index < 0 || frame.header.kind === "qkv_norms") return null;
+  const [, rows, cols] = frame.shape;
+  const box = cell.querySelector("canvas").getBoundingClientRect();
+  const row = Math.min(rows - 1, Math.max(0, Math.floor(((event.clientY - box.top) / box.height) * rows)));
+  const col = Math.min(cols - 1, Math.max(0, Math.floor(((event.clientX - box.left) / box.width) * cols)));
+  const queries = labelsOf(frame.header, "queries", rows);
+  const keys = labelsOf(frame.header, "keys", cols);
+  const value = frame.data[(index * rows + row) * cols + col];
+  return [`L${frame.header.layer} H${cell.dataset.head} — click to open`,
+    `query #${row} ${quoteToken(queries, row)}`, `key #${col} ${quoteToken(keys, col)}`,
+    `${VALUE_NAMES[frame.header.kind] ?? "value"} ${fmt(value, 4)}`].join("\n");
+}
+
+/** Put `tip` (text `text`) beside the mouse, on the side with room. */
+export function placeTip(tip, text, event) {
+  tip.textContent = text;
+  tip.hidden = false;
+  const below = event.clientY + 14 + tip.offsetHeight <= window.innerHeight;
+  const right = event.clientX + 14 + tip.offsetWidth <= window.innerWidth;
+  tip.style.left = `${right ? event.pageX + 14 : event.pageX - 14 - tip.offsetWidth}px`;
+  tip.style.top = `${below ? event.pageY + 14 : event.pageY - 14 - tip.offsetHeight}px`;
+}
+
 /** Short role names for tags (map cells, thumbnails, focus title). */
 export const ROLE_TAGS = {
   previous_token: "prev", sink: "sink", diagonal: "self", local: "local", uniform: "uniform",
@@ -239,8 +278,8 @@ function label(tag, className, text) {
   return el;
 }
 
-function fmt(v) {
-  return typeof v === "number" && Number.isFinite(v) ? v.toFixed(3) : "–";
+function fmt(v, digits = 3) {
+  return typeof v === "number" && Number.isFinite(v) ? v.toFixed(digits) : "–";
 }
 
 export { HEALTH };

@@ -343,10 +343,18 @@ function paintCanvas(canvas, data, rows, cols, diverging = false) {
   ctx.putImageData(image, 0, 0);
 }
 
-/** Two (run, step) picks of the same layer / head, side by side, plus A - B. */
+/**
+ * Two picks of the same layer / head, side by side, plus A - B: each a (run, step) of the
+ * history, or an input captured from the page (`bar.hooks.compareSources()`: [{value, label,
+ * fetch(layer, head, step) -> frame}], frontend/look.js; the step picks a pinned input's
+ * capture at or before it). Hover a cell for its tokens and the three values.
+ */
 class ComparePanel {
   constructor(main, bar) {
     this.bar = bar;
+    this.frames = null; // [A, B] as drawn, for the hover
+    this.tip = el("div", { class: "focus-tip", hidden: "" });
+    document.body.append(this.tip);
     const pick = (side) => {
       const run = el("select", { id: `compare-run-${side}`, "aria-label": `run ${side}` });
       const step = el("input", { id: `compare-step-${side}`, type: "number", min: "0", step: "1",
@@ -368,7 +376,52 @@ class ComparePanel {
       el("div", { class: "compare-figures" }, ...figures));
     main.append(this.root);
     this.go.addEventListener("click", () => this.run());
+    for (const canvas of this.canvases) {
+      canvas.addEventListener("mousemove", (event) => this.hover(event));
+      canvas.addEventListener("mouseleave", () => { this.tip.hidden = true; });
+    }
     this.sessions = [];
+    this.sources = [];
+  }
+
+  /** Show the panel comparing `a` and `b` ({value, step}: a session or an input's value). */
+  async open(a, b, layer = null, head = null) {
+    this.root.hidden = false;
+    await this.loadSessions();
+    for (const [side, pick] of [[this.a, a], [this.b, b]]) {
+      side.run.value = pick.value;
+      side.step.value = pick.step === null || pick.step === undefined ? "" : String(pick.step);
+    }
+    if (layer !== null) this.layer.value = String(layer);
+    if (head !== null) this.head.value = String(head);
+    await this.run();
+    this.root.scrollIntoView({ block: "nearest" });
+  }
+
+  /** The query and key under the mouse, with their tokens, and A, B and A − B there. */
+  hover(event) {
+    const frames = this.frames;
+    const canvas = event.target;
+    if (!frames || !canvas.width) { this.tip.hidden = true; return; }
+    const box = canvas.getBoundingClientRect();
+    const row = Math.floor(((event.clientY - box.top) / box.height) * canvas.height);
+    const col = Math.floor(((event.clientX - box.left) / box.width) * canvas.width);
+    const values = frames.map((f) => (row < f.shape[1] && col < f.shape[2] ? f.data[row * f.shape[2] + col] : NaN));
+    const token = (f, axis, i) => {
+      const list = f.header.labels && f.header.labels[axis];
+      return Array.isArray(list) && i < list.length ? ` “${String(list[i]).replace(/\n/g, "↵")}”` : "";
+    };
+    const fmt = (v) => (Number.isFinite(v) ? v.toFixed(4) : "–");
+    const lines = [`query #${row}${token(frames[0], "queries", row)}${
+      token(frames[1], "queries", row) !== token(frames[0], "queries", row) ? ` /${token(frames[1], "queries", row)}` : ""}`,
+    `key #${col}${token(frames[0], "keys", col)}${
+      token(frames[1], "keys", col) !== token(frames[0], "keys", col) ? ` /${token(frames[1], "keys", col)}` : ""}`,
+    `A ${fmt(values[0])} · B ${fmt(values[1])}`];
+    if (this.lastDiff && canvas === this.canvases[2]) lines.push(`A − B ${fmt(values[0] - values[1])}`);
+    this.tip.textContent = lines.join("\n");
+    this.tip.hidden = false;
+    this.tip.style.left = `${event.pageX + 14}px`;
+    this.tip.style.top = `${event.pageY + 14}px`;
   }
 
   async toggle() {
@@ -390,6 +443,16 @@ class ComparePanel {
         option.textContent = `${s.run}${s.live ? " (live)" : ""} · ${s.started.slice(0, 19)} · steps ${s.first_step ?? "–"}–${s.last_step ?? "–"}`;
         return option;
       }));
+      this.sources = this.bar.hooks.compareSources ? this.bar.hooks.compareSources() : [];
+      if (this.sources.length) {
+        const group = el("optgroup", { label: "inputs (look at an input)" });
+        group.append(...this.sources.map((source) => {
+          const option = el("option", { value: source.value });
+          option.textContent = source.label;
+          return option;
+        }));
+        side.run.append(group);
+      }
       if (keep) side.run.value = keep;
     }
     const current = this.sessions.find((s) => s.session === this.bar.session) || this.sessions[0];
@@ -405,26 +468,33 @@ class ComparePanel {
     const layer = Number(this.layer.value);
     const head = Number(this.head.value);
     const sessionOf = (id) => this.sessions.find((s) => s.session === id);
+    const sourceOf = (value) => this.sources.find((s) => s.value === value);
     try {
       const frames = await Promise.all([this.a, this.b].map((side) => {
+        const step = side.step.value === "" ? null : Number(side.step.value);
+        const source = sourceOf(side.run.value);
+        if (source) return source.fetch(layer, head, step);
         const s = sessionOf(side.run.value);
-        if (!s) throw new Error("pick a run for A and B");
-        return fetchSnapshot(s.run, { step: Number(side.step.value), layer, heads: [head],
-          maxSide: 256, session: s.session });
+        if (!s) throw new Error("pick a run or an input for A and B");
+        return fetchSnapshot(s.run, { step: step ?? 0, layer, heads: [head], maxSide: 256, session: s.session });
       }));
+      this.frames = frames;
+      this.lastDiff = null;
       const [fa, fb] = frames;
       const [, rows, cols] = fa.shape;
       paintCanvas(this.canvases[0], fa.data, rows, cols);
       paintCanvas(this.canvases[1], fb.data, fb.shape[1], fb.shape[2]);
       if (fb.shape[1] !== rows || fb.shape[2] !== cols) {
-        this.message.textContent = `shapes differ (${rows}x${cols} vs ${fb.shape[1]}x${fb.shape[2]}): no difference`;
+        this.message.textContent = `shapes differ (${rows}x${cols} vs ${fb.shape[1]}x${fb.shape[2]}): `
+          + "A − B needs two inputs of one length";
         this.canvases[2].width = 0;
         return;
       }
       const diff = new Float32Array(rows * cols);
       for (let i = 0; i < diff.length; i++) diff[i] = fa.data[i] - fb.data[i];
       paintCanvas(this.canvases[2], diff, rows, cols, true);
-      this.message.textContent = `A: step ${fa.header.step} · B: step ${fb.header.step}`;
+      const what = (f) => `${f.header.capture ? "input " : ""}step ${f.header.step ?? "–"}`;
+      this.message.textContent = `A: ${what(fa)} · B: ${what(fb)}`;
       this.lastDiff = diff;
     } catch (err) {
       this.message.textContent = err.message;

@@ -8,7 +8,7 @@
 import { SCALES } from "./colormap.js";
 import { decodeFloat16 } from "./decode.js";
 import { focusFigure } from "./focus.js";
-import { Grid, ROLE_TAGS } from "./grid.js";
+import { Grid, placeTip, quoteToken, ROLE_TAGS, thumbnailTip, VALUE_NAMES } from "./grid.js";
 import { HeadMap, MAP_STATS } from "./headmap.js";
 import { drawFocusNorms, labelsOf } from "./heatmaps.js";
 
@@ -22,7 +22,6 @@ const els = {
   focus: byId("focus"), focusTitle: byId("focus-title"), focusRole: byId("focus-role"),
   focusEmpty: byId("focus-empty"), focusPlot: byId("focus-plot"), focusBack: byId("focus-back"),
 };
-const VALUE_NAMES = { attention: "weight", qk_logits: "logit" };
 
 const data = JSON.parse(byId("attnscope-data").textContent);
 const frames = new Map(); // layer -> {header, data, shape}, as the live page decodes a frame
@@ -47,11 +46,6 @@ export function decodeEntry(entry) {
   const header = { kind: entry.kind, layer: entry.layer, heads: entry.heads, labels: entry.labels,
     pool: entry.pool, sample: 0 };
   return { header, data: values, shape: entry.shape };
-}
-
-/** A token as hover text shows it: quoted, so spaces and newlines can be seen. */
-function token(labels, i) {
-  return labels ? `“${String(labels[i]).replace(/\n/g, "↵").replace(/\t/g, "⇥")}”` : "";
 }
 
 /** Text for plotly's hover labels, which read <, > and & as markup (and no &quot;). */
@@ -95,28 +89,12 @@ function drawGrid() {
   for (const frame of frames.values()) grid.draw(frame);
 }
 
-/** Query, key and value under the mouse on a thumbnail. */
+/** Query, key and value under the mouse on a thumbnail (beside the mouse, on the side with
+ * room: an iframe in a notebook is short). */
 function hoverGrid(event) {
-  const cell = event.target.closest(".cell");
-  const frame = cell && frames.get(Number(cell.dataset.layer));
-  const index = frame ? frame.header.heads.indexOf(Number(cell.dataset.head)) : -1;
-  if (index < 0 || frame.header.kind === "qkv_norms") { tip.hidden = true; return; }
-  const [, rows, cols] = frame.shape;
-  const box = cell.querySelector("canvas").getBoundingClientRect();
-  const row = Math.min(rows - 1, Math.max(0, Math.floor(((event.clientY - box.top) / box.height) * rows)));
-  const col = Math.min(cols - 1, Math.max(0, Math.floor(((event.clientX - box.left) / box.width) * cols)));
-  const queries = labelsOf(frame.header, "queries", rows);
-  const keys = labelsOf(frame.header, "keys", cols);
-  const value = frame.data[(index * rows + row) * cols + col];
-  tip.textContent = [`L${frame.header.layer} H${cell.dataset.head} — click to open`,
-    `query #${row} ${token(queries, row)}`, `key #${col} ${token(keys, col)}`,
-    `${VALUE_NAMES[frame.header.kind] ?? "value"} ${fmt(value)}`].join("\n");
-  tip.hidden = false;
-  // Beside the mouse, on the side with room (an iframe in a notebook is short).
-  const below = event.clientY + 14 + tip.offsetHeight <= window.innerHeight;
-  const right = event.clientX + 14 + tip.offsetWidth <= window.innerWidth;
-  tip.style.left = `${right ? event.pageX + 14 : event.pageX - 14 - tip.offsetWidth}px`;
-  tip.style.top = `${below ? event.pageY + 14 : event.pageY - 14 - tip.offsetHeight}px`;
+  const text = thumbnailTip(event, (layer) => frames.get(layer));
+  if (text === null) tip.hidden = true;
+  else placeTip(tip, text, event);
 }
 
 // ---------------------------------------------------------------- focus view
@@ -130,9 +108,9 @@ function hoverFigure(frame, index) {
   const start = index * rows * cols;
   const customdata = new Array(rows);
   for (let r = 0; r < rows; r++) {
-    const q = hoverText(token(queries, r));
+    const q = hoverText(quoteToken(queries, r));
     const row = new Array(cols);
-    for (let c = 0; c < cols; c++) row[c] = [r, q, c, hoverText(token(keys, c)), fmt(frame.data[start + r * cols + c])];
+    for (let c = 0; c < cols; c++) row[c] = [r, q, c, hoverText(quoteToken(keys, c)), fmt(frame.data[start + r * cols + c])];
     customdata[r] = row;
   }
   const trace = figure.data[0];

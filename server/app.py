@@ -14,14 +14,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from . import __version__
 from .alerts.router import router as alerts_router
 from .api import api_router
+from .api.errors import validation_error
 from .assets import frontend_dir, plotly_js_path
 from .auth import AuthMiddleware
+from .captures.pinned import PinnedCaptures
+from .captures.pins_router import router as pins_router
 from .captures.router import build_router as build_captures_router
 from .captures.service import CaptureLimits
 from .captures.store import CaptureStore, StoreLocked, open_store
@@ -62,6 +66,9 @@ def create_app(settings: Settings | None = None, registry: RunRegistry | None = 
         await hub.start()
         app.state.hub = hub
         app.state.capture_store = _open_capture_store(settings)
+        # Pinned inputs, captured again every k steps (None without a store: pins answer 503).
+        app.state.pins = None if app.state.capture_store is None else \
+            PinnedCaptures.from_settings(registry, app.state.capture_store, settings).start()
         app.state.history = history_service.start(settings, registry)  # None: off, or dir in use
         if app.state.history is not None:  # runs of earlier processes, browsable as they were
             restore_recorded_runs(registry, app.state.history)
@@ -70,6 +77,8 @@ def create_app(settings: Settings | None = None, registry: RunRegistry | None = 
             yield
         finally:
             await hub.stop()
+            if app.state.pins is not None:
+                app.state.pins.close()
             if app.state.capture_store is not None:
                 app.state.capture_store.close()
             if app.state.history is not None:
@@ -79,11 +88,13 @@ def create_app(settings: Settings | None = None, registry: RunRegistry | None = 
                   summary="A live window into a transformer while it trains.")
     app.state.settings = settings
     app.state.runs = registry
+    app.add_exception_handler(RequestValidationError, validation_error)
     app.include_router(history_router)  # before api_router: its /runs/{id:path} takes all
     app.include_router(heads_router)  # /runs/{id}/heads: the same
     app.include_router(alerts_router)  # /runs/{id}/alerts: the same
     app.include_router(api_router)
     app.include_router(build_captures_router(CaptureLimits.from_settings(settings)))
+    app.include_router(pins_router)  # /api/v1/pins: inputs captured every k steps
     app.include_router(ws_router)
     app.include_router(publish_router)  # /ws/publish: Dashboard.connect publishers
     # Outermost: every route (REST, websockets, the page) needs the token but health.

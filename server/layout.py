@@ -142,6 +142,19 @@ def _optional_int(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+def _max_len(model: nn.Module, embeddings: list[nn.Embedding]) -> int | None:
+    """The longest input ``model`` takes: its ``seq_len``, else the rows of a learned position
+    embedding (a Hugging Face config's ``max_position_embeddings`` rows: GPT-2, BERT), past
+    which its forward fails; None when unknown (rotary and relative positions go further)."""
+    seq_len = getattr(model, "seq_len", None)
+    if isinstance(seq_len, int) and not isinstance(seq_len, bool):
+        return seq_len
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and any(e.num_embeddings == positions for e in embeddings[1:]):
+        return positions
+    return None
+
+
 class LocalModel:
     """A model in this process: its :class:`ModelLayout` and the modules behind it.
 
@@ -159,16 +172,15 @@ class LocalModel:
         modules = dict(model.named_modules())
         self.blocks: tuple[nn.Module | None, ...] = tuple(
             _block_of(site, modules) for site in self.sites)
-        embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
-        max_len = getattr(model, "seq_len", None)
+        embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+        embedding = embeddings[0] if embeddings else None
         self.layout = ModelLayout(
             sites=tuple(SiteLayout(
                 index=s.index, name=s.name, role=s.role, attention_type=s.attention_type,
                 heads=s.heads, d_model=s.d_model, qkv=s.qkv_dispatcher is not None,
                 kind=s.kind) for s in self.sites),
             vocab_size=None if embedding is None else int(embedding.num_embeddings),
-            max_len=max_len if isinstance(max_len, int) and not isinstance(max_len, bool)
-            else None,
+            max_len=_max_len(model, embeddings),
             d_model=next((s.d_model for s in self.sites if s.d_model is not None), None))
         # id(the module an event comes from) -> (what, layer): how a listener tells sites apart.
         self.sources: dict[int, Source] = {}

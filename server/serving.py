@@ -13,6 +13,7 @@ import time
 import uvicorn
 from fastapi import FastAPI
 
+from .connections import ConnectionLimits, protocols
 from .settings import Settings
 from .sockets import bind_socket, url_of
 
@@ -21,8 +22,12 @@ logger = logging.getLogger(__name__)
 
 
 def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    # Header and idle timeouts and a cap per client address (connections.py).
+    http, ws = protocols(ConnectionLimits.from_settings(settings))
     return uvicorn.Config(
         app,
+        http=http,
+        ws=ws,
         log_level=settings.log_level,
         # One cap for every websocket, sized for publishers' frames; the browser
         # endpoint answers messages over max_message_bytes with an `error` itself.

@@ -67,6 +67,15 @@ class Settings(BaseSettings):
     # 256 remote runs listed at most: past it the oldest ended (then idle) one is
     # forgotten (its recorded history stays); all of them live: a new run is refused.
     max_remote_runs: int = Field(256, ge=1, le=100_000)
+    # HTTP connections (server/connections.py): a request's headers must arrive within 10 s
+    # of the connection (or of the previous response), a body may pause 30 s at most; a
+    # slow client on a bad link sends its headers in well under a second.
+    http_header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    http_idle_timeout_s: float = Field(30.0, gt=0, le=3600)
+    # 128 open connections per client address, websockets included: a team's browsers
+    # behind one NAT (6 HTTP connections and a websocket per tab) and its publishers.
+    # Behind a reverse proxy every client has the proxy's address: raise it there.
+    max_connections_per_client: int = Field(128, ge=1, le=1_000_000)
     # 256 MiB: the largest REST response built in memory (history data and frames);
     # a 200-snapshot history of 12 heads at L = S = 128 is 157 MiB of float32.
     max_response_bytes: int = Field(256 << 20, ge=1024)
@@ -103,6 +112,18 @@ class Settings(BaseSettings):
     captures_max_json_bytes: int = Field(32 << 20, ge=0)
     # How long a capture waits for the training loop to reach a step boundary.
     captures_timeout_s: float = Field(60.0, gt=0)
+    # Pinned inputs (server/captures/pinned.py, docs/captures.md): a pinned text is
+    # captured again every 50 steps by default: a forward pass in the training process,
+    # cheap next to 50 training steps (forward, backward and optimizer each).
+    pinned_every: int = Field(50, ge=1, le=1_000_000)
+    # ... and never more often than every 5 s, however fast the run steps (a demo at
+    # 100 steps/s would otherwise take two passes a second per pin).
+    pinned_min_interval_s: float = Field(5.0, ge=0)
+    # 100 captures kept per pin (older ones thinned, the first and newest kept): enough
+    # to scrub through as the history's ~200 snapshots, bounded on disk.
+    pinned_keep: int = Field(100, ge=3, le=10_000)
+    # 8 pins per run: each costs a forward pass per capture.
+    pinned_max_per_run: int = Field(8, ge=1, le=1000)
 
     # History (server/history, docs/history.md): on, so the page can scrub back. Off:
     # no listener at all while nobody watches (the model stays on the fused kernel).
@@ -111,8 +132,19 @@ class Settings(BaseSettings):
     history_every: int = Field(10, ge=1)
     # ~200 snapshots per run, older ones thinned logarithmically.
     history_max_snapshots: int = Field(200, ge=3)
-    # 2 GiB of snapshot files over all runs; past it, other runs' oldest go first.
+    # 2 GiB of snapshot files over this server's own (local) runs; past it, other local
+    # runs' oldest go first. Remote runs have the quotas below (docs/security.md).
     history_max_bytes: int = Field(2 << 30, ge=1)
+    # Per run id, whatever sends it: 10 sessions (run starts), its oldest deleted first, and
+    # 1 GiB of snapshots, statistics and metadata, its own oldest evicted first. A run's
+    # data only ever evicts that run's own.
+    history_max_run_sessions: int = Field(10, ge=1, le=10_000)
+    history_max_run_bytes: int = Field(1 << 30, ge=1 << 20)
+    # Remote runs whose history is kept (32 x 1 GiB at most on disk); a new one makes the
+    # server forget the one whose newest session is the oldest, not one being recorded.
+    history_max_remote_runs: int = Field(32, ge=1, le=100_000)
+    # 64 KiB: a publisher's session metadata, and a snapshot's probe labels, as JSON.
+    history_max_meta_bytes: int = Field(64 << 10, ge=1024, le=16 << 20)
     # Snapshots pooled to at most 256 x 256 per head (12 x 12 heads at L=1024: 19 MB
     # a snapshot, not 302 MB); the page's history frames are 128 px by default.
     history_snapshot_max_side: int = Field(256, ge=4, le=4096)

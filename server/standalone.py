@@ -74,7 +74,7 @@ def _b64_size(n_values: int) -> int:
     return 4 * math.ceil(2 * n_values / 3)
 
 
-def _valid_keys(p: torch.Tensor) -> torch.Tensor | None:
+def valid_keys(p: torch.Tensor) -> torch.Tensor | None:
     """Keys per query row (L,) that some head weighs above 0 (masked keys weigh exactly 0
     after the softmax), or None when every row sees all S keys."""
     valid = (p > 0).any(0).sum(-1)  # (L,)
@@ -83,7 +83,7 @@ def _valid_keys(p: torch.Tensor) -> torch.Tensor | None:
 
 def _statistics(layer: int, p: torch.Tensor) -> tuple[dict[str, Any], list[str | None]]:
     """The map's values of one layer's attention ``p`` (H, L, S), and its heads' roles."""
-    rows = layer_statistics(p, _valid_keys(p))  # (11, H)
+    rows = layer_statistics(p, valid_keys(p))  # (11, H)
     names = (*STAT_NAMES, *PATTERN_NAMES)
     values = {name: rows[i].tolist() for i, name in enumerate(names)}
     scores = {name: rows[len(STAT_NAMES) + i] for i, name in enumerate(PATTERN_NAMES)}

@@ -13,7 +13,7 @@ import fcntl
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -64,13 +64,17 @@ _ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i
               "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
 
 
-def read_safetensors(f: BinaryIO) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (name, array) from an open safetensors file, one tensor in memory at a time."""
+def read_safetensors(f: BinaryIO, names: Collection[str] | None = None,
+                     ) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (name, array) from an open safetensors file, one tensor in memory at a time
+    (only ``names``, when given: the others are not read)."""
     (n,) = np.frombuffer(f.read(8), dtype="<u8")
     header = json.loads(f.read(int(n)))
     header.pop("__metadata__", None)
     base = 8 + int(n)
     for name, spec in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        if names is not None and name not in names:
+            continue
         start, end = spec["data_offsets"]
         f.seek(base + start)
         array = np.frombuffer(f.read(end - start), dtype=_ST_DTYPES[spec["dtype"]])

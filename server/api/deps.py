@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException
 from starlette.requests import HTTPConnection
 
+from ..captures.pinned import PinnedCaptures
 from ..captures.store import CaptureStore
 from ..history.service import HistoryService
 from ..run_base import BaseRun, RunRegistry, UnknownRunError
@@ -36,6 +37,15 @@ def get_capture_store(conn: HTTPConnection) -> CaptureStore | None:
     return getattr(conn.app.state, "capture_store", None)
 
 
+def get_pins(conn: HTTPConnection) -> PinnedCaptures:
+    """The pinned inputs (503 when the server has no capture store)."""
+    pins = getattr(conn.app.state, "pins", None)
+    if pins is None:
+        raise HTTPException(503, detail="pinned inputs are not available: the server has no "
+                                        "capture store")
+    return pins
+
+
 def get_run(run_id: str, registry: Annotated[RunRegistry, Depends(get_registry)]) -> BaseRun:
     """The run named in the path, or 404 naming the id."""
     try:
@@ -50,3 +60,4 @@ HubDep = Annotated[Hub, Depends(get_hub)]
 RunDep = Annotated[BaseRun, Depends(get_run)]
 HistoryDep = Annotated["HistoryService | None", Depends(get_history)]
 CaptureStoreDep = Annotated["CaptureStore | None", Depends(get_capture_store)]
+PinsDep = Annotated[PinnedCaptures, Depends(get_pins)]

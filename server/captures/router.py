@@ -1,13 +1,16 @@
 """The captures REST resource: ``/api/v1/captures``.
 
 Needs two things on ``app.state``: ``capture_store`` (a :class:`CaptureStore`)
-and ``runs`` (the run registry: ``.get(run_id)`` returning a run with
-``.model`` and ``.call_between_steps(fn, timeout)``, raising ``KeyError`` for
-an unknown id). Limits are fixed when the router is built.
+and ``runs`` (the run registry: ``.get(run_id)`` returning a
+:class:`~attnscope.run_base.BaseRun`, raising ``UnknownRunError`` for an unknown id).
+Limits are fixed when the router is built. Besides the tensors' downloads, a capture
+is served as the page draws it: one layer as a binary frame (``/{id}/frame``) and
+every head's statistics and role (``/{id}/heads``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
@@ -15,14 +18,28 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 from starlette.types import Message as ASGIMessage
 
 from ..history.heads import head_roles
-from ..run_base import BaseRun
+from ..protocol import encode_frame
+from ..run_base import BaseRun, UnknownRunError
+from ..stream.roles import ROLES
 from . import formats
-from .models import CaptureCreate, CaptureList, CapturePublic, Format, Message
-from .service import CaptureLimits, create_capture, field_error
+from .capture import CaptureError
+from .models import (
+    CaptureCreate,
+    CaptureHeads,
+    CaptureInput,
+    CaptureList,
+    CapturePublic,
+    Format,
+    Message,
+)
+from .service import CaptureLimits, CaptureRejected, create_capture, field_error, input_of
 from .store import CaptureRecord, CaptureStore
+from .views import FRAME_KINDS, capture_frame, capture_heads, captured_heads, pick_heads
 
 logger = logging.getLogger(__name__)
 PREFIX = "/api/v1/captures"
@@ -58,12 +75,66 @@ def to_public(record: CaptureRecord) -> CapturePublic:
         heads=meta.get("heads"), input=meta.get("input", {"kind": "tokens", "shape": []}),
         labels=meta.get("labels"), tensors=record.tensors, tensor_bytes=record.tensor_bytes,
         file_bytes=record.file_bytes, head_roles=meta.get("head_roles"),
+        text=meta.get("text"), pin=meta.get("pin"),
         urls={"metadata": url, **{f: f"{url}/data?format={f}" for f in formats.MEDIA_TYPES}},
     )
 
 
 def _not_found(capture_id: str) -> HTTPException:
     return HTTPException(404, detail=f"no capture with id {capture_id!r}")
+
+
+def http_error(exc: CaptureRejected) -> HTTPException:
+    """A refused capture as the HTTP answer."""
+    return HTTPException(exc.status, detail=exc.detail)
+
+
+def run_of(runs: Any, run_id: str) -> BaseRun:
+    """The run ``run_id`` of the registry, or 422 naming the known ones."""
+    try:
+        return runs.get(run_id)
+    except UnknownRunError as exc:
+        raise field_error(["run"], exc.message) from None
+
+
+def _query_error(field: str, msg: str) -> HTTPException:
+    return HTTPException(422, detail=[{"loc": ["query", field], "msg": msg,
+                                       "type": "value_error"}])
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has hung up (its request body is read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+_orphans: set[asyncio.Future] = set()  # captures whose client left: deleted when they land
+
+
+async def unless_cancelled(request: Request, store: CaptureStore,
+                           work: Callable[[], CaptureRecord]) -> CaptureRecord | None:
+    """``work()`` in a worker thread; None when the client hung up first (the page's
+    Cancel). The capture then still runs at the run's next step boundary (it is queued
+    there), and what it stores is deleted when it lands."""
+    done = asyncio.ensure_future(run_in_threadpool(work))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if done.done():
+        return done.result()
+    _orphans.add(done)
+
+    def drop(future: asyncio.Future) -> None:
+        _orphans.discard(future)
+        if not future.cancelled() and future.exception() is None:
+            store.delete(future.result().id)
+            logger.info("capture %s: its client left before it came; deleted",
+                        future.result().id)
+
+    done.add_done_callback(drop)
+    return None
 
 
 def body_limited_route(max_bytes: int) -> type[APIRoute]:
@@ -86,10 +157,14 @@ def body_limited_route(max_bytes: int) -> type[APIRoute]:
                 if declared.isdigit() and int(declared) > max_bytes:
                     return too_large()
                 body = bytearray()
-                async for chunk in request.stream():
-                    body += chunk
-                    if len(body) > max_bytes:
-                        return too_large()
+                try:
+                    async for chunk in request.stream():
+                        body += chunk
+                        if len(body) > max_bytes:
+                            return too_large()
+                except ClientDisconnect:  # gone mid-body (or closed for stalling): nobody
+                    return Response(status_code=400)  # reads this answer
+
                 replayed = False
 
                 async def replay() -> ASGIMessage:
@@ -123,19 +198,38 @@ def build_router(limits: CaptureLimits | None = None) -> APIRouter:
                          "or disconnected during the capture"},
                    503: {"model": Message, "description": "the run did not reach a step in time"}},
     )
-    def create(body: CaptureCreate, store: StoreDep, runs: RunsDep,
-               response: Response, request: Request) -> CapturePublic:
-        """Capture what ``body`` asks for with one forward pass between training steps."""
+    async def create(body: CaptureCreate, store: StoreDep, runs: RunsDep,
+                     response: Response, request: Request) -> Any:
+        """Capture what ``body`` asks for with one forward pass between training steps.
+        A client that hangs up before it comes gets nothing stored."""
         try:
-            run: BaseRun = runs.get(body.run)
-        except KeyError as exc:
-            msg = getattr(exc, "message", None) or f"unknown run {body.run!r}"
-            raise field_error(["run"], msg) from None
+            run = run_of(runs, body.run)
+        except CaptureRejected as exc:
+            raise http_error(exc) from None
         roles = head_roles(getattr(request.app.state, "history", None), body.run)
-        record = create_capture(body, run, store, limits,
-                                None if roles is None else {"head_roles": roles})
+
+        def work() -> CaptureRecord:
+            return create_capture(body, run, store, limits,
+                                  None if roles is None else {"head_roles": roles})
+
+        try:
+            record = await unless_cancelled(request, store, work)
+        except CaptureRejected as exc:
+            raise http_error(exc) from None
+        if record is None:  # nobody is listening: any answer will do
+            return Response(status_code=499)
         response.headers["Location"] = f"{PREFIX}/{record.id}"
         return to_public(record)
+
+    @router.get("/input", response_model=CaptureInput)
+    def capture_input(run: Annotated[str, Query(min_length=1, max_length=200)],
+                      runs: RunsDep) -> CaptureInput:
+        """What input a capture of ``run`` takes: text, token ids, features, or none (then
+        ``message`` says why)."""
+        try:
+            return CaptureInput(**input_of(runs.get(run), limits))
+        except UnknownRunError as exc:
+            raise _query_error("run", exc.message) from None
 
     @router.get("", response_model=CaptureList)
     def list_captures(
@@ -156,6 +250,68 @@ def build_router(limits: CaptureLimits | None = None) -> APIRouter:
         if record is None:
             raise _not_found(capture_id)
         return to_public(record)
+
+    frame_responses: dict[int | str, dict[str, Any]] = {
+        200: {"description": "a binary frame (docs/protocol.md)",
+              "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                  "format": "binary"}}}},
+        **not_found,
+    }
+
+    @router.get("/{capture_id}/frame", response_class=Response, responses=frame_responses)
+    def get_frame(capture_id: str, store: StoreDep,
+                  layer: Annotated[int, Query(ge=0, le=65535)] = 0,
+                  kind: Annotated[str, Query(description="attention or qk_logits")] = "attention",
+                  heads: Annotated[str | None, Query(
+                      max_length=65536, description="comma-separated head indices (default all)",
+                  )] = None,
+                  sample: Annotated[int, Query(ge=0, le=65535)] = 0,
+                  max_side: Annotated[int, Query(ge=4, le=1024)] = 128) -> Response:
+        """One layer of a capture as a binary frame of docs/protocol.md (float16, pooled to
+        ``max_side``, the capture's token labels): what the page draws."""
+        record = store.get(capture_id)
+        if record is None:
+            raise _not_found(capture_id)
+        if kind not in FRAME_KINDS:
+            raise _query_error("kind", f"kind must be one of {list(FRAME_KINDS)}")
+        name = f"{kind}.{layer}"
+        if name not in record.tensors:
+            held = sorted(k for k in record.tensors if k.split(".")[0] in FRAME_KINDS)
+            raise _query_error("layer" if kind in record.meta.get("kinds", []) else "kind",
+                               f"capture {capture_id} holds no {name} (it holds {held})")
+        arrays = store.load(capture_id, [name])
+        if not arrays:
+            raise _not_found(capture_id)
+        tensor = arrays[name]  # (N, h, L, S)
+        try:
+            chosen = pick_heads(captured_heads(record.meta, tensor.shape[1]), heads)
+            header, values = capture_frame(capture_id, record.run, record.meta, tensor, layer,
+                                           kind, sample, chosen, max_side)
+        except CaptureError as exc:
+            raise _query_error(exc.field, exc.message) from None
+        return Response(encode_frame(header, values), media_type="application/octet-stream",
+                        headers={"Cache-Control": "no-store"})
+
+    @router.get("/{capture_id}/heads", response_model=CaptureHeads, responses=not_found)
+    def get_heads(capture_id: str, store: StoreDep,
+                  sample: Annotated[int, Query(ge=0, le=65535)] = 0) -> CaptureHeads:
+        """Every captured head's statistics, role scores and role on this input (as
+        ``GET /api/v1/runs/{id}/heads`` for the history); needs its attention."""
+        record = store.get(capture_id)
+        if record is None:
+            raise _not_found(capture_id)
+        names = [k for k in record.tensors if k.startswith("attention.")]
+        if not names:
+            raise _query_error("capture", f"capture {capture_id} holds no attention")
+        arrays = store.load(capture_id, names) or {}
+        attention = {int(k.split(".")[1]): v for k, v in arrays.items()}
+        try:
+            heads = capture_heads(attention, record.meta, sample)
+        except CaptureError as exc:
+            raise _query_error(exc.field, exc.message) from None
+        return CaptureHeads(run=record.run, capture=capture_id, step=record.meta.get("step"),
+                            sample=sample, layers=len(record.meta.get("roles") or [])
+                            or max(attention) + 1, roles=list(ROLES), heads=heads)
 
     binary = {"schema": {"type": "string", "format": "binary"}}
     data_responses: dict[int | str, dict[str, Any]] = {

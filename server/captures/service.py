@@ -1,8 +1,8 @@
 """From a validated request to a stored capture: checks, input tensor, forward pass, store.
 
-Every client mistake becomes an :class:`fastapi.HTTPException` whose detail
-has the shape of FastAPI's validation errors (``[{"loc": ["body", field], "msg",
-"type"}]``), so a client finds the field and the limit in one place.
+Every client mistake becomes a :class:`CaptureRejected` (the router answers it with its
+HTTP status) whose detail has the shape of FastAPI's validation errors (``[{"loc":
+["body", field], "msg", "type"}]``), so a client finds the field and the limit in one place.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from fastapi import HTTPException
 
 from ..layout import ModelLayout
 from ..model_inputs import TextTokenizer, padding_mask
@@ -60,10 +59,32 @@ class CaptureLimits:
         return cls(**values)
 
 
-def field_error(loc: Sequence[str | int], msg: str, status: int = 422) -> HTTPException:
-    """An HTTPException shaped like FastAPI's validation errors, at ``["body", *loc]``."""
+class CaptureRejected(Exception):
+    """A capture that cannot be taken: ``status`` is the HTTP status the router answers,
+    ``detail`` a string or FastAPI's list of ``{"loc", "msg", "type"}``."""
+
+    def __init__(self, status: int, detail: str | list[dict[str, Any]]) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+    @property
+    def message(self) -> str:
+        """One line: the detail's messages, each after the field it names."""
+        if isinstance(self.detail, str):
+            return self.detail
+        return "; ".join(f"{'.'.join(str(p) for p in d['loc'][1:])}: {d['msg']}"
+                         for d in self.detail)
+
+
+def field_error(loc: Sequence[str | int], msg: str, status: int = 422) -> CaptureRejected:
+    """A :class:`CaptureRejected` shaped like FastAPI's validation errors, at ``["body", *loc]``.
+
+    >>> field_error(["text"], "empty text").message
+    'text: empty text'
+    """
     detail = [{"loc": ["body", *loc], "msg": msg, "type": "value_error"}]
-    return HTTPException(status, detail=detail)
+    return CaptureRejected(status, detail)
 
 
 def tokenize(text: str, symbols: Sequence[str], loc: Sequence[str | int]) -> list[int]:
@@ -199,8 +220,7 @@ def create_capture(body: CaptureCreate, run: BaseRun, store: CaptureStore,
     so does its ``text``, when the publisher has a tokenizer (``tokenizer=``).
     """
     info = _layout(body, run)
-    if body.text is not None and run.tokenizer is None and isinstance(run, RemoteRun) \
-            and run.text_captures:
+    if _tokenized_there(body, run):
         return _remote_text_capture(body, run, info, store, limits, extra_meta)
     symbols = run.symbols or None
     tokenizer = run.tokenizer  # a local run's; a remote run has none
@@ -225,9 +245,9 @@ def create_capture(body: CaptureCreate, run: BaseRun, store: CaptureStore,
             if tokens is not None:
                 arrays["tokens"] = tokens.numpy()  # (N, L)
             return _save(body, store, arrays, step, kinds, layers, heads, field,
-                         list(x.shape), labels, extra_meta)
+                         list(x.shape), labels, info, extra_meta)
     except StoreFull as exc:
-        raise HTTPException(507, detail=str(exc)) from None
+        raise CaptureRejected(507, str(exc)) from None
 
 
 def _selection(body: CaptureCreate, info: ModelLayout,
@@ -244,12 +264,7 @@ def _remote_text_capture(body: CaptureCreate, run: RemoteRun, info: ModelLayout,
                          extra_meta: dict[str, Any] | None) -> CaptureRecord:
     """``text`` of a remote run whose publisher tokenizes it: the texts travel to the
     training process, the token ids (N, L) come back with the tensors."""
-    texts = [body.text] if isinstance(body.text, str) else list(body.text or [])
-    if not texts or len(texts) > limits.max_batch:
-        raise field_error(["text"], f"give 1 to {limits.max_batch} texts")
-    for i, text in enumerate(texts):
-        if not text.strip():
-            raise field_error(["text", i] if len(texts) > 1 else ["text"], "empty text")
+    texts = _texts(body, limits)
     layers, heads, kinds = _selection(body, info)
     # The length is known once tokenized there: reserve for about 3 bytes a token here;
     # the publisher checks the real size against max_capture_bytes before keeping it.
@@ -265,14 +280,69 @@ def _remote_text_capture(body: CaptureCreate, run: RemoteRun, info: ModelLayout,
             arrays, step = _captured(body, forward, "text", limits)
             ids = arrays.get("tokens")
             if ids is None or ids.ndim != 2 or ids.shape[0] != len(texts):
-                raise HTTPException(502, detail="the publisher's text capture came back "
-                                                "without its token ids")
+                raise CaptureRejected(502, "the publisher's text capture came back without "
+                                           "its token ids")
             tokens = torch.from_numpy(ids.astype("int64"))
             labels = resolve_labels(body, tuple(tokens.shape), tokens, run.symbols or None)
             return _save(body, store, arrays, step, kinds, layers, heads, "text",
-                         list(tokens.shape), labels, extra_meta)
+                         list(tokens.shape), labels, info, extra_meta)
     except StoreFull as exc:
-        raise HTTPException(507, detail=str(exc)) from None
+        raise CaptureRejected(507, str(exc)) from None
+
+
+def _texts(body: CaptureCreate, limits: CaptureLimits) -> list[str]:
+    """``body.text`` as a list of 1 to ``max_batch`` texts, none empty."""
+    texts = [body.text] if isinstance(body.text, str) else list(body.text or [])
+    if not texts or len(texts) > limits.max_batch:
+        raise field_error(["text"], f"give 1 to {limits.max_batch} texts")
+    for i, text in enumerate(texts):
+        if not text.strip():
+            raise field_error(["text", i] if len(texts) > 1 else ["text"], "empty text")
+    return texts
+
+
+def check_input(body: CaptureCreate, run: BaseRun, limits: CaptureLimits) -> None:
+    """Check ``body`` against ``run`` as :func:`create_capture` does, without the forward
+    pass: raises :class:`CaptureRejected`. Text that a remote run's publisher tokenizes is
+    only checked for emptiness here (the rest there, at its capture)."""
+    info = _layout(body, run)
+    _selection(body, info)
+    if _tokenized_there(body, run):
+        _texts(body, limits)
+        return
+    prepare_input(body, info, run.symbols or None, limits, run.tokenizer)
+
+
+def input_of(run: BaseRun, limits: CaptureLimits) -> dict[str, Any]:
+    """What input a capture of ``run`` takes (the fields of ``CaptureInput``): none, with
+    the reason as ``message``, when it cannot capture at all (it has ended, its
+    publisher is away)."""
+    try:
+        info = _layout(CaptureCreate(run=run.id, tokens=[[0]]), run)
+    except CaptureRejected as exc:
+        return {"run": run.id, "text": False, "tokens": False, "features": False,
+                "vocab_size": None, "d_model": None, "max_length": 0,
+                "message": "; ".join(d["msg"] for d in exc.detail)}
+    tokens = info.vocab_size is not None
+    text = tokens and (run.tokenizer is not None or bool(run.symbols)
+                       or (isinstance(run, RemoteRun) and run.text_captures))
+    message = None
+    if not tokens:
+        message = (f"this run's model does not read token ids (it has no nn.Embedding): "
+                   f"its captures take features (N, L, {info.d_model}), not text")
+    elif not text:
+        message = ("this run has no tokenizer (give Dashboard.start / connect a tokenizer=): "
+                   f"type token ids instead, numbers in [0, {info.vocab_size - 1}]")
+    return {"run": run.id, "text": text, "tokens": tokens, "features": not tokens,
+            "vocab_size": info.vocab_size, "d_model": info.d_model,
+            "max_length": min(limits.max_length, info.max_len or limits.max_length),
+            "message": message}
+
+
+def _tokenized_there(body: CaptureCreate, run: BaseRun) -> bool:
+    """Whether ``body.text`` goes to a remote run's publisher to be tokenized."""
+    return body.text is not None and run.tokenizer is None and isinstance(run, RemoteRun) \
+        and run.text_captures
 
 
 def _captured(body: CaptureCreate, forward: Any, field: str,
@@ -281,8 +351,8 @@ def _captured(body: CaptureCreate, forward: Any, field: str,
     try:
         return forward()
     except TimeoutError:
-        raise HTTPException(503, detail=f"run {body.run!r} did not reach a step boundary within "
-                            f"{limits.timeout_s:g} s; try again") from None
+        raise CaptureRejected(503, f"run {body.run!r} did not reach a step boundary within "
+                              f"{limits.timeout_s:g} s; try again") from None
     except CaptureError as error:
         raise field_error([error.field if error.field != "tokens" else field],
                           error.message) from None
@@ -291,12 +361,12 @@ def _captured(body: CaptureCreate, forward: Any, field: str,
     except RunStateError as error:
         raise field_error(["run"], str(error), status=409) from None
     except CaptureUnavailable as error:
-        raise HTTPException(502, detail=str(error)) from None
+        raise CaptureRejected(502, str(error)) from None
 
 
 def _save(body: CaptureCreate, store: CaptureStore, arrays: dict[str, Any], step: int | None,
           kinds: list[str], layers: list[int], heads: list[int] | None, field: str,
-          shape: list[int], labels: list[list[str]] | None,
+          shape: list[int], labels: list[list[str]] | None, info: ModelLayout,
           extra_meta: dict[str, Any] | None) -> CaptureRecord:
     meta = {
         "step": step,
@@ -305,6 +375,9 @@ def _save(body: CaptureCreate, store: CaptureStore, arrays: dict[str, Any], step
         "heads": heads,
         "input": {"kind": "text" if body.text is not None else field, "shape": shape},
         "labels": labels,
+        "text": body.text,
+        # self or cross per layer: a cross-attention's keys are not the input's tokens
+        "roles": [site.role for site in info.sites],
         **(extra_meta or {}),
     }
     return store.save(arrays, run=body.run, name=body.name, meta=meta)

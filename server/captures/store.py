@@ -25,7 +25,7 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -256,13 +256,14 @@ class CaptureStore:
         except FileNotFoundError:  # deleted between the lookup and the open
             return None
 
-    def load(self, capture_id: str) -> dict[str, np.ndarray] | None:
-        """All tensors of a capture as numpy arrays, or None."""
+    def load(self, capture_id: str,
+             names: Collection[str] | None = None) -> dict[str, np.ndarray] | None:
+        """The tensors of a capture (only ``names``, when given) as numpy arrays, or None."""
         opened = self.open(capture_id)
         if opened is None:
             return None
         with opened[1] as f:
-            return dict(read_safetensors(f))
+            return dict(read_safetensors(f, names))
 
 
 def open_store(settings: Any) -> CaptureStore:

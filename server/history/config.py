@@ -40,10 +40,23 @@ class HistoryConfig:
     stats_rows: int = 128
     # Head statistics and scalars at every step, thinned by halving past this many points.
     max_stat_points: int = 20_000
-    # 2 GiB of snapshot files over all runs; the fattest run is thinned first.
+    # 2 GiB of snapshot files over this server's own (local) runs; the fattest is thinned
+    # first. Remote runs have their own quotas below and never evict a local run's data.
     max_bytes: int = 2 * 1024**3
-    # Past runs kept (the oldest sessions are deleted first).
+    # Past local runs kept (the oldest local sessions are deleted first).
     max_sessions: int = 100
+    # Per run id: 10 sessions (starts) kept, its oldest deleted first; 1 GiB of snapshots,
+    # statistics and metadata (a 12 x 12 head model at 256 x 256 keeps ~50 snapshots),
+    # its own older sessions evicted first, then its current one thinned.
+    max_run_sessions: int = 10
+    max_run_bytes: int = 1024**3
+    # Remote runs whose history is kept: 32 x max_run_bytes is the most disk publishers can
+    # use. A new one makes the store forget the one whose newest session is the oldest (not one
+    # being recorded).
+    max_remote_runs: int = 32
+    # A publisher's session metadata, and a snapshot's probe labels, as JSON: the recorder's
+    # metadata of a 1024-layer model is ~20 KiB; a 4096-token probe's labels ~40 KiB.
+    max_meta_bytes: int = 64 * 1024
     # Records waiting for the writer (it writes 4 times a second); beyond this, or
     # beyond ``queue_bytes``, the training thread drops records (counted) rather than wait.
     queue_size: int = 4096
@@ -55,7 +68,8 @@ class HistoryConfig:
                           ("stats_rows", 0),
                           ("snapshot_max_side", 4),
                           ("max_stat_points", 4), ("max_bytes", 1), ("max_sessions", 1),
-                          ("queue_size", 1), ("queue_bytes", 1)):
+                          ("max_run_sessions", 1), ("max_run_bytes", 1), ("max_remote_runs", 1),
+                          ("max_meta_bytes", 1024), ("queue_size", 1), ("queue_bytes", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"history_{name} must be an int >= {low}, got {value!r}")

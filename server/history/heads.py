@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from fastapi import APIRouter, Query
 
+from ..limits import Int64
 from ..stream.roles import ROLES, RoleRule
 from ..stream.stats import HEAD_STATISTICS
 from .models import AlertPublic, HeadPublic, HeadsPublic, RoleEventPublic
@@ -56,8 +57,8 @@ def head_list(stats: np.ndarray | None, roles: list[list[str | None]],
 
 @router.get("/runs/{run_id:path}/heads", responses={404: {"description": "no history"}})
 def run_heads(run_id: str, service: ServiceDep,
-              step: Annotated[int | None, Query(description="the heads at or before this step "
-                                                            "(default: the latest)")] = None,
+              step: Annotated[Int64 | None, Query(description="the heads at or before this "
+                                                              "step (default: the latest)")] = None,
               session: SessionQ = None,
               events: Annotated[int, Query(ge=0, le=5000, description="at most this many of "
                                                                       "the latest events")] = 500,

@@ -257,6 +257,7 @@ class RoleBook:
         self._live: dict[str, RoleTracker] = {}
         self._replayed: OrderedDict[str, tuple[int | None, RoleTracker]] = OrderedDict()
         self._lock = threading.Lock()
+        store.deleted.append(self.forget)  # a deleted session's tracker goes with it
 
     def tracker(self, session: str) -> RoleTracker:
         """The live tracker of ``session`` (created on first use)."""
@@ -287,6 +288,7 @@ class RoleBook:
     def forget(self, session: str) -> None:
         with self._lock:
             self._live.pop(session, None)
+            self._replayed.pop(session, None)
 
     def get(self, session: str) -> RoleTracker:
         """The live tracker of ``session``, else one rebuilt from its stored rows (cached

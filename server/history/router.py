@@ -17,7 +17,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 
 from ..jsonsafe import json_safe
-from ..limits import INT64_MAX, INT64_MIN, LimitError, check_size, parse_index_list
+from ..limits import Int64, LimitError, check_size, parse_index_list
 from ..protocol import encode_frame
 from ..stream.frames import pool_factor, pool_labels
 from ..stream.stats import HEAD_STATISTICS
@@ -75,16 +75,14 @@ def _heads(session: Session, layer: int, heads: str | None) -> list[int]:
         raise _error("heads", exc.message) from None
 
 
-# Integers are bounded to int64 here: SQLite cannot compare anything larger (a 500 before).
-Layer = Annotated[int, Query(ge=0, le=INT64_MAX, description="layer index, 0-based")]
+# Integers are held to int64 (limits.Int64): SQLite cannot compare anything larger.
+Layer = Annotated[Int64, Query(ge=0, description="layer index, 0-based")]
 Heads = Annotated[str | None, Query(max_length=65536,
                                     description="comma-separated head indices (default all)")]
-From = Annotated[int | None, Query(alias="from", ge=INT64_MIN, le=INT64_MAX,
-                                   description="first step (inclusive)")]
-To = Annotated[int | None, Query(alias="to", ge=INT64_MIN, le=INT64_MAX,
-                                 description="last step (inclusive)")]
-Step = Annotated[int, Query(ge=INT64_MIN, le=INT64_MAX, description="a training step")]
-Sample = Annotated[int, Query(ge=0, le=INT64_MAX, description="probe sample, 0-based")]
+From = Annotated[Int64 | None, Query(alias="from", description="first step (inclusive)")]
+To = Annotated[Int64 | None, Query(alias="to", description="last step (inclusive)")]
+Step = Annotated[Int64, Query(description="a training step")]
+Sample = Annotated[Int64, Query(ge=0, description="probe sample, 0-based")]
 SessionQ = Annotated[str | None, Query(description="a session id (default: the newest)")]
 
 

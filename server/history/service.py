@@ -4,6 +4,8 @@ registry into a :class:`~.store.HistoryStore`, with one writer thread.
 Local runs are recorded by a :class:`~.recorder.RunRecorder` in their training thread;
 remote runs by their publisher, whose records arrive through the run's inbox
 (:mod:`attnscope.remote.history`). Either way the items end up in :meth:`HistoryService.submit`.
+A record that fails to write fails alone: the rest of its batch, and other runs, are
+written, and the failure is logged once per run and kind of record.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from .store import HistoryLocked, HistoryStore
 logger = logging.getLogger(__name__)
 
 WRITE_PERIOD_S = 0.25  # the writer collects records this long before writing them
+# (run, kind) pairs whose write failures were logged; past this many the set starts over
+# (a long-lived server with failing runs logs each again, never floods).
+MAX_LOGGED_FAILURES = 1024
 
 
 class HistoryService:
@@ -45,6 +50,8 @@ class HistoryService:
         self.roles = RoleBook(store)  # head roles per session, fed by the writer
         self.alerts = alerts if alerts is not None else AlertBook(store)  # fed by the writer
         self.dropped = 0
+        self.failed = 0  # records that could not be written (logged once per run and kind)
+        self._logged: set[tuple[str, str]] = set()
         self._queue: queue.Queue = queue.Queue(self.config.queue_size)
         self._registry: RunRegistry | None = None
         self._closed = False
@@ -101,9 +108,16 @@ class HistoryService:
         for run_id in [r for r in self.recorders if r not in recorded]:
             self.detach(run_id)
 
-    def new_session(self, run_id: str, name: str | None, meta: dict[str, Any]) -> str:
-        """A new stored session of run ``run_id``; its id."""
-        return self.store.new_session(run_id, name, meta).id
+    def new_session(self, run_id: str, name: str | None, meta: dict[str, Any], *,
+                    remote: bool = False) -> str:
+        """A new stored session of run ``run_id``; its id. ``remote``: sent by the run's
+        publisher (its own quotas; raises :class:`~.store.HistoryFull` when every remote
+        run kept is being recorded)."""
+        if not remote:
+            return self.store.new_session(run_id, name, meta).id
+        recording = {run.id for run in self._registry.list()} if self._registry else set()
+        recording = {r for r in recording if r != run_id and self._remote_inbox(r) is not None}
+        return self.store.new_session(run_id, name, meta, origin="remote", keep=recording).id
 
     def _remote_inbox(self, run_id: str) -> Any:
         """The inbox of a live remote run whose publisher records (attnscope.remote.history)."""
@@ -212,7 +226,7 @@ class HistoryService:
             cpu = time.thread_time()
             try:
                 self._write(batch)
-            except Exception:
+            except Exception:  # a fault of the writer itself, not of one record
                 logger.exception("history: writing failed")
             self._charge(batch, time.thread_time() - cpu)
             if any(x is None for x in batch):
@@ -246,22 +260,55 @@ class HistoryService:
                 continue
             self._write_stats(steps)  # keep the order of the items
             steps = []
-            if isinstance(item, StoredStats):
-                self._add_rows(item.session, item.rows)
-            elif isinstance(item, SnapshotItem | StoredSnapshot):
-                tensors = item.arrays()
-                self.roles.snapshot(item.session, item.step, tensors)
-                self.store.add_snapshot(item.session, item.step, item.time, tensors)
-                if item.labels is not None:
-                    self.store.update_meta(item.session, probe_labels=item.labels,
-                                           probe_shape=list(next(iter(tensors.values())).shape))
-            elif isinstance(item, threading.Event):
+            if isinstance(item, threading.Event):
                 item.set()
+                continue
+            if item is None:  # close(): written up to here
+                continue
+            try:
+                self._write_one(item)
+            except Exception as exc:  # one record fails alone, logged below
+                self._failed(item.session, type(item).__name__, exc)
         self._write_stats(steps)
 
+    def _write_one(self, item: Any) -> None:
+        if not self.store.has_session(item.session):
+            return  # deleted (a quota) while the record waited: no role tracker for it
+        if isinstance(item, StoredStats):
+            self._add_rows(item.session, item.rows)
+        elif isinstance(item, SnapshotItem | StoredSnapshot):
+            tensors = item.arrays()
+            self.roles.snapshot(item.session, item.step, tensors)
+            self.store.add_snapshot(item.session, item.step, item.time, tensors)
+            if item.labels is not None:
+                self.store.update_meta(item.session, probe_labels=item.labels,
+                                       probe_shape=list(next(iter(tensors.values())).shape))
+
     def _write_stats(self, steps: list[StepItem]) -> None:
-        for session, rows in stat_rows(steps, self.config.stats_rows).items():
-            self._add_rows(session, rows)
+        """The steps' rows, computed together; if that fails, step by step (so one bad
+        step costs only its own row), then written session by session, with their roles
+        and the alerts they raise."""
+        if not steps:
+            return
+        try:
+            by_session = stat_rows(steps, self.config.stats_rows)
+        except Exception:  # retried one step at a time below
+            by_session = {}
+            for item in steps:
+                try:
+                    rows = stat_rows([item], self.config.stats_rows)
+                except Exception as exc:  # this step alone is lost
+                    self._failed(item.session, "step", exc)
+                    continue
+                for session, found in rows.items():
+                    by_session.setdefault(session, []).extend(found)
+        for session, rows in by_session.items():
+            if not self.store.has_session(session):
+                continue  # deleted (a quota) while the rows waited
+            try:
+                self._add_rows(session, rows)
+            except Exception as exc:  # other sessions are still written
+                self._failed(session, "stats", exc)
 
     def _add_rows(self, session: str, rows: list) -> None:
         """Store a session's new stats rows, with their roles and the alerts they raise."""
@@ -272,6 +319,21 @@ class HistoryService:
         except Exception:  # the rows are stored; an alert bug must not stop the writer
             logger.exception("history: evaluating alert rules failed")
 
+    def _failed(self, session: str, kind: str, exc: Exception) -> None:
+        """A record that could not be written: counted, and logged once per run and kind
+        (one line naming the run, no traceback: the same failure would repeat)."""
+        self.failed += 1
+        found = self.store.session(session)
+        run = found.run if found is not None else f"(session {session})"
+        if (run, kind) in self._logged:
+            return
+        if len(self._logged) >= MAX_LOGGED_FAILURES:
+            self._logged.clear()
+        self._logged.add((run, kind))
+        logger.warning("history: a %s record of run %r could not be written and was dropped "
+                       "(%s: %s); further failures of this run's %s records are not logged",
+                       kind, run, type(exc).__name__, str(exc)[:200], kind)
+
 
 def open_service(settings: Any, **overrides: Any) -> HistoryService | None:
     """A recording service on ``settings.data_dir / "history"``, or None when disabled."""
@@ -280,7 +342,10 @@ def open_service(settings: Any, **overrides: Any) -> HistoryService | None:
         return None
     store = HistoryStore(Path(settings.data_dir) / "history", max_snapshots=config.max_snapshots,
                          max_bytes=config.max_bytes, max_stat_points=config.max_stat_points,
-                         max_sessions=config.max_sessions)
+                         max_sessions=config.max_sessions,
+                         max_run_sessions=config.max_run_sessions,
+                         max_run_bytes=config.max_run_bytes,
+                         max_remote_runs=config.max_remote_runs)
     return HistoryService(store, config, AlertBook.from_settings(store, settings))
 
 

@@ -1,35 +1,59 @@
-"""What a publisher may say: its announce within the server's bounds, its frames within
-the layout it announced. Checked on arrival, before anything reaches a run or a slot.
+"""What a publisher may say: its announce within the server's bounds, its frames and its
+history records within the layout it announced. Checked on arrival, before anything
+reaches a run, a slot or the history writer.
 
-A frame is checked against its header *and* the run: kind, dtype, layer, heads (each
-once, each below the layer's head count), shape (h, L, S) or (3, h, P) with h heads,
-sides within the announced bounds, payload length, labels and valid-key counts.
-Anything else raises :class:`FrameError`; the endpoint answers the publisher with an
-``error`` and drops the frame, so viewers never see it.
+:func:`check_announce` gives the run's :class:`RunBounds`; every later message is
+checked against them, whatever transport brought it: each ``check_*(bounds, ...)``
+takes the message as its parsed header (a dict) and its payload (bytes), returns
+what it decoded, or raises :class:`FrameError` naming the field. The endpoint
+answers the publisher with an ``error`` and drops the message, so viewers and the
+history never see it.
 
->>> limits = AnnounceLimits(max_layers=4, max_heads=8, max_seq_len=64)
+- stream frames (:func:`check_frame_header`): kind, dtype, layer, heads (each once,
+  each below the layer's head count), shape (h, L, S) or (3, h, P) with h heads,
+  sides within the announced bounds, payload length, labels and valid-key counts;
+- ``steps`` batches (:func:`check_steps`);
+- history (:func:`check_history_session`, :func:`check_history_stats`,
+  :func:`check_history_snapshot`): session ids and metadata, every step an int64 and
+  every time finite, statistics rows (layers, R, H) of the announced layers, snapshot
+  tensors ``attention.<layer>`` (P, H, L, S) float16 and ``repeat_scores.<layer>``
+  (P, 2, H) float32 with the layer's heads and sides within the bounds.
+
+>>> bounds = RunBounds(layer_heads=(2,), max_side=64)
 >>> header = {"kind": "attention", "layer": 0, "sample": 0, "heads": [0, 1], "role": "self",
 ...           "time": 1.0, "step": 3, "dtype": "float16", "shape": [2, 4, 4]}
->>> check_frame_header(header, 32 * 2, [2], limits)
+>>> check_frame_header(bounds, header, 32 * 2)
 (2, 4, 4)
 >>> try:
-...     check_frame_header({**header, "shape": [8, 8]}, 64 * 2, [2], limits)
+...     check_frame_header(bounds, {**header, "shape": [8, 8]}, 64 * 2)
 ... except FrameError as exc:
 ...     exc.field, exc.message
 ('shape', 'an attention frame has shape (h, L, S) with h = 2 heads, got [8, 8]')
+>>> try:
+...     check_frame_header(bounds, {**header, "shape": [2, 128, 4]}, 2 * 128 * 4 * 2)
+... except FrameError as exc:
+...     exc.field, exc.message
+('shape', 'expected an integer in [1, 64], got 128')
+
+Shape legend: P probe samples, R statistics per head, H heads, L queries, S keys.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..limits import LimitError, check_indices
+import numpy as np
+import safetensors.numpy
+from safetensors import SafetensorError
+
+from ..history.store import StatRow
+from ..limits import LimitError, check_finite, check_indices, check_int64, check_numbers
 from ..stream.roles import PATTERN_NAMES
-from ..stream.stats import STAT_NAMES
+from ..stream.stats import HEAD_STATISTICS, STAT_NAMES
 
 STREAM_STAT_NAMES = STAT_NAMES + PATTERN_NAMES  # the rows of a head_stats frame
 
@@ -39,15 +63,19 @@ MAX_NAME = 256  # layer names, roles, attention types: shown on the page
 MAX_CONFIG_BYTES = 64 * 1024  # the run's config, echoed in every run listing
 MAX_LABEL = 64  # a token label, as the captures API allows
 MAX_STEPS_BATCH = 4096  # a publisher queues at most this many steps (MAX_PENDING_STEPS)
+MAX_SCALARS = 256  # names per step (the page draws one chart line per name)
+# Rows of one history_stats message: a publisher sends every 0.5 s, and queues at most
+# history_queue_size (4096) records.
+MAX_STAT_ROWS = 4096
+# A publisher's own session id (uuid4().hex[:16]); never a path, never shown.
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# The statistics a history row may hold: today's, or the five of publishers from before
+# role scores (the store pads those with NaN).
+STAT_LAYOUTS = (tuple(HEAD_STATISTICS), tuple(STAT_NAMES))
 
 
-class FrameError(ValueError):
+class FrameError(LimitError):
     """A publisher message that does not fit the protocol or the run's layout."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -62,6 +90,45 @@ class AnnounceLimits:
     def from_settings(cls, settings: Any) -> AnnounceLimits:
         return cls(settings.max_remote_layers, settings.max_remote_heads,
                    settings.max_remote_seq_len)
+
+
+@dataclass(frozen=True)
+class RunBounds:
+    """What a run's announce allows its later messages (:func:`check_announce`), and what
+    its history records may hold (:meth:`with_history`).
+
+    A layer whose head count the announce leaves out is held to ``max_heads``.
+    """
+
+    layer_heads: tuple[int | None, ...]
+    roles: tuple[str, ...] = ()
+    max_heads: int = 1024
+    # Every side of a frame or snapshot: the announced max_len, else ATTNSCOPE_MAX_REMOTE_SEQ_LEN.
+    max_side: int = 65536
+    # History: probe samples per snapshot (history_probe_samples), a stored snapshot's
+    # side (history_snapshot_max_side, or the publishers' default if larger: the welcome
+    # does not carry it), and a session's metadata as JSON (history_max_meta_bytes).
+    probe_samples: int = 1
+    snapshot_side: int = 256
+    max_meta_bytes: int = 64 * 1024
+
+    @property
+    def layers(self) -> int:
+        return len(self.layer_heads)
+
+    def heads(self, layer: int) -> int:
+        """The most heads layer ``layer`` may have."""
+        return self.layer_heads[layer] or self.max_heads
+
+    @property
+    def widest(self) -> int:
+        """The most heads of any layer (a statistics row's H)."""
+        return max(self.heads(layer) for layer in range(self.layers))
+
+    def with_history(self, probe_samples: int, snapshot_side: int,
+                     max_meta_bytes: int) -> RunBounds:
+        return RunBounds(self.layer_heads, self.roles, self.max_heads, self.max_side,
+                         probe_samples, snapshot_side, max_meta_bytes)
 
 
 def _int(value: Any, field: str, low: int, high: int) -> int:
@@ -80,15 +147,22 @@ def _name(value: Any, field: str) -> str:
     return value
 
 
+def _json_size(value: Any, field: str, limit: int, setting: str) -> None:
+    size = len(json.dumps(value, separators=(",", ":")))
+    if size > limit:
+        raise FrameError(field, f"{size} bytes as JSON, over the limit of {limit} ({setting})")
+
+
 def check_announce(model: dict[str, Any], config: dict[str, Any],
-                   capture: dict[str, Any] | None, limits: AnnounceLimits) -> list[int | None]:
+                   capture: dict[str, Any] | None, limits: AnnounceLimits) -> RunBounds:
     """Raise :class:`FrameError` unless the announce's model fits ``limits``; return the
-    heads of each layer (None: unknown)."""
+    bounds of the run's later messages."""
     layers = model.get("layer_details")
     if not isinstance(layers, list) or not 1 <= len(layers) <= limits.max_layers:
         raise FrameError("model.layer_details", f"expected a list of 1 to {limits.max_layers} "
                          "layers (ATTNSCOPE_MAX_REMOTE_LAYERS)")
     heads: list[int | None] = []
+    roles: list[str] = []
     for i, layer in enumerate(layers):
         where = f"model.layer_details.{i}"
         if not isinstance(layer, dict):
@@ -97,6 +171,7 @@ def check_announce(model: dict[str, Any], config: dict[str, Any],
         for key in ("name", "role", "attention_type"):
             if key in layer:
                 _name(layer[key], f"{where}.{key}")
+        roles.append(str(layer.get("role") or "self"))
         _optional_int(layer.get("d_model"), f"{where}.d_model", 1, 1 << 20)
     for key in ("seq_len", "max_len"):
         _optional_int(model.get(key), f"model.{key}", 0, limits.max_seq_len)
@@ -119,12 +194,14 @@ def check_announce(model: dict[str, Any], config: dict[str, Any],
         symbols = capture.get("symbols")
         if symbols is not None and (not isinstance(symbols, list) or len(symbols) > 1 << 20):
             raise FrameError("capture.symbols", "expected a list of at most 2**20 labels")
-    return heads
+    # The model's own longest sequence, when it says one (max_len): seq_len is only the
+    # length of its latest batch, which changes from step to step.
+    max_side = model.get("max_len") or limits.max_seq_len
+    return RunBounds(tuple(heads), tuple(roles), limits.max_heads, max_side)
 
 
-def check_frame_header(header: dict[str, Any], payload_bytes: int,
-                       layer_heads: Sequence[int | None], limits: AnnounceLimits) -> tuple[
-        int, ...]:
+def check_frame_header(bounds: RunBounds, header: dict[str, Any],
+                       payload_bytes: int) -> tuple[int, ...]:
     """The frame's shape, after checking ``header`` against the run and its payload."""
     kind = header.get("kind")
     if kind not in STREAM_KINDS:
@@ -132,21 +209,15 @@ def check_frame_header(header: dict[str, Any], payload_bytes: int,
     dtype = header.get("dtype")
     if dtype not in ITEMSIZE:
         raise FrameError("dtype", f"expected one of {sorted(ITEMSIZE)}, got {str(dtype)[:20]!r}")
-    layer = _int(header.get("layer"), "layer", 0, len(layer_heads) - 1)
+    layer = _int(header.get("layer"), "layer", 0, bounds.layers - 1)
     _int(header.get("sample"), "sample", 0, 2**31 - 1)
-    _int(header.get("step"), "step", -(2**63), 2**63 - 1)
-    t = header.get("time")
-    if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t):
-        raise FrameError("time", "expected a finite number")
+    check_int64("step", header.get("step"))
+    check_finite("time", header.get("time"))
     _name(header.get("role"), "role")
-    n_heads = layer_heads[layer] or limits.max_heads
     raw_heads = header.get("heads")
     if not isinstance(raw_heads, list) or not raw_heads:
         raise FrameError("heads", "expected a non-empty list of head indices")
-    try:
-        heads = check_indices("heads", raw_heads, n_heads, where=f"layer {layer}")
-    except LimitError as exc:
-        raise FrameError(exc.field, exc.message) from None
+    heads = check_indices("heads", raw_heads, bounds.heads(layer), where=f"layer {layer}")
     shape = header.get("shape")
     h = len(heads)
     if kind == "qkv_norms":
@@ -162,7 +233,7 @@ def check_frame_header(header: dict[str, Any], payload_bytes: int,
     if not ok:
         raise FrameError("shape", f"an {kind} frame has shape {expected}, got {str(shape)[:60]}")
     for side in shape[1:]:
-        _int(side, "shape", 1, limits.max_seq_len)
+        _int(side, "shape", 1, bounds.max_side)
     size = math.prod(shape) * ITEMSIZE[dtype]
     if size != payload_bytes:
         raise FrameError("shape", f"shape {shape} of {dtype} is {size} bytes; the payload has "
@@ -185,10 +256,25 @@ def _check_labels(labels: Any, shape: list[int]) -> None:
     for axis, side in zip(labels, shape[1:], strict=True):
         if axis is None:
             continue
-        if not isinstance(axis, list) or len(axis) > side or \
-                any(not isinstance(x, str) or len(x) > MAX_LABEL for x in axis):
-            raise FrameError("labels", f"expected null or at most {side} strings of at most "
-                             f"{MAX_LABEL} characters per axis")
+        _label_list(axis, "labels", side)
+
+
+def _label_list(labels: Any, field: str, most: int) -> list[str]:
+    if not isinstance(labels, list) or len(labels) > most or \
+            any(not isinstance(x, str) or len(x) > MAX_LABEL for x in labels):
+        raise FrameError(field, f"expected null or at most {most} strings of at most "
+                         f"{MAX_LABEL} characters")
+    return labels
+
+
+def check_scalars(values: Any, field: str) -> dict[str, float]:
+    """A step's ``{name: number | null}`` as floats (null: NaN, as the publisher sent NaN)."""
+    if not isinstance(values, dict) or len(values) > MAX_SCALARS or any(
+            not isinstance(k, str) or len(k) > MAX_NAME for k in values):
+        raise FrameError(field, f"expected at most {MAX_SCALARS} names of at most {MAX_NAME} "
+                         "characters, each mapped to a number or null")
+    return {k: math.nan if v is None else check_finite(f"{field}.{k}", v)
+            for k, v in values.items()}
 
 
 def check_steps(steps: Any) -> list[list[Any]]:
@@ -199,14 +285,155 @@ def check_steps(steps: Any) -> list[list[Any]]:
         if not isinstance(item, list) or len(item) != 5:
             raise FrameError("steps", "each step is [step, time, values, batch, seq_len]")
         step, t, values, batch, length = item
-        _int(step, "steps", -(2**63), 2**63 - 1)
-        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t):
-            raise FrameError("steps", "a step's time must be a finite number")
-        if not isinstance(values, dict) or len(values) > 256 or any(
-                not isinstance(k, str) or len(k) > MAX_NAME or not (
-                    v is None or (isinstance(v, int | float) and not isinstance(v, bool)))
-                for k, v in values.items()):
-            raise FrameError("steps", "a step's values map at most 256 names to numbers")
+        check_int64("steps", step)
+        check_finite("steps", t)
+        check_scalars(values, "steps")
         _optional_int(batch, "steps", 1, 2**31 - 1)
         _optional_int(length, "steps", 0, 2**31 - 1)
     return steps
+
+
+# -- history records ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """A checked ``history_session``: the publisher's session id, its name, and the
+    metadata to store (the layout's keys taken from the announce)."""
+
+    session: str
+    name: str | None
+    meta: dict[str, Any]
+
+    @property
+    def stat_rows(self) -> int:
+        """R, the statistics per head of this session's rows."""
+        return len(self.meta["stat_names"])
+
+
+def check_session_id(value: Any, field: str = "session") -> str:
+    if not isinstance(value, str) or SESSION_ID.fullmatch(value) is None:
+        raise FrameError(field, "expected 1 to 64 letters, digits, '-' or '_'")
+    return value
+
+
+def check_history_session(bounds: RunBounds, message: dict[str, Any]) -> SessionRecord:
+    """A ``history_session`` ``{session, name, meta}``: the metadata within
+    ``max_meta_bytes`` with numbers that store, and what it says of the layout
+    (``layers``, ``layer_heads``) the announce's."""
+    session = check_session_id(message.get("session"))
+    name = message.get("name")
+    if name is not None:
+        _name(name, "name")
+    meta = message.get("meta")
+    meta = {} if meta is None else meta
+    if not isinstance(meta, dict):
+        raise FrameError("meta", "expected an object")
+    _json_size(meta, "meta", bounds.max_meta_bytes, "ATTNSCOPE_HISTORY_MAX_META_BYTES")
+    check_numbers("meta", meta)
+    if meta.get("layers", bounds.layers) != bounds.layers:
+        raise FrameError("meta.layers", f"the announce has {bounds.layers} layers, the session "
+                         f"{str(meta['layers'])[:20]}")
+    said = meta.get("layer_heads")
+    if said is not None and (not isinstance(said, list) or len(said) != bounds.layers or any(
+            known is not None and h != known
+            for h, known in zip(said, bounds.layer_heads, strict=True))):
+        raise FrameError("meta.layer_heads", "expected the announced heads of each layer")
+    names = tuple(meta.get("stat_names") or STAT_NAMES)
+    if names not in STAT_LAYOUTS:
+        raise FrameError("meta.stat_names", f"expected {list(HEAD_STATISTICS)}")
+    for key, most in (("every", 2**31 - 1), ("probe_samples", bounds.probe_samples)):
+        _optional_int(meta.get(key), f"meta.{key}", 1, most)
+    heads = list(bounds.layer_heads)
+    layout = {"layers": bounds.layers, "heads": max((h or 0 for h in heads), default=0),
+              "layer_heads": heads, "roles": list(bounds.roles) or ["self"] * bounds.layers,
+              "stat_names": list(names)}
+    return SessionRecord(session, name, {**meta, **layout})
+
+
+def check_history_stats(bounds: RunBounds, header: dict[str, Any], payload: bytes | memoryview,
+                        stat_rows: int) -> tuple[str, list[StatRow]]:
+    """A ``history_stats`` message: (the publisher's session id, its rows), each row's
+    statistics (layers, R, H) float32 with ``R = stat_rows`` and H at most the widest
+    layer's heads, one after another in ``payload``."""
+    session = check_session_id(header.get("session"))
+    rows = header.get("rows")
+    if not isinstance(rows, list) or len(rows) > MAX_STAT_ROWS:
+        raise FrameError("rows", f"expected a list of at most {MAX_STAT_ROWS} rows")
+    out, offset = [], 0
+    for i, row in enumerate(rows):
+        where = f"rows.{i}"
+        if not isinstance(row, list) or len(row) != 4:
+            raise FrameError(where, "each row is [step, time, scalars, shape]")
+        step, t, scalars, shape = row
+        heads = None
+        if shape is not None:
+            if not isinstance(shape, list) or len(shape) != 3 or \
+                    shape[:2] != [bounds.layers, stat_rows]:
+                raise FrameError(f"{where}.shape", f"expected [{bounds.layers}, {stat_rows}, H] "
+                                 f"(layers, statistics, heads), got {str(shape)[:60]}")
+            _int(shape[2], f"{where}.shape", 1, bounds.widest)
+            count = math.prod(shape)
+            if offset + 4 * count > len(payload):
+                raise FrameError("payload", f"{len(payload)} bytes, too few for the rows' shapes")
+            heads = np.frombuffer(payload, "<f4", count, offset).reshape(shape).copy()
+            offset += 4 * count
+        out.append(StatRow(check_int64(f"{where}.step", step),
+                           check_finite(f"{where}.time", t),
+                           check_scalars(scalars, f"{where}.scalars"), heads))
+    if offset != len(payload):
+        raise FrameError("payload", f"{len(payload)} bytes for {offset} bytes of rows")
+    return session, out
+
+
+# A snapshot's tensors: name prefix -> (dtype, shape after P given the layer's heads H).
+_SNAPSHOT_TENSORS = {"attention": ("float16", "(P, H, L, S)"),
+                     "repeat_scores": ("float32", "(P, 2, H)")}
+
+
+def check_history_snapshot(bounds: RunBounds, header: dict[str, Any],
+                           payload: bytes | memoryview) -> tuple[
+        str, int, float, dict[str, np.ndarray], list[str] | None]:
+    """A ``history_snapshot`` message: (the publisher's session id, step, time, tensors,
+    probe labels); the payload a safetensors file of ``attention.<layer>`` (P, H, L, S)
+    float16 and ``repeat_scores.<layer>`` (P, 2, H) float32, at least one attention."""
+    session = check_session_id(header.get("session"))
+    step = check_int64("step", header.get("step"))
+    t = check_finite("time", header.get("time"))
+    labels = header.get("labels")
+    if labels is not None:
+        _label_list(labels, "labels", bounds.max_side)
+        _json_size(labels, "labels", bounds.max_meta_bytes, "ATTNSCOPE_HISTORY_MAX_META_BYTES")
+    try:
+        tensors = safetensors.numpy.load(bytes(payload))
+    except SafetensorError as exc:
+        raise FrameError("payload", f"not a safetensors file: {str(exc)[:100]}") from None
+    if not any(name.startswith("attention.") for name in tensors):
+        raise FrameError("tensors", "expected attention.<layer> tensors")
+    for name, array in tensors.items():
+        _check_snapshot_tensor(bounds, name, array)
+    return session, step, t, tensors, labels
+
+
+def _check_snapshot_tensor(bounds: RunBounds, name: str, array: np.ndarray) -> None:
+    kind, _, index = name.partition(".")
+    if kind not in _SNAPSHOT_TENSORS or not index.isdigit() or str(int(index)) != index \
+            or int(index) >= bounds.layers:
+        raise FrameError("tensors", f"unknown tensor {name[:40]!r}: expected attention.<layer> "
+                         f"or repeat_scores.<layer> with a layer below {bounds.layers}")
+    layer = int(index)
+    dtype, expected = _SNAPSHOT_TENSORS[kind]
+    heads, side = bounds.heads(layer), min(bounds.max_side, bounds.snapshot_side)
+    shape = array.shape
+    if kind == "attention":  # (P, H, L, S)
+        ok = len(shape) == 4 and all(1 <= s <= side for s in shape[2:])
+        h = shape[1] if ok else 0
+    else:  # (P, 2, H)
+        ok = len(shape) == 3 and shape[1] == 2
+        h = shape[2] if ok else 0
+    # A layer of unknown head count is held to max_heads; a known one has all its heads.
+    ok = ok and 1 <= shape[0] <= bounds.probe_samples and \
+        (h == heads if bounds.layer_heads[layer] else 1 <= h <= heads)
+    if array.dtype != np.dtype(dtype) or not ok:
+        raise FrameError(f"tensors.{name}", f"expected {expected} {dtype} with P <= "
+                         f"{bounds.probe_samples}, H = {heads} and sides <= {side}, got "
+                         f"{list(shape)} {array.dtype}")

@@ -1,13 +1,15 @@
 """``/ws/publish``: where ``Dashboard.connect`` publishers deliver their runs (docs/teams.md).
 
 One websocket per training process. The first message is an ``announce``; then
-``steps`` batches, binary stream frames and capture results flow in, and
-``plan`` messages (whenever what the run's viewers subscribe to changes) and
-``capture`` requests flow out. Close codes: 1008 for a run id that belongs to a
-local run or to another publisher, an announce that does not validate or too many
-bad frames; 1003 for a message that is not part of the protocol (not JSON, an
-unknown type); 1013 when the server has ``max_publishers`` already. A frame that
-does not fit the run's announced layout is answered with an ``error`` and dropped.
+``steps`` batches, binary stream frames, history records and capture results flow
+in, and ``plan`` messages (whenever what the run's viewers subscribe to changes)
+and ``capture`` requests flow out. Close codes: 1000 after the publisher's
+``close``; 1008 for a run id that belongs to a local run or to another publisher,
+an announce that does not validate or too many bad messages; 1003 for a message
+that is not part of the protocol (not JSON, an unknown type); 1013 when the server
+has ``max_publishers`` or ``max_remote_runs`` already, or the run is live on
+another connection (the publisher retries). A frame or history record that does
+not fit the run's announced layout is answered with an ``error`` and dropped.
 """
 
 from __future__ import annotations
@@ -22,11 +24,21 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.websockets import WebSocketDisconnected
 
 from ..api.deps import RegistryDep
+from ..history.config import HistoryConfig
+from ..limits import check_numbers
 from ..run_base import ScalarHistory, UnknownRunError
 from ..stream.plan import Plan
-from .checks import AnnounceLimits, FrameError, check_announce, check_frame_header, check_steps
+from .checks import (
+    AnnounceLimits,
+    FrameError,
+    RunBounds,
+    check_announce,
+    check_frame_header,
+    check_steps,
+)
 from .history import HistoryInbox, config_message
 from .run import RemoteRun
 from .wire import WIRE_VERSION, decode_capture, plan_to_message, unpack_binary
@@ -68,8 +80,21 @@ class RunTaken(ValueError):
     """The run id belongs to another publisher (live, or dropped and not yet back)."""
 
 
-class RunsFull(FrameError):
-    """Every remote run slot holds a live run: the publisher should retry later."""
+class RetryLater(FrameError):
+    """Refused for now, not for good: the publisher retries with backoff."""
+
+
+class RunsFull(RetryLater):
+    """Every remote run slot holds a live run."""
+
+
+class RunLive(RetryLater):
+    """The run is live on another connection (its publisher's old one, not yet known to
+    be gone: the server notices within its websocket ping timeout, 40 s at most)."""
+
+
+# Closing a socket the publisher has already closed: what Starlette raises then.
+_GONE = (WebSocketDisconnect, WebSocketDisconnected, OSError)
 
 
 class _Link:
@@ -100,12 +125,14 @@ def _owns(run: RemoteRun, secret: str | None) -> bool:
 
 def _attach_run(registry: Any, hello: Announce, limits: AnnounceLimits,
                 max_runs: int) -> RemoteRun:
-    """The run ``hello`` publishes, created or taken back; raises ValueError, RunTaken."""
-    check_announce(hello.model, hello.config, hello.capture, limits)
+    """The run ``hello`` publishes, created or taken back (``run.bounds`` from its
+    announce); raises ValueError, RunTaken, RetryLater."""
+    bounds = check_announce(hello.model, hello.config, hello.capture, limits)
     steps = (hello.history or {}).get("steps")
     if steps is not None and (not isinstance(steps, list) or len(steps) > MAX_HISTORY_POINTS):
         raise FrameError("history.steps", f"at most {MAX_HISTORY_POINTS} points")
     if hello.history is not None:
+        check_numbers("history", hello.history)  # steps int64, times and values finite
         try:  # what attach() will read: refuse a malformed history here, not mid-attach
             ScalarHistory.from_dict(hello.history)
         except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
@@ -117,6 +144,7 @@ def _attach_run(registry: Any, hello: Announce, limits: AnnounceLimits,
     if run is None:
         _make_room(registry, max_runs)
         run = RemoteRun(hello.run, hello.name, hello.model, hello.host, hello.config)
+        run.bounds = bounds
         run.set_capture_info(hello.capture)
         # A publisher back after a server restart keeps its secret; a new one gets one.
         run.secret = hello.secret or secrets.token_urlsafe(32)
@@ -131,7 +159,11 @@ def _attach_run(registry: Any, hello: Announce, limits: AnnounceLimits,
                            f"({run.host or 'unknown host'}, {run.status}); choose another run "
                            "name, or delete the run once it has ended")
         run.secret = secrets.token_urlsafe(32)  # an ended run id is free to reuse
+    elif run.link is not None:  # one live connection per run: the newest waits its turn
+        raise RunLive("run", f"run {hello.run!r} is live on another connection of its "
+                      "publisher; retry once that one is gone")
     run.name, run.host, run.config = hello.name, hello.host, hello.config
+    run.bounds = bounds
     run.set_capture_info(hello.capture)
     return run
 
@@ -180,12 +212,12 @@ async def _publish(websocket: WebSocket, registry: Any, settings: Any) -> None:
         logger.warning("refused a publisher: %s", message[:300])
         reason = "run taken" if isinstance(exc, RunTaken) else "invalid announce"
         answer = {"type": "error", "message": message}
-        if isinstance(exc, RunsFull):  # not final: the publisher retries with backoff
+        if isinstance(exc, RetryLater):  # not final: the publisher retries with backoff
             answer["retry"] = True
-            reason = "too many runs"
-        with contextlib.suppress(Exception):
+            reason = "run live elsewhere" if isinstance(exc, RunLive) else "too many runs"
+        with contextlib.suppress(*_GONE):
             await websocket.send_text(json.dumps(answer))
-            await websocket.close(1013 if isinstance(exc, RunsFull) else 1008, reason)
+            await websocket.close(1013 if isinstance(exc, RetryLater) else 1008, reason)
         return
     except WebSocketDisconnect:
         return
@@ -195,8 +227,11 @@ async def _publish(websocket: WebSocket, registry: Any, settings: Any) -> None:
     service = getattr(websocket.app.state, "history", None)
     if service is None or not hello.records_history:
         run.history_inbox = None
-    elif run.history_inbox is None:
-        run.history_inbox = HistoryInbox(service, run)
+    else:
+        bounds = _history_bounds(run.bounds, service.config)
+        if run.history_inbox is None:
+            run.history_inbox = HistoryInbox(service, run, bounds)
+        run.history_inbox.bounds = bounds
     welcome = {"type": "welcome", "run": run.id, "secret": run.secret,
                "history": config_message(None if service is None else service.config,
                                          settings.max_publish_bytes)}
@@ -205,13 +240,16 @@ async def _publish(websocket: WebSocket, registry: Any, settings: Any) -> None:
     try:
         await websocket.send_text(json.dumps(welcome))
         link.send_plan(run.plan)  # viewers may be waiting already
-        ended = await _receive_loop(websocket, run, link,
-                                    AnnounceLimits.from_settings(settings))
-    except WebSocketDisconnect:
+        ended = await _receive_loop(websocket, run, link)
+        if ended:
+            logger.info("publisher of run %r closed the run", run.id)
+            with contextlib.suppress(*_GONE):  # it may have closed its socket already
+                await websocket.close(1000)
+    except _GONE:  # the publisher's socket went away: its run is idle
         pass
     except Exception:
         logger.exception("publisher connection failed (run %r)", run.id)
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(*_GONE):
             await websocket.close(1011, "internal error")
     finally:
         sender.cancel()
@@ -220,12 +258,18 @@ async def _publish(websocket: WebSocket, registry: Any, settings: Any) -> None:
         run.detach_link(link, ended)
 
 
-async def _receive_loop(websocket: WebSocket, run: RemoteRun, link: _Link,
-                        limits: AnnounceLimits) -> bool:
+def _history_bounds(bounds: RunBounds, config: HistoryConfig) -> RunBounds:
+    """The run's bounds with what its history records may hold: the server's probe
+    samples and metadata limit; snapshots pooled to the server's side, or to the
+    publishers' default when larger (the welcome does not tell publishers the side)."""
+    side = max(config.snapshot_max_side, HistoryConfig.snapshot_max_side)
+    return bounds.with_history(config.probe_samples, side, config.max_meta_bytes)
+
+
+async def _receive_loop(websocket: WebSocket, run: RemoteRun, link: _Link) -> bool:
     """Feed ``run`` until the publisher leaves; True when it said ``close``. A message that
     does not fit is answered with an ``error`` and dropped (closed with 1008 past
     MAX_BAD_MESSAGES); text that is not JSON closes with 1003."""
-    heads = [site.heads for site in run.sites]
     bad = 0
     while True:
         message = await websocket.receive()
@@ -233,7 +277,7 @@ async def _receive_loop(websocket: WebSocket, run: RemoteRun, link: _Link,
             return False
         try:
             if (data := message.get("bytes")) is not None:
-                _receive_binary(run, data, heads, limits)
+                _receive_binary(run, data)
                 continue
             text = message.get("text") or "null"
             if len(text) > MAX_TEXT_BYTES:
@@ -257,12 +301,11 @@ async def _receive_loop(websocket: WebSocket, run: RemoteRun, link: _Link,
                 if run.history_inbox is not None:
                     run.history_inbox.on_session(body)
             elif kind == "close":
-                await websocket.close(1000)
                 return True
             else:
                 await websocket.close(1003, "unknown message type")
                 return False
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError,
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError,
                 RecursionError) as exc:  # RecursionError: a frame header nested too deep
             # Client input, not a server fault: one line, an error back, the message dropped.
             bad += 1
@@ -300,8 +343,7 @@ def _make_room(registry: Any, max_runs: int) -> None:
         logger.info("forgot remote run %r (%s) to make room", oldest.id, oldest.status)
 
 
-def _receive_binary(run: RemoteRun, data: bytes, heads: list[int | None],
-                    limits: AnnounceLimits) -> None:
+def _receive_binary(run: RemoteRun, data: bytes) -> None:
     header, payload = unpack_binary(data)
     if header["kind"] == "capture_result":
         run.captures.receive_chunk(header, payload)
@@ -309,5 +351,5 @@ def _receive_binary(run: RemoteRun, data: bytes, heads: list[int | None],
         if run.history_inbox is not None:
             run.history_inbox.on_binary(header, payload)
     else:
-        check_frame_header(header, len(payload), heads, limits)
+        check_frame_header(run.bounds, header, len(payload))
         run.deliver(*decode_capture(header, payload))

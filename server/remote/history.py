@@ -15,21 +15,23 @@ thread; that thread computes the statistics and snapshot arrays and sends:
 - binary ``history_snapshot`` ``{session, step, time, labels}``, the payload a
   safetensors file of ``attention.<layer>`` (P, H, L, S) float16.
 
-On the server, a :class:`HistoryInbox` per remote run maps the publisher's sessions
-to sessions of its store (the same one after a reconnection or a server restart) and
-queues rows and snapshots for the history writer. While the server is away, records
-wait in the outbox (up to ``queue_bytes``), so the history continues where it stopped.
+On the server, a :class:`HistoryInbox` per remote run checks each record against the
+run's announced layout (:mod:`attnscope.remote.checks`: a bad one is refused with an
+``error``, as a bad frame is), maps the publisher's sessions to sessions of its store
+(the same one after a reconnection or a server restart; the run's own quotas,
+docs/security.md) and queues rows and snapshots for the history writer. While the
+server is away, records wait in the outbox (up to ``queue_bytes``), so the history
+continues where it stopped.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any
 
 import numpy as np
@@ -37,9 +39,16 @@ import safetensors.numpy
 
 from ..history.config import HistoryConfig
 from ..history.recorder import SnapshotItem, StepItem, StoredSnapshot, StoredStats, stat_rows
-from ..history.store import StatRow
+from ..history.store import HistoryFull, StatRow
 from ..jsonsafe import json_safe
 from ..protocol import pack
+from .checks import (
+    FrameError,
+    check_history_session,
+    check_history_snapshot,
+    check_history_stats,
+    check_session_id,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,22 +84,6 @@ def encode_stats(session: str, rows: list[StatRow]) -> bytes:
     payload = b"".join(np.ascontiguousarray(r.heads, "<f4").tobytes()
                        for r in rows if r.heads is not None)
     return pack(header, payload)
-
-
-def decode_stats(header: dict[str, Any], payload: memoryview) -> list[StatRow]:
-    """The inverse of :func:`encode_stats`; ValueError if the payload does not match."""
-    rows, offset = [], 0
-    for step, t, scalars, shape in header["rows"]:
-        heads = None
-        if shape is not None:
-            count = math.prod(int(s) for s in shape)
-            heads = np.frombuffer(payload, "<f4", count, offset).reshape(shape).copy()
-            offset += 4 * count
-        values = {str(k): math.nan if v is None else float(v) for k, v in scalars.items()}
-        rows.append(StatRow(int(step), float(t), values, heads))
-    if offset != len(payload):
-        raise ValueError(f"history_stats: {len(payload)} payload bytes for {offset} of rows")
-    return rows
 
 
 def encode_snapshot(item: SnapshotItem) -> bytes:
@@ -191,43 +184,69 @@ class HistoryOutbox:
 # -- server end --------------------------------------------------------------------
 
 class HistoryInbox:
-    """The server's end for one remote run: stores what its publisher recorded."""
+    """The server's end for one remote run: checks and stores what its publisher recorded.
 
-    def __init__(self, service: Any, run: Any) -> None:
+    Every method raises :class:`~attnscope.remote.checks.FrameError` (naming the field)
+    for a record that does not fit the run's :class:`~attnscope.remote.checks.RunBounds`;
+    nothing of it is queued.
+    """
+
+    # Publisher sessions remembered: one is recorded at a time, a reconnection repeats it.
+    MAX_SESSIONS = 8
+
+    def __init__(self, service: Any, run: Any, bounds: Any) -> None:
         self.service = service  # a HistoryService
         self.run = run
-        self.sessions: dict[str, str] = {}  # the publisher's session id -> the store's
+        self.bounds = bounds  # the run's RunBounds, with the server's history limits
+        # the publisher's session id -> (the store's, statistics per head R)
+        self.sessions: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        self.refused: OrderedDict[str, None] = OrderedDict()  # sessions past the quota
         self.session: str | None = None  # the store's session being recorded (None: none yet)
 
     def on_session(self, message: dict[str, Any]) -> None:
         """A ``history_session``: the same stored session as before if this publisher
         session is known (a reconnection, or the newest session after a restart)."""
-        theirs = str(message.get("session"))
+        record = check_history_session(self.bounds, message)
+        theirs = record.session
+        known = self.sessions.get(theirs)
+        if known is not None and self.service.store.session(known[0]) is None:
+            del self.sessions[theirs]  # evicted by the run's own quota: a new one
         if theirs not in self.sessions:
             latest = self.service.store.latest_session(self.run.id)
             if latest is not None and latest.meta.get("publisher_session") == theirs:
-                self.sessions[theirs] = latest.id
+                ours = latest.id
             else:
-                meta = {**dict(message.get("meta") or {}), "publisher_session": theirs,
-                        "host": self.run.host}
-                name = str(message.get("name") or self.run.name)
-                self.sessions[theirs] = self.service.new_session(self.run.id, name, meta)
-        self.session = self.sessions[theirs]
+                meta = {**record.meta, "publisher_session": theirs, "host": self.run.host}
+                try:
+                    ours = self.service.new_session(self.run.id, record.name or self.run.name,
+                                                    meta, remote=True)
+                except HistoryFull as exc:
+                    _remember(self.refused, theirs, self.MAX_SESSIONS)
+                    raise FrameError("session", str(exc)) from None
+            _remember(self.sessions, theirs, self.MAX_SESSIONS, (ours, record.stat_rows))
+        self.sessions.move_to_end(theirs)
+        self.session = self.sessions[theirs][0]
 
     def on_binary(self, header: dict[str, Any], payload: memoryview) -> None:
         """A ``history_stats`` or ``history_snapshot`` message, queued for the writer."""
-        session = self.sessions.get(str(header.get("session")))
-        if session is None:
-            logger.debug("history of run %r: a record of an unknown session", self.run.id)
-            return
+        theirs = check_session_id(header.get("session"))
+        if theirs in self.refused:
+            return  # said once, at its history_session
+        if theirs not in self.sessions:
+            raise FrameError("session", "unknown session: send its history_session first")
+        session, stat_rows = self.sessions[theirs]
         if header["kind"] == "history_stats":
-            self.service.submit(StoredStats(session, decode_stats(header, payload)))
+            _, rows = check_history_stats(self.bounds, header, payload, stat_rows)
+            self.service.submit(StoredStats(session, rows))
             return
-        tensors = safetensors.numpy.load(bytes(payload))
-        labels = header.get("labels")
-        self.service.submit(StoredSnapshot(session, int(header["step"]), float(header["time"]),
-                                           tensors, None if labels is None else
-                                           [str(x) for x in labels]))
+        _, step, t, tensors, labels = check_history_snapshot(self.bounds, header, payload)
+        self.service.submit(StoredSnapshot(session, step, t, tensors, labels))
+
+
+def _remember(book: OrderedDict, key: str, most: int, value: Any = None) -> None:
+    book[key] = value
+    while len(book) > most:
+        book.popitem(last=False)
 
 
 __all__ = ["HistoryInbox", "HistoryOutbox", "config_from_message", "config_message"]

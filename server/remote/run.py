@@ -59,6 +59,8 @@ class RemoteRun(BaseRun):
         self.text_captures = False  # the publisher tokenizes captures given as text
         self.captures = CaptureRequests()
         self.history_inbox: Any = None  # a remote.history.HistoryInbox when history is on
+        # What its announce allows its messages (remote.checks.RunBounds; set on attach).
+        self.bounds: Any = None
         # Issued at the first announce (remote.endpoint): proves a reconnecting publisher
         # is the one that owns this run id.
         self.secret: str | None = None

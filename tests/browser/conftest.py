@@ -12,6 +12,7 @@ import functools
 import http.server
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -164,6 +165,18 @@ def screenshot(page, name: str) -> Path:
     path = ARTIFACTS / f"{name}.png"
     page.screenshot(path=str(path))
     return path
+
+
+def keep(path: Path, name: str) -> None:
+    """A screenshot looked at and worth showing: into docs/."""
+    shutil.copyfile(path, REPO / "docs" / name)
+
+
+def wait_until(predicate, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.25)
 
 
 @pytest.fixture(scope="module")

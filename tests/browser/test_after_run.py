@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 
-from .conftest import REPO, ServerProcess, free_port, get_json, screenshot
+from .conftest import REPO, ServerProcess, free_port, get_json, keep, screenshot, wait_until
 
 pytestmark = pytest.mark.browser
 
 WAIT_MS = 60_000
-DOCS = REPO / "docs"
 SIZES = [(1600, 1000), (1366, 768), (1920, 1080), (1280, 800)]
 
 
@@ -27,13 +24,6 @@ def serve(port: int, name: str, data_dir, env: dict | None = None) -> ServerProc
     argv = [sys.executable, "-m", "attnscope.cli", "serve", "--port", str(port),
             "--host", "127.0.0.1", "--data-dir", str(data_dir)]
     return ServerProcess(argv, port, REPO / "test-artifacts" / f"{name}.log", env)
-
-
-def wait_until(predicate, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.25)
 
 
 def slider_in_view(page) -> bool:
@@ -54,11 +44,6 @@ def open_focus_with_labels(page, url: str, layer: int, head: int, label: str) ->
         timeout=WAIT_MS)
     return page.evaluate("() => { const l = document.getElementById('focus-plot').layout;"
                          " return {x: l.xaxis.ticktext, y: l.yaxis.ticktext}; }")
-
-
-def keep(path, name: str) -> None:
-    """A screenshot looked at and worth showing: into docs/."""
-    shutil.copyfile(path, DOCS / name)
 
 
 @pytest.fixture(scope="module")

@@ -226,9 +226,9 @@ def test_export_npz_captures_the_matrices_on_screen(page, demo):
     with page.expect_download(timeout=WAIT_MS) as npz:
         page.click("#export-npz")
     assert npz.value.suggested_filename.endswith(".npz")
-    arrays = np.load(npz.value.path())
+    with np.load(npz.value.path()) as arrays:  # closed: no ResourceWarning at teardown
+        attention = arrays["attention.0"]  # (N, H, L, S)
     labels = page.evaluate("() => window.__attnscope.lastCapture.labels ?? null")
-    attention = arrays["attention.0"]  # (N, H, L, S)
     seq = run["model"]["seq_len"]
     assert attention.shape == (1, run["model"]["heads"], seq, seq), (attention.shape, labels)
     np.testing.assert_allclose(attention.sum(-1), 1.0, atol=1e-4)  # softmax rows

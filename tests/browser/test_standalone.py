@@ -58,8 +58,7 @@ def check_page(page, frame, data: dict, shot: str) -> None:
     cell.click()
     frame.locator("#focus-plot .nsewdrag").first.wait_for(timeout=WAIT_MS)
     ticks = frame.locator("#focus-plot .xtick text").all_text_contents()
-    # the page marks whitespace visibly (a space is "·"), in the standalone file too
-    assert ticks == [t.replace(" ", "·") for t in TOKENS]
+    assert ticks == [t.replace(" ", "·") for t in TOKENS]  # spaces shown, as the page does
     text = plot_hover(page, frame, 3, 2, 6, 6)
     assert "query #3 “ on”" in text and "key #2 “ sat”" in text
     assert f"weight {values[1][1, 3, 2]:.4f}" in text

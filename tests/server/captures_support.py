@@ -20,6 +20,8 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
+from attnscope.captures.pinned import PinnedCaptures
+from attnscope.captures.pins_router import router as pins_router
 from attnscope.captures.router import PREFIX, build_router
 from attnscope.captures.service import CaptureLimits
 from attnscope.captures.store import open_store
@@ -60,13 +62,18 @@ def make_app(data_dir: Path, runs: list[Run] | None = None,
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.capture_store = open_store(app.state.settings)
+        app.state.pins = PinnedCaptures(registry, app.state.capture_store, limits, every=50,
+                                        min_interval_s=0.0, keep=100, max_per_run=8,
+                                        max_overhead=0.03).start()
         try:
             yield
         finally:
+            app.state.pins.close()
             app.state.capture_store.close()
 
     app = FastAPI(lifespan=lifespan)
     app.include_router(build_router(limits))
+    app.include_router(pins_router)
     app.state.settings = _FakeSettings(data_dir)
     app.state.runs = registry
     return app

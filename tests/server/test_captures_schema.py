@@ -1,4 +1,4 @@
-"""Property-based run of schemathesis against the captures part of our OpenAPI schema.
+"""Property-based run of schemathesis against the captures and pins part of our OpenAPI schema.
 
 A bounded number of generated requests per operation (CI repeats it as is):
 no 5xx, every status code, content type, header and body as the schema says,
@@ -30,12 +30,15 @@ def test_captures_api_follows_its_schema(tmp_path: Path) -> None:
     app = make_app(tmp_path, limits=CaptureLimits(max_body_bytes=64 * 1024))
     with serve(app) as url:
         schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
-        schema = schema.include(path_regex=r"^/api/v1/captures")
+        schema = schema.include(path_regex=r"^/api/v1/(captures|pins)")
         operations = [result.ok() for result in schema.get_all_operations()]
         assert {f"{op.method.upper()} {op.path}" for op in operations} == {
             "POST /api/v1/captures", "GET /api/v1/captures",
             "GET /api/v1/captures/{capture_id}", "GET /api/v1/captures/{capture_id}/data",
-            "DELETE /api/v1/captures/{capture_id}"}
+            "DELETE /api/v1/captures/{capture_id}", "GET /api/v1/captures/input",
+            "GET /api/v1/captures/{capture_id}/frame", "GET /api/v1/captures/{capture_id}/heads",
+            "POST /api/v1/pins", "GET /api/v1/pins", "GET /api/v1/pins/{pin_id}",
+            "PATCH /api/v1/pins/{pin_id}", "DELETE /api/v1/pins/{pin_id}"}
         for operation in operations:
 
             @given(case=operation.as_strategy())

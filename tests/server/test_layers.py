@@ -26,6 +26,7 @@ CORE = {
     "attnscope.storage", "attnscope.stream", "attnscope.stream.plan", "attnscope.stream.stats",
     "attnscope.stream.reduce", "attnscope.stream.rowstats",
     "attnscope.stream.frames", "attnscope.remote", "attnscope.remote.wire",
+    "attnscope.remote.checks",
     "attnscope.captures", "attnscope.captures.capture", "attnscope.captures.store",
     "attnscope.captures.formats", "attnscope.history", "attnscope.history.store",
     "attnscope.history.config", "attnscope.history.thinning", "attnscope.stream.roles",

@@ -15,7 +15,8 @@ from test_remote import _ServedOn, wait_for
 from attnscope import Dashboard
 from attnscope.demo import DemoConfig, DemoTraining
 from attnscope.history.store import StatRow
-from attnscope.remote.history import decode_stats, encode_stats
+from attnscope.remote.checks import RunBounds, check_history_stats
+from attnscope.remote.history import encode_stats
 from attnscope.remote.wire import unpack_binary
 from attnscope.runs import RunRegistry
 from transformer_core.events import AttentionEvent, EventDispatcher, dispatching_to
@@ -130,7 +131,8 @@ def test_stats_rows_survive_the_wire_with_nan() -> None:
             StatRow(4, 2.0, {"loss": 0.25}, None)]
     header, payload = unpack_binary(encode_stats("s1", rows))
     assert header["kind"] == "history_stats" and header["session"] == "s1"
-    back = decode_stats(header, payload)
+    session, back = check_history_stats(RunBounds(layer_heads=(3, 2)), header, payload, 5)
+    assert session == "s1"
     assert [(r.step, r.time) for r in back] == [(3, 1.5), (4, 2.0)]
     assert math.isnan(back[0].scalars["loss"]) and back[0].scalars["acc"] == 0.5
     np.testing.assert_array_equal(back[0].heads, heads)
