@@ -121,7 +121,8 @@ def assert_toy_intact(served: Served, before: dict) -> None:
     data = served.http.get("/api/v1/runs/toy/history/data")
     assert data.status_code == 200
     with np.load(io.BytesIO(data.content)) as z:
-        assert z["attention"].shape[0] == len(after["snapshots"])
+        # the run trains on: a snapshot may land between the two requests
+        assert z["attention"].shape[0] >= len(after["snapshots"])
     assert served.http.get("/api/v1/runs/toy/heads").status_code == 200
 
 

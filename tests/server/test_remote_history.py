@@ -52,15 +52,15 @@ def test_a_remote_run_is_recorded_and_its_snapshots_are_its_probe_attention() ->
                                  symbols=training.task.symbols, max_overhead=1.0)
         try:
             wait_for(lambda: dash.connections == 1, 10, "the connection")
-            _train(dash, training, 21)  # steps 0..20; recording starts at the first step
+            _train(dash, training, 21)  # steps 0..20; recording starts with the first step
             wait_for(lambda: (_index(served, run)["stats"]["steps"] or [0])[-1] == 20, 10,
                      "the last step's statistics")
             index = _index(served, run)
             probe = dash._link._recorder.probe
         finally:
             dash.close()
-        assert index["stats"]["steps"] == list(range(1, 21))  # every step
-        assert [s["step"] for s in index["snapshots"]] == [1, 5, 10, 15, 20]
+        assert index["stats"]["steps"] == list(range(0, 21))  # every step
+        assert [s["step"] for s in index["snapshots"]] == [0, 5, 10, 15, 20]
         assert index["layers"] == 2 and index["heads"] == [0, 1]
         assert len(index["probe"]["labels"]) == CONFIG.seq_len
         sessions = {s["session"]: s for s in served.http.get("/api/v1/history").json()}
@@ -102,7 +102,7 @@ def test_remote_history_continues_in_the_same_session_across_a_server_restart() 
     finally:
         dash.close()
     assert index["session"] == session
-    assert index["stats"]["steps"] == list(range(1, 35))  # nothing lost while away
+    assert index["stats"]["steps"] == list(range(0, 35))  # nothing lost while away
     assert dash.history_dropped == 0
 
 
