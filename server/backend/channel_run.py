@@ -18,6 +18,7 @@ from typing import Any
 from ..contract.channel import Channel, Message
 from ..contract.messages import MessageError, read_frames, read_snapshot, read_step
 from ..history.config import HistoryConfig
+from ..jsonsafe import json_safe
 from ..remote.run import RemoteRun
 from ..remote.wire import plan_to_message
 from ..run_base import RunStateError
@@ -82,7 +83,7 @@ class RecorderProxy:
         """An alert of this run (the writer's thread): to the training process, where
         ``dash.on_alert`` callbacks get it at its next step."""
         if message.get("run") == self.run.id and self.run.link is not None:
-            self.run.send("alert", message)
+            self.run.send("alert", json_safe(message))  # NaN values travel as null
 
     def detach(self) -> None:
         if self._alerts is not None and self._alert in self._alerts:

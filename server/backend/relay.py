@@ -289,6 +289,8 @@ class Relay:
                 self.tell("plan", data)
             elif kind == "capture":
                 self._forward_capture(data)
+            elif kind == "alert":  # for the training script's on_alert callbacks
+                self.tell("alert", json_safe(data))
             elif kind == "error":  # the server dropped something we sent
                 logger.warning("attnscope server: %s", data.get("message"))
 

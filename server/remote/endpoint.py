@@ -237,6 +237,16 @@ async def _publish(websocket: WebSocket, registry: Any, settings: Any) -> None:
                                          settings.max_publish_bytes)}
     sender = asyncio.create_task(link.sender())
     logger.info("publisher connected: run %r from %s", run.id, hello.host or "?")
+    alerts = None if service is None else getattr(service, "alerts", None)
+
+    def alert(message: dict[str, Any]) -> None:
+        """An alert of this run (the history writer's thread): to its publisher, whose
+        training script's ``on_alert`` callbacks get it."""
+        if message.get("run") == run.id:
+            link.send_threadsafe(message)  # its "type" is "alert"
+
+    if alerts is not None:
+        alerts.listeners.append(alert)
     try:
         await websocket.send_text(json.dumps(welcome))
         link.send_plan(run.plan)  # viewers may be waiting already
@@ -252,6 +262,8 @@ async def _publish(websocket: WebSocket, registry: Any, settings: Any) -> None:
         with contextlib.suppress(*_GONE):
             await websocket.close(1011, "internal error")
     finally:
+        if alerts is not None and alert in alerts.listeners:
+            alerts.listeners.remove(alert)
         sender.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await sender

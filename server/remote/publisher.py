@@ -159,6 +159,13 @@ class RemotePublisher:
             logger.log(int(state.get("error_level") or logging.WARNING), "%s", error)
         self._state.update(state)
 
+    def on_alert(self, callback: Any) -> Any:
+        """As :meth:`attnscope.Dashboard.on_alert`: ``callback(alert)`` for each alert the
+        team server raises on this run, in the training thread at its next step."""
+        if self._link is not None:
+            self._link.alert_callbacks.append(callback)
+        return callback
+
     def poll(self) -> None:
         """Read the relay's reports (any thread; other messages wait for the next step)."""
         if self._link is not None:

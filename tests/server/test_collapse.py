@@ -110,3 +110,38 @@ def test_on_alert_calls_the_training_script_back_in_its_own_thread(tmp_path):
     assert thread == threading.get_ident()
     assert "entropy" in alert["rule"] and alert["run"] == "collapse" and alert["text"]
     assert config.steady_steps < alert["step"] <= result.step
+
+
+def test_on_alert_reaches_a_publisher_of_a_team_server(tmp_path):
+    """Dashboard.connect: the team server's alerts of the run reach its training script."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from stream_support import Served
+
+    from attnscope import Dashboard
+    from attnscope.runs import RunRegistry
+
+    logging.getLogger("attnscope.alerts").setLevel(logging.ERROR)
+    torch.set_num_threads(1)
+    config = CollapseConfig(device="cpu")
+    training = CollapseTraining(config, event_dispatcher=EventDispatcher())
+    got: list[dict] = []
+    with Served(RunRegistry(), data_dir=tmp_path) as served:
+        dash = Dashboard.connect(training.model, served.url, run="team/collapse",
+                                 max_overhead=1.0)
+        try:
+            dash.on_alert(got.append)
+            for _ in range(330):
+                result = training.step()
+                dash.step(result.step, loss=result.loss)
+                if got:
+                    break
+            for _ in range(120):  # the server's writer may lag: the relay forwards meanwhile
+                if got:
+                    break
+                time.sleep(0.5)
+                dash.step(result.step + 1, loss=result.loss)  # alerts arrive at a step
+        finally:
+            dash.close()
+    assert got and got[0]["run"] == "team/collapse" and "entropy" in got[0]["rule"]
