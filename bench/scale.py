@@ -317,7 +317,7 @@ class _Discard:
     side alone)."""
 
     def __init__(self) -> None:
-        from attnscope.history.config import HistoryConfig
+        from attnscope.core.history_config import HistoryConfig
 
         self.config = HistoryConfig()
 
@@ -330,8 +330,8 @@ class _Discard:
 
 def _recorded_run(model, max_overhead: float):
     """A run of ``model`` and its recorder into :class:`_Discard`, with a cost budget."""
-    from attnscope.history.recorder import RunRecorder
-    from attnscope.runs import Run
+    from attnscope.training.recorder import RunRecorder
+    from attnscope.training.run import Run
 
     run = Run(model, run_id="recorded", max_overhead=max_overhead)
     return run, RunRecorder(run, _Discard())
@@ -423,8 +423,8 @@ def profile(args: argparse.Namespace) -> None:
     import pstats
 
     from attnscope import Dashboard
-    from attnscope.history.recorder import stats_of
     from attnscope.settings import Settings
+    from attnscope.training.recorder import stats_of
     from transformer_core.events import AttentionEvent
 
     training = Training(args)
@@ -461,7 +461,7 @@ def profile(args: argparse.Namespace) -> None:
     print(f"{args.min_steps} steps, {wall / args.min_steps:.2f} s/step wall; CPU s/step: "
           + ", ".join(f"{k} {v / args.min_steps:.2f}" for k, v in cpu.items()))
     pstats.Stats(prof).sort_stats("cumulative").print_stats(18)
-    from attnscope.history.recorder import StepItem
+    from attnscope.training.recorder import StepItem
 
     layers = dict(enumerate(copies.values()))
     item = StepItem("s", 0, 0.0, {}, layers, len(layers))

@@ -54,7 +54,7 @@ STALLED = SUBSCRIBE  # the same subscription as (b), never read
 async def _subscriber(url: str, deadline: float, stats: dict, run: str = "demo") -> None:
     import websockets
 
-    from attnscope.protocol import decode_frame
+    from attnscope.contract.protocol import decode_frame
 
     async with websockets.connect(url, max_size=None, compression=None) as ws:
         await ws.recv()  # hello
@@ -110,9 +110,9 @@ def _measure(training, run, seconds: float) -> dict:
 
 def one_window(mode: str, seconds: float, device: str) -> dict:
     from attnscope import Dashboard
-    from attnscope.demo import DemoConfig, DemoTraining
-    from attnscope.runs import Run
     from attnscope.settings import Settings
+    from attnscope.training.demo import DemoConfig, DemoTraining
+    from attnscope.training.run import Run
     from transformer_core.events import EventDispatcher
 
     dispatcher = EventDispatcher()
@@ -182,8 +182,8 @@ def update_size() -> dict:
     """Bytes of one 4-layer x 4-head x 128 x 128 attention update, binary vs JSON."""
     import torch
 
-    from attnscope.stream.frames import encode_binary
-    from attnscope.stream.publisher import Capture
+    from attnscope.backend.frames import encode_binary
+    from attnscope.training.stream import Capture
 
     torch.manual_seed(0)
     labels = [f"t{i}" for i in range(128)]

@@ -24,8 +24,8 @@ from .client import add_capture_arguments, capture_command
 from .settings import Settings
 
 if TYPE_CHECKING:  # heavy imports (torch, FastAPI) wait until a command runs: --help is instant
-    from .demo_run import DemoRun
-    from .runs import Run, RunRegistry
+    from .training.demo_run import DemoRun
+    from .training.run import Run, RunRegistry
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -139,9 +139,9 @@ def _serve(settings: Settings, registry: RunRegistry) -> int:
     """``attnscope serve``: the server in the foreground until Ctrl-C or SIGTERM."""
     import uvicorn
 
-    from .app import create_app
-    from .serving import uvicorn_config
-    from .sockets import bind_socket, url_of
+    from .backend.app import create_app
+    from .backend.serving import uvicorn_config
+    from .core.sockets import bind_socket, url_of
 
     try:
         sock = bind_socket(settings.host, settings.port)
@@ -168,8 +168,8 @@ def _serve(settings: Settings, registry: RunRegistry) -> int:
 def _demo(settings: Settings, demo: DemoRun, open_browser: bool) -> int:
     """``attnscope demo``: the demo trains in this process's main thread, as a user's loop
     does; its dashboard serves from a process of its own (Dashboard.start's)."""
-    from .dashboard import Dashboard
-    from .sockets import PortInUse
+    from .core.sockets import PortInUse
+    from .training.dashboard import Dashboard
 
     try:
         dash = Dashboard.serve(demo.run, settings)
@@ -205,16 +205,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"attnscope: invalid setting {'.'.join(map(str, err['loc']))}: {err['msg']}",
               file=sys.stderr)
         return 2
-    from .runs import RunRegistry
+    from .training.run import RunRegistry
 
     if args.command == "serve":
         return _serve(settings, RunRegistry())
     import torch
 
-    from .collapse import CollapseConfig
-    from .demo import DemoConfig
-    from .demo_run import DemoRun
-    from .induction import InductionConfig
+    from .training.collapse import CollapseConfig
+    from .training.demo import DemoConfig
+    from .training.demo_run import DemoRun
+    from .training.induction import InductionConfig
 
     torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
 

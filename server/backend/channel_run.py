@@ -1,7 +1,7 @@
 """The server process's view of the run whose training process started it:
 :class:`ChannelRun`, fed through the shared-memory channel.
 
-It is a :class:`~attnscope.remote.run.RemoteRun` (its layout from the ``hello``, its
+It is a :class:`~attnscope.backend.remote.run.RemoteRun` (its layout from the ``hello``, its
 frames in the hub's latest-value slots, its captures answered by the training process)
 whose link is the channel instead of a websocket, plus what only a run of our own has:
 pause and resume, the training side's cost budget (:class:`BudgetView`), a tokenizer,
@@ -17,13 +17,13 @@ from typing import Any
 
 from ..contract.channel import Channel, Message
 from ..contract.messages import MessageError, read_frames, read_snapshot, read_step
-from ..history.config import HistoryConfig
-from ..jsonsafe import json_safe
-from ..remote.run import RemoteRun
-from ..remote.wire import plan_to_message
-from ..run_base import RunStateError
-from ..stream.plan import Plan
-from ..stream.publisher import deferred_captures
+from ..contract.plan import Plan
+from ..contract.wire import plan_to_message
+from ..core.captured import deferred_captures
+from ..core.history_config import HistoryConfig
+from ..core.jsonsafe import json_safe
+from ..core.run_base import RunStateError
+from .remote.run import RemoteRun
 
 logger = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ def _tokenizer(boot: Message) -> Any:
     raw = boot.tensors.get("tokenizer")
     if raw is None:
         return None
-    from ..model_inputs import TextTokenizer
+    from ..core.model_inputs import TextTokenizer
 
     try:
         return TextTokenizer(pickle.loads(raw.numpy().tobytes()))  # noqa: S301 (our parent's)
@@ -66,11 +66,11 @@ def _tokenizer(boot: Message) -> Any:
 async def _serve(channel: Channel, boot: Message, hello: Message, sock: socket.socket) -> None:
     import uvicorn
 
-    from ..app import create_app
-    from ..run_base import RunRegistry
-    from ..serving import uvicorn_config
+    from ..core.run_base import RunRegistry
     from ..settings import Settings
+    from .app import create_app
     from .channel_run import ChannelRun
+    from .serving import uvicorn_config
 
     settings = Settings.model_validate(boot.header["settings"])
     registry = RunRegistry()

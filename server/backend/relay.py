@@ -10,13 +10,14 @@ one websocket to the team server's ``/ws/publish``:
   waiting (the oldest dropped and counted);
 - steps: batched every ``STEPS_PERIOD_S``; the scalar history is kept here and sent in
   the announce of each (re)connection, so the server's copy continues where it stopped;
-- history: records go into a :class:`~attnscope.remote.history.HistoryOutbox`, which
+- history: records go into a :class:`~attnscope.backend.remote.history.HistoryOutbox`, which
   computes statistics and snapshots and sends them, bounded while the server is away;
 - the server's ``plan``, ``capture`` requests and welcome's history config go down to the
   training process; capture results come up and leave as wire chunks;
 - the connection: reconnects with exponential backoff (0.25 s doubling to 10 s); its state
   goes down as ``link`` messages (``{connected, connections, refused, dropped,
-  history_dropped}``) for the training process's :class:`~attnscope.remote.publisher.RemotePublisher`.
+  history_dropped}``) for the training process's
+  :class:`~attnscope.training.connect.RemotePublisher`.
 
 It exits when the run's ``close`` has been sent, or when the training process is gone.
 """
@@ -37,11 +38,12 @@ import websockets
 
 from ..contract.channel import Channel, Message
 from ..contract.messages import read_frames, read_snapshot, read_step
-from ..jsonsafe import json_safe
-from ..protocol import pack
-from ..run_base import ScalarHistory
-from ..stream.publisher import deferred_captures
-from ..stream.stats import valid_key_counts
+from ..contract.protocol import pack
+from ..contract.wire import publish_url
+from ..core.captured import deferred_captures
+from ..core.jsonsafe import json_safe
+from ..core.run_base import ScalarHistory
+from ..core.stats import valid_key_counts
 from .child import _first_messages
 
 logger = logging.getLogger("attnscope.relay")
@@ -53,13 +55,6 @@ BACKOFF_MAX_S = 10.0
 MAX_PENDING_STEPS = 4096
 # Steps (their scalars) leave in batches at most this often.
 STEPS_PERIOD_S = 0.1
-
-
-def publish_url(url: str) -> str:
-    """``http://host:8000`` -> ``ws://host:8000/ws/publish`` (https -> wss)."""
-    from ..remote.publisher import publish_url as _publish_url
-
-    return _publish_url(url)
 
 
 class Relay:
@@ -148,7 +143,7 @@ class Relay:
 
     def _encode_frames(self, body: dict[str, Any], tensors: dict[str, Any]) -> list[bytes]:
         """Wire frames of a ``frames`` message (computed here: a worker thread)."""
-        from ..remote.wire import encode_capture
+        from ..contract.wire import encode_capture
 
         cpu = time.thread_time()
         out = []
@@ -270,7 +265,7 @@ class Relay:
                 await receiver
 
     def _follow_history(self, config: dict[str, Any] | None) -> None:
-        from ..remote.history import HistoryOutbox, config_from_message
+        from .remote.history import HistoryOutbox, config_from_message
 
         if config is not None and self.outbox is None:
             self.outbox = HistoryOutbox(*config_from_message(config))

@@ -20,13 +20,13 @@ Up (training process -> server process):
 Down (server process -> training process):
 
 - ``ready`` (``{"pid"}``: serving) or ``failed`` (``{"error"}``), once, first;
-- ``plan`` (:func:`attnscope.remote.wire.plan_to_message`, views' sides included),
+- ``plan`` (:func:`attnscope.contract.wire.plan_to_message`, views' sides included),
   ``capture`` (a capture request), ``control`` (``{"action": "pause" | "resume" |
   "restart"}``), ``history`` (``{"config": {...} | null}``: record or stop), ``helper_cpu``
   (``{"stream": s, "stats": s, ...}``: the server process's CPU spent for this run),
   ``link`` (a relay's connection to its team server: ``{connected, connections,
   refused, dropped, history_dropped}``), ``alert`` (an alert of the run:
-  ``attnscope.alerts.rules.Alert.to_message``, for ``dash.on_alert`` callbacks),
+  ``attnscope.backend.alerts.rules.Alert.to_message``, for ``dash.on_alert`` callbacks),
   ``queue_full`` (the history writer dropped a record: the budget thins history work).
 
 Tensors travel beside the header (``Channel.send``); events travel as
@@ -44,8 +44,8 @@ import torch
 
 from transformer_core.events.portable import Portable, from_portable, to_portable
 
-from ..jsonsafe import json_safe
-from ..stream.plan import Capture, SampleNeed
+from ..core.jsonsafe import json_safe
+from .plan import Capture, SampleNeed
 
 UP = ("boot", "hello", "steps", "frames", "history_session", "history_step",
       "history_snapshot", "capture_started", "capture_result", "capture_error", "budget",
@@ -133,7 +133,7 @@ def read_frames(header: dict[str, Any], tensors: dict[str, torch.Tensor],
                 deferred: Any) -> list[Capture]:
     """The captures of a ``frames`` message. ``deferred(copy, layer, need, heads, role,
     time)`` makes the captures of a sample copy (computed when first read, in this
-    process): :func:`attnscope.stream.publisher.deferred_captures`."""
+    process): :func:`attnscope.training.stream.deferred_captures`."""
     events = read_events(header, tensors)
     out: list[Capture] = []
     made: dict[tuple[int, str], Capture] = {}
@@ -172,7 +172,7 @@ def read_frames(header: dict[str, Any], tensors: dict[str, torch.Tensor],
 # -- history -------------------------------------------------------------------------------
 
 def step_message(item: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A recorder's :class:`~attnscope.history.recorder.StepItem` as ``history_step``: per
+    """A recorder's :class:`~attnscope.training.recorder.StepItem` as ``history_step``: per
     layer its sample copy (an event) or its statistics (R, H), already on the host."""
     events: list[dict[str, Any]] = []
     tensors: dict[str, torch.Tensor] = {}
@@ -186,8 +186,8 @@ def step_message(item: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 def read_step(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
     """The :class:`StepItem` of a ``history_step`` message (its session: the sender's)."""
-    from ..history.recorder import StepItem
-    from ..stream.reduce import HostCopy
+    from ..core.history_items import StepItem
+    from ..core.reduce import HostCopy
 
     events = read_events(header, tensors)
     attention = {int(layer): events[int(i)] for layer, i in (header.get("layers") or {}).items()}
@@ -199,7 +199,7 @@ def read_step(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def snapshot_message(item: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A recorder's :class:`~attnscope.history.recorder.SnapshotItem` as
+    """A recorder's :class:`~attnscope.training.recorder.SnapshotItem` as
     ``history_snapshot``: per layer its P probe samples' copies (events)."""
     events: list[dict[str, Any]] = []
     tensors: dict[str, torch.Tensor] = {}
@@ -216,7 +216,7 @@ def snapshot_message(item: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]
 
 def read_snapshot(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
     """The :class:`SnapshotItem` of a ``history_snapshot`` message."""
-    from ..history.recorder import SnapshotItem
+    from ..core.history_items import SnapshotItem
 
     events = read_events(header, tensors)
 

@@ -59,9 +59,8 @@ def shared_fd(size: int, name: str = "attnscope-ring") -> int:
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create(name, os.MFD_CLOEXEC)
     else:  # pragma: no cover - macOS
-        handle = tempfile.TemporaryFile(prefix=name)
-        fd = os.dup(handle.fileno())
-        handle.close()
+        with tempfile.TemporaryFile(prefix=name) as handle:
+            fd = os.dup(handle.fileno())
     os.ftruncate(fd, size)
     return fd
 

@@ -1,10 +1,10 @@
 """The training process's end of a run watched from another process (the dashboard's
 server process, or a relay to a team server): :class:`TrainingLink`.
 
-It keeps what must touch the model, and nothing else: the :class:`~attnscope.runs.Run`
-(instrumentation, pause, step marks), the stream :class:`~attnscope.stream.publisher.Publisher`
+It keeps what must touch the model, and nothing else: the :class:`~attnscope.training.run.Run`
+(instrumentation, pause, step marks), the stream :class:`~attnscope.training.stream.StreamTap`
 (slicing what is watched) and, when history is recorded, the
-:class:`~attnscope.history.recorder.RunRecorder` (sample copies, probe passes). All of it
+:class:`~attnscope.training.recorder.RunRecorder` (sample copies, probe passes). All of it
 runs in the training thread, inside ``step()``; there is no thread here. What they
 produce leaves through the shared-memory :class:`~attnscope.contract.channel.Channel`
 (:mod:`attnscope.contract.messages`); statistics, pooling, encoding, history writing and
@@ -32,22 +32,22 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from ..contract.channel import Channel, Message
-from ..contract.messages import frames_message, snapshot_message, step_message
-from ..history.config import HistoryConfig
-from ..history.recorder import RunRecorder, SnapshotItem, StepItem
-from ..jsonsafe import json_safe
-from ..remote.captures import (
+from ..contract.captures import (
     CHUNK_BYTES,
     capture_request_input,
     classify_capture_error,
     model_info_message,
 )
-from ..remote.wire import plan_from_message
-from ..runs import Run
-from ..stream.plan import EMPTY_PLAN, Capture, SlotKey
-from ..stream.publisher import Publisher
+from ..contract.channel import Channel, Message
+from ..contract.messages import frames_message, snapshot_message, step_message
+from ..contract.plan import EMPTY_PLAN, Capture, SlotKey
+from ..contract.wire import plan_from_message
+from ..core.history_config import HistoryConfig
+from ..core.jsonsafe import json_safe
+from .recorder import RunRecorder, SnapshotItem, StepItem
+from .run import Run
 from .staging import Arrival, HostStaging
+from .stream import StreamTap
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class TrainingLink:
         self.records_history = records_history
         self.process_tag = f"{time.time_ns():x}"
         self.staging = HostStaging()
-        self.publisher = Publisher(run, self._published, staging=self.staging)
+        self.publisher = StreamTap(run, self._published, staging=self.staging)
         self.paused = False
         self.closed = False
         self.recorded = False  # a history session was recorded (the server process has it)

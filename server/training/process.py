@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..contract.channel import Channel
-from ..sockets import bind_socket, url_of
+from ..core.sockets import bind_socket, url_of
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from stream_support import Served, connect, recv_json, run_async, small_encoder
 from test_remote import wait_for
 
 from attnscope import Dashboard
-from attnscope.runs import Run, RunRegistry
+from attnscope.training.run import Run, RunRegistry
 from transformer_core.events import EventDispatcher
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""The cost budget's controller (attnscope.budget) with a fake clock: what it measures,
+"""The cost budget's controller (attnscope.training.budget) with a fake clock: what it measures,
 what it thins and in which order, how it recovers, and that it does not flap."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from attnscope.budget import Budget, FakeClock, max_overhead_from_env
+from attnscope.training.budget import Budget, FakeClock, max_overhead_from_env
 
 STEP_S = 0.100  # a training step of the simulated loop
 

@@ -11,12 +11,12 @@ import time
 import pytest
 import torch
 
-from attnscope.collapse import CollapseConfig, CollapseTraining
-from attnscope.demo_run import DemoRun
-from attnscope.history.config import HistoryConfig
-from attnscope.history.service import HistoryService
-from attnscope.history.store import HistoryStore
-from attnscope.runs import Run
+from attnscope.backend.history.store import HistoryStore
+from attnscope.backend.history.writer import HistoryWriter
+from attnscope.core.history_config import HistoryConfig
+from attnscope.training.collapse import CollapseConfig, CollapseTraining
+from attnscope.training.demo_run import DemoRun
+from attnscope.training.run import Run
 from transformer_core.events import EventDispatcher
 
 
@@ -52,12 +52,12 @@ def test_the_demo_run_reports_the_learning_rate():
 
 @pytest.mark.slow
 def test_an_entropy_alert_comes_before_the_loss_spikes(tmp_path):
-    logging.getLogger("attnscope.alerts").setLevel(logging.ERROR)
+    logging.getLogger("attnscope.backend.alerts").setLevel(logging.ERROR)
     torch.set_num_threads(1)
     config = CollapseConfig(device="cpu")
     training = CollapseTraining(config, event_dispatcher=EventDispatcher())
     run = Run(training.model, run_id="collapse", max_overhead=None)
-    service = HistoryService(HistoryStore(tmp_path), HistoryConfig())
+    service = HistoryWriter(HistoryStore(tmp_path), HistoryConfig())
     losses: list[float] = []
     try:
         service.attach(run)
@@ -84,7 +84,7 @@ def test_on_alert_calls_the_training_script_back_in_its_own_thread(tmp_path):
     from attnscope import Dashboard
     from attnscope.settings import Settings
 
-    logging.getLogger("attnscope.alerts").setLevel(logging.ERROR)
+    logging.getLogger("attnscope.backend.alerts").setLevel(logging.ERROR)
     torch.set_num_threads(1)
     config = CollapseConfig(device="cpu")
     training = CollapseTraining(config, event_dispatcher=EventDispatcher())
@@ -120,9 +120,9 @@ def test_on_alert_reaches_a_publisher_of_a_team_server(tmp_path):
     from stream_support import Served
 
     from attnscope import Dashboard
-    from attnscope.runs import RunRegistry
+    from attnscope.training.run import RunRegistry
 
-    logging.getLogger("attnscope.alerts").setLevel(logging.ERROR)
+    logging.getLogger("attnscope.backend.alerts").setLevel(logging.ERROR)
     torch.set_num_threads(1)
     config = CollapseConfig(device="cpu")
     training = CollapseTraining(config, event_dispatcher=EventDispatcher())

@@ -43,8 +43,8 @@ from test_remote_history import CONFIG, _train
 
 import attnscope.cli
 from attnscope import Dashboard
-from attnscope.demo import DemoTraining
-from attnscope.stream.stats import HEAD_STATISTICS
+from attnscope.core.stats import HEAD_STATISTICS
+from attnscope.training.demo import DemoTraining
 
 ROOT = Path(__file__).resolve().parents[2]
 FUZZ_EXAMPLES = int(os.environ.get("ATTNSCOPE_FUZZ_EXAMPLES", "60"))

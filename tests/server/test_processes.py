@@ -275,7 +275,7 @@ def test_starting_twice_on_one_port_replaces_the_first(tmp_path: Path, caplog) -
 
 
 def test_a_port_in_use_is_an_error_naming_it(tmp_path: Path) -> None:
-    from attnscope.sockets import PortInUse
+    from attnscope.core.sockets import PortInUse
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

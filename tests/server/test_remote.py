@@ -23,10 +23,10 @@ from stream_support import Served, recv_frame, recv_json, run_async, small_encod
 
 from attnscope import Dashboard
 from attnscope.backend.relay import STEPS_PERIOD_S, Relay
-from attnscope.remote.run import RemoteRun
-from attnscope.remote.wire import decode_capture, unpack_binary
-from attnscope.runs import RunRegistry
-from attnscope.stream.publisher import Capture
+from attnscope.backend.remote.run import RemoteRun
+from attnscope.contract.wire import decode_capture, unpack_binary
+from attnscope.training.run import RunRegistry
+from attnscope.training.stream import Capture
 from transformer_core.events import EventDispatcher
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,8 +149,8 @@ class _ServedOn(Served):
     """Served on a given port (to restart a server where publishers expect it)."""
 
     def __init__(self, registry: RunRegistry, port: int, **settings) -> None:
-        from attnscope.app import create_app
-        from attnscope.serving import BackgroundServer
+        from attnscope.backend.app import create_app
+        from attnscope.backend.serving import BackgroundServer
         from attnscope.settings import Settings
 
         self.settings = Settings(port=port, **settings)
@@ -251,7 +251,7 @@ def test_wrong_token_publishes_nothing(caplog: pytest.LogCaptureFixture) -> None
     registry = RunRegistry()
     model = small_encoder(EventDispatcher())
     with Served(registry, token=TOKEN) as served, \
-            caplog.at_level("ERROR", logger="attnscope.remote.publisher"):
+            caplog.at_level("ERROR", logger="attnscope.training.connect"):
         dash = Dashboard.connect(model, served.url, run=RUN, token="wrong-token-0123456789")
         try:
             # the relay's report reaches this process's log at a step (or any read of dash)

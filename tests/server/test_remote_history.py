@@ -13,12 +13,12 @@ from stream_support import Served
 from test_remote import _ServedOn, wait_for
 
 from attnscope import Dashboard
-from attnscope.demo import DemoConfig, DemoTraining
-from attnscope.history.store import StatRow
-from attnscope.remote.checks import RunBounds, check_history_stats
-from attnscope.remote.history import encode_stats
-from attnscope.remote.wire import unpack_binary
-from attnscope.runs import RunRegistry
+from attnscope.backend.history.store import StatRow
+from attnscope.backend.remote.checks import RunBounds, check_history_stats
+from attnscope.backend.remote.history import encode_stats
+from attnscope.contract.wire import unpack_binary
+from attnscope.training.demo import DemoConfig, DemoTraining
+from attnscope.training.run import RunRegistry
 from transformer_core.events import AttentionEvent, EventDispatcher, dispatching_to
 
 CONFIG = DemoConfig(seq_len=8, n_symbols=10, n_layers=2, n_heads=2, d_head=4, feed_forward=16,

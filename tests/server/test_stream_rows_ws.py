@@ -12,7 +12,7 @@ import websockets
 from stream_support import Served, recv_frame, recv_json, run_async
 
 from attnscope import Dashboard
-from attnscope.runs import Run, RunRegistry
+from attnscope.training.run import Run, RunRegistry
 from transformer_core.builders import RecurrentEncoderBuilder, TransformerEncoderBuilder
 from transformer_core.events import AttentionEvent, EventDispatcher
 from transformer_core.masking import TriangularCausalMask
