@@ -152,8 +152,8 @@ def main() -> None:
         run_matrix_only(args)
         return
 
+    from attnscope.core.history_items import StepItem, stats_of
     from attnscope.core.rowstats import event_statistics
-    from attnscope.training.recorder import StepItem, stats_of
     from transformer_core.masking import TriangularCausalMask
 
     print(f"load: {os.getloadavg()}, torch {torch.__version__}, {torch.get_num_threads()} "

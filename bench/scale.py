@@ -423,8 +423,8 @@ def profile(args: argparse.Namespace) -> None:
     import pstats
 
     from attnscope import Dashboard
+    from attnscope.core.history_items import stats_of
     from attnscope.settings import Settings
-    from attnscope.training.recorder import stats_of
     from transformer_core.events import AttentionEvent
 
     training = Training(args)
@@ -461,7 +461,7 @@ def profile(args: argparse.Namespace) -> None:
     print(f"{args.min_steps} steps, {wall / args.min_steps:.2f} s/step wall; CPU s/step: "
           + ", ".join(f"{k} {v / args.min_steps:.2f}" for k, v in cpu.items()))
     pstats.Stats(prof).sort_stats("cumulative").print_stats(18)
-    from attnscope.training.recorder import StepItem
+    from attnscope.core.history_items import StepItem
 
     layers = dict(enumerate(copies.values()))
     item = StepItem("s", 0, 0.0, {}, layers, len(layers))

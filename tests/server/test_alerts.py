@@ -20,9 +20,9 @@ from attnscope.backend.alerts.rules import AlertRules, AlertTracker
 from attnscope.backend.alerts.webhook import MAX_LINES, Webhook
 from attnscope.backend.app import create_app
 from attnscope.backend.history.store import HistoryStore, StatRow
+from attnscope.core.history_items import StoredStats
 from attnscope.core.stats import HEAD_STATISTICS
 from attnscope.settings import Settings
-from attnscope.training.recorder import StoredStats
 
 R = len(HEAD_STATISTICS)
 I = {name: i for i, name in enumerate(HEAD_STATISTICS)}  # noqa: E741

@@ -32,8 +32,8 @@ from attnscope.backend.history.store import HistoryFull, HistoryStore, StatRow
 from attnscope.backend.history.writer import HistoryWriter
 from attnscope.contract.protocol import pack as pack_binary
 from attnscope.core.history_config import HistoryConfig
+from attnscope.core.history_items import StoredSnapshot, StoredStats
 from attnscope.core.stats import HEAD_STATISTICS
-from attnscope.training.recorder import StoredSnapshot, StoredStats
 from attnscope.training.run import Run, RunRegistry
 from transformer_core.events import EventDispatcher
 

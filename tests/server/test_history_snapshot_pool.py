@@ -6,9 +6,9 @@ import numpy as np
 import torch
 
 from attnscope.backend.history.roles import snapshot_repeat_scores
+from attnscope.core.history_items import SnapshotItem
 from attnscope.core.reduce import pool_matrix
 from attnscope.core.roles import repeat_scores
-from attnscope.training.recorder import SnapshotItem
 from transformer_core.attention import FullAttention
 from transformer_core.masking import FullMask, LengthMask
 

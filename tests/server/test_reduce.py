@@ -20,9 +20,9 @@ from attnscope.contract.plan import Capture, Plan, SampleNeed
 from attnscope.contract.protocol import decode_frame
 from attnscope.core.captured import pooled_view
 from attnscope.core.history_config import HistoryConfig
+from attnscope.core.history_items import StepItem, stats_of
 from attnscope.core.reduce import layer_statistics, limit_threads, pool_matrix, to_host
 from attnscope.core.stats import HEAD_STATISTICS, MaskInfo, valid_key_counts
-from attnscope.training.recorder import StepItem, stats_of
 from attnscope.training.run import Run
 from attnscope.training.stream import StreamTap, _axis_labels
 from transformer_core.attention.full_attention import FullAttention

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnscope import standalone
+from attnscope.core import standalone
 from attnscope.core.assets import plotly_js_path
 from attnscope.core.bundle import BundleError, bundle
 from tests.look_support import embedded, matrices
