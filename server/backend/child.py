@@ -124,6 +124,25 @@ async def _serve(channel: Channel, boot: Message, hello: Message, sock: socket.s
         ready.cancel()
 
 
+def run_process(what: str, channel: Channel, serve: Any, log_level: str = "warning") -> int:
+    """The main of a process of ours beside a training process: read ``boot`` and
+    ``hello``, log as ``attnscope <what>``, ``asyncio.run(serve(channel, boot, hello))``;
+    a failure is logged and said to the training process (``failed``). Its exit code."""
+    fmt = f"attnscope {what}: %(levelname)s %(name)s: %(message)s"
+    try:
+        boot, hello = _first_messages(channel, 2)
+        level = str(boot.header.get("settings", {}).get("log_level", log_level)).upper()
+        logging.basicConfig(level=getattr(logging, level, logging.WARNING), format=fmt)
+        asyncio.run(serve(channel, boot, hello))
+    except Exception as exc:
+        logging.basicConfig(format=fmt)
+        logging.getLogger(f"attnscope.{what}").exception("the %s process failed", what)
+        if not channel.peer_gone:
+            channel.send("failed", {"error": f"{type(exc).__name__}: {exc}"})
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attnscope-server")
     parser.add_argument("--fds", required=True)
@@ -131,20 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fds = tuple(int(x) for x in args.fds.split(","))
     channel = Channel.attach(fds, side="server")  # type: ignore[arg-type]
-    try:
-        boot, hello = _first_messages(channel, 2)
-        level = str(boot.header.get("settings", {}).get("log_level", "warning")).upper()
-        logging.basicConfig(level=getattr(logging, level, logging.WARNING),
-                            format="attnscope server: %(levelname)s %(name)s: %(message)s")
-        sock = socket.socket(fileno=args.socket)
-        asyncio.run(_serve(channel, boot, hello, sock))
-    except Exception as exc:
-        logging.basicConfig(format="attnscope server: %(levelname)s %(name)s: %(message)s")
-        logger.exception("the dashboard's server process failed")
-        if not channel.peer_gone:
-            channel.send("failed", {"error": f"{type(exc).__name__}: {exc}"})
-        return 1
-    return 0
+    sock = socket.socket(fileno=args.socket)
+    return run_process("server", channel,
+                       lambda channel, boot, hello: _serve(channel, boot, hello, sock))
 
 
 if __name__ == "__main__":  # pragma: no cover

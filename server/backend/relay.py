@@ -44,7 +44,7 @@ from ..core.captured import deferred_captures
 from ..core.jsonsafe import json_safe
 from ..core.run_base import ScalarHistory
 from ..core.stats import valid_key_counts
-from .child import _first_messages
+from .child import run_process
 
 logger = logging.getLogger("attnscope.relay")
 
@@ -403,17 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     channel = Channel.attach(tuple(int(x) for x in args.fds.split(",")),  # type: ignore[arg-type]
                              side="server")
-    logging.basicConfig(level=logging.WARNING,
-                        format="attnscope relay: %(levelname)s %(name)s: %(message)s")
-    try:
-        boot, hello = _first_messages(channel, 2)
-        asyncio.run(_relay(channel, boot, hello))
-    except Exception as exc:
-        logger.exception("the relay process failed")
-        if not channel.peer_gone:
-            channel.send("failed", {"error": f"{type(exc).__name__}: {exc}"})
-        return 1
-    return 0
+    return run_process("relay", channel, _relay)
 
 
 if __name__ == "__main__":  # pragma: no cover
