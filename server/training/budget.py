@@ -137,7 +137,7 @@ class SlowdownProbe:
     def step(self, period: float, active: bool, lump: bool = False) -> None:
         """A step of ``period`` seconds ended (it ran with :attr:`off` as it is); ``active``:
         the dashboard had work to switch off; ``lump``: the step held a lump of work that is
-        accounted otherwise (a snapshot's probe passes: a window holding one is dropped).
+        accounted otherwise (a snapshot's probe passes: that step is left out of its window).
         Decides whether the next step is off."""
         self._recent.append((self.off, math.inf if lump else period))
         if self._after > 0:
@@ -160,12 +160,15 @@ class SlowdownProbe:
     def _judge(self) -> None:
         if len(self._recent) < 3 * self.off_steps:
             return
-        periods = [p for _, p in self._recent]
-        median = sorted(periods)[len(periods) // 2]
-        if not 0 < median < math.inf or max(periods) > PROBE_OUTLIER * median:
+        # A lump step (a snapshot, charged on its own) is left out of the comparison.
+        periods = [p for _, p in self._recent if p < math.inf]
+        if not periods:
             return
-        on = [p for off, p in self._recent if not off]
-        off = [p for off, p in self._recent if off]
+        median = sorted(periods)[len(periods) // 2]
+        if median <= 0 or max(periods) > PROBE_OUTLIER * median:
+            return
+        on = [p for off, p in self._recent if not off and p < math.inf]
+        off = [p for off, p in self._recent if off and p < math.inf]
         if len(off) != self.off_steps or not on:
             return
         self.samples.append((sum(on) / len(on)) / (sum(off) / len(off)) - 1.0)
@@ -181,15 +184,22 @@ class SlowdownProbe:
     def slowdown(self) -> tuple[float, float, int] | None:
         """(slowdown, its standard error, samples), or None before ``PROBE_MIN`` samples. The
         median of the samples (one step's noise on a shared machine is as large as the
-        effect), its error estimated from their spread (1.25 s / sqrt(n))."""
+        effect), its error estimated from their median absolute deviation."""
         n = len(self.samples)
         if n < PROBE_MIN:
             return None
-        ordered = sorted(self.samples)
-        median = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
-        mean = sum(ordered) / n
-        var = sum((x - mean) ** 2 for x in ordered) / (n - 1)
-        return median, 1.25 * math.sqrt(var / n), n
+        median = _median(list(self.samples))
+        # the spread as the median absolute deviation (one stray sample, a step that met a
+        # garbage collection, does not make the figure useless), scaled to a standard
+        # deviation (1.4826) and to the median's error (1.25 / sqrt(n))
+        mad = _median([abs(x - median) for x in self.samples])
+        return median, 1.25 * 1.4826 * mad / math.sqrt(n), n
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    return (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
 
 
 class FakeClock:
@@ -385,8 +395,14 @@ class Budget:
         restore = True
         if self._hold > 0 and not queue_full:
             self._hold -= 1  # windows, whatever the evidence
-        if measured is not None and measured[1] > (self.max_overhead or 0.0):
-            measured = None  # too noisy to act on (a busy machine): more samples first
+        if measured is not None and self.max_overhead is not None:
+            # Acted on when precise enough, or when clearly over the budget even so (a
+            # cost paid every k-th step makes samples of 0 and of k times the mean);
+            # otherwise too noisy (a busy machine): more samples first.
+            value, error, _ = measured
+            clearly_over = value - error > AIM * self.max_overhead
+            if error > self.max_overhead and not clearly_over:
+                measured = None
         if measured is not None:
             # What thinning acts on is the slowdown itself; it also calibrates the CPU
             # accounting used while the next measurement is made (after a change, say).
