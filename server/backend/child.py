@@ -105,6 +105,8 @@ async def _serve(channel: Channel, boot: Message, hello: Message, sock: socket.s
             helper = run.budget.take_helper()
             if helper and not channel.peer_gone:
                 run.send("helper_cpu", helper)
+            if channel.has_mail:  # steps a loop that stopped left without ringing
+                on_bell()
 
     loop.add_reader(channel.bell_in, on_bell)
     on_bell()  # what arrived before the reader was added

@@ -377,6 +377,8 @@ async def _relay(channel: Channel, boot: Message, hello: Message) -> None:
     async def report_cpu() -> None:
         while True:
             await asyncio.sleep(1.0)
+            if channel.has_mail:  # steps a loop that stopped left without ringing
+                on_bell()
             if relay._cpu > 0 or relay._cpu_history > 0:
                 relay.tell("helper_cpu", {"stream": relay._cpu, "stats": relay._cpu_history})
                 relay._cpu = relay._cpu_history = 0.0

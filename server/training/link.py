@@ -51,6 +51,8 @@ from .stream import StreamTap
 
 logger = logging.getLogger(__name__)
 
+# Steps alone ring the server's doorbell at most this often (20 wake-ups a second).
+STEPS_RING_S = 0.05
 # While paused, the training thread wakes this often to see whether the server is gone.
 PAUSE_POLL_S = 0.5
 # A capture result waits at most this long for room in the ring (the server process
@@ -167,6 +169,7 @@ class TrainingLink:
         self._failures: set[str] = set()
         self.alert_callbacks: list[Any] = []  # dash.on_alert
         self._state = "live"  # what the server was last told: live, paused or stopped
+        self._rung = 0.0  # when a step last rang the server's doorbell
         self._loop: Any = None  # a notebook kernel's event loop serving requests between cells
         self._notebook = False  # served from a kernel's loop (again after a restart)
         self._shell: Any = None
@@ -210,9 +213,16 @@ class TrainingLink:
             self._send_arrived()
         if self.channel.has_mail or self._deferred:
             self._read_mail()
+        # A step alone does not wake the server process more often than STEPS_RING_S (each
+        # wake-up costs a fast loop's steps on a machine with few cores); what else is sent
+        # rings at once, and the server reads what a stopped loop left unrung within 1 s.
+        now = time.monotonic()
+        ring = now - self._rung >= STEPS_RING_S
         self.channel.send("steps", {"steps": [[run.step_index, run.scalars_time,
                                                json_safe(run.scalars), run.batch_size,
-                                               run.seq_len]]})
+                                               run.seq_len]]}, ring=ring)
+        if ring:
+            self._rung = now
         budget = run.budget
         if budget.version != self._budget_version:
             self._budget_version = budget.version
