@@ -36,8 +36,8 @@ import safetensors.numpy
 import websockets
 
 import attnscope.cli
-from attnscope.protocol import pack as pack_binary
-from attnscope.stream.stats import HEAD_STATISTICS
+from attnscope.contract.protocol import pack as pack_binary
+from attnscope.core.stats import HEAD_STATISTICS
 
 ROOT = Path(__file__).resolve().parents[1]
 

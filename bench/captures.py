@@ -40,12 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import uvicorn  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 
-from attnscope.captures.capture import run_capture  # noqa: E402
-from attnscope.captures.router import build_router  # noqa: E402
-from attnscope.captures.service import CaptureLimits  # noqa: E402
-from attnscope.captures.store import CaptureStore  # noqa: E402
-from attnscope.demo import DemoConfig, DemoModel, resolve_device  # noqa: E402
-from attnscope.runs import Run, RunRegistry  # noqa: E402
+from attnscope.backend.captures.requests import CaptureLimits  # noqa: E402
+from attnscope.backend.captures.router import build_router  # noqa: E402
+from attnscope.backend.captures.store import CaptureStore  # noqa: E402
+from attnscope.core.capture import run_capture  # noqa: E402
+from attnscope.training.demo import DemoConfig, DemoModel, resolve_device  # noqa: E402
+from attnscope.training.run import Run, RunRegistry  # noqa: E402
 from transformer_core.builders import TransformerEncoderBuilder  # noqa: E402
 from transformer_core.events import EventDispatcher  # noqa: E402
 

@@ -1,8 +1,8 @@
 """How far ahead of the loss spike do the alerts fire? The collapse demo over several seeds.
 
-For each seed, the collapse demo (:mod:`attnscope.collapse`: a causal model whose
+For each seed, the collapse demo (:mod:`attnscope.training.collapse`: a causal model whose
 learning rate rises by 2 % a step after 100 steady ones) trains on the CPU, recorded
-by a :class:`~attnscope.history.service.HistoryService` at its defaults (head
+by a :class:`~attnscope.backend.history.writer.HistoryWriter` at its defaults (head
 statistics every step: the run has no cost budget here, so nothing is thinned and
 every step is evaluated), and the alerts come from its writer thread, as on the page.
 
@@ -48,11 +48,11 @@ def loss_spike(losses: list[float], after: int) -> int | None:
 
 
 def one_seed(seed: int, max_steps: int) -> dict:
-    from attnscope.collapse import CollapseConfig, CollapseTraining
-    from attnscope.history.config import HistoryConfig
-    from attnscope.history.service import HistoryService
-    from attnscope.history.store import HistoryStore
-    from attnscope.runs import Run
+    from attnscope.backend.history.store import HistoryStore
+    from attnscope.backend.history.writer import HistoryWriter
+    from attnscope.core.history_config import HistoryConfig
+    from attnscope.training.collapse import CollapseConfig, CollapseTraining
+    from attnscope.training.run import Run
     from transformer_core.events import EventDispatcher
 
     config = CollapseConfig(seed=seed, device="cpu")
@@ -61,7 +61,7 @@ def one_seed(seed: int, max_steps: int) -> dict:
               max_overhead=None)
     losses: list[float] = []
     with tempfile.TemporaryDirectory() as data:
-        service = HistoryService(HistoryStore(data), HistoryConfig())
+        service = HistoryWriter(HistoryStore(data), HistoryConfig())
         try:
             service.attach(run)
             for _ in range(max_steps):
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=600)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    logging.getLogger("attnscope.alerts").setLevel(logging.ERROR)  # one line per alert
+    logging.getLogger("attnscope.backend.alerts").setLevel(logging.ERROR)  # one line per alert
     print(f"load: {os.getloadavg()}, torch {torch.__version__}, 1 torch thread")
     leads = []
     for seed in args.seeds:

@@ -7,7 +7,7 @@ batch 1) at each sequence length L, side by side in one process:
    step at the smallest L).
 2. **Statistics of one step** (the 12 layers' sample copies, as the history writer gets
    them every recorded step): (h) what the history writer does now
-   (``attnscope.history.recorder.stats_of``: the matrix up to 4M values a copy, else
+   (``attnscope.training.recorder.stats_of``: the matrix up to 4M values a copy, else
    128 spread query rows per head without the matrix), (r) the rows path at 128 rows per
    head at every length, (c) the rows path on every query row, and (m) the matrix path
    the history used before (``layer_statistics`` of each layer's attention matrix): wall
@@ -90,8 +90,8 @@ def copies_of(model, dispatcher, x, mask) -> dict:
 
 def matrix_path(copies: dict) -> None:
     """The history's statistics before: each layer's attention matrix, then its statistics."""
-    from attnscope.stream.reduce import layer_statistics
-    from attnscope.stream.stats import MaskInfo, valid_key_counts
+    from attnscope.core.reduce import layer_statistics
+    from attnscope.core.stats import MaskInfo, valid_key_counts
 
     with torch.no_grad():
         for event in copies.values():
@@ -152,8 +152,8 @@ def main() -> None:
         run_matrix_only(args)
         return
 
-    from attnscope.history.recorder import StepItem, stats_of
-    from attnscope.stream.rowstats import event_statistics
+    from attnscope.core.history_items import StepItem, stats_of
+    from attnscope.core.rowstats import event_statistics
     from transformer_core.masking import TriangularCausalMask
 
     print(f"load: {os.getloadavg()}, torch {torch.__version__}, {torch.get_num_threads()} "

@@ -2,7 +2,7 @@
 
 1. **Recording cost**: demo training (``DemoTraining``, default config) marked
    with ``Run.step`` as the demo run does, (a) without history and (b) with a
-   :class:`HistoryService` at the defaults (probe snapshot every 10 steps, head
+   :class:`HistoryWriter` at the defaults (probe snapshot every 10 steps, head
    statistics every step, the 3 % cost budget): two copies of the model, one
    recorded by one recorder for half the run (after a warm-up), then the other.
    Pairs of adjacent windows, in alternating order
@@ -59,11 +59,11 @@ def recording_cost(seconds: float, repeats: int, warmup: float = 5.0) -> dict:
     its first snapshot and its budget's first windows are in the warm-up, not in every
     window). The copies swap roles at half time, since two instances differ in speed by
     up to 2 % on their own."""
-    from attnscope.demo import DemoConfig, DemoTraining
-    from attnscope.history.config import HistoryConfig
-    from attnscope.history.service import HistoryService
-    from attnscope.history.store import HistoryStore
-    from attnscope.runs import Run
+    from attnscope.backend.history.store import HistoryStore
+    from attnscope.backend.history.writer import HistoryWriter
+    from attnscope.core.history_config import HistoryConfig
+    from attnscope.training.demo import DemoConfig, DemoTraining
+    from attnscope.training.run import Run
     from transformer_core.events import EventDispatcher
 
     trainings = [DemoTraining(DemoConfig(device="cpu"), event_dispatcher=EventDispatcher())
@@ -75,7 +75,7 @@ def recording_cost(seconds: float, repeats: int, warmup: float = 5.0) -> dict:
     with tempfile.TemporaryDirectory() as data:
         store = HistoryStore(data, max_snapshots=config.max_snapshots,
                              max_bytes=config.max_bytes)
-        service = HistoryService(store, config)
+        service = HistoryWriter(store, config)
         for recorded in (0, 1):
             other = 1 - recorded
             service.attach(runs[recorded])
@@ -109,10 +109,10 @@ def disk_per_1000(layers: int, heads: int, length: int, d_head: int) -> dict:
     """Bytes of history per 1,000 steps at the defaults, measured on a real model."""
     import numpy as np
 
-    from attnscope.history.config import HistoryConfig
-    from attnscope.history.service import HistoryService
-    from attnscope.history.store import STAT_NAMES, HistoryStore, StatRow
-    from attnscope.runs import Run
+    from attnscope.backend.history.store import STAT_NAMES, HistoryStore, StatRow
+    from attnscope.backend.history.writer import HistoryWriter
+    from attnscope.core.history_config import HistoryConfig
+    from attnscope.training.run import Run
     from transformer_core.builders import TransformerEncoderBuilder
     from transformer_core.events import EventDispatcher
 
@@ -123,7 +123,7 @@ def disk_per_1000(layers: int, heads: int, length: int, d_head: int) -> dict:
     run = Run(model, run_id="disk")
     x = torch.randn(1, length, heads * d_head)
     with tempfile.TemporaryDirectory() as data:
-        service = HistoryService(HistoryStore(data), HistoryConfig(every=1))
+        service = HistoryWriter(HistoryStore(data), HistoryConfig(every=1))
         service.attach(run)
         t0 = time.perf_counter()
         with torch.no_grad():

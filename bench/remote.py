@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from attnscope import Dashboard  # noqa: E402
-from attnscope.demo import DemoConfig, DemoTraining  # noqa: E402
+from attnscope.training.demo import DemoConfig, DemoTraining  # noqa: E402
 
 TOKEN = "bench-remote-token-0123456789abcdef"
 

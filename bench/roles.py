@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from attnscope.stream.roles import repeat_scores
-from attnscope.stream.stats import head_statistics, head_stats
+from attnscope.core.roles import repeat_scores
+from attnscope.core.stats import head_statistics, head_stats
 
 log = logging.getLogger(__name__)
 

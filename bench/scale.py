@@ -11,7 +11,13 @@ advises on 2 cores. Training steps/s in one process, in interleaved windows
     every step, a probe snapshot every 10 steps), nobody watching;
 (c) (b) plus one viewer on every layer and head (attention, head_stats,
     scalars at 10 fps), a websocket client in a separate process
-    (``bench/stream.py --client``).
+    (``bench/stream.py --client``);
+(B), (C) as (b), (c) with the server in threads of the training process
+    (``server_process=False``: the design before the server had its own process).
+
+``--launch-bound`` trains a stand-in for a GPU step's CPU side on the CPU: 12 tiny
+layers (d_model 64, L=32, batch 2), ~1,500 small ops and a few tens of milliseconds a
+step, where a thread of ours competing for the GIL shows as it would on a GPU.
 
 ``--decompose`` adds where (b)'s cost comes from (for a GPU, where the cost is not
 in the work the budget counts): (s) the server alone (history off), (r) the
@@ -30,6 +36,7 @@ thread and of all other threads (torch's intra-op pool among them), and the
 cost the dashboard reports for the same steps (its budget's totals).
 
     .venv/bin/python bench/scale.py --quick                    # 12x12 L=512, ~6 min
+    .venv/bin/python bench/scale.py --launch-bound --modes abcBC # the stand-in, both designs
     .venv/bin/python bench/scale.py                            # longer windows
     .venv/bin/python bench/scale.py --layers 4 --heads 8 --d-model 256 --seq 256 --batch 8
     .venv/bin/python bench/scale.py --seq 1024
@@ -59,6 +66,10 @@ import torch  # noqa: E402
 
 MODES = {"a": "no dashboard", "b": "Dashboard.start, history on, nobody watching",
          "c": "+ 1 viewer, all layers/heads, 10 fps",
+         # the server in threads of the training process (server_process=False: the
+         # design before the server moved to a process of its own), side by side
+         "B": "(b) with the server in threads of this process",
+         "C": "(c) with the server in threads of this process",
          # --decompose: where (b)'s cost comes from
          "s": "server only (history off), nobody watching",
          "r": "history recorder only (training thread; no writer, no server)",
@@ -189,6 +200,7 @@ class Mode:
         from attnscope.settings import Settings
 
         self.mode = mode
+        self.in_process = False
         torch.manual_seed(0)
         self.training = Training(args)
         self.dash = self.client = self.lag = self.run = self.recorder = None
@@ -201,15 +213,30 @@ class Mode:
             return
         if mode == "s":
             extra["history_enabled"] = False
-        settings = Settings(data_dir=os.path.join(data_dir, mode), **extra)
+        self.in_process = mode in "BCrsg"
+        settings = Settings(data_dir=os.path.join(data_dir, mode),
+                            server_process=not self.in_process, **extra)
         self.dash = Dashboard.start(self.training.model, port=0, quiet=True, settings=settings)
-        self.lag = LoopLag(self.dash._server.server.config.app.state.hub._loop)
-        if mode == "c":
+        if self.in_process:
+            self.lag = LoopLag(self.dash._server.server.config.app.state.hub._loop)
+        if mode in "cC":
             url = self.dash.url.replace("http://", "ws://") + "/ws"
             self.client = subprocess.Popen(
                 [sys.executable, str(ROOT / "bench" / "stream.py"), "--client", url, "--n", "1",
                  "--seconds", "86400", "--run", self.dash.run.id], stdout=subprocess.DEVNULL)
-            _wait_for_viewer(self.dash)
+            self._wait_for_viewer()
+
+    def _wait_for_viewer(self, timeout: float = 60.0) -> None:
+        """Until the viewer (the client process) subscribed: the hub has it (server in
+        threads here), or its plan reached the training side (read at a step)."""
+        if self.in_process:
+            _wait_for_viewer(self.dash, timeout)
+            return
+        deadline = time.monotonic() + timeout
+        while not self.dash._link.publisher.plan.sources:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the viewer did not subscribe")
+            self._one()
 
     def steps(self, n: int) -> None:
         """``n`` unmeasured steps (the warm-up)."""
@@ -232,11 +259,14 @@ class Mode:
         """Steps for ``seconds``, then until the history writer has written them (its work
         for these steps belongs to this window): steps/s, CPU per step by thread role, and
         the cost the dashboard reports for the same steps."""
-        history = None if self.dash is None else self.dash._server.server.config.app.state.history
+        history = None if self.dash is None or not self.in_process else \
+            self.dash._server.server.config.app.state.history
         budget = self.budget
         spent0 = budget.totals() if budget is not None else None
         dropped0 = 0 if history is None else history.dropped
-        recorder = self.recorder if history is None else history.recorders.get(self.dash.run.id)
+        recorder = self.recorder if self.dash is None else \
+            history.recorders.get(self.dash.run.id) if history is not None else \
+            self.dash._link._recorder
         probes0 = 0 if recorder is None else recorder._probes
         if self.lag is not None:
             self.lag.take()
@@ -263,7 +293,12 @@ class Mode:
             result["reported"] = cost / train if train > 0 else None
             result["thinning"] = budget.text()
             result["dropped"] = history.dropped - dropped0 if history is not None else 0
-            result["snapshots"] = 0 if recorder is None else recorder._probes - probes0
+            if self.dash is not None and not self.in_process:
+                recorder = self.dash._link._recorder  # made at the first step
+            result["snapshots"] = 0 if recorder is None else max(0, recorder._probes - probes0)
+            measured = budget.status()["measured"]
+            result["measured"] = None if measured is None else \
+                (measured["slowdown"], measured["error"])
             result["loop_lag_s"] = None if self.lag is None else self.lag.take()
         return result
 
@@ -282,7 +317,7 @@ class _Discard:
     side alone)."""
 
     def __init__(self) -> None:
-        from attnscope.history.config import HistoryConfig
+        from attnscope.core.history_config import HistoryConfig
 
         self.config = HistoryConfig()
 
@@ -295,8 +330,8 @@ class _Discard:
 
 def _recorded_run(model, max_overhead: float):
     """A run of ``model`` and its recorder into :class:`_Discard`, with a cost budget."""
-    from attnscope.history.recorder import RunRecorder
-    from attnscope.runs import Run
+    from attnscope.training.recorder import RunRecorder
+    from attnscope.training.run import Run
 
     run = Run(model, run_id="recorded", max_overhead=max_overhead)
     return run, RunRecorder(run, _Discard())
@@ -340,7 +375,8 @@ def _table(args: argparse.Namespace, modes: dict[str, Mode]) -> None:
             said = "" if result.get("reported") is None else \
                 f"; {result['snapshots']} snapshots" + \
                 ("" if lag is None else f"; event loop late by at most {1e3 * lag:.0f} ms") + \
-                f"; dashboard reports {100 * result['reported']:.1f} % ({result['thinning']})"
+                f"; CPU accounting {100 * result['reported']:.1f} %; the dashboard says: " \
+                f"{result['thinning']}"
             print(f"  ({mode}) {result['steps_per_s']:.3f} steps/s over {result['steps']} "
                   f"steps; CPU ms/step: {cpu}"
                   f"{f'; {dropped} history records dropped' if dropped else ''}{said}",
@@ -352,10 +388,10 @@ def _table(args: argparse.Namespace, modes: dict[str, Mode]) -> None:
              for m, rs in runs.items()}
     base = total["a"][0] / total["a"][1]
     print("\nAll windows of a mode together (total steps / total time):\n\n"
-          "| mode | steps | snapshots | steps/s | vs (a) | slowdown | the dashboard reports | "
-          "windows vs (a) (median, range) | training-thread CPU ms/step | "
-          "event loop late by (max) |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+          "| mode | steps | snapshots | steps/s | vs (a) | slowdown | CPU accounting | "
+          "measured by the dashboard | windows vs (a) (median, range) | "
+          "training-thread CPU ms/step | event loop late by (max) |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
     base_median = statistics.median(r["steps_per_s"] for r in runs["a"])
     for mode in modes:
         name = MODES[mode]
@@ -369,9 +405,12 @@ def _table(args: argparse.Namespace, modes: dict[str, Mode]) -> None:
         snaps = sum(r.get("snapshots", 0) for r in runs[mode])
         lags = [r["loop_lag_s"] for r in runs[mode] if r.get("loop_lag_s") is not None]
         lag = f"{1e3 * max(lags):.0f} ms" if lags else "-"
+        last = runs[mode][-1].get("measured")
+        measured = "-" if last is None else \
+            f"{100 * last[0]:+.1f} ± {100 * last[1]:.1f} %"
         print(f"| ({mode}) {name} | {steps} | {snaps if mode != 'a' else '-'} | "
               f"{rate:.4f} | {rate / base:.3f}x | "
-              f"{100 * (base / rate - 1):+.1f} % | {said} | "
+              f"{100 * (base / rate - 1):+.1f} % | {said} | {measured} | "
               f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f}) | "
               f"{cpu:.0f} | {lag} |")
 
@@ -384,7 +423,7 @@ def profile(args: argparse.Namespace) -> None:
     import pstats
 
     from attnscope import Dashboard
-    from attnscope.history.recorder import stats_of
+    from attnscope.core.history_items import stats_of
     from attnscope.settings import Settings
     from transformer_core.events import AttentionEvent
 
@@ -422,7 +461,7 @@ def profile(args: argparse.Namespace) -> None:
     print(f"{args.min_steps} steps, {wall / args.min_steps:.2f} s/step wall; CPU s/step: "
           + ", ".join(f"{k} {v / args.min_steps:.2f}" for k, v in cpu.items()))
     pstats.Stats(prof).sort_stats("cumulative").print_stats(18)
-    from attnscope.history.recorder import StepItem
+    from attnscope.core.history_items import StepItem
 
     layers = dict(enumerate(copies.values()))
     item = StepItem("s", 0, 0.0, {}, layers, len(layers))
@@ -453,6 +492,9 @@ def main() -> None:
     parser.add_argument("--min-steps", type=int, default=12, help="steps per window (12)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="unmeasured steps per dashboard first (default: about 60 s)")
+    parser.add_argument("--launch-bound", action="store_true",
+                        help="a stand-in for a GPU step's CPU side: 12 layers, d_model 64, "
+                             "L=32, batch 2 (~1,500 small ops a step)")
     parser.add_argument("--quick", action="store_true",
                         help="2 windows per mode of ~4 steps (GPT-2 small on 1 CPU: ~9 min)")
     parser.add_argument("--profile", action="store_true", help="where the time goes")
@@ -464,6 +506,9 @@ def main() -> None:
     parser.add_argument("--max-overhead", type=float, default=None,
                         help="the dashboard's cost budget (ATTNSCOPE_MAX_OVERHEAD; default 0.03)")
     args = parser.parse_args()
+    if args.launch_bound:
+        args.layers, args.heads, args.d_model, args.seq, args.batch = 12, 4, 64, 32, 2
+        args.seconds = args.seconds or 10.0
     args.ff = args.ff or 4 * args.d_model
     if args.quick:
         args.repeats, args.min_steps = 2, 4

@@ -94,7 +94,7 @@ def folder_bytes(path: Path) -> int:
 
 def good_publisher(url: str, run: str, seconds: float, out: str) -> None:
     from attnscope import Dashboard
-    from attnscope.demo import DemoConfig, DemoTraining
+    from attnscope.training.demo import DemoConfig, DemoTraining
 
     config = DemoConfig(seq_len=8, n_symbols=10, n_layers=2, n_heads=2, d_head=4,
                         feed_forward=16, batch_size=4, device="cpu")
@@ -124,7 +124,7 @@ def _binary(header: dict, payload: bytes) -> bytes:
 
 
 def misbehave(url: str, seconds: float, out: str) -> None:
-    from attnscope.stream.stats import HEAD_STATISTICS
+    from attnscope.core.stats import HEAD_STATISTICS
 
     ws_url = url.replace("http", "ws") + "/ws/publish"
     port = int(url.rsplit(":", 1)[1])

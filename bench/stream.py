@@ -4,11 +4,14 @@ Measured side by side in one run, interleaved (a, b, c, d, a, b, ...), median of
 ``--repeats`` windows of ``--seconds`` each:
 
 (a) no dashboard: the demo's training loop alone;
-(b) the dashboard (server in-process) with one subscriber to all layers and
-    heads at 10 fps (kinds attention, head_stats, scalars, head_roles: as the page);
+(b) the dashboard (its server in a process of its own, as ``Dashboard.start`` and
+    ``attnscope demo`` run it) with one subscriber to all layers and heads at 10 fps
+    (kinds attention, head_stats, scalars, head_roles: as the page);
 (c) the same with 20 subscribers;
 (d) one stalled subscriber (a raw socket that subscribes as in (b) and never
-    reads).
+    reads);
+(B), (C), (D) as (b), (c), (d) with the server in threads of the training process
+    (``server_process=False``, the design before), with ``--in-process-too``.
 
 Subscribers run in a separate process (as browsers would), and record the
 latency from dispatch (the ``time`` in each frame header, taken in the
@@ -19,6 +22,7 @@ Finally the size of one 4-layer x 4-head x 128 x 128 attention update as
 binary frames (float16 and uint8) and as JSON.
 
     .venv/bin/python bench/stream.py                  # full run (~2 min)
+    .venv/bin/python bench/stream.py --in-process-too # both designs side by side
     .venv/bin/python bench/stream.py --seconds 3 --repeats 1   # quick check
 """
 
@@ -32,6 +36,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,7 +54,7 @@ STALLED = SUBSCRIBE  # the same subscription as (b), never read
 async def _subscriber(url: str, deadline: float, stats: dict, run: str = "demo") -> None:
     import websockets
 
-    from attnscope.protocol import decode_frame
+    from attnscope.contract.protocol import decode_frame
 
     async with websockets.connect(url, max_size=None, compression=None) as ws:
         await ws.recv()  # hello
@@ -96,7 +101,7 @@ def _measure(training, run, seconds: float) -> dict:
     steps = 0
     while (elapsed := time.perf_counter() - start) < seconds:
         r = step_fn()
-        if run is not None:
+        if run is not None:  # a dashboard (or a run) marks the step
             run.step(r.step, loss=r.loss, tokens=r.tokens, accuracy=r.accuracy)
         steps += 1
     return {"steps_per_s": steps / elapsed,
@@ -104,11 +109,10 @@ def _measure(training, run, seconds: float) -> dict:
 
 
 def one_window(mode: str, seconds: float, device: str) -> dict:
-    from attnscope.app import create_app
-    from attnscope.demo import DemoConfig, DemoTraining
-    from attnscope.runs import Run, RunRegistry
-    from attnscope.serving import BackgroundServer
+    from attnscope import Dashboard
     from attnscope.settings import Settings
+    from attnscope.training.demo import DemoConfig, DemoTraining
+    from attnscope.training.run import Run
     from transformer_core.events import EventDispatcher
 
     dispatcher = EventDispatcher()
@@ -117,33 +121,49 @@ def one_window(mode: str, seconds: float, device: str) -> dict:
         training.step()
     if mode == "a":
         return _measure(training, None, seconds)
-    registry = RunRegistry()
-    run = registry.add(Run(training.model, run_id="demo", symbols=training.task.symbols))
+    run = Run(training.model, run_id="demo", symbols=training.task.symbols)
     marks: dict[int, float] = {}
     run.add_step_hook(lambda r: marks.__setitem__(r.step_index, time.time()))
-    settings = Settings(port=0)
-    app = create_app(settings, registry)
-    server = BackgroundServer(app, settings)
-    server.start()
-    ws_url = server.url.replace("http://", "ws://") + "/ws"
+    in_process = mode.isupper()
+    with tempfile.TemporaryDirectory() as data_dir:
+        settings = Settings(port=0, data_dir=data_dir, server_process=not in_process)
+        dash = Dashboard.serve(run, settings)
+        try:
+            return _window(mode.lower(), dash, training, run, marks, seconds)
+        finally:
+            dash.close()
+
+
+def _window(mode: str, dash, training, run, marks: dict, seconds: float) -> dict:
+    ws_url = dash.url.replace("http://", "ws://") + "/ws"
     client = sock = None
     n = {"b": 1, "c": 20, "d": 0}[mode]
     try:
         if n:
             client = subprocess.Popen(
                 [sys.executable, __file__, "--client", ws_url, "--n", str(n),
-                 "--seconds", str(seconds + 3)], stdout=subprocess.PIPE, text=True)
+                 "--seconds", str(seconds + 5)], stdout=subprocess.PIPE, text=True)
         else:
             sock = _stalled_socket(ws_url)
         deadline = time.monotonic() + 30
-        # wait until every subscriber is connected and subscribed (stepping meanwhile)
-        while len([c for c in app.state.hub.connections if c.sub]) < max(n, 1):
-            if time.monotonic() > deadline:
-                raise RuntimeError("subscribers did not connect")
-            r = training.step()
-            run.step(r.step, loss=r.loss, tokens=r.tokens)
-        _measure(training, run, 0.5)  # let the stream settle (buffers fill when stalled)
-        result = {**_measure(training, run, seconds), "has_listeners": dispatcher.has_listeners}
+        # until the subscribers are connected and subscribed (stepping meanwhile): the
+        # hub's connections when it runs here, else the plan reaching the training side
+        # (then 2 s more for the rest of the 20)
+        if dash.registry is not None:
+            hub = dash._app.state.hub
+            while len([c for c in hub.connections if c.sub]) < max(n, 1):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("subscribers did not connect")
+                r = training.step()
+                dash.step(r.step, loss=r.loss, tokens=r.tokens)
+        else:
+            while not dash._link.publisher.plan.sources:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("subscribers did not connect")
+                r = training.step()
+                dash.step(r.step, loss=r.loss, tokens=r.tokens)
+        _measure(training, dash, 2.0)  # the stream settles (the rest connect; buffers fill)
+        result = _measure(training, dash, seconds)
         if client is not None:
             out, _ = client.communicate(timeout=seconds + 30)
             result.update(json.loads(out))
@@ -156,16 +176,14 @@ def one_window(mode: str, seconds: float, device: str) -> dict:
             client.communicate()
         if sock is not None:
             sock.close()
-        run.close()
-        server.stop()
 
 
 def update_size() -> dict:
     """Bytes of one 4-layer x 4-head x 128 x 128 attention update, binary vs JSON."""
     import torch
 
-    from attnscope.stream.frames import encode_binary
-    from attnscope.stream.publisher import Capture
+    from attnscope.backend.frames import encode_binary
+    from attnscope.training.stream import Capture
 
     torch.manual_seed(0)
     labels = [f"t{i}" for i in range(128)]
@@ -191,6 +209,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="demo device (cpu)")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="torch threads, as `attnscope demo` uses (CPU count - 1)")
+    parser.add_argument("--in-process-too", action="store_true",
+                        help="also (B) (C) (D): the server in threads of the training process")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--run", default="demo", help=argparse.SUPPRESS)
@@ -203,26 +223,29 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"demo training on {args.device}, {torch.get_num_threads()} torch threads, "
           f"{os.cpu_count()} CPUs; {args.repeats} x {args.seconds:g} s windows per mode")
-    runs: dict[str, list[dict]] = {m: [] for m in "abcd"}
+    modes = "abcdBCD" if args.in_process_too else "abcd"
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
     for _ in range(args.repeats):
-        for mode in "abcd":
+        for mode in modes:
             runs[mode].append(one_window(mode, args.seconds, args.device))
             last = runs[mode][-1]
             print(f"  ({mode}) {last['steps_per_s']:.1f} steps/s, training thread "
                   f"{last['cpu_ms_per_step']:.2f} CPU ms/step", flush=True)
     base = statistics.median(r["steps_per_s"] for r in runs["a"])
     names = {"a": "no dashboard", "b": "1 subscriber, all layers/heads, 10 fps",
-             "c": "20 subscribers", "d": "1 stalled subscriber"}
+             "c": "20 subscribers", "d": "1 stalled subscriber",
+             "B": "(b), server in threads", "C": "(c), server in threads",
+             "D": "(d), server in threads"}
     base_cpu = statistics.median(r["cpu_ms_per_step"] for r in runs["a"])
     print("\n| mode | steps/s (median) | vs (a) | training-thread CPU ms/step | vs (a) |\n"
           "|---|---|---|---|---|")
-    for mode in "abcd":
+    for mode in modes:
         rate = statistics.median(r["steps_per_s"] for r in runs[mode])
         cpu = statistics.median(r["cpu_ms_per_step"] for r in runs[mode])
         print(f"| ({mode}) {names[mode]} | {rate:.1f} | {rate / base:.3f}x | {cpu:.2f} | "
               f"{base_cpu / cpu:.3f}x |")
     print()
-    for mode in "bc":
+    for mode in [m for m in modes if m in "bcBC"]:
         for key, what in (("latency", "dispatch"), ("from_step_end", "end of step")):
             values = sorted(x for r in runs[mode] for x in r.get(key, []))
             if values:

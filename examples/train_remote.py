@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from attnscope import Dashboard
-from attnscope.demo import DemoConfig, DemoTraining
+from attnscope.training.demo import DemoConfig, DemoTraining
 
 
 def _args() -> argparse.Namespace:

@@ -1,5 +1,5 @@
 // The header's cost-budget badge: what watching costs the training loop, and what the
-// dashboard thinned to stay under its budget (server/budget.py; the run summary's
+// dashboard thinned to stay under its budget (server/training/budget.py; the run summary's
 // `budget` and the websocket's `budget` messages carry the same object).
 //
 // It reads steadily: the figure shown is averaged over the last few reports, its colour

@@ -2,7 +2,7 @@
 // input, from the data embedded in this file (docs/standalone.md). No server, no network.
 // The overview grid, the layers x heads map, the colour scales and the focus figure are the
 // live page's own modules; the focus view is a whole plotly heatmap, with plotly's hover.
-// attnscope.bundle turns these modules into one classic script (file:// and iframe srcdoc
+// attnscope.core.bundle turns these modules into one classic script (file:// and iframe srcdoc
 // cannot import modules).
 
 import { SCALES } from "./colormap.js";

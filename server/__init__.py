@@ -20,20 +20,20 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .app import create_app
+    from .backend.app import create_app
     from .client import Client
-    from .dashboard import Dashboard
-    from .look import show
     from .settings import Settings
+    from .training.dashboard import Dashboard
+    from .training.look import show
 
 __all__ = ["Client", "Dashboard", "Settings", "__version__", "create_app", "show"]
 
-_LAZY = {"Client": ".client", "Dashboard": ".dashboard", "create_app": ".app",
-         "Settings": ".settings", "show": ".look"}
+_LAZY = {"Client": ".client", "Dashboard": ".training.dashboard", "create_app": ".backend.app",
+         "Settings": ".settings", "show": ".training.look"}
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so ``import attnscope.runs`` does not import FastAPI and uvicorn.
+    # Lazy, so ``import attnscope.training.run`` does not import FastAPI and uvicorn.
     if name in _LAZY:
         import importlib
 

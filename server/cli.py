@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import sys
-import threading
+import time
 import webbrowser
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -24,7 +24,8 @@ from .client import add_capture_arguments, capture_command
 from .settings import Settings
 
 if TYPE_CHECKING:  # heavy imports (torch, FastAPI) wait until a command runs: --help is instant
-    from .runs import Run, RunRegistry
+    from .training.demo_run import DemoRun
+    from .training.run import Run, RunRegistry
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,75 +83,75 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 class _Progress:
-    """A progress line in the terminal while the demo trains (every second, until stopped)."""
+    """A progress line in the terminal while the demo trains: called after each step, it
+    prints at most once a second (a terminal) or every 10 s (a log)."""
 
     def __init__(self, run: Run) -> None:
         self.run = run
-        self._stop = threading.Event()
         self._tty = sys.stderr.isatty()
-        self.thread = threading.Thread(target=self._loop, name="attnscope-progress", daemon=True)
+        self._period = 1.0 if self._tty else 10.0
+        self._next = time.monotonic() + self._period
+        self._last_step: int | None = None
 
-    def _loop(self) -> None:
-        last_step, period = None, 1.0 if self._tty else 10.0
-        while not self._stop.wait(period):
-            run = self.run
-            step = run.step_index
-            rate = "" if step is None or last_step is None \
-                else f"{(step - last_step) / period:6.1f} steps/s"
-            last_step = step
-            values = "  ".join(f"{k} {v:.4f}" for k, v in run.scalars.items())
-            line = f"{run.status:6s}  step {step if step is not None else '-':>6}  {values}  {rate}"
-            if run.error:
-                line += f"  error: {run.error}"
-            print(("\r" + line + "   ") if self._tty else line, end="" if self._tty else "\n",
-                  file=sys.stderr, flush=True)
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self._period
+        run = self.run
+        step = run.step_index
+        rate = "" if step is None or self._last_step is None \
+            else f"{(step - self._last_step) / self._period:6.1f} steps/s"
+        self._last_step = step
+        values = "  ".join(f"{k} {v:.4f}" for k, v in run.scalars.items())
+        line = f"{run.status:6s}  step {step if step is not None else '-':>6}  {values}  {rate}"
+        if run.error:
+            line += f"  error: {run.error}"
+        print(("\r" + line + "   ") if self._tty else line, end="" if self._tty else "\n",
+              file=sys.stderr, flush=True)
 
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.thread.join(2.0)
+    def done(self) -> None:
         if self._tty:
             print(file=sys.stderr)
 
 
-class _Terminated(Exception):
-    """SIGTERM, re-raised by uvicorn after its graceful shutdown."""
+class _Terminated(BaseException):  # noqa: N818 (like KeyboardInterrupt, not an error)
+    """SIGTERM: raised in the main thread (by uvicorn after its graceful shutdown, or into
+    the demo's training loop), a BaseException so that no ``except Exception`` keeps it."""
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
     raise _Terminated
 
 
-def _serve(settings: Settings, registry: RunRegistry, open_browser: bool,
-           progress: _Progress | None) -> int:
+def _login(settings: Settings, url: str) -> tuple[str, str]:
+    """(the URL that logs in, the one to print): as Jupyter does, a generated token is
+    printed in the URL (the user has no other way to learn it); a user-supplied one never
+    is (it would land in logs)."""
+    login = url if settings.token_value is None else f"{url}/?token={settings.token_value}"
+    shown = login if settings.token_generated else url
+    hint = "  (token: ATTNSCOPE_TOKEN)" if settings.token_value and not settings.token_generated \
+        else ""
+    return login, shown + hint
+
+
+def _serve(settings: Settings, registry: RunRegistry) -> int:
+    """``attnscope serve``: the server in the foreground until Ctrl-C or SIGTERM."""
     import uvicorn
 
-    from .app import create_app
-    from .serving import bind_socket, url_of, uvicorn_config
+    from .backend.app import create_app
+    from .backend.serving import uvicorn_config
+    from .core.sockets import bind_socket, url_of
 
     try:
         sock = bind_socket(settings.host, settings.port)
     except OSError as exc:
-        print(f"attnscope: cannot listen on {settings.host}:{settings.port}: {exc}",
-              file=sys.stderr)
+        print(f"attnscope: {exc}", file=sys.stderr)
         return 1
-    url = url_of(sock)
     server = uvicorn.Server(uvicorn_config(create_app(settings, registry), settings))
-    login = url if settings.token_value is None else f"{url}/?token={settings.token_value}"
-    # As Jupyter does: a generated token is printed in the URL that logs you in (the user
-    # has no other way to learn it); a user-supplied one never is (it would land in logs).
-    shown = login if settings.token_generated else url
-    hint = "  (token: ATTNSCOPE_TOKEN)" if settings.token_value and not settings.token_generated \
-        else ""
-    print(f"attnscope {__version__}: dashboard at {shown}{hint}  (Ctrl-C to stop)", flush=True)
-    if progress is None:  # serve: what it browses
-        print(f"runs recorded in {settings.data_dir} are listed on the page", flush=True)
-    if open_browser:
-        threading.Timer(1.0, webbrowser.open, args=(login,)).start()
-    if progress is not None:
-        progress.start()
+    _, shown = _login(settings, url_of(sock))
+    print(f"attnscope {__version__}: dashboard at {shown}  (Ctrl-C to stop)", flush=True)
+    print(f"runs recorded in {settings.data_dir} are listed on the page", flush=True)
     # uvicorn shuts down gracefully on SIGINT / SIGTERM, then re-raises the signal to
     # the previous handler: KeyboardInterrupt for SIGINT, _Terminated (ours) for SIGTERM.
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -160,9 +161,35 @@ def _serve(settings: Settings, registry: RunRegistry, open_browser: bool,
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if progress is not None:
-            progress.stop()
         sock.close()
+    return 0
+
+
+def _demo(settings: Settings, demo: DemoRun, open_browser: bool) -> int:
+    """``attnscope demo``: the demo trains in this process's main thread, as a user's loop
+    does; its dashboard serves from a process of its own (Dashboard.start's)."""
+    from .core.sockets import PortInUse
+    from .training.dashboard import Dashboard
+
+    try:
+        dash = Dashboard.serve(demo.run, settings)
+    except (PortInUse, OSError) as exc:
+        print(f"attnscope: {exc}", file=sys.stderr)
+        return 1
+    login, shown = _login(settings, dash.url)
+    print(f"attnscope {__version__}: dashboard at {shown}  (Ctrl-C to stop)", flush=True)
+    if open_browser:
+        webbrowser.open(login)
+    progress = _Progress(demo.run)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        demo.train_here(mark=dash.step, after_step=progress)
+    except (KeyboardInterrupt, _Terminated):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        progress.done()
+        dash.close()
     return 0
 
 
@@ -178,17 +205,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"attnscope: invalid setting {'.'.join(map(str, err['loc']))}: {err['msg']}",
               file=sys.stderr)
         return 2
-    from .runs import RunRegistry
+    from .training.run import RunRegistry
 
-    registry = RunRegistry()
     if args.command == "serve":
-        return _serve(settings, registry, open_browser=False, progress=None)
+        return _serve(settings, RunRegistry())
     import torch
 
-    from .collapse import CollapseConfig
-    from .demo import DemoConfig
-    from .demo_run import DemoRun
-    from .induction import InductionConfig
+    from .training.collapse import CollapseConfig
+    from .training.demo import DemoConfig
+    from .training.demo_run import DemoRun
+    from .training.induction import InductionConfig
 
     torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
 
@@ -202,17 +228,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"attnscope: {exc}", file=sys.stderr)
         return 2
-    registry.add(demo.run)
     what = {"induction": "learning induction heads",
             "collapse": "raising the learning rate until attention collapses",
             "reverse": f"reversing {demo.config.seq_len} symbols"}[args.task]
     print(f"demo: {what} on {demo.training.device} "
           f"({torch.get_num_threads()} torch threads)", flush=True)
-    demo.start()
-    try:
-        return _serve(settings, registry, not args.no_browser, _Progress(demo.run))
-    finally:
-        demo.close()
+    return _demo(settings, demo, not args.no_browser)
 
 
 if __name__ == "__main__":  # pragma: no cover

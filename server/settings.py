@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     # 256 remote runs listed at most: past it the oldest ended (then idle) one is
     # forgotten (its recorded history stays); all of them live: a new run is refused.
     max_remote_runs: int = Field(256, ge=1, le=100_000)
-    # HTTP connections (server/connections.py): a request's headers must arrive within 10 s
+    # HTTP connections (server/backend/connections.py): a request's headers must arrive within 10 s
     # of the connection (or of the previous response), a body may pause 30 s at most; a
     # slow client on a bad link sends its headers in well under a second.
     http_header_timeout_s: float = Field(10.0, gt=0, le=3600)
@@ -90,6 +90,11 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, le=1024)
     # uvicorn's log level for the server's own access and error logs.
     log_level: str = "warning"
+    # Dashboard.start serves from a process of its own: no thread of ours in the training
+    # process (on a GPU any runnable Python thread there slows the kernel launches). False
+    # where a child process cannot be started: the server then runs in threads of the
+    # training process, as before (docs/architecture.md).
+    server_process: bool = True
 
     # Captures (REST, docs/captures.md). 64 x 4096 tokens: far above a probe
     # batch, well below what would stall a training run for long.
@@ -107,7 +112,7 @@ class Settings(BaseSettings):
     captures_max_json_bytes: int = Field(32 << 20, ge=0)
     # How long a capture waits for the training loop to reach a step boundary.
     captures_timeout_s: float = Field(60.0, gt=0)
-    # Pinned inputs (server/captures/pinned.py, docs/captures.md): a pinned text is
+    # Pinned inputs (server/backend/captures/pinned.py, docs/captures.md): a pinned text is
     # captured again every 50 steps by default: a forward pass in the training process,
     # cheap next to 50 training steps (forward, backward and optimizer each).
     pinned_every: int = Field(50, ge=1, le=1_000_000)
@@ -181,13 +186,13 @@ class Settings(BaseSettings):
     # A slow endpoint is given up after 5 s; it never holds up training (its own thread).
     alert_webhook_timeout_s: float = Field(5.0, gt=0, le=60)
 
-    # The dashboard's cost budget (server/budget.py): its time in the training thread
+    # The dashboard's cost budget (server/training/budget.py): its time in the training thread
     # plus its helper threads' CPU at most 3 % of training time, a slowdown nobody sees
     # in steps/s; past it the dashboard thins its own work (statistics cadence, snapshot
     # spacing, frame rate, view size) and says so on the page. 1: never thin.
     max_overhead: float = Field(0.03, gt=0, le=1)
 
-    # Access token (server/auth.py). None on loopback: no token needed. None on any other
+    # Access token (server/backend/auth.py). None on loopback: no token needed. None on any other
     # bind: one is generated at start and printed in the URL (as Jupyter does).
     token: SecretStr | None = None
     # Websocket and state-changing REST origins accepted besides the server's own (e.g. a

@@ -27,6 +27,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
     if "ATTNSCOPE_DATA_DIR" not in os.environ:
         os.environ["ATTNSCOPE_DATA_DIR"] = tempfile.mkdtemp(prefix="attnscope-test-data-")
+        config._attnscope_data_dir = os.environ["ATTNSCOPE_DATA_DIR"]  # removed at the end
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the session's temporary data folder (one per run would pile up in /tmp)."""
+    import shutil
+
+    made = getattr(config, "_attnscope_data_dir", None)
+    if made:
+        shutil.rmtree(made, ignore_errors=True)
 
 
 @pytest.fixture(scope="module", autouse=True)

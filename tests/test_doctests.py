@@ -29,7 +29,7 @@ MODULES = _modules_with_examples()
 
 def test_the_package_has_examples_to_run() -> None:
     # Guards the walk itself: a broken import path would leave nothing to run.
-    assert {"attnscope", "attnscope.protocol"} <= set(MODULES)
+    assert {"attnscope", "attnscope.contract.protocol"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)

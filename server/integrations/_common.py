@@ -12,7 +12,7 @@ import torch.nn as nn
 
 class DashboardOwner:
     """Starts a dashboard on the trained model (unless given one) and closes the one it
-    started. ``start_kwargs`` go to :meth:`~attnscope.dashboard.Dashboard.start`, over the
+    started. ``start_kwargs`` go to :meth:`~attnscope.training.dashboard.Dashboard.start`, over the
     defaults the callback found (the run's name, the trainer's tokenizer)."""
 
     def __init__(self, dashboard: Any = None, **start_kwargs: Any) -> None:
@@ -23,7 +23,7 @@ class DashboardOwner:
     def open(self, model: nn.Module, **defaults: Any) -> None:
         """Start the dashboard on ``model``, unless one was given or already started."""
         if self.dashboard is None:
-            from ..dashboard import Dashboard
+            from ..training.dashboard import Dashboard
 
             given = {k: v for k, v in defaults.items() if v is not None}
             self.dashboard = Dashboard.start(model, **{**given, **self._start_kwargs})
@@ -43,7 +43,7 @@ class DashboardOwner:
         ended and leave the page served (until ``dashboard.close()`` or the process ends)."""
         if self._owned and self.dashboard is not None:
             if keep_open:
-                self.dashboard.run.close()
+                self.dashboard.end_run()
                 return
             self.dashboard.close()
         self._owned = False

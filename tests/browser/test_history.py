@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from attnscope.protocol import decode_frame
+from attnscope.contract.protocol import decode_frame
 
 from .conftest import ARTIFACTS, REPO, ServerProcess, demo_server, free_port, get_json, screenshot
 

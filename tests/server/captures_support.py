@@ -1,6 +1,6 @@
 """Shared by the captures tests: an app with the captures API, served for real.
 
-When ``attnscope.app.create_app`` wires the captures router in (and ``Settings``
+When ``attnscope.backend.app.create_app`` wires the captures router in (and ``Settings``
 has the ``captures_*`` limit fields), the tests run on the real app. Until
 then they build the same thing by hand: the captures router, a lifespan that
 opens the :class:`CaptureStore` under ``data_dir`` and closes it, and a run
@@ -20,13 +20,13 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
-from attnscope.captures.pinned import PinnedCaptures
-from attnscope.captures.pins_router import router as pins_router
-from attnscope.captures.router import PREFIX, build_router
-from attnscope.captures.service import CaptureLimits
-from attnscope.captures.store import open_store
-from attnscope.demo import DemoConfig, DemoModel
-from attnscope.runs import Run, RunRegistry
+from attnscope.backend.captures.pinned import PinnedCaptures
+from attnscope.backend.captures.pins_router import router as pins_router
+from attnscope.backend.captures.requests import CaptureLimits
+from attnscope.backend.captures.router import PREFIX, build_router
+from attnscope.backend.captures.store import open_store
+from attnscope.training.demo import DemoConfig, DemoModel
+from attnscope.training.run import Run, RunRegistry
 
 SMALL = DemoConfig(seq_len=8, n_symbols=10, n_layers=2, n_heads=2, d_head=4, feed_forward=16,
                    device="cpu")
@@ -37,7 +37,7 @@ BIG = DemoConfig(seq_len=64, n_symbols=10, n_layers=2, n_heads=4, d_head=8, feed
 
 def demo_run(run_id: str = "demo", config: DemoConfig = SMALL, ended: bool = True) -> Run:
     """A run of a small demo model whose training thread has ended (captures run inline)."""
-    from attnscope.demo import symbol_labels
+    from attnscope.training.demo import symbol_labels
 
     run = Run(DemoModel(config), run_id=run_id, symbols=symbol_labels(config.n_symbols))
     if ended:
@@ -86,7 +86,7 @@ class _FakeSettings:
 
 def _real_app(data_dir: Path, registry: RunRegistry, limits: CaptureLimits) -> FastAPI | None:
     """``create_app`` with these limits, if it serves captures already; else None."""
-    from attnscope.app import create_app
+    from attnscope.backend.app import create_app
     from attnscope.settings import Settings
 
     values = {f"captures_{k}": v for k, v in dataclasses.asdict(limits).items()}

@@ -18,11 +18,11 @@ import torch
 import torch.nn as nn
 import websockets
 
-from attnscope.app import create_app
-from attnscope.protocol import decode_frame
-from attnscope.runs import Run, RunRegistry
-from attnscope.serving import BackgroundServer
+from attnscope.backend.app import create_app
+from attnscope.backend.serving import BackgroundServer
+from attnscope.contract.protocol import decode_frame
 from attnscope.settings import Settings
+from attnscope.training.run import Run, RunRegistry
 from transformer_core.builders import TransformerEncoderBuilder
 from transformer_core.events import EventDispatcher
 

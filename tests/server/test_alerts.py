@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from attnscope.alerts.book import AlertBook
-from attnscope.alerts.rules import AlertRules, AlertTracker
-from attnscope.alerts.webhook import MAX_LINES, Webhook
-from attnscope.app import create_app
-from attnscope.history.recorder import StoredStats
-from attnscope.history.store import HistoryStore, StatRow
+from attnscope.backend.alerts.book import AlertBook
+from attnscope.backend.alerts.rules import AlertRules, AlertTracker
+from attnscope.backend.alerts.webhook import MAX_LINES, Webhook
+from attnscope.backend.app import create_app
+from attnscope.backend.history.store import HistoryStore, StatRow
+from attnscope.core.history_items import StoredStats
+from attnscope.core.stats import HEAD_STATISTICS
 from attnscope.settings import Settings
-from attnscope.stream.stats import HEAD_STATISTICS
 
 R = len(HEAD_STATISTICS)
 I = {name: i for i, name in enumerate(HEAD_STATISTICS)}  # noqa: E741
@@ -159,7 +159,7 @@ def test_the_book_stores_logs_and_tells_listeners_and_a_restart_does_not_repeat(
             assert book.rows(session, [r]) == []
         r = rows(0.01, start=2)
         store.add_stats(session, r)
-        with caplog.at_level(logging.WARNING, logger="attnscope.alerts.book"):
+        with caplog.at_level(logging.WARNING, logger="attnscope.backend.alerts.book"):
             raised = book.rows(session, r)
         assert [m["rule"] for m in raised] == ["entropy_floor", "entropy_drop"]
         assert heard == raised and [m["seq"] for m in raised] == [0, 1]
@@ -300,7 +300,7 @@ def test_a_slow_endpoint_never_holds_up_the_caller_and_is_given_up(endpoint):
 def test_a_failing_endpoint_gets_one_attempt_per_backoff(endpoint, caplog):
     hook = Webhook(endpoint.url, min_interval_s=0.05, backoff_s=30)
     try:
-        with caplog.at_level(logging.WARNING, logger="attnscope.alerts.webhook"):
+        with caplog.at_level(logging.WARNING, logger="attnscope.backend.alerts.webhook"):
             hook.submit(message(0))
             assert wait_for(lambda: hook.failed == 1)
             for i in range(1, 20):

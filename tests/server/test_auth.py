@@ -8,9 +8,9 @@ from auth_support import BEARER, TOKEN, log_of, ws_status
 from pydantic import ValidationError
 from stream_support import Served
 
-from attnscope.auth import COOKIE_NAME
-from attnscope.runs import RunRegistry
+from attnscope.backend.auth import COOKIE_NAME
 from attnscope.settings import Settings
+from attnscope.training.run import RunRegistry
 
 
 @pytest.fixture(scope="module")

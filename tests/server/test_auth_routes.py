@@ -10,8 +10,8 @@ from fastapi.routing import APIRoute, APIWebSocketRoute
 from starlette.routing import Mount, Route, WebSocketRoute
 from stream_support import Served
 
-from attnscope.auth import PUBLIC_PATHS
-from attnscope.runs import RunRegistry
+from attnscope.backend.auth import PUBLIC_PATHS
+from attnscope.training.run import RunRegistry
 
 
 def _concrete(path: str) -> str:

@@ -17,7 +17,7 @@ from stream_support import Served, connect, recv_json, run_async, small_encoder
 from test_remote import wait_for
 
 from attnscope import Dashboard
-from attnscope.runs import Run, RunRegistry
+from attnscope.training.run import Run, RunRegistry
 from transformer_core.events import EventDispatcher
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,7 +117,8 @@ def test_a_remote_run_nobody_watched_stays_listed_and_can_be_taken_over(tmp_path
     x = torch.randn(2, 6, 8)
     with Served(RunRegistry(), data_dir=tmp_path, history_every=5,
                 history_probe_budget=None) as s:
-        dash = Dashboard.connect(model, s.url, run="bob/nobody-watched")
+        # no budget: every step recorded (the last one is what the list shows)
+        dash = Dashboard.connect(model, s.url, run="bob/nobody-watched", max_overhead=1.0)
         wait_for(lambda: dash.connections == 1, 10, "the publisher")
         for step in range(30):
             with torch.no_grad():
@@ -138,7 +139,8 @@ def test_a_remote_run_nobody_watched_stays_listed_and_can_be_taken_over(tmp_path
         again = s.http.get("/api/v1/runs/bob/nobody-watched/history").json()["snapshots"]
         assert again == snapshots
         # A publisher under the same id takes the recorded run over, as an ended remote one.
-        dash = Dashboard.connect(model, s.url, run="bob/nobody-watched")
+        # no budget: every step recorded (the last one is what the list shows)
+        dash = Dashboard.connect(model, s.url, run="bob/nobody-watched", max_overhead=1.0)
         try:
             wait_for(lambda: dash.connections == 1, 10, "the publisher")
             wait_for(lambda: s.http.get("/api/v1/runs").json()[0]["status"] == "live", 10,

@@ -21,8 +21,8 @@ import safetensors.numpy
 import torch
 from captures_support import demo_run, make_app, serve
 
-from attnscope.captures.service import CaptureLimits
-from attnscope.runs import Run
+from attnscope.backend.captures.requests import CaptureLimits
+from attnscope.training.run import Run
 from transformer_core.builders import TransformerEncoderBuilder
 from transformer_core.events import EventDispatcher
 

@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 
-from attnscope.captures.capture import (
+from attnscope.contract.layout import LocalModel
+from attnscope.core.capture import (
     CaptureError,
     CaptureTooLarge,
     estimate_bytes,
     run_capture,
 )
-from attnscope.demo import DemoConfig, DemoModel
-from attnscope.layout import LocalModel
-from attnscope.runs import Run
+from attnscope.training.demo import DemoConfig, DemoModel
+from attnscope.training.run import Run
 from transformer_core.builders import TransformerEncoderBuilder
 from transformer_core.events import EventDispatcher
 

@@ -20,7 +20,7 @@ from captures_support import make_app, serve
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import positive_data_acceptance
 
-from attnscope.captures.service import CaptureLimits
+from attnscope.backend.captures.requests import CaptureLimits
 
 EXAMPLES_PER_OPERATION = 40
 

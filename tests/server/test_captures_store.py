@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attnscope.captures import store as store_module
-from attnscope.captures.store import CaptureStore, StoreLocked
+from attnscope.backend.captures import store as store_module
+from attnscope.backend.captures.store import CaptureStore, StoreLocked
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -102,7 +102,7 @@ def test_a_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_one_process_owns_a_store(tmp_path: Path) -> None:
     with CaptureStore(tmp_path):
-        code = ("import sys; from attnscope.captures.store import CaptureStore\n"
+        code = ("import sys; from attnscope.backend.captures.store import CaptureStore\n"
                 f"CaptureStore({str(tmp_path)!r})")
         result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                                 text=True, timeout=120)
@@ -147,7 +147,7 @@ def test_concurrent_saves_and_deletes_stay_consistent(tmp_path: Path) -> None:
 
 WRITER = textwrap.dedent("""
     import sys, numpy as np
-    from attnscope.captures.store import CaptureStore
+    from attnscope.backend.captures.store import CaptureStore
     store = CaptureStore(sys.argv[1])
     for i in range(100000):
         value = float(i)

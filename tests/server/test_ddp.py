@@ -12,7 +12,7 @@ import pytest
 from auth_support import BEARER, TOKEN
 from stream_support import Served
 
-from attnscope.runs import RunRegistry
+from attnscope.training.run import RunRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""The demo run: the reversal task, its model, and its training loop (server/demo.py)."""
+"""The demo run: the reversal task, its model, and its training loop (server/training/demo.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-import attnscope.demo as demo
-from attnscope.demo import (
+import attnscope.training.demo as demo
+from attnscope.training.demo import (
     DemoConfig,
     DemoModel,
     DemoTraining,

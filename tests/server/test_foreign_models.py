@@ -20,7 +20,7 @@ from captures_support import make_app, serve
 from stream_support import connect, recv_frame, run_async
 
 from attnscope import Dashboard
-from attnscope.runs import Run
+from attnscope.training.run import Run
 from tests.look_support import Nano
 
 transformers = pytest.importorskip("transformers")

@@ -17,8 +17,8 @@ from auth_support import TOKEN, log_of
 from captures_support import demo_run
 from stream_support import Served, Trainer, connect, recv_json, rss_bytes, run_async, small_encoder
 
-from attnscope.guard import host_allow_list
-from attnscope.runs import Run, RunRegistry
+from attnscope.backend.guard import host_allow_list
+from attnscope.training.run import Run, RunRegistry
 from transformer_core.events import EventDispatcher
 
 MiB = 1 << 20

@@ -28,13 +28,13 @@ from auth_support import log_of
 from stream_support import Served, Trainer, run_async, small_encoder
 from test_hardening_remote import closed_code, next_of, publisher
 
-from attnscope.history.config import HistoryConfig
-from attnscope.history.recorder import StoredSnapshot, StoredStats
-from attnscope.history.service import HistoryService
-from attnscope.history.store import HistoryFull, HistoryStore, StatRow
-from attnscope.protocol import pack as pack_binary
-from attnscope.runs import Run, RunRegistry
-from attnscope.stream.stats import HEAD_STATISTICS
+from attnscope.backend.history.store import HistoryFull, HistoryStore, StatRow
+from attnscope.backend.history.writer import HistoryWriter
+from attnscope.contract.protocol import pack as pack_binary
+from attnscope.core.history_config import HistoryConfig
+from attnscope.core.history_items import StoredSnapshot, StoredStats
+from attnscope.core.stats import HEAD_STATISTICS
+from attnscope.training.run import Run, RunRegistry
 from transformer_core.events import EventDispatcher
 
 R = len(HEAD_STATISTICS)
@@ -121,7 +121,8 @@ def assert_toy_intact(served: Served, before: dict) -> None:
     data = served.http.get("/api/v1/runs/toy/history/data")
     assert data.status_code == 200
     with np.load(io.BytesIO(data.content)) as z:
-        assert z["attention"].shape[0] == len(after["snapshots"])
+        # the run trains on: a snapshot may land between the two requests
+        assert z["attention"].shape[0] >= len(after["snapshots"])
     assert served.http.get("/api/v1/runs/toy/heads").status_code == 200
 
 
@@ -171,7 +172,7 @@ def test_a_thousand_remote_runs_cannot_evict_a_local_runs_history(toy: Served) -
 # -- D. a record that cannot be written fails alone ------------------------------------
 
 def test_a_record_that_fails_to_write_fails_alone(tmp_path) -> None:
-    service = HistoryService(HistoryStore(tmp_path), HistoryConfig())
+    service = HistoryWriter(HistoryStore(tmp_path), HistoryConfig())
     try:
         bad = service.new_session("mallory", "m", {"layers": 1})
         good = service.new_session("alice", "a", {"layers": 1})
@@ -195,7 +196,7 @@ def test_a_record_that_fails_to_write_fails_alone(tmp_path) -> None:
 
 
 def test_closing_the_writer_with_records_waiting_writes_them_quietly(tmp_path) -> None:
-    service = HistoryService(HistoryStore(tmp_path), HistoryConfig())
+    service = HistoryWriter(HistoryStore(tmp_path), HistoryConfig())
     session = service.new_session("alice", "a", {"layers": 1})
     rows = [StatRow(1, 0.0, {}, np.zeros((1, 5, 1), np.float32))]
     with log_of("attnscope") as log:

@@ -17,9 +17,9 @@ from auth_support import log_of
 from stream_support import Served, connect, recv_frame, recv_json, run_async, small_encoder
 
 from attnscope import Dashboard
-from attnscope.protocol import pack as pack_binary
-from attnscope.remote.publisher import RunRefused
-from attnscope.runs import RunRegistry
+from attnscope.contract.protocol import pack as pack_binary
+from attnscope.training.connect import RunRefused
+from attnscope.training.run import RunRegistry
 from transformer_core.events import EventDispatcher
 
 RUN = "bob/run1"
@@ -251,7 +251,7 @@ def test_a_capture_that_cannot_be_encoded_is_dropped_not_a_1011() -> None:
     """Defence in depth behind the frame checks: the hub drops what it cannot encode."""
     import torch
 
-    from attnscope.stream.plan import Capture
+    from attnscope.contract.plan import Capture
 
     registry = RunRegistry()
     with Served(registry) as served:

@@ -11,11 +11,11 @@ import pytest
 import torch
 from stream_support import Served, Trainer, connect, recv_json, run_async, small_encoder
 
-from attnscope.runs import Run, RunRegistry
-from attnscope.stream.frames import encode_stats
-from attnscope.stream.heads_feed import StreamRoles
-from attnscope.stream.plan import Capture
-from attnscope.stream.roles import RoleRule
+from attnscope.backend.frames import encode_stats
+from attnscope.backend.heads_feed import StreamRoles
+from attnscope.contract.plan import Capture
+from attnscope.core.roles import RoleRule
+from attnscope.training.run import Run, RunRegistry
 from transformer_core.events import EventDispatcher
 
 L = 8

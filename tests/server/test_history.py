@@ -9,13 +9,13 @@ import pytest
 import torch
 from stream_support import Wrapped, small_encoder
 
-from attnscope.captures.capture import run_capture
-from attnscope.history.config import HistoryConfig
-from attnscope.history.service import HistoryService
-from attnscope.history.store import HistoryStore, StatRow
-from attnscope.history.thinning import thinning_victim
-from attnscope.runs import Run
-from attnscope.stream.stats import HEAD_STATISTICS
+from attnscope.backend.history.store import HistoryStore, StatRow
+from attnscope.backend.history.thinning import thinning_victim
+from attnscope.backend.history.writer import HistoryWriter
+from attnscope.core.capture import run_capture
+from attnscope.core.history_config import HistoryConfig
+from attnscope.core.stats import HEAD_STATISTICS
+from attnscope.training.run import Run
 from transformer_core.events import EventDispatcher
 
 
@@ -25,12 +25,12 @@ def make_run(run_id: str = "toy") -> tuple[Run, torch.nn.Module]:
     return Run(model, run_id=run_id), model
 
 
-def service_on(root, **config) -> HistoryService:
+def service_on(root, **config) -> HistoryWriter:
     """A service on ``root``; the probe time budget is off unless asked for (exact cadence)."""
     cfg = HistoryConfig(**{"probe_budget": None, **config})
     store = HistoryStore(root, max_snapshots=cfg.max_snapshots, max_bytes=cfg.max_bytes,
                          max_stat_points=cfg.max_stat_points, max_sessions=cfg.max_sessions)
-    return HistoryService(store, cfg)
+    return HistoryWriter(store, cfg)
 
 
 def train(run: Run, model: torch.nn.Module, steps, batches=None, on_step=None) -> list:
@@ -145,7 +145,7 @@ def test_snapshots_are_of_the_probe_not_of_later_batches(tmp_path):
 
 
 def test_a_capture_between_steps_does_not_leak_into_the_next_steps_statistics(tmp_path):
-    from attnscope.stream.stats import head_stats
+    from attnscope.core.stats import head_stats
 
     run, model = make_run()
     service = service_on(tmp_path, every=100)
@@ -279,7 +279,7 @@ def test_one_record_larger_than_the_queue_cap_is_taken_when_nothing_waits(tmp_pa
 
 
 def test_a_second_process_cannot_open_the_same_history(tmp_path):
-    from attnscope.history.store import HistoryLocked
+    from attnscope.backend.history.store import HistoryLocked
 
     with HistoryStore(tmp_path), pytest.raises(HistoryLocked, match="in use"):
         HistoryStore(tmp_path)
@@ -295,7 +295,7 @@ def test_expensive_probe_passes_are_spaced_as_soon_as_their_cost_is_known(tmp_pa
     alone take 5 % of training time every 10 steps: once the budget has measured a window,
     snapshots are spaced to keep probe passes under PROBE_SHARE of it, and the budget says
     so; cheap probe passes keep the cadence."""
-    from attnscope.history.recorder import PROBE_SHARE
+    from attnscope.training.recorder import PROBE_SHARE
 
     def budgeted(run_id: str) -> Run:
         model = Wrapped(small_encoder(EventDispatcher(), n_layers=2, n_heads=2), d_model=8)

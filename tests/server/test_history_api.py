@@ -13,8 +13,8 @@ import pytest
 import torch
 from stream_support import Served, connect, run_async, small_encoder
 
-from attnscope.protocol import decode_frame
-from attnscope.runs import Run, RunRegistry
+from attnscope.contract.protocol import decode_frame
+from attnscope.training.run import Run, RunRegistry
 from transformer_core.events import EventDispatcher
 
 STEPS = 24
@@ -135,8 +135,8 @@ def test_history_of_a_head_as_json_and_step_ranges(served):
 
 
 def test_heads_lists_every_head_with_statistics_scores_and_roles(served):
-    from attnscope.stream.roles import ROLES
-    from attnscope.stream.stats import HEAD_STATISTICS
+    from attnscope.core.roles import ROLES
+    from attnscope.core.stats import HEAD_STATISTICS
 
     s, run, model, x = served
     assert s.http.get("/api/v1/runs/nope/heads").status_code == 404

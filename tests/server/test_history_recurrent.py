@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from attnscope.history.config import HistoryConfig
-from attnscope.history.service import HistoryService
-from attnscope.history.store import HistoryStore
-from attnscope.runs import Run
-from attnscope.stream.stats import HEAD_STATISTICS
+from attnscope.backend.history.store import HistoryStore
+from attnscope.backend.history.writer import HistoryWriter
+from attnscope.core.history_config import HistoryConfig
+from attnscope.core.stats import HEAD_STATISTICS
+from attnscope.training.run import Run
 from transformer_core.builders import RecurrentEncoderBuilder
 from transformer_core.events import EventDispatcher
 from transformer_core.feature_maps import Favor
@@ -47,7 +47,7 @@ def test_a_recurrent_run_records_row_statistics_and_leaves_the_sequence_alone(tm
     cfg = HistoryConfig(every=2, probe_budget=None)
     store = HistoryStore(tmp_path, max_snapshots=cfg.max_snapshots, max_bytes=cfg.max_bytes,
                          max_stat_points=cfg.max_stat_points, max_sessions=cfg.max_sessions)
-    service = HistoryService(store, cfg)
+    service = HistoryWriter(store, cfg)
     try:
         service.attach(run)
         watched = generate(net, run)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from attnscope.history.recorder import SnapshotItem
-from attnscope.history.roles import snapshot_repeat_scores
-from attnscope.stream.reduce import pool_matrix
-from attnscope.stream.roles import repeat_scores
+from attnscope.backend.history.roles import snapshot_repeat_scores
+from attnscope.core.history_items import SnapshotItem
+from attnscope.core.reduce import pool_matrix
+from attnscope.core.roles import repeat_scores
 from transformer_core.attention import FullAttention
 from transformer_core.masking import FullMask, LengthMask
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from stream_support import Served
 
-from attnscope.demo_run import DemoRun
-from attnscope.induction import InductionConfig, InductionTraining, RepeatTask
-from attnscope.runs import RunRegistry
+from attnscope.training.demo_run import DemoRun
+from attnscope.training.induction import InductionConfig, InductionTraining, RepeatTask
+from attnscope.training.run import RunRegistry
 
 TRAIN_LIMIT_S = 420  # the phase change takes ~30-60 s unloaded; this machine is shared
 

@@ -1,8 +1,14 @@
-"""The three layers of attnscope (docs/architecture.md), and imports pointing one way:
-web side -> training side -> core -> transformer_core.
+"""attnscope's layout by process (docs/architecture.md): a module's path says which process
+runs it, and imports point one way.
 
-A training process that only publishes (``Dashboard.connect``) never loads FastAPI,
-Starlette or uvicorn; ``Dashboard.start`` loads them when it is called.
+- ``attnscope.core`` and ``attnscope.contract``: what both processes use (computations,
+  the model's layout, every message of the channel and of the publisher protocol);
+- ``attnscope.training`` (and ``attnscope.integrations``, ``attnscope.client``): what runs
+  in the user's training process; it imports the core and the contract, never the server;
+- ``attnscope.backend``: the server process (web stack, hub, history writer, relay).
+
+A training process never loads FastAPI, Starlette or uvicorn: ``Dashboard.start`` serves
+from a process of its own, ``Dashboard.connect`` through a relay process.
 """
 
 from __future__ import annotations
@@ -18,39 +24,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "server"  # installed as attnscope
 WEB_STACK = ("fastapi", "starlette", "uvicorn")
-
-# Core: run state, model layout, statistics, frames and the wire format.
-CORE = {
-    "attnscope", "attnscope.layout", "attnscope.run_base", "attnscope.jsonsafe",
-    "attnscope.protocol", "attnscope.model_inputs",
-    "attnscope.storage", "attnscope.stream", "attnscope.stream.plan", "attnscope.stream.stats",
-    "attnscope.stream.reduce", "attnscope.stream.rowstats",
-    "attnscope.stream.frames", "attnscope.remote", "attnscope.remote.wire",
-    "attnscope.remote.checks",
-    "attnscope.captures", "attnscope.captures.capture", "attnscope.captures.store",
-    "attnscope.captures.formats", "attnscope.history", "attnscope.history.store",
-    "attnscope.history.config", "attnscope.history.thinning", "attnscope.stream.roles",
-    "attnscope.history.roles", "attnscope.limits", "attnscope.tokens",
-    "attnscope.assets", "attnscope.bundle", "attnscope.standalone", "attnscope.look",
-    "attnscope.alerts", "attnscope.alerts.rules", "attnscope.alerts.book",
-    "attnscope.alerts.webhook",
-}
-# Training side: Dashboard, the publishers, the history recorder and outbox, the demo.
-TRAINING = {
-    "attnscope.dashboard", "attnscope.runs", "attnscope.stream.publisher", "attnscope.stream.rows",
-    "attnscope.remote.publisher", "attnscope.remote.captures", "attnscope.remote.history",
-    "attnscope.history.recorder", "attnscope.history.service", "attnscope.demo",
-    "attnscope.demo_run", "attnscope.client", "attnscope.induction", "attnscope.collapse",
-    "attnscope.integrations", "attnscope.integrations._common",
-    "attnscope.integrations.huggingface", "attnscope.integrations.lightning",
-    "attnscope.budget",
-}
-# Everything else is the web side (app, routers, hub, endpoints, auth, settings, CLI).
-LAYER_NAMES = ("core", "training side", "web side")
+# Outside the three folders: the package itself and its settings (both sides read them),
+# the command line (it starts a server) and the captures client (a script's).
+SHARED = {"attnscope", "attnscope.settings"}
+TRAINING_TOP = {"attnscope.client", "attnscope.integrations"}
+LAYER_NAMES = ("core and contract", "training side", "server side")
 
 
 def layer(module: str) -> int:
-    return 0 if module in CORE else 1 if module in TRAINING else 2
+    """0: core and contract (and the package, its settings); 1: the training process;
+    2: the server process (and the CLI)."""
+    top = module.split(".")[1] if "." in module else ""
+    if module in SHARED or top in ("core", "contract"):
+        return 0
+    if top in ("training", "integrations") or module in TRAINING_TOP:
+        return 1
+    return 2
 
 
 def module_name(path: Path) -> str:
@@ -99,11 +88,14 @@ def module_level_imports(name: str) -> set[str]:
     return found
 
 
-def test_the_layer_table_names_real_modules() -> None:
-    assert set(MODULES) >= CORE | TRAINING
+def test_every_module_lives_in_a_process_folder() -> None:
+    loose = sorted(m for m in MODULES if m.count(".") == 1 and m not in
+                   SHARED | TRAINING_TOP | {"attnscope.cli"} and m.split(".")[1] not in
+                   ("core", "contract", "training", "backend", "integrations", "frontend"))
+    assert loose == [], f"modules outside the process folders: {loose}"
 
 
-@pytest.mark.parametrize("name", sorted(CORE | TRAINING))
+@pytest.mark.parametrize("name", sorted(m for m in MODULES if layer(m) < 2))
 def test_core_and_training_side_import_no_web_framework(name: str) -> None:
     imports = module_level_imports(name)
     web = sorted(m for m in imports if m.split(".")[0] in WEB_STACK)
@@ -142,9 +134,18 @@ def test_import_and_connect_load_no_web_framework() -> None:
     assert loaded == []
 
 
-def test_start_loads_the_web_framework_when_called() -> None:
+def test_start_serves_from_another_process_and_loads_no_web_framework_here() -> None:
     loaded = _loaded_after(
         "from attnscope import Dashboard\n"
         "dash = Dashboard.start(net, port=0, quiet=True)\n"
+        "dash.step(0, loss=1.0)\n"
+        "dash.close()\n")
+    assert loaded == []
+
+
+def test_the_in_process_server_loads_the_web_framework_when_called() -> None:
+    loaded = _loaded_after(
+        "from attnscope import Dashboard\n"
+        "dash = Dashboard.start(net, port=0, quiet=True, server_process=False)\n"
         "dash.close()\n")
     assert loaded == list(WEB_STACK)

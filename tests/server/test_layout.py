@@ -9,10 +9,10 @@ import pytest
 import torch.nn as nn
 from stream_support import Wrapped, small_encoder
 
-from attnscope.layout import LocalModel, ModelLayout, SiteLayout
-from attnscope.remote.captures import model_info_from_message, model_info_message
-from attnscope.remote.run import RemoteRun
-from attnscope.runs import Run
+from attnscope.backend.remote.run import RemoteRun
+from attnscope.contract.captures import model_info_from_message, model_info_message
+from attnscope.contract.layout import LocalModel, ModelLayout, SiteLayout
+from attnscope.training.run import Run
 from transformer_core.builders import TransformerDecoderBuilder
 from transformer_core.events import EventDispatcher
 

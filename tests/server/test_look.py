@@ -125,19 +125,19 @@ def test_the_notebook_display_is_the_page_in_an_iframe():
 
 
 def test_import_attnscope_stays_light_and_offers_show():
-    code = ("import sys, attnscope; light = 'attnscope.look' not in sys.modules "
+    code = ("import sys, attnscope; light = 'attnscope.training.look' not in sys.modules "
             "and 'torch' not in sys.modules; f = attnscope.show; "
             "print(light, f.__module__, attnscope.show is f)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, check=True)
-    assert done.stdout.split() == ["True", "attnscope.look", "True"]
+    assert done.stdout.split() == ["True", "attnscope.training.look", "True"]
 
 
 def test_view_of_a_capture_taken_elsewhere():
     """What a run's export does: a capture (here of two samples) and its layout -> the page."""
-    from attnscope.captures.capture import run_capture
-    from attnscope.layout import LocalModel
-    from attnscope.look import view_of
+    from attnscope.contract.layout import LocalModel
+    from attnscope.core.capture import run_capture
+    from attnscope.training.look import view_of
 
     model = Nano()
     tensors = run_capture(model, torch.tensor([[1, 2, 3], [4, 5, 6]]), ["attention"])

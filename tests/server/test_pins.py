@@ -17,16 +17,16 @@ import torch
 from captures_support import SMALL, demo_run, make_app, serve
 from fastapi.testclient import TestClient
 
-from attnscope.app import create_app
-from attnscope.captures.capture import run_capture
-from attnscope.captures.pinned import PinnedCaptures
-from attnscope.captures.service import CaptureLimits
-from attnscope.captures.store import CaptureStore
-from attnscope.demo import DemoModel, symbol_labels
-from attnscope.layout import LocalModel
-from attnscope.protocol import decode_frame
-from attnscope.run_base import BaseRun, RunRegistry
+from attnscope.backend.app import create_app
+from attnscope.backend.captures.pinned import PinnedCaptures
+from attnscope.backend.captures.requests import CaptureLimits
+from attnscope.backend.captures.store import CaptureStore
+from attnscope.contract.layout import LocalModel
+from attnscope.contract.protocol import decode_frame
+from attnscope.core.capture import run_capture
+from attnscope.core.run_base import BaseRun, RunRegistry
 from attnscope.settings import Settings
+from attnscope.training.demo import DemoModel, symbol_labels
 
 PINS = "/api/v1/pins"
 CAPTURES = "/api/v1/captures"
@@ -253,7 +253,7 @@ def test_a_capture_as_frames_with_its_tokens_and_its_heads_roles(tmp_path):
 
 
 def test_what_input_a_run_takes_is_said_before_anyone_types(tmp_path):
-    from attnscope.runs import Run
+    from attnscope.training.run import Run
     from transformer_core.builders import TransformerEncoderBuilder
 
     plain = Run(DemoModel(SMALL), run_id="ids")  # token ids, no tokenizer, no symbols
@@ -303,7 +303,7 @@ def test_a_gpt2_input_longer_than_its_positions_is_refused_before_any_pass(tmp_p
     pytest.importorskip("transformers")
     from hf_support import bpe_tokenizer, tiny_gpt2
 
-    from attnscope.runs import Run
+    from attnscope.training.run import Run
 
     tok = bpe_tokenizer()
     run = Run(tiny_gpt2(len(tok), positions=16), run_id="gpt2", tokenizer=tok)  # nobody steps

@@ -13,17 +13,18 @@ import pytest
 import torch
 from stream_support import small_encoder
 
-from attnscope.history.config import HistoryConfig
-from attnscope.history.recorder import StepItem, stats_of
-from attnscope.history.service import HistoryService
-from attnscope.history.store import HistoryStore
-from attnscope.protocol import decode_frame
-from attnscope.runs import Run
-from attnscope.stream.frames import encode_binary
-from attnscope.stream.plan import Capture, Plan, SampleNeed
-from attnscope.stream.publisher import Publisher, _axis_labels, _view
-from attnscope.stream.reduce import layer_statistics, limit_threads, pool_matrix, to_host
-from attnscope.stream.stats import HEAD_STATISTICS, MaskInfo, valid_key_counts
+from attnscope.backend.frames import encode_binary
+from attnscope.backend.history.store import HistoryStore
+from attnscope.backend.history.writer import HistoryWriter
+from attnscope.contract.plan import Capture, Plan, SampleNeed
+from attnscope.contract.protocol import decode_frame
+from attnscope.core.captured import pooled_view
+from attnscope.core.history_config import HistoryConfig
+from attnscope.core.history_items import StepItem, stats_of
+from attnscope.core.reduce import layer_statistics, limit_threads, pool_matrix, to_host
+from attnscope.core.stats import HEAD_STATISTICS, MaskInfo, valid_key_counts
+from attnscope.training.run import Run
+from attnscope.training.stream import StreamTap, _axis_labels
 from transformer_core.attention.full_attention import FullAttention
 from transformer_core.events import EventDispatcher
 from transformer_core.masking import FullMask, LengthMask
@@ -166,9 +167,9 @@ def test_a_watched_step_on_cuda_never_waits_for_the_device(tmp_path) -> None:
     arrives equals the CPU computation."""
     model = small_encoder(EventDispatcher()).cuda().eval()
     run = Run(model, run_id="toy")
-    service = HistoryService(HistoryStore(tmp_path), HistoryConfig())
+    service = HistoryWriter(HistoryStore(tmp_path), HistoryConfig())
     service.attach(run)
-    publisher = Publisher(run, notify=lambda _: None)
+    publisher = StreamTap(run, notify=lambda _: None)
     need = SampleNeed(0, attention=True, stats=True)
     publisher.set_plan(Plan(interval=0.0, sources=frozenset({("attn", 0), ("attn", 1)}),
                             needs={0: (need,), 1: (need,)}))
@@ -205,7 +206,7 @@ def test_a_view_pooled_where_captured_equals_one_pooled_when_encoded() -> None:
     also for a view size the capture was not pooled for."""
     a = _attention(3, 300, 300)
     labels = [f"t{i}" for i in range(300)]
-    pooled = _view(0, SampleNeed(0, attention=True, max_side=64), (0, 1, 2), a, "self", 1.0)
+    pooled = pooled_view(0, SampleNeed(0, attention=True, max_side=64), (0, 1, 2), a, "self", 1.0)
     full = Capture("attention", 0, 0, (0, 1, 2), a.half(), "self", 1.0)
     assert pooled.data.shape == (3, 60, 60) and pooled.pool == 5
     for cap in (pooled, full):
@@ -229,8 +230,9 @@ def test_on_the_cpu_the_training_thread_only_copies_and_the_reader_computes() ->
     q, k = torch.randn(2, 40, 3, 4), torch.randn(2, 40, 3, 4)
     event = att._event(q, k, 0.5, FullMask(40), LengthMask(torch.tensor([40, 30])))
     need = SampleNeed(1, attention=True, stats=True, max_side=20)
-    no_rows = SimpleNamespace(_row_layers=frozenset())  # a publisher of no recurrent site
-    stats, view = Publisher._capture_attention(no_rows, event, 0, (need,))
+    # a publisher of no recurrent site, in the server's process (no staging: computed here)
+    no_rows = SimpleNamespace(_row_layers=frozenset(), staging=None)
+    stats, view = StreamTap._capture_attention(no_rows, event, 0, (need,))
     assert stats.pending is not None and view.pending is not None  # nothing computed yet
     assert view.full_shape == (40, 40) and view.pool == 2
     a = event.attention(sample=1)  # (H, L, S)

@@ -15,17 +15,17 @@ from stream_support import Served, Trainer, small_encoder
 from test_remote import wait_for
 
 from attnscope import Dashboard
-from attnscope.captures.capture import (
+from attnscope.contract.captures import CHUNK_BYTES, CaptureRequests, answer_capture
+from attnscope.contract.protocol import pack
+from attnscope.contract.wire import unpack_binary
+from attnscope.core.capture import (
     CaptureError,
     CaptureTooLarge,
     CaptureUnavailable,
     run_capture,
 )
-from attnscope.demo import DemoConfig, DemoModel, symbol_labels
-from attnscope.protocol import pack
-from attnscope.remote.captures import CHUNK_BYTES, CaptureRequests, answer_capture
-from attnscope.remote.wire import unpack_binary
-from attnscope.runs import Run, RunRegistry
+from attnscope.training.demo import DemoConfig, DemoModel, symbol_labels
+from attnscope.training.run import Run, RunRegistry
 from transformer_core.events import EventDispatcher
 
 RUN = "bob/remote-captures"

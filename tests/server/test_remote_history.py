@@ -13,12 +13,12 @@ from stream_support import Served
 from test_remote import _ServedOn, wait_for
 
 from attnscope import Dashboard
-from attnscope.demo import DemoConfig, DemoTraining
-from attnscope.history.store import StatRow
-from attnscope.remote.checks import RunBounds, check_history_stats
-from attnscope.remote.history import encode_stats
-from attnscope.remote.wire import unpack_binary
-from attnscope.runs import RunRegistry
+from attnscope.backend.history.store import StatRow
+from attnscope.backend.remote.checks import RunBounds, check_history_stats
+from attnscope.backend.remote.history import encode_stats
+from attnscope.contract.wire import unpack_binary
+from attnscope.training.demo import DemoConfig, DemoTraining
+from attnscope.training.run import RunRegistry
 from transformer_core.events import AttentionEvent, EventDispatcher, dispatching_to
 
 CONFIG = DemoConfig(seq_len=8, n_symbols=10, n_layers=2, n_heads=2, d_head=4, feed_forward=16,
@@ -46,19 +46,21 @@ def test_a_remote_run_is_recorded_and_its_snapshots_are_its_probe_attention() ->
     run = "carol/remote-history"
     training = DemoTraining(CONFIG)
     with Served(RunRegistry(), history_every=5, history_probe_budget=None) as served:
+        # no budget to keep: every step recorded (a budget switches the dashboard off for
+        # a few steps now and then, to measure what it costs)
         dash = Dashboard.connect(training.model, served.url, run=run,
-                                 symbols=training.task.symbols)
+                                 symbols=training.task.symbols, max_overhead=1.0)
         try:
             wait_for(lambda: dash.connections == 1, 10, "the connection")
-            _train(dash, training, 21)  # steps 0..20; recording starts at the first step
+            _train(dash, training, 21)  # steps 0..20; recording starts with the first step
             wait_for(lambda: (_index(served, run)["stats"]["steps"] or [0])[-1] == 20, 10,
                      "the last step's statistics")
             index = _index(served, run)
-            probe = dash._recorder.probe
+            probe = dash._link._recorder.probe
         finally:
             dash.close()
-        assert index["stats"]["steps"] == list(range(1, 21))  # every step
-        assert [s["step"] for s in index["snapshots"]] == [1, 5, 10, 15, 20]
+        assert index["stats"]["steps"] == list(range(0, 21))  # every step
+        assert [s["step"] for s in index["snapshots"]] == [0, 5, 10, 15, 20]
         assert index["layers"] == 2 and index["heads"] == [0, 1]
         assert len(index["probe"]["labels"]) == CONFIG.seq_len
         sessions = {s["session"]: s for s in served.http.get("/api/v1/history").json()}
@@ -83,7 +85,7 @@ def test_remote_history_continues_in_the_same_session_across_a_server_restart() 
     training = DemoTraining(CONFIG)
     first = Served(RunRegistry())
     port = int(first.url.rsplit(":", 1)[1])
-    dash = Dashboard.connect(training.model, first.url, run=run)
+    dash = Dashboard.connect(training.model, first.url, run=run, max_overhead=1.0)
     try:
         with first:
             wait_for(lambda: dash.connections == 1, 10, "the connection")
@@ -100,7 +102,7 @@ def test_remote_history_continues_in_the_same_session_across_a_server_restart() 
     finally:
         dash.close()
     assert index["session"] == session
-    assert index["stats"]["steps"] == list(range(1, 35))  # nothing lost while away
+    assert index["stats"]["steps"] == list(range(0, 35))  # nothing lost while away
     assert dash.history_dropped == 0
 
 
@@ -114,7 +116,7 @@ def test_no_history_on_either_side_means_no_recording_in_the_trainer(
         try:
             wait_for(lambda: dash.connections == 1, 10, "the connection")
             _train(dash, training, 5, sleep=0)
-            assert dash._recorder is None
+            assert dash._link._recorder is None
             assert not any(d.has_listeners for d in dash.run.dispatchers)  # zero cost
         finally:
             dash.close()

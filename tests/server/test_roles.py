@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from attnscope.history.roles import SETTLE_ROWS, RoleTracker, snapshot_repeat_scores
-from attnscope.stream.roles import (
+from attnscope.backend.history.roles import SETTLE_ROWS, RoleTracker, snapshot_repeat_scores
+from attnscope.core.roles import (
     PATTERN_NAMES,
     RoleRule,
     assign_roles,
@@ -19,7 +19,7 @@ from attnscope.stream.roles import (
     repeat_scores,
     repeated_probe,
 )
-from attnscope.stream.stats import HEAD_STATISTICS, head_statistics, head_stats
+from attnscope.core.stats import HEAD_STATISTICS, head_statistics, head_stats
 
 L = 8
 

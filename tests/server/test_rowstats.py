@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from attnscope.history.recorder import StepItem, stats_of
-from attnscope.stream.reduce import layer_statistics, local_window
-from attnscope.stream.rowstats import STATS_ROWS, event_statistics
-from attnscope.stream.stats import HEAD_STATISTICS, STAT_NAMES, MaskInfo, valid_key_counts
+from attnscope.core.history_items import StepItem, stats_of
+from attnscope.core.reduce import layer_statistics, local_window
+from attnscope.core.rowstats import STATS_ROWS, event_statistics
+from attnscope.core.stats import HEAD_STATISTICS, STAT_NAMES, MaskInfo, valid_key_counts
 from transformer_core.builders import TransformerDecoderBuilder, TransformerEncoderBuilder
 from transformer_core.events import AttentionEvent, EventDispatcher, spread_rows
 from transformer_core.instrument.lazy import SDPACall, sdpa_event

@@ -9,9 +9,9 @@ import pytest
 import torch
 from stream_support import Served, Trainer, small_encoder
 
-from attnscope.demo import DemoConfig
-from attnscope.demo_run import DemoRun
-from attnscope.runs import Run, RunRegistry
+from attnscope.training.demo import DemoConfig
+from attnscope.training.demo_run import DemoRun
+from attnscope.training.run import Run, RunRegistry
 from transformer_core.events import EventDispatcher
 
 TINY_DEMO = DemoConfig(seq_len=8, n_symbols=4, n_layers=1, n_heads=2, d_head=8,

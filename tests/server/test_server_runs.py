@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from stream_support import Wrapped, small_encoder
 
-from attnscope.runs import Run, RunRegistry, RunStateError, UnknownRunError
+from attnscope.training.run import Run, RunRegistry, RunStateError, UnknownRunError
 from transformer_core.builders import TransformerDecoderBuilder
 from transformer_core.events import EventDispatcher
 

@@ -1,4 +1,4 @@
-"""Standalone files (attnscope.standalone): one .html that holds its data, plotly.js and the
+"""Standalone files (attnscope.core.standalone): one .html that holds its data, plotly.js and the
 page's scripts, no address to fetch; bounded in size by pooling, with a note, or an error."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from attnscope import standalone
-from attnscope.assets import plotly_js_path
-from attnscope.bundle import BundleError, bundle
+from attnscope.core import standalone
+from attnscope.core.assets import plotly_js_path
+from attnscope.core.bundle import BundleError, bundle
 from tests.look_support import embedded, matrices
 
 

@@ -12,11 +12,11 @@ import torch
 from pydantic import ValidationError
 from stream_support import small_encoder
 
-from attnscope.protocol import decode_frame, dequantise
+from attnscope.backend.frames import encode_binary, encode_stats, pool_factor, quantise
+from attnscope.contract.protocol import decode_frame, dequantise
+from attnscope.core.stats import MaskInfo, head_stats, valid_key_counts
 from attnscope.settings import Settings
-from attnscope.stream.frames import encode_binary, encode_stats, pool_factor, quantise
-from attnscope.stream.publisher import Capture
-from attnscope.stream.stats import MaskInfo, head_stats, valid_key_counts
+from attnscope.training.stream import Capture
 from transformer_core.events import EventDispatcher
 from transformer_core.masking import FullMask, LengthMask
 
@@ -147,8 +147,8 @@ def test_the_hub_computes_frames_off_the_event_loop():
     """While a frame of a big model is computed, the loop keeps serving other sockets."""
     import asyncio
 
-    from attnscope.runs import Run, RunRegistry
-    from attnscope.stream.hub import Hub
+    from attnscope.backend.hub import Hub
+    from attnscope.training.run import Run, RunRegistry
 
     calls: list[float] = []
     data = torch.rand(2, 4, 4).half()
@@ -186,8 +186,8 @@ def test_the_hub_computes_frames_off_the_event_loop():
 def test_the_hub_drops_an_unencodable_capture_with_a_log_line(caplog):
     import asyncio
 
-    from attnscope.runs import Run, RunRegistry
-    from attnscope.stream.hub import Hub
+    from attnscope.backend.hub import Hub
+    from attnscope.training.run import Run, RunRegistry
 
     def broken() -> torch.Tensor:
         raise RuntimeError("shape mismatch")

@@ -11,14 +11,14 @@ import time
 import pytest
 import torch
 
-from attnscope.protocol import decode_frame
-from attnscope.runs import Run
+from attnscope.backend.frames import encode_binary, encode_stats
+from attnscope.contract.plan import Capture, Plan, SampleNeed
+from attnscope.contract.protocol import decode_frame
+from attnscope.core.stats import valid_key_counts
 from attnscope.settings import PROTOCOL_MAX_SIDE
-from attnscope.stream.frames import encode_binary, encode_stats
-from attnscope.stream.plan import Capture, Plan, SampleNeed
-from attnscope.stream.publisher import Publisher
-from attnscope.stream.rows import MAX_ROWS, RowStore
-from attnscope.stream.stats import valid_key_counts
+from attnscope.training.rows import MAX_ROWS, RowStore
+from attnscope.training.run import Run
+from attnscope.training.stream import StreamTap
 from transformer_core.builders import (
     RecurrentDecoderBuilder,
     RecurrentEncoderBuilder,
@@ -195,9 +195,9 @@ SLOW = Plan(interval=3600.0, sources=frozenset({("attn", 0), ("attn", 1), ("qkv"
                    1: (SampleNeed(1, attention=True, attention_heads=(1,)),)})
 
 
-def publisher_on(model) -> tuple[Run, Publisher]:
+def publisher_on(model) -> tuple[Run, StreamTap]:
     run = Run(model, run_id="gen")
-    publisher = Publisher(run, lambda run_id: None)
+    publisher = StreamTap(run, lambda run_id: None)
     publisher.set_plan(SLOW)
     return run, publisher
 
@@ -254,7 +254,7 @@ def test_decoder_cross_rows_span_the_memory():
         self_attention_type="full", cross_attention_type="linear", **SIZES,
         event_dispatcher=EventDispatcher()).get().eval()
     run = Run(model, run_id="dec")
-    publisher = Publisher(run, lambda run_id: None)
+    publisher = StreamTap(run, lambda run_id: None)
     publisher.set_plan(Plan(interval=3600.0, sources=frozenset({("attn", 1)}),
                             needs={1: (SampleNeed(0, attention=True),)}))
     memory, state = torch.randn(N, 5, H * E), None

@@ -12,7 +12,7 @@ import websockets
 from stream_support import Served, recv_frame, recv_json, run_async
 
 from attnscope import Dashboard
-from attnscope.runs import Run, RunRegistry
+from attnscope.training.run import Run, RunRegistry
 from transformer_core.builders import RecurrentEncoderBuilder, TransformerEncoderBuilder
 from transformer_core.events import AttentionEvent, EventDispatcher
 from transformer_core.masking import TriangularCausalMask
@@ -66,7 +66,8 @@ def test_a_viewer_sees_the_rows_of_the_sequence_so_far(where):
                                           "max_fps": 60}))
                 await recv_json(ws, "subscribed")
                 if dash is not None:  # the plan reaches the publisher after "subscribed"
-                    while dash._publisher.plan.empty:
+                    while dash._link.publisher.plan.empty:
+                        dash.poll()  # reads what the relay sent (a plan) between steps
                         await asyncio.sleep(0.01)
                 shapes, state = [], None
                 for t in range(L):

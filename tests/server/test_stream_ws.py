@@ -24,8 +24,8 @@ from stream_support import (
     small_encoder,
 )
 
-from attnscope.protocol import dequantise
-from attnscope.runs import Run, RunRegistry
+from attnscope.contract.protocol import dequantise
+from attnscope.training.run import Run, RunRegistry
 from transformer_core.events import AttentionEvent, EventDispatcher
 
 D_MODEL = 8  # 2 heads x 4

@@ -14,8 +14,8 @@ from stream_support import Served, Trainer, connect, run_async, small_encoder, s
 from test_remote import wait_for
 
 from attnscope import Dashboard
-from attnscope.captures.capture import run_capture
-from attnscope.runs import Run, RunRegistry
+from attnscope.core.capture import run_capture
+from attnscope.training.run import Run, RunRegistry
 from transformer_core.events import EventDispatcher
 
 pytest.importorskip("transformers")

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..attention_registry import AttentionRegistry, EventDispatcherInstance, Float, Optional
 from ..events import AttentionEvent, EventDispatcher
+from ..events.portable import Recipe
 from ..masking import BaseMask, concat_rows, sample_rows
 from ._masks import apply_masks, sdpa_mask, select, softmax_scores
 
@@ -111,43 +112,56 @@ class FullAttention(nn.Module):
 
     def _event(self, queries, keys, scale, attn_mask, key_lengths, matrix=None) -> AttentionEvent:
         """The lazy event of queries (N, L, H, E) and keys (N, S, H, E)."""
-        N, L, H, _ = queries.shape
+        return softmax_event(self, queries, keys, scale, attn_mask, key_lengths,
+                             role=self.role, attention_type=self.attention_type, matrix=matrix)
 
-        def copy(n: int) -> AttentionEvent:
-            q = queries[n : n + 1].detach().clone()  # (1, L, H, E)
-            k = keys[n : n + 1].detach().clone()  # (1, S, H, E)
-            return self._event(q, k, scale, attn_mask, sample_rows(key_lengths, n))
 
-        def concat(events) -> AttentionEvent | None:
-            # One computation for all: only when the events share scale and attention mask.
-            masks = [e.attn_mask for e in events]
-            same_mask = all(m is masks[0] for m in masks) or all(
-                m is None or m.all_ones for m in masks)
-            if not same_mask or any(e.softmax_temp != scale or e.queries is None
-                                    for e in events):
-                return None
-            q = torch.cat([e.queries for e in events])  # (T, L, H, E)
-            k = torch.cat([e.keys for e in events])  # (T, S, H, E)
-            rows = concat_rows([e.key_lengths for e in events], k.shape[1])
-            return self._event(q, k, scale, masks[0], rows)
+def softmax_event(source, queries, keys, scale, attn_mask, key_lengths, *, role: str = "self",
+                  attention_type: str = "full", matrix=None) -> AttentionEvent:
+    """The lazy :class:`AttentionEvent` (N, H, L, S) of softmax attention of queries
+    (N, L, H, E) over keys (N, S, H, E) with ``attn_mask`` (L, S) and ``key_lengths``
+    (N, S); ``matrix`` (N, H, L, S), when already built, is the cache."""
+    N, L, H, _ = queries.shape
 
-        return AttentionEvent(
-            self,
-            (N, H, L, keys.shape[1]),
-            lambda n, h: softmax_logits(queries, keys, scale, attn_mask, key_lengths, n, h),
-            lambda n, h: softmax_matrix(queries, keys, scale, attn_mask, key_lengths, n, h),
-            queries=queries,
-            keys=keys,
-            attn_mask=attn_mask,
-            key_lengths=key_lengths,
-            softmax_temp=scale,
-            role=self.role,
-            attention_type=self.attention_type,
-            matrix=matrix,
-            copy_fn=copy,
-            concat_fn=concat,
-            scores_fn=lambda: softmax_scores(queries, keys, scale, attn_mask, key_lengths),
-        )
+    def copy(n: int) -> AttentionEvent:
+        q = queries[n : n + 1].detach().clone()  # (1, L, H, E)
+        k = keys[n : n + 1].detach().clone()  # (1, S, H, E)
+        return softmax_event(source, q, k, scale, attn_mask, sample_rows(key_lengths, n),
+                             role=role, attention_type=attention_type)
+
+    def concat(events) -> AttentionEvent | None:
+        # One computation for all: only when the events share scale and attention mask.
+        masks = [e.attn_mask for e in events]
+        same_mask = all(m is masks[0] for m in masks) or all(
+            m is None or m.all_ones for m in masks)
+        if not same_mask or any(e.softmax_temp != scale or e.queries is None
+                                for e in events):
+            return None
+        q = torch.cat([e.queries for e in events])  # (T, L, H, E)
+        k = torch.cat([e.keys for e in events])  # (T, S, H, E)
+        rows = concat_rows([e.key_lengths for e in events], k.shape[1])
+        return softmax_event(source, q, k, scale, masks[0], rows, role=role,
+                             attention_type=attention_type)
+
+    return AttentionEvent(
+        source,
+        (N, H, L, keys.shape[1]),
+        lambda n, h: softmax_logits(queries, keys, scale, attn_mask, key_lengths, n, h),
+        lambda n, h: softmax_matrix(queries, keys, scale, attn_mask, key_lengths, n, h),
+        queries=queries,
+        keys=keys,
+        attn_mask=attn_mask,
+        key_lengths=key_lengths,
+        softmax_temp=scale,
+        role=role,
+        attention_type=attention_type,
+        matrix=matrix,
+        copy_fn=copy,
+        concat_fn=concat,
+        scores_fn=lambda: softmax_scores(queries, keys, scale, attn_mask, key_lengths),
+        recipe=Recipe("softmax", {"scale": float(scale)}, {"queries": queries, "keys": keys},
+                      {"attn_mask": attn_mask, "key_lengths": key_lengths}),
+    )
 
 
 AttentionRegistry.register("full", FullAttention, [

@@ -13,6 +13,7 @@ from ..attention_registry import (
     Optional,
 )
 from ..events import AttentionEvent, EventDispatcher
+from ..events.portable import Recipe
 from ..feature_maps import elu_feature_map
 from ..masking import BaseMask, sample_rows
 from ._masks import UnsupportedMaskError, select
@@ -42,6 +43,31 @@ def kernel_logits(phi_q, phi_k, samples, heads, causal=False):
         future = torch.ones(L, S, dtype=torch.bool, device=logits.device).triu(1)
         logits = logits.masked_fill(future, float("-inf"))
     return logits
+
+
+def kernel_event(source, phi_q, phi_k, key_lengths, shape, causal, eps, *,
+                 role: str = "self", attention_type: str = "linear") -> AttentionEvent:
+    """The lazy :class:`AttentionEvent` ``shape`` (N, H, L, S) implied by feature-mapped
+    queries (N, L, H, E') and keys (N, S, H, E') (masked keys already zeroed)."""
+
+    def copy(n: int) -> AttentionEvent:
+        q = phi_q[n : n + 1].detach().clone()  # (1, L, H, E')
+        k = phi_k[n : n + 1].detach().clone()  # (1, S, H, E')
+        return kernel_event(source, q, k, sample_rows(key_lengths, n), (1, *shape[1:]),
+                            causal, eps, role=role, attention_type=attention_type)
+
+    return AttentionEvent(
+        source,
+        shape,
+        lambda n, h: kernel_logits(phi_q, phi_k, n, h, causal),
+        lambda n, h: kernel_matrix(phi_q, phi_k, eps, n, h, causal),
+        key_lengths=key_lengths,
+        role=role,
+        attention_type=attention_type,
+        copy_fn=copy,
+        recipe=Recipe("kernel", {"shape": list(shape), "causal": bool(causal), "eps": float(eps)},
+                      {"phi_q": phi_q, "phi_k": phi_k}, {"key_lengths": key_lengths}),
+    )
 
 
 def _exclusive_cumsum(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -136,23 +162,8 @@ class LinearAttention(nn.Module):
 
     def _event(self, phi_q, phi_k, key_lengths, shape, causal) -> AttentionEvent:
         """The lazy event of feature-mapped queries (N, L, H, E') and keys (N, S, H, E')."""
-        eps = self.eps
-
-        def copy(n: int) -> AttentionEvent:
-            q = phi_q[n : n + 1].detach().clone()  # (1, L, H, E')
-            k = phi_k[n : n + 1].detach().clone()  # (1, S, H, E')
-            return self._event(q, k, sample_rows(key_lengths, n), (1, *shape[1:]), causal)
-
-        return AttentionEvent(
-            self,
-            shape,
-            lambda n, h: kernel_logits(phi_q, phi_k, n, h, causal),
-            lambda n, h: kernel_matrix(phi_q, phi_k, eps, n, h, causal),
-            key_lengths=key_lengths,
-            role=self.role,
-            attention_type=self.attention_type,
-            copy_fn=copy,
-        )
+        return kernel_event(self, phi_q, phi_k, key_lengths, shape, causal, self.eps,
+                            role=self.role, attention_type=self.attention_type)
 
     def forward(
         self,

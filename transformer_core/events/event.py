@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .portable import Recipe
 from .scores import SoftmaxScores
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -96,6 +97,8 @@ class AttentionEvent(Event):
     ``copy_fn(sample)`` builds the event :meth:`sample_copy` returns (emitters give
     it; without it, :meth:`sample_copy` computes that sample's matrix right away);
     ``concat_fn(events)`` joins events of this emitter for :meth:`concat`.
+    ``recipe`` (a :class:`~transformer_core.events.portable.Recipe`) says how to build the
+    event again from data, in another process (:mod:`transformer_core.events.portable`).
     ``scores_fn()`` describes the logits of an attention that is exactly their softmax
     (:attr:`scores`, read by :meth:`row_statistics`); emitters of other attentions
     (linear, clustered...) leave it out.
@@ -118,6 +121,7 @@ class AttentionEvent(Event):
         matrix: torch.Tensor | None = None,
         copy_fn: CopyFn | None = None,
         concat_fn: ConcatFn | None = None,
+        recipe: Recipe | None = None,
         scores_fn: ScoresFn | None = None,
     ) -> None:
         super().__init__(source)
@@ -134,6 +138,7 @@ class AttentionEvent(Event):
         self._matrix = matrix  # (N, H, L, S) when the emitter already built it
         self._copy_fn = copy_fn
         self._concat_fn = concat_fn
+        self.recipe = recipe
         self._scores_fn = scores_fn
         self._scores: SoftmaxScores | None = None
 
@@ -206,7 +211,8 @@ class AttentionEvent(Event):
             logits = self.logits(n).detach().clone()  # (1, H, L, S)
         return AttentionEvent(self.source, (1, *self.shape[1:]), lambda s, h: logits[s][:, h],
                               lambda s, h: matrix[s][:, h], role=self.role,
-                              attention_type=self.attention_type)
+                              attention_type=self.attention_type, matrix=matrix,
+                              recipe=Recipe("matrix", {}, {"matrix": matrix, "logits": logits}))
 
     @staticmethod
     def concat(events: Sequence[AttentionEvent]) -> AttentionEvent:

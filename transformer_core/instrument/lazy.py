@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..events import AttentionEvent, SoftmaxScores
+from ..events.portable import Recipe
 from ..masking import FullMask
 
 
@@ -199,6 +200,20 @@ def sdpa_event(source: Any, call: SDPACall, role: str = "self",
         source, call.shape, call.logits, call.matrix,
         queries=call.queries, keys=keys, attn_mask=call.shared_mask(),
         softmax_temp=call.scale, role=role,
-        attention_type=attention_type, copy_fn=copy, concat_fn=concat, scores_fn=call.scores)
+        attention_type=attention_type, copy_fn=copy, concat_fn=concat, scores_fn=call.scores,
+        recipe=Recipe("sdpa", {"is_causal": call.is_causal, "scale": call.scale,
+                               "softcap": call.softcap},
+                      {"queries": call.queries, "keys": call.keys, "mask": call.mask}))
     event.sdpa_call = call
     return event
+
+
+def sdpa_event_of(source: Any, queries: torch.Tensor, keys: torch.Tensor,
+                  mask: torch.Tensor | None = None, *, is_causal: bool, scale: float,
+                  softcap: float | None = None, role: str = "self",
+                  attention_type: str = "full") -> AttentionEvent:
+    """:func:`sdpa_event` from an :class:`SDPACall`'s fields (queries (N, L, H, E), keys
+    (N, S, K, E)): how :mod:`transformer_core.events.portable` builds it again."""
+    call = SDPACall(queries, keys, mask, bool(is_causal), float(scale),
+                    None if softcap is None else float(softcap))
+    return sdpa_event(source, call, role, attention_type)

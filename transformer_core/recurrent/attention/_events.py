@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from ...events import AttentionEvent, SoftmaxScores
+from ...events.portable import Recipe
 from ...masking import BaseMask, sample_rows
 
 
@@ -62,6 +63,8 @@ def softmax_step_event(source, query: torch.Tensor, keys: torch.Tensor, scale: f
         keys=keys, key_lengths=key_lengths, softmax_temp=scale, role=role,
         attention_type="full", matrix=matrix, copy_fn=copy,
         scores_fn=lambda: _step_scores(query, keys, scale, key_lengths),
+        recipe=Recipe("softmax_step", {"scale": float(scale)}, {"query": query, "keys": keys},
+                      {"key_lengths": key_lengths}),
     )
 
 
@@ -71,6 +74,14 @@ def _step_scores(query: torch.Tensor, keys: torch.Tensor, scale: float,
     allowed = _key_mask(key_lengths, slice(None), keys.shape[1])  # (N, 1, 1, S) or None
     return SoftmaxScores(query[:, None], keys, scale,
                          masks=() if allowed is None else (allowed,))
+
+
+def softmax_step_event_of(source, query: torch.Tensor, keys: torch.Tensor,
+                          key_lengths: BaseMask | None = None, *, scale: float,
+                          role: str = "self", attention_type: str = "full") -> AttentionEvent:
+    """:func:`softmax_step_event` by keyword (how :mod:`transformer_core.events.portable`
+    builds it again)."""
+    return softmax_step_event(source, query, keys, scale, key_lengths, role)
 
 
 def _stacked(feature_keys: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
@@ -120,7 +131,21 @@ def linear_step_event(source, phi_q: torch.Tensor,
         z = normaliser[n : n + 1].detach().clone()  # (1, H)
         return linear_step_event(source, q, k, z, unrecorded, sample_rows(key_lengths, n), role)
 
+    recipe = None if not isinstance(feature_keys, torch.Tensor) else Recipe(
+        "kernel_step", {"unrecorded": int(unrecorded)},
+        {"phi_q": phi_q, "feature_keys": feature_keys, "normaliser": normaliser},
+        {"key_lengths": key_lengths})
     return AttentionEvent(
         source, (N, H, 1, count), logits, matrix, key_lengths=key_lengths, role=role,
-        attention_type="linear", copy_fn=copy,
+        attention_type="linear", copy_fn=copy, recipe=recipe,
     )
+
+
+def linear_step_event_of(source, phi_q: torch.Tensor, feature_keys: torch.Tensor,
+                         normaliser: torch.Tensor, key_lengths: BaseMask | None = None, *,
+                         unrecorded: int, role: str = "self",
+                         attention_type: str = "linear") -> AttentionEvent:
+    """:func:`linear_step_event` by keyword (how :mod:`transformer_core.events.portable`
+    builds it again)."""
+    return linear_step_event(source, phi_q, feature_keys, normaliser, unrecorded, key_lengths,
+                             role)
