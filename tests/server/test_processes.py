@@ -329,3 +329,11 @@ def test_on_cuda_watching_copies_on_a_side_stream_and_never_waits(tmp_path: Path
     assert seen["header"]["kind"] == "attention"
     assert seen["after"] == seen["before"], "pinned buffers or events made on watched steps"
     assert dash._link.staging._side, "no side stream was used"
+
+
+def test_our_processes_leave_the_training_the_cores() -> None:
+    """The server and relay processes compute with a quarter of the cores (1 to 4): torch's
+    default, a spinning thread per core, would take the cores a training process uses."""
+    from attnscope.backend.child import torch_threads
+
+    assert [torch_threads(n) for n in (1, 2, 4, 8, 16, 128)] == [1, 1, 1, 2, 4, 4]
