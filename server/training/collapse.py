@@ -25,7 +25,6 @@ Shape legend: N batch, L sequence length, V vocabulary, D model width.
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import asdict, dataclass
 
 import torch
@@ -36,7 +35,7 @@ from transformer_core.builders import TransformerEncoderBuilder
 from transformer_core.events import EventDispatcher
 from transformer_core.masking import TriangularCausalMask
 
-from .demo import StepResult, reset_seeded, resolve_device
+from .demo import SeededTraining, StepResult, reset_seeded, resolve_device
 
 
 @dataclass
@@ -165,20 +164,16 @@ class CollapseStep(StepResult):
     lr: float = math.nan
 
 
-class CollapseTraining:
+class CollapseTraining(SeededTraining):
     """Model, optimiser and task of the collapse demo; the interface of
     :class:`attnscope.training.demo.DemoTraining` (``step``, ``reset``, ``model``, ``task``,
     ``device``)."""
 
     def __init__(self, config: CollapseConfig | None = None,
                  event_dispatcher: str | EventDispatcher = "") -> None:
-        self.config = config = config if config is not None else CollapseConfig()
-        config.validate()
-        self.device = resolve_device(config.device)
-        self.model = CausalModel(config, event_dispatcher).to(self.device)
-        self.task = MarkovTask(config)
-        self._lock = threading.RLock()
-        self._init_state()
+        config = config if config is not None else CollapseConfig()
+        super().__init__(config, lambda: CausalModel(config, event_dispatcher),
+                         lambda: MarkovTask(config))
 
     def _init_state(self) -> None:
         self.model.reset_parameters(self.config.seed)
@@ -187,20 +182,11 @@ class CollapseTraining:
         self._steps_done = 0
 
     @property
-    def steps_done(self) -> int:
-        return self._steps_done
-
-    @property
     def lr(self) -> float:
         """The learning rate of the next step: steady, then growing, then capped."""
         c = self.config
         grown = c.lr * c.lr_growth ** max(0, self._steps_done - c.steady_steps)
         return min(c.lr_max, grown)
-
-    def reset(self) -> None:
-        """Start over from the seed (modules kept, so listeners stay valid)."""
-        with self._lock:
-            self._init_state()
 
     def step(self) -> CollapseStep:
         """One optimisation step on one batch at :attr:`lr`; ``accuracy`` is next-token."""

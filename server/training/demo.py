@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -293,7 +294,45 @@ class StepResult:
     tokens: list[list[str]]
 
 
-class DemoTraining:
+class SeededTraining:
+    """What the demos' trainings share: a model and task built on ``config.device``, steps
+    counted, :meth:`reset` back to the seed, and a re-entrant lock that serialises
+    :meth:`step`, :meth:`reset` (callable from another thread while training runs) and
+    an event handler inside a step calling back (``evaluate``).
+
+    Subclasses pass how to build their model and task, and define :meth:`_init_state`
+    (parameters, task and optimiser from the seed; ``_steps_done = 0``) and ``step``.
+    """
+
+    def __init__(self, config: Any, make_model: Callable[[], nn.Module],
+                 make_task: Callable[[], Any]) -> None:
+        config.validate()
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model = make_model().to(self.device)
+        self.task = make_task()
+        self._lock = threading.RLock()
+        self._init_state()
+
+    @property
+    def steps_done(self) -> int:
+        """How many optimisation steps have been taken since start or the last reset."""
+        return self._steps_done
+
+    def _init_state(self) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Start over: parameters, optimiser, data stream and step counter as at creation.
+
+        The model object and its modules are kept (re-initialised in place), so
+        listeners and layer filters on them stay valid.
+        """
+        with self._lock:
+            self._init_state()
+
+
+class DemoTraining(SeededTraining):
     """One demo run: model, optimiser, task. Pure training, knows nothing about the server.
 
     ``event_dispatcher`` (a key or an instance) is given to every layer of the
@@ -306,20 +345,13 @@ class DemoTraining:
     def __init__(
         self, config: DemoConfig | None = None, event_dispatcher: str | EventDispatcher = ""
     ) -> None:
-        self.config = config = config if config is not None else DemoConfig()
-        config.validate()
-        self.device = resolve_device(config.device)
-        with torch.random.fork_rng(devices=[]):  # built on the CPU; init is seeded below
-            self.model = DemoModel(config, event_dispatcher).to(self.device)
-        self.task = ReverseTask(config)
-        # Re-entrant: an event handler running inside step() may call evaluate().
-        self._lock = threading.RLock()
-        self._init_state()
+        config = config if config is not None else DemoConfig()
 
-    @property
-    def steps_done(self) -> int:
-        """How many optimisation steps have been taken since start or the last reset."""
-        return self._steps_done
+        def make_model() -> nn.Module:
+            with torch.random.fork_rng(devices=[]):  # built on the CPU; init is seeded later
+                return DemoModel(config, event_dispatcher)
+
+        super().__init__(config, make_model, lambda: ReverseTask(config))
 
     def _init_state(self) -> None:
         self.model.reset_parameters(self.config.seed)
@@ -332,13 +364,7 @@ class DemoTraining:
         self._steps_done = 0
 
     def reset(self) -> None:
-        """Start over: parameters, optimiser, data stream and step counter as at creation.
-
-        The model object and its modules are kept (re-initialised in place), so
-        listeners and layer filters on them stay valid.
-        """
-        with self._lock:
-            self._init_state()
+        super().reset()
         logger.info("demo training reset (seed %d)", self.config.seed)
 
     def step(self) -> StepResult:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from dataclasses import asdict, dataclass
 
 import torch
@@ -39,7 +38,7 @@ from transformer_core.attention import AttentionLayer, FullAttention
 from transformer_core.events import EventDispatcher
 from transformer_core.masking import TriangularCausalMask
 
-from .demo import StepResult, resolve_device
+from .demo import SeededTraining, StepResult, reset_seeded, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -148,11 +147,7 @@ class AttentionOnlyModel(nn.Module):
 
     def reset_parameters(self, seed: int) -> None:
         """Re-initialise every parameter in place from ``seed`` (the global RNG is kept)."""
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(seed)
-            for module in self.modules():
-                if module is not self and hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
+        reset_seeded(self, seed)
 
 
 @dataclass
@@ -164,35 +159,22 @@ class InductionStep(StepResult):
     repeat_loss: float = math.nan
 
 
-class InductionTraining:
+class InductionTraining(SeededTraining):
     """Model, optimiser and task of the induction demo; the interface of
     :class:`attnscope.training.demo.DemoTraining` (``step``, ``reset``, ``model``, ``task``,
     ``device``)."""
 
     def __init__(self, config: InductionConfig | None = None,
                  event_dispatcher: str | EventDispatcher = "") -> None:
-        self.config = config = config if config is not None else InductionConfig()
-        config.validate()
-        self.device = resolve_device(config.device)
-        self.model = AttentionOnlyModel(config, event_dispatcher).to(self.device)
-        self.task = RepeatTask(config)
-        self._lock = threading.RLock()
-        self._init_state()
+        config = config if config is not None else InductionConfig()
+        super().__init__(config, lambda: AttentionOnlyModel(config, event_dispatcher),
+                         lambda: RepeatTask(config))
 
     def _init_state(self) -> None:
         self.model.reset_parameters(self.config.seed)
         self.task.generator.manual_seed(self.config.seed)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr)
         self._steps_done = 0
-
-    @property
-    def steps_done(self) -> int:
-        return self._steps_done
-
-    def reset(self) -> None:
-        """Start over from the seed (modules kept, so listeners stay valid)."""
-        with self._lock:
-            self._init_state()
 
     def step(self) -> InductionStep:
         """One optimisation step on one batch; ``accuracy`` is on the repeat's tokens."""

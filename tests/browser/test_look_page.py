@@ -145,11 +145,14 @@ def test_a_pinned_text_is_captured_again_while_the_model_trains(page, training):
     page.wait_for_function("() => /^next capture after step \\d+/.test("
                            "document.getElementById('look-next').textContent)", timeout=WAIT_MS)
     newest = thumbnails(page)
-    # Scrub back to its first capture: the same sentence, earlier in training.
+    # Scrub back to its first capture: the same sentence, earlier in training. The step
+    # is shown at once, its frames once fetched (slow on a loaded machine): wait for them.
+    drawn = page.evaluate("() => window.__attnscope.framesDrawn")
     page.locator("#look-slider").fill("0")
     page.wait_for_function(
-        f"() => window.__attnscope.look.shown.step === {steps[0]}", timeout=WAIT_MS)
-    page.wait_for_timeout(500)
+        f"(n) => window.__attnscope.look.shown.step === {steps[0]} &&"
+        " window.__attnscope.framesDrawn > n", arg=drawn, timeout=WAIT_MS)
+    page.wait_for_timeout(300)  # every layer's frame (drawn in one pass, or close)
     assert thumbnails(page) != newest
     assert f"captured at step {steps[0]}" in page.locator("#look-what").text_content()
     chip = page.locator(".look-chip.pinned").first.text_content()
