@@ -35,7 +35,14 @@ from transformer_core.builders import TransformerEncoderBuilder
 from transformer_core.events import EventDispatcher
 from transformer_core.masking import TriangularCausalMask
 
-from .demo import SeededTraining, StepResult, reset_seeded, resolve_device
+from .demo import (
+    SeededTraining,
+    StepResult,
+    check_ints,
+    check_numbers,
+    reset_seeded,
+    resolve_device,
+)
 
 
 @dataclass
@@ -70,19 +77,11 @@ class CollapseConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field with a bad value."""
-        ranges = {"vocab": (2, 65536), "seq_len": (4, 1024), "n_layers": (1, 12),
-                  "n_heads": (1, 64), "d_head": (1, 512), "feed_forward": (1, 16384),
-                  "batch_size": (1, 65536), "steady_steps": (0, 10**9)}
-        for name, (low, high) in ranges.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
-        for name, low, high in (("lr", 0.0, 1.0), ("lr_max", 0.0, 10.0),
-                                ("concentration", 0.0, 100.0), ("lr_growth", 0.0, 2.0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) \
-                    or not low < value <= high or not math.isfinite(value):
-                raise ValueError(f"{name} must be a number in ({low}, {high}], got {value!r}")
+        check_ints(self, {"vocab": (2, 65536), "seq_len": (4, 1024), "n_layers": (1, 12),
+                          "n_heads": (1, 64), "d_head": (1, 512), "feed_forward": (1, 16384),
+                          "batch_size": (1, 65536), "steady_steps": (0, 10**9)})
+        check_numbers(self, {"lr": (0, 1), "lr_max": (0, 10), "concentration": (0, 100),
+                             "lr_growth": (0, 2)})
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         resolve_device(self.device)

@@ -75,6 +75,25 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_ints(config: Any, ranges: dict[str, tuple[int, int]]) -> None:
+    """``ValueError`` naming the first field of ``config`` that is not an int in its
+    ``[low, high]``."""
+    for name, (low, high) in ranges.items():
+        value = getattr(config, name)
+        if not _is_int(value) or not low <= value <= high:
+            raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
+
+
+def check_numbers(config: Any, ranges: dict[str, tuple[float, float]]) -> None:
+    """``ValueError`` naming the first field of ``config`` that is not a finite number in
+    its ``(low, high]``."""
+    for name, (low, high) in ranges.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value) or not low < value <= high:
+            raise ValueError(f"{name} must be a number in ({low:g}, {high:g}], got {value!r}")
+
+
 @dataclass
 class DemoConfig:
     """Settings of the demo run; :meth:`validate` raises ``ValueError`` naming a bad field.
@@ -118,7 +137,7 @@ class DemoConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field with a bad value."""
-        int_ranges = {
+        check_ints(self, {
             "seq_len": (4, 512),
             "n_symbols": (2, 4096),
             "n_layers": (1, 24),
@@ -127,17 +146,10 @@ class DemoConfig:
             "feed_forward": (1, 16384),
             "batch_size": (1, 65536),
             "warmup_steps": (0, 1_000_000),
-        }
-        for name, (low, high) in int_ranges.items():
-            value = getattr(self, name)
-            if not _is_int(value) or not low <= value <= high:
-                raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
+        })
         if not _is_int(self.seed):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
-        lr = self.lr
-        if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr <= 1 \
-                or not math.isfinite(lr):
-            raise ValueError(f"lr must be a float in (0, 1], got {lr!r}")
+        check_numbers(self, {"lr": (0, 1)})
         if self.attention_type not in DEMO_ATTENTION_TYPES:
             raise ValueError(
                 f"attention_type must be one of {list(DEMO_ATTENTION_TYPES)}, got "

@@ -38,7 +38,14 @@ from transformer_core.attention import AttentionLayer, FullAttention
 from transformer_core.events import EventDispatcher
 from transformer_core.masking import TriangularCausalMask
 
-from .demo import SeededTraining, StepResult, reset_seeded, resolve_device
+from .demo import (
+    SeededTraining,
+    StepResult,
+    check_ints,
+    check_numbers,
+    reset_seeded,
+    resolve_device,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +75,9 @@ class InductionConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field with a bad value."""
-        ranges = {"vocab": (4, 65536), "seq_len": (8, 1024), "n_layers": (1, 12),
-                  "n_heads": (1, 64), "d_head": (1, 512), "batch_size": (1, 65536)}
-        for name, (low, high) in ranges.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, int | float) \
-                or not 0 < self.lr <= 1 or not math.isfinite(self.lr):
-            raise ValueError(f"lr must be a float in (0, 1], got {self.lr!r}")
+        check_ints(self, {"vocab": (4, 65536), "seq_len": (8, 1024), "n_layers": (1, 12),
+                          "n_heads": (1, 64), "d_head": (1, 512), "batch_size": (1, 65536)})
+        check_numbers(self, {"lr": (0, 1)})
         resolve_device(self.device)
 
     @property
