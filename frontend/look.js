@@ -267,6 +267,8 @@ export class LookPanel {
     try {
       const made = await api.capture(body, controller.signal);
       if (runId !== this.runId) return;
+      this.pending = null; // taken: no more waiting, whatever drawing it takes
+      this.setWaiting("");
       const entry = { key: `capture:${made.id}`, text, pin: null, length: made.input.shape[1],
         captures: [{ id: made.id, step: made.step }], kinds: made.kinds, layers: made.layers };
       this.entries = [entry, ...this.entries.filter((e) => e.key !== entry.key)];
@@ -275,8 +277,10 @@ export class LookPanel {
     } catch (err) {
       if (err.name !== "AbortError") this.setError(`could not capture “${cut(text)}”: ${failure(err)}`);
     } finally {
-      if (this.pending && this.pending.controller === controller) this.pending = null;
-      this.setWaiting("");
+      if (!this.pending || this.pending.controller === controller) {
+        this.pending = null;
+        this.setWaiting(""); // a look started meanwhile keeps its own status
+      }
     }
   }
 
