@@ -266,7 +266,7 @@ class Mode:
         dropped0 = 0 if history is None else history.dropped
         recorder = self.recorder if self.dash is None else \
             history.recorders.get(self.dash.run.id) if history is not None else \
-            self.dash._link._recorder
+            None if self.dash._link is None else self.dash._link._recorder  # (s): no link
         probes0 = 0 if recorder is None else recorder._probes
         if self.lag is not None:
             self.lag.take()
@@ -389,10 +389,10 @@ def _table(args: argparse.Namespace, modes: dict[str, Mode]) -> None:
     base = total["a"][0] / total["a"][1]
     print("\nAll windows of a mode together (total steps / total time):\n\n"
           "| mode | steps | snapshots | steps/s | vs (a) | slowdown | CPU accounting | "
-          "measured by the dashboard | windows vs (a) (median, range) | "
+          "measured by the dashboard | windows vs (a)'s of the same round (median ± error, "
+          "range) | "
           "training-thread CPU ms/step | event loop late by (max) |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|")
-    base_median = statistics.median(r["steps_per_s"] for r in runs["a"])
     for mode in modes:
         name = MODES[mode]
         steps, seconds = total[mode]
@@ -401,7 +401,11 @@ def _table(args: argparse.Namespace, modes: dict[str, Mode]) -> None:
         cost = sum(r.get("cost_s", 0.0) for r in runs[mode])
         train = sum(r.get("train_s", 0.0) for r in runs[mode])
         said = f"{100 * cost / train:.1f} %" if train > 0 else "-"
-        ratios = [r["steps_per_s"] / base_median for r in runs[mode]]
+        # Each window against the (a) window of its own round (they run back to back): the
+        # machine's speed drifts by several % over minutes, a round's windows share it.
+        ratios = [r["steps_per_s"] / p["steps_per_s"]
+                  for r, p in zip(runs[mode], runs["a"], strict=True)]
+        middle, error = median_and_error(ratios)
         snaps = sum(r.get("snapshots", 0) for r in runs[mode])
         lags = [r["loop_lag_s"] for r in runs[mode] if r.get("loop_lag_s") is not None]
         lag = f"{1e3 * max(lags):.0f} ms" if lags else "-"
@@ -411,8 +415,20 @@ def _table(args: argparse.Namespace, modes: dict[str, Mode]) -> None:
         print(f"| ({mode}) {name} | {steps} | {snaps if mode != 'a' else '-'} | "
               f"{rate:.4f} | {rate / base:.3f}x | "
               f"{100 * (base / rate - 1):+.1f} % | {said} | {measured} | "
-              f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f}) | "
+              f"{middle:.3f}x ± {error:.3f} ({min(ratios):.3f}-{max(ratios):.3f}) | "
               f"{cpu:.0f} | {lag} |")
+
+
+def median_and_error(values: list[float]) -> tuple[float, float]:
+    """The median and its standard error estimated from the median absolute deviation
+    (x 1.4826 x 1.25 / sqrt(n)), as the dashboard's own slowdown figure.
+
+    >>> median_and_error([0.97, 0.99, 1.0, 0.98, 1.01])
+    (0.99, 0.0083)
+    """
+    middle = statistics.median(values)
+    mad = statistics.median(abs(v - middle) for v in values)
+    return middle, round(1.25 * 1.4826 * mad / len(values) ** 0.5, 4)
 
 
 def profile(args: argparse.Namespace) -> None:

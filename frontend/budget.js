@@ -39,7 +39,8 @@ export class BudgetBadge {
 
   /** The state this report asks for, with the "over" band's hysteresis. */
   wanted(budget) {
-    const { max_overhead: max, overhead } = budget;
+    const { overhead } = budget;
+    const max = limitOf(budget);
     if (max != null && overhead != null) {
       const limit = this.state === "over" ? LEAVE_OVER * max : max;
       if (overhead > limit) return "over";
@@ -81,7 +82,8 @@ export class BudgetBadge {
     this.settle(this.wanted(budget));
     el.hidden = false;
     el.dataset.state = this.state;
-    const of = budget.max_overhead == null ? "" : ` of ${pct(budget.max_overhead)}`;
+    const limit = limitOf(budget);
+    const of = limit == null ? "" : ` of ${pct(limit)}`;
     const tail = this.state === "over" ? " · thinning" : this.state === "thinned" ? " · thinned" : "";
     el.textContent = `cost ${pct(this.overhead)}${of}${tail}`;
     const costs = budget.costs || {};
@@ -93,4 +95,10 @@ export class BudgetBadge {
       + `\nsince the start: ${pct(budget.overhead_total)}`
       + (budget.dropped ? `\nhistory records dropped: ${budget.dropped}` : "");
   }
+}
+
+/** The limit in force: the budget while watched, or the smaller one while nobody watches
+ * (a server older than that field sends only max_overhead). */
+function limitOf(budget) {
+  return budget.limit !== undefined ? budget.limit : budget.max_overhead;
 }

@@ -224,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = configs[args.task](device=settings.device)
         demo = DemoRun(config, max_rate=rate or None, task=args.task,
-                       max_overhead=settings.max_overhead)
+                       max_overhead=settings.max_overhead,
+                       idle_overhead=settings.idle_overhead)
     except ValueError as exc:
         print(f"attnscope: {exc}", file=sys.stderr)
         return 2

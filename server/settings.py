@@ -191,6 +191,11 @@ class Settings(BaseSettings):
     # in steps/s; past it the dashboard thins its own work (statistics cadence, snapshot
     # spacing, frame rate, view size) and says so on the page. 1: never thin.
     max_overhead: float = Field(0.03, gt=0, le=1)
+    # While nobody watches a run (no page or client subscribed to it) only its history is
+    # recorded, and that may cost at most 1 % (never more than max_overhead): left running
+    # for days unwatched, the dashboard should be all but free; watching brings the rest
+    # back within a few windows.
+    idle_overhead: float = Field(0.01, gt=0, le=1)
 
     # Access token (server/backend/auth.py). None on loopback: no token needed. None on any other
     # bind: one is generated at start and printed in the URL (as Jupyter does).

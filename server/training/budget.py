@@ -1,5 +1,8 @@
 """The dashboard's cost budget: what watching costs the training loop, and what it thins.
 
+Two limits: ``max_overhead`` while someone watches the run (a page or a client subscribed
+to it), ``idle_overhead`` (smaller) while nobody does, when only the history is recorded.
+
 One :class:`Budget` per run. The dashboard's code in the training thread (the history
 recorder's and the stream publisher's event handlers and step hooks) adds the CPU time
 it used (``time.thread_time()``: on a busy machine, being preempted is not the
@@ -10,7 +13,7 @@ the end of one ``step()`` to the start of the next, less the dashboard's time in
 between. Per window (``window_s`` seconds, ``min_steps`` steps) the overhead is
 dashboard time / training time. docs/budget.md tells the whole story.
 
-Over 80 % of ``max_overhead`` (``AIM``: room for what it cannot measure) the budget
+Over 80 % of the limit in force (``AIM``: room for what it cannot measure) the budget
 thins, in this order of preference (what a viewer misses least first): head
 statistics in the history every 2, 4 ... 64 steps; snapshots 2x ... 32x further
 apart; stream frames at 1/2 ... 1/32 of the rate asked for; pooled views at 1/2 ...
@@ -218,23 +221,29 @@ class FakeClock:
 class Budget:
     """Measures the dashboard's cost for one run and thins its work (module docstring).
 
-    ``max_overhead``: dashboard time / training time allowed (None: measure and report,
-    never thin). The training thread calls :meth:`step_begin`, :meth:`step_end` and
+    ``max_overhead``: dashboard time / training time allowed while the run is watched
+    (None: measure and report, never thin); ``idle_overhead``: allowed while nobody
+    watches (:meth:`set_watched`; None: ``max_overhead``, and never above it). The
+    training thread calls :meth:`step_begin`, :meth:`step_end` and
     :meth:`spend`; any thread calls :meth:`spend_helper`, :meth:`status`.
     """
 
-    def __init__(self, max_overhead: float | None = 0.03, *, window_s: float = 2.0,
-                 min_steps: int = 2, clock: Callable[[], float] = time.perf_counter,
+    def __init__(self, max_overhead: float | None = 0.03, *, idle_overhead: float | None = None,
+                 window_s: float = 2.0, min_steps: int = 2,
+                 clock: Callable[[], float] = time.perf_counter,
                  probe: SlowdownProbe | None | bool = True) -> None:
-        if max_overhead is not None and (isinstance(max_overhead, bool)
-                                         or not isinstance(max_overhead, int | float)
-                                         or not 0 < max_overhead <= 1):
-            raise ValueError(f"max_overhead must be None or in (0, 1], got {max_overhead!r}")
+        for name, value in (("max_overhead", max_overhead), ("idle_overhead", idle_overhead)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                      or not 0 < value <= 1):
+                raise ValueError(f"{name} must be None or in (0, 1], got {value!r}")
         if not window_s > 0:
             raise ValueError(f"window_s must be > 0, got {window_s!r}")
         if min_steps < 1:
             raise ValueError(f"min_steps must be >= 1, got {min_steps!r}")
         self.max_overhead = max_overhead
+        self.idle_overhead = idle_overhead
+        self.watched = False  # someone watches the run (its stream has subscribers)
+        self._want_watched = False  # ... as last said by set_watched (any thread)
         # The measured slowdown (off windows), where there is a budget to keep: None for
         # a measure-only budget (nothing to decide; every step keeps its frames and stats).
         # (1, or no budget: nothing is ever thinned, so nothing is switched off either)
@@ -278,6 +287,37 @@ class Budget:
         self._fresh = True  # the next window starts the smoothing over
         self._total_cost = 0.0  # since the start, for overhead_total
         self._total_train = 0.0
+
+    # -- the limit in force -------------------------------------------------------------
+
+    @property
+    def limit(self) -> float | None:
+        """The overhead allowed now: ``max_overhead`` while watched, else ``idle_overhead``
+        (never above ``max_overhead``; None: no limit)."""
+        if self.max_overhead is None or self.max_overhead >= 1 or self.watched \
+                or self.idle_overhead is None:  # (1: never thin, watched or not)
+            return self.max_overhead
+        return min(self.idle_overhead, self.max_overhead)
+
+    def set_watched(self, watched: bool) -> None:
+        """Someone started (True) or stopped (False) watching the run (any thread; applied
+        at the training thread's next :meth:`step_end`): the limit in force changes
+        (:attr:`limit`), and so does the dashboard's work (the stream's), so measurements
+        start over and the next window decides against the new limit.
+
+        >>> b = Budget(0.03, idle_overhead=0.01)
+        >>> b.limit
+        0.01
+        >>> b.set_watched(True); b.step_begin(); b.step_end(); b.limit
+        0.03
+        """
+        self._want_watched = bool(watched)
+
+    def _apply_watched(self) -> None:
+        self.watched = self._want_watched
+        self._decided_on = -1  # the evidence so far was judged against the other limit
+        self._changed()
+        self.version += 1
 
     # -- what is thinned (read by the recorder, the publisher, the hub) ------------
 
@@ -349,6 +389,8 @@ class Budget:
     def step_end(self) -> None:
         """``Run.step`` ends (its hooks and any pause included): maybe close a window."""
         now = self.clock()
+        if self._want_watched != self.watched:
+            self._apply_watched()
         if self.probe is not None and self._last_end is not None:
             self.probe.step(now - self._last_end, active=self._working, lump=self._lump)
         self._lump = False
@@ -393,15 +435,16 @@ class Budget:
         self.cpu_overhead = sum(shares.values())
         measured = None if self.probe is None else self.probe.slowdown
         restore = True
+        limit = self.limit
         if self._hold > 0 and not queue_full:
             self._hold -= 1  # windows, whatever the evidence
-        if measured is not None and self.max_overhead is not None:
+        if measured is not None and limit is not None:
             # Acted on when precise enough, or when clearly over the budget even so (a
             # cost paid every k-th step makes samples of 0 and of k times the mean);
             # otherwise too noisy (a busy machine): more samples first.
             value, error, _ = measured
-            clearly_over = value - error > AIM * self.max_overhead
-            if error > self.max_overhead and not clearly_over:
+            clearly_over = value - error > AIM * limit
+            if error > limit and not clearly_over:
                 measured = None
         if measured is not None:
             # What thinning acts on is the slowdown itself; it also calibrates the CPU
@@ -421,11 +464,11 @@ class Budget:
             # accounting may miss what the dashboard costs (it thins, never restores).
             restore = self.probe is None or self.probe.count == 0
         self.version += 1
-        if self.max_overhead is not None:
+        if limit is not None:
             # Each component's share, scaled as the overhead was.
             scale = self.overhead / self.cpu_overhead if self.cpu_overhead > 0 else 1.0
             self._decide({c: v * scale for c, v in self.costs.items()}, self.overhead,
-                         self.max_overhead, queue_full, restore)
+                         limit, queue_full, restore)
 
     # -- the controller ----------------------------------------------------------------
 
@@ -515,8 +558,8 @@ class Budget:
     def text(self, overhead: float | None = None) -> str:
         """One line: what is thinned and why, or what watching costs now."""
         overhead = self.overhead if overhead is None else overhead
-        budget = "no budget" if self.max_overhead is None \
-            else f"budget {_percent(self.max_overhead)} %"
+        limit = self.limit
+        budget = "no budget" if limit is None else f"budget {_percent(limit)} %{self._idle_words()}"
         if overhead is None:
             return f"dashboard cost not measured yet ({budget})"
         measured = None if self.probe is None else self.probe.slowdown
@@ -527,11 +570,15 @@ class Budget:
             now = f"{_percent(overhead)} ± {_percent(measured[1])} %"
             budget = f"measured; {budget}"
         thinned = self.thinned()
-        if not thinned or self.max_overhead is None:
+        if not thinned or limit is None:
             return f"dashboard at {now} of training time ({budget})"
         how = ", measured" if measured is not None and self.source == "measured" else ""
-        return (f"{', '.join(thinned)} to stay under {_percent(self.max_overhead)} % "
+        return (f"{', '.join(thinned)} to stay under {_percent(limit)} %{self._idle_words()} "
                 f"(now {now}{how})")
+
+    def _idle_words(self) -> str:
+        """' while nobody watches' when the idle limit is the one in force."""
+        return " while nobody watches" if self.limit != self.max_overhead else ""
 
     def totals(self) -> tuple[float, float]:
         """(dashboard seconds, training seconds) over the closed windows since the start:
@@ -543,7 +590,8 @@ class Budget:
         total = self._total_cost / self._total_train if self._total_train > 0 else None
         measured = None if self.probe is None else self.probe.slowdown
         return {
-            "max_overhead": self.max_overhead, "overhead": self.overhead,
+            "max_overhead": self.max_overhead, "idle_overhead": self.idle_overhead,
+            "limit": self.limit, "watched": self.watched, "overhead": self.overhead,
             "overhead_total": total, "costs": dict(self.costs),
             "thinned": {"stats_every": self.stats_every,
                         "snapshot_stride": self.snapshot_stride,
@@ -556,10 +604,16 @@ class Budget:
         }
 
 
-def max_overhead_from_env(default: float = 0.03) -> float:
-    """``ATTNSCOPE_MAX_OVERHEAD`` for a process without the server's settings
-    (``Dashboard.connect``); ValueError naming it when it is not in (0, 1]."""
-    raw = os.environ.get("ATTNSCOPE_MAX_OVERHEAD", "").strip()
+def overhead_from_env(setting: str, default: float) -> float:
+    """``ATTNSCOPE_<SETTING>`` (``max_overhead``, ``idle_overhead``) for a process without
+    the server's settings (``Dashboard.connect``), else ``default``; ValueError naming the
+    variable when it is not a number in (0, 1].
+
+    >>> overhead_from_env("idle_overhead", 0.01)
+    0.01
+    """
+    variable = f"ATTNSCOPE_{setting.upper()}"
+    raw = os.environ.get(variable, "").strip()
     if not raw:
         return default
     try:
@@ -567,7 +621,7 @@ def max_overhead_from_env(default: float = 0.03) -> float:
     except ValueError:
         value = math.nan
     if not 0 < value <= 1:
-        raise ValueError(f"ATTNSCOPE_MAX_OVERHEAD must be a number in (0, 1], got {raw!r}")
+        raise ValueError(f"{variable} must be a number in (0, 1], got {raw!r}")
     return value
 
 
@@ -577,4 +631,4 @@ def _percent(fraction: float) -> str:
     return f"{value:g}" if value >= 1 or value == 0 else f"{value:.1f}"
 
 
-__all__ = ["COMPONENTS", "KNOBS", "Budget", "FakeClock", "Knob", "max_overhead_from_env"]
+__all__ = ["COMPONENTS", "KNOBS", "Budget", "FakeClock", "Knob", "overhead_from_env"]

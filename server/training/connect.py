@@ -91,7 +91,7 @@ class RemotePublisher:
                  token: str | None = None, config: dict[str, Any] | None = None,
                  buffer_frames: int = 256, symbols: Sequence[str] | None = None,
                  history: bool = True, max_overhead: float | None = 0.03,
-                 tokenizer: Any = None) -> None:
+                 idle_overhead: float | None = None, tokenizer: Any = None) -> None:
         from .link import TrainingLink, hello_message
         from .process import ChildProcess
 
@@ -101,7 +101,8 @@ class RemotePublisher:
         self.ws_url = publish_url(url)
         self.model = model
         self.run = Run(model, run_id=run_id, name=name or run_id, controls=(), symbols=symbols,
-                       max_overhead=max_overhead, tokenizer=tokenizer)
+                       max_overhead=max_overhead, idle_overhead=idle_overhead,
+                       tokenizer=tokenizer)
         self.config = dict(config or {})
         self.connected = _Connected(self)
         self._state: dict[str, Any] = {}

@@ -88,6 +88,8 @@ class Dashboard:
         ``max_overhead``: what the dashboard may cost, a fraction of training time
         (default: ``settings.max_overhead``, ``ATTNSCOPE_MAX_OVERHEAD``, 0.03); past it
         it thins its own work and says so on the page (:mod:`attnscope.training.budget`).
+        While nobody watches the run, ``settings.idle_overhead`` (``ATTNSCOPE_IDLE_OVERHEAD``,
+        0.01) at most.
         ``server_process``: serve from a child process (default: ``settings.server_process``,
         True): this process then keeps only the capture path, with no thread of ours.
         ``settings`` overrides everything but host and port. Under torchrun / DDP
@@ -112,7 +114,7 @@ class Dashboard:
         # Unnamed runs are told apart by when they started (each stays listed afterwards).
         name = name or time.strftime("run %Y-%m-%d %H:%M:%S")
         run = Run(model, run_id=slugify(name), name=name, tokenizer=tokenizer,
-                  max_overhead=settings.max_overhead)
+                  max_overhead=settings.max_overhead, idle_overhead=settings.idle_overhead)
         dash = cls.serve(run, settings, tokenizer, quiet=quiet)
         if not quiet:
             # A generated token is shown in the URL (the user has no other way to learn
@@ -208,12 +210,12 @@ class Dashboard:
         (here, sent to the server) when the server records history; False saves the
         training process that work (see docs/history.md). ``max_overhead``: what the
         dashboard may cost this process, a fraction of training time (default
-        ``ATTNSCOPE_MAX_OVERHEAD``, else 0.03; :mod:`attnscope.training.budget`).
+        ``ATTNSCOPE_MAX_OVERHEAD``, else 0.03; :mod:`attnscope.training.budget`); while
+        nobody watches the run, ``ATTNSCOPE_IDLE_OVERHEAD`` (else 0.01) at most.
 
         The form of earlier releases, ``Dashboard.connect(url, run, model=model)``,
         still works and warns (``DeprecationWarning``); it goes in the next release.
         """
-        from .budget import max_overhead_from_env
         from .connect import RemotePublisher, SilentDashboard, rank_run_id, select_rank
 
         model, url, run = _connect_arguments(model, url, run, old)
@@ -225,8 +227,9 @@ class Dashboard:
         return RemotePublisher(model, url, run_id, name=name if name is None or run_id == run
                                else f"{name} (rank {rank})", token=token, config=config,
                                buffer_frames=buffer_frames, symbols=symbols, history=history,
-                               max_overhead=max_overhead_from_env() if max_overhead is None
-                               else max_overhead, tokenizer=tokenizer)
+                               max_overhead=_overhead("max_overhead") if max_overhead is None
+                               else max_overhead, idle_overhead=_overhead("idle_overhead"),
+                               tokenizer=tokenizer)
 
     def step(self, step: int, loss: Any = None, tokens: Any = None, **scalars: Any) -> None:
         """Mark the end of training step ``step`` (see :meth:`attnscope.training.run.Run.step`).
@@ -375,6 +378,15 @@ def _settings_message(settings: Settings) -> dict[str, Any]:
     data = settings.model_dump(mode="json")
     data["token"] = settings.token_value
     return data
+
+
+def _overhead(setting: str) -> float:
+    """A budget setting (``max_overhead``, ``idle_overhead``) for a process that publishes to
+    another's server: its environment variable, else the setting's default."""
+    from ..settings import Settings
+    from .budget import overhead_from_env
+
+    return overhead_from_env(setting, Settings.model_fields[setting].default)
 
 
 def _replace_live(host: str, port: int, model: nn.Module) -> None:

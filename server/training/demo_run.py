@@ -30,13 +30,14 @@ class DemoRun:
 
     def __init__(self, config: DemoConfig | InductionConfig | CollapseConfig | None = None,
                  run_id: str = "demo", max_rate: float | None = None,
-                 task: str = "reverse", max_overhead: float | None = None) -> None:
+                 task: str = "reverse", max_overhead: float | None = None,
+                 idle_overhead: float | None = None) -> None:
         """``max_rate``: at most this many steps per second (None: as fast as possible).
         ``task``: ``reverse`` (:mod:`attnscope.training.demo`), ``induction``
         (:mod:`attnscope.training.induction`)
         or ``collapse`` (:mod:`attnscope.training.collapse`).
         ``max_overhead``: the run's cost budget (:mod:`attnscope.training.budget`; None:
-        measured only).
+        measured only); ``idle_overhead``: the budget while nobody watches.
 
         The reversal demo converges in ~50 steps; paced, a viewer can watch the heads form.
         """
@@ -68,6 +69,7 @@ class DemoRun:
             name=name,
             controls=("pause", "resume", "restart"), on_restart=self._request_restart,
             symbols=self.training.task.symbols, max_overhead=max_overhead,
+            idle_overhead=idle_overhead,
         )
         self.task = self.training.task
         self._stop = threading.Event()

@@ -120,18 +120,31 @@ class RunRecorder:
         self._stats_seen = 0
         self._in_probe = False
         self._dispatchers = run.dispatchers
+        self._listening = False
         self._pre_hook = run.model.register_forward_pre_hook(self._before_forward,
                                                                 with_kwargs=True)
-        for d in self._dispatchers:
-            d.listen(self._accepts, self._on_attention)
+        self._listen(True)
         run.add_step_hook(self._on_step)
 
     def detach(self) -> None:
         """Stop recording (listeners and hooks removed); what was recorded stays."""
         self.run.remove_step_hook(self._on_step)
-        for d in self._dispatchers:
-            d.remove(self._on_attention)
+        self._listen(False)
         self._pre_hook.remove()
+
+    def _listen(self, on: bool) -> None:
+        """Listen to the model's attention (True) or not: only on steps whose statistics
+        are due, since a dispatcher with no listener lets each attention run its fused
+        kernel with no event made (a listener costs ~2 % of a launch-bound step even when
+        its handler returns at once)."""
+        if on == self._listening:
+            return
+        for d in self._dispatchers:
+            if on:
+                d.listen(self._accepts, self._on_attention)
+            else:
+                d.remove(self._on_attention)
+        self._listening = on
 
     # -- training thread -------------------------------------------------------
 
@@ -143,6 +156,8 @@ class RunRecorder:
             return
         self._pending = {}
         self._pending_stats = {}
+        # Not listened to while the budget measures the slowdown (nothing is recorded).
+        self._listen(self._stats_due and not self._budget.off)
         if self.probe is not None or self.recurrent:
             return
         # The batch size: of the first tensor argument (Hugging Face models take keywords).
@@ -211,6 +226,7 @@ class RunRecorder:
         # number: loops that skip numbers are still thinned evenly).
         self._stats_seen += 1
         self._stats_due = self._stats_seen % budget.stats_every == 0
+        self._listen(self._stats_due)
         budget.spend("stats", time.thread_time() - t0)
         self._space_snapshots()
         every = self.config.every * self._snapshot_stride  # at multiples (and the first one)
@@ -268,11 +284,12 @@ class RunRecorder:
         most ``PROBE_SHARE`` of it (once the budget has measured a window: short runs keep
         ``every``)."""
         budget = self._budget
-        if budget.max_overhead is None or budget.overhead is None or budget.step_time <= 0 \
+        limit = budget.limit  # the run's budget, or the smaller one while nobody watches
+        if limit is None or budget.overhead is None or budget.step_time <= 0 \
                 or not self._probe_cost:
             return
         share = self._probe_cost / (self.config.every * budget.step_time)
-        allowed = PROBE_SHARE * budget.max_overhead
+        allowed = PROBE_SHARE * limit
         budget.hold_at_least("snapshots",
                              math.ceil(math.log2(share / allowed)) if share > allowed else 0)
 

@@ -181,6 +181,7 @@ class Run(BaseRun):
     max_overhead: the dashboard's cost budget, a fraction of training time (see
         :mod:`attnscope.training.budget`); None (the default here): measured and reported, never
         thinned. ``Dashboard.start`` / ``connect`` and the demo pass the setting.
+    idle_overhead: the budget while nobody watches the run (None: ``max_overhead``).
 
     Thread model: :meth:`step` is called by the training thread, everything
     else by server threads. ``step`` is the only place the training thread may
@@ -200,8 +201,10 @@ class Run(BaseRun):
         labeler: Callable[[torch.Tensor], list[str]] | None = None,
         tokenizer: Any = None,
         max_overhead: float | None = None,
+        idle_overhead: float | None = None,
     ) -> None:
-        self.budget = Budget(max_overhead)  # before anything can fail: ValueError names it
+        # before anything can fail: ValueError names it
+        self.budget = Budget(max_overhead, idle_overhead=idle_overhead)
         local = LocalModel(model)  # TypeError / ValueError for a model it cannot watch
         super().__init__(run_id, local.layout, name=name, controls=controls, symbols=symbols)
         self.model = model

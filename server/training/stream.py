@@ -1,7 +1,10 @@
 """The training-thread side of the stream: one :class:`StreamTap` per watched run.
 
 It listens on the run's dispatcher(s) only while someone subscribes, with a
-:class:`Plan` that is the union of the subscriptions. Its handler runs in the
+:class:`Plan` that is the union of the subscriptions, and then only during forward
+passes that will be captured: a forward pre-hook on the model decides, from the frame
+rate and the cost budget, whether this pass is due (a dispatcher with no listener lets
+each attention run its fused kernel with no event made). Its handler runs in the
 training thread and does as little as possible: a throttle check, then
 
 * on a GPU: the slices asked for (``event.attention(sample=..., heads=...)``),
@@ -161,7 +164,11 @@ class StreamTap:
         self._notify = notify
         self._plan = EMPTY_PLAN
         self._sources = run.local.sources  # id(module) -> (what, layer)
-        self._listening: dict[int, Any] = {}  # id(dispatcher) -> dispatcher
+        self._wanted: dict[int, Any] = {}  # id(dispatcher) -> dispatcher: what the plan needs
+        self._listening: dict[int, Any] = {}  # ... and what is listened to now
+        self._listen_lock = threading.Lock()  # set_plan (any thread) vs the pre-hook
+        self._gating = False  # the plan can skip forward passes (no recurrent rows in it)
+        self._pre_hook: Any = None  # the model's forward pre-hook, while something is wanted
         self._hooked = False
         self._lock = threading.Lock()
         self._pending: dict[SlotKey, Capture] = {}
@@ -194,13 +201,17 @@ class StreamTap:
             if d is not None:
                 wanted[id(d)] = d
         self._plan = plan
-        for key, d in wanted.items():
-            if key not in self._listening:
-                d.listen(self._accepts, self._handle)
-        for key, d in self._listening.items():
-            if key not in wanted:
-                d.remove(self._handle)
-        self._listening = wanted
+        self.run.budget.set_watched(not plan.empty)  # the budget's limit: watched or idle
+        with self._listen_lock:
+            self._wanted = wanted
+            # Recurrent rows are kept at every step: never skipped, always listened to.
+            self._gating = not any(layer in self._row_layers for _, layer in plan.sources)
+            self._sync(wanted)  # until the next forward pass decides
+            if wanted and self._pre_hook is None:
+                self._pre_hook = self.run.model.register_forward_pre_hook(self._before_forward)
+            elif not wanted and self._pre_hook is not None:
+                self._pre_hook.remove()
+                self._pre_hook = None
         if plan.empty and self._hooked:
             self.run.remove_step_hook(self._on_step)
             self._hooked = False
@@ -237,6 +248,31 @@ class StreamTap:
             self._notify(self.run.id)
 
     # -- training thread -------------------------------------------------------
+
+    def _sync(self, dispatchers: dict[int, Any]) -> None:
+        """Listen on exactly ``dispatchers`` (holding ``_listen_lock``)."""
+        for key, d in dispatchers.items():
+            if key not in self._listening:
+                d.listen(self._accepts, self._handle)
+        for key, d in self._listening.items():
+            if key not in dispatchers:
+                d.remove(self._handle)
+        self._listening = dispatchers
+
+    def _before_forward(self, module: Any, args: Any) -> None:
+        """Forward pre-hook on the model: listen during this pass only if it will be
+        captured (its frame is due at the budget's rate, the budget is not measuring the
+        slowdown, or a pass without ``step()`` in between must publish the last one).
+        A loop that calls submodules directly never runs this: it stays listened to."""
+        if not self._gating:
+            return
+        budget = self.run.budget
+        with self._lock:
+            due = self._capturing or time.monotonic() >= self._last_capture + \
+                _thinned_interval(self._plan.interval, budget.stream_factor, budget.step_time)
+        with self._listen_lock:
+            if self._gating:
+                self._sync(self._wanted if due and not budget.off else {})
 
     def _accepts(self, event: Any) -> bool:
         return self._sources.get(id(getattr(event, "source", None))) in self._plan.sources

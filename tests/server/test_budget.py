@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from attnscope.training.budget import Budget, FakeClock, max_overhead_from_env
+from attnscope.training.budget import Budget, FakeClock, overhead_from_env
 
 STEP_S = 0.100  # a training step of the simulated loop
 
@@ -202,14 +202,44 @@ def test_bad_budgets_are_refused_by_name(bad: object) -> None:
         Budget(bad)  # type: ignore[arg-type]
 
 
-def test_the_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ATTNSCOPE_MAX_OVERHEAD", raising=False)
-    assert max_overhead_from_env() == 0.03
+    assert overhead_from_env("max_overhead", 0.03) == 0.03
     monkeypatch.setenv("ATTNSCOPE_MAX_OVERHEAD", "0.01")
-    assert max_overhead_from_env() == 0.01
+    assert overhead_from_env("max_overhead", 0.03) == 0.01
     monkeypatch.setenv("ATTNSCOPE_MAX_OVERHEAD", "3%")
     with pytest.raises(ValueError, match="ATTNSCOPE_MAX_OVERHEAD"):
-        max_overhead_from_env()
+        overhead_from_env("max_overhead", 0.03)
+    monkeypatch.setenv("ATTNSCOPE_IDLE_OVERHEAD", "0")
+    with pytest.raises(ValueError, match="ATTNSCOPE_IDLE_OVERHEAD must be a number in"):
+        overhead_from_env("idle_overhead", 0.01)
+
+
+def test_nobody_watching_is_held_to_the_idle_limit(clock: FakeClock) -> None:
+    """The history's statistics cost 1.5 %: within the 3 % budget, over the 1 % one allowed
+    while nobody watches. Unwatched they are thinned under 1 %; once someone watches, they
+    come back (and the text says which limit is in force)."""
+    budget = Budget(0.03, idle_overhead=0.01, clock=clock, window_s=1.0)
+    assert budget.limit == 0.01 and not budget.watched
+    simulate(budget, clock, 200, stats=0.0015)
+    assert budget.stats_every == 2 and budget.overhead <= 0.01
+    assert budget.text().startswith("stats every 2 steps to stay under 1 % while nobody watches")
+    status = budget.status()
+    assert (status["limit"], status["watched"], status["max_overhead"]) == (0.01, False, 0.03)
+    budget.set_watched(True)
+    simulate(budget, clock, 300, stats=0.0015)
+    assert budget.watched and budget.limit == 0.03 and budget.stats_every == 1
+    assert budget.text().endswith("(measured; budget 3 %)")
+    budget.set_watched(False)  # the viewer left: thinned again
+    simulate(budget, clock, 200, stats=0.0015)
+    assert budget.stats_every == 2
+
+
+@pytest.mark.parametrize("idle", [None, 0.05])
+def test_the_idle_limit_never_exceeds_the_budget(clock: FakeClock, idle: float | None) -> None:
+    budget = Budget(0.03, idle_overhead=idle, clock=clock)
+    assert budget.limit == 0.03 and "while nobody watches" not in budget.text()
+    assert Budget(1, idle_overhead=0.01).limit == 1  # a budget of 1 never thins
 
 
 def test_the_setting_reaches_the_run(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
@@ -232,6 +262,11 @@ def test_the_setting_reaches_the_run(monkeypatch: pytest.MonkeyPatch, tmp_path) 
                          max_overhead=0.01) as dash:
         assert dash.run.budget.max_overhead == 0.01
         assert dash.run.summary()["budget"]["text"].endswith("(budget 1 %)")
+    monkeypatch.setenv("ATTNSCOPE_IDLE_OVERHEAD", "0.005")
+    with Dashboard.start(model, port=0, quiet=True, settings=Settings(data_dir=tmp_path)) as dash:
+        assert (dash.run.budget.max_overhead, dash.run.budget.idle_overhead) == (0.02, 0.005)
+        assert dash.run.summary()["budget"]["text"].endswith(
+            "(budget 0.5 % while nobody watches)")
 
 
 def test_a_floor_is_held_and_never_restored_below(clock: FakeClock) -> None:

@@ -223,3 +223,92 @@ def test_a_slowdown_cpu_time_cannot_see_is_measured_and_thinned(monkeypatch) -> 
     assert status["measured"] is not None or status["source"] == "calibrated", status
     assert run.budget.stats_every >= 4, status
     assert "stats every" in status["text"]
+
+
+def test_a_viewer_lifts_the_limit_from_the_idle_one() -> None:
+    """Nobody watching: the history alone is held to the idle limit (1 %); once the stream
+    has a plan (a page or client subscribed), the run's budget (3 %) is in force, and the
+    status the page shows says which."""
+    model = small_encoder(EventDispatcher()).eval()
+    run = Run(model, run_id="watched", max_overhead=0.03, idle_overhead=0.01)
+    publisher = StreamTap(run, notify=lambda _: None)
+    limits = []
+    for step in range(4):
+        if step == 1:
+            publisher.set_plan(Plan(interval=0.02, sources=frozenset({("attn", 0)}),
+                                    needs={0: (SampleNeed(0, attention=True),)}))
+        if step == 3:
+            publisher.set_plan(Plan())  # the viewer left
+        run.step(step, loss=1.0)
+        status = run.budget.status()
+        limits.append((status["limit"], status["watched"]))
+    publisher.close()
+    assert limits == [(0.01, False), (0.03, True), (0.03, True), (0.01, False)]
+
+
+def _listened(run: Run) -> list[bool]:
+    """Whether layer 0's dispatcher had a listener during each training forward pass (the
+    probe's passes, under no_grad, are left out)."""
+    seen: list[bool] = []
+    site = run.local.sites[0]
+    site.module.register_forward_pre_hook(
+        lambda module, args: seen.append(site.dispatcher.has_listeners)
+        if torch.is_grad_enabled() else None)
+    return seen
+
+
+def test_the_history_listens_only_on_steps_whose_statistics_are_due() -> None:
+    """Statistics thinned to every 4th step: on the steps between, nothing listens to the
+    model's attention, so it runs its fused kernels and makes no event at all."""
+    from attnscope.core.history_config import HistoryConfig
+    from attnscope.training.recorder import RunRecorder
+
+    class Sink:
+        config = HistoryConfig()
+
+        def new_session(self, run_id, name, meta):
+            return "s"
+
+        def submit(self, item):
+            return True
+
+    model = small_encoder(EventDispatcher())
+    run = Run(model, run_id="quiet", max_overhead=None)
+    run.budget.levels["stats"] = 2  # every 4 steps
+    recorder = RunRecorder(run, Sink())
+    listened = _listened(run)
+    x = torch.randn(1, 6, 8)
+    for step in range(8):
+        model(x)
+        run.step(step, loss=1.0)
+    assert listened == [True, False, False, False, True, False, False, False]
+    recorder.detach()
+    model(x)
+    assert listened[-1] is False
+
+
+def test_the_stream_listens_only_during_passes_it_captures() -> None:
+    """Watched at one frame per 100 s: the first pass is captured, the next ones are not
+    listened to; at one frame per pass, every pass is."""
+    model = small_encoder(EventDispatcher())
+    run = Run(model, run_id="gated", max_overhead=None)
+    publisher = StreamTap(run, notify=lambda _: None)
+    listened = _listened(run)
+    x = torch.randn(1, 6, 8)
+    needs = {0: (SampleNeed(0, attention=True),)}
+    published = []
+    for step in range(8):
+        if step == 0:
+            publisher.set_plan(Plan(interval=100.0, sources=frozenset({("attn", 0)}),
+                                    needs=needs))
+        if step == 4:
+            publisher.set_plan(Plan(interval=0.0, sources=frozenset({("attn", 0)}),
+                                    needs=needs))
+        model(x)
+        run.step(step, loss=1.0)
+        published.append(publisher.slots[("attention", 0, 0)].step)
+    assert listened == [True, False, False, False, True, True, True, True]
+    assert published == [0, 0, 0, 0, 4, 5, 6, 7]
+    publisher.close()
+    model(x)
+    assert listened[-1] is False and not run.local.sites[0].dispatcher.has_listeners
