@@ -495,7 +495,11 @@ class Budget:
 
     def _choose(self, costs: dict[str, float], overhead: float, excess: float,
                 queue_full: bool) -> tuple[Knob | None, int]:
-        open_knobs = [k for k in KNOBS if self.levels[k.name] < k.limit]
+        # While nobody watches, the stream has no work to thin: thinning it anyway (the
+        # history's knobs at their limits) would greet the next viewer with a slow,
+        # coarse stream restored one window at a time.
+        open_knobs = [k for k in KNOBS if self.levels[k.name] < k.limit
+                      and (self.watched or k.component != "stream" or costs["stream"] > 0)]
         if not open_knobs:
             return None, 0
         if queue_full and excess == 0:  # the writer is behind: less history work

@@ -235,6 +235,16 @@ def test_nobody_watching_is_held_to_the_idle_limit(clock: FakeClock) -> None:
     assert budget.stats_every == 2
 
 
+def test_nobody_watching_never_thins_the_stream(clock: FakeClock) -> None:
+    """The history costs far over the idle limit even at its thinnest: the stream, which
+    costs nothing while nobody watches, is left alone, so the next viewer gets frames at
+    the rate asked for."""
+    budget = Budget(0.03, idle_overhead=0.01, clock=clock, window_s=1.0)
+    simulate(budget, clock, 600, stats=0.2, snapshots=0.2)
+    assert budget.levels["stats"] == 6 and budget.levels["snapshots"] == 5
+    assert budget.levels["stream"] == 0 and budget.levels["views"] == 0
+
+
 @pytest.mark.parametrize("idle", [None, 0.05])
 def test_the_idle_limit_never_exceeds_the_budget(clock: FakeClock, idle: float | None) -> None:
     budget = Budget(0.03, idle_overhead=idle, clock=clock)
