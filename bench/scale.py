@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -348,6 +347,8 @@ def table(args: argparse.Namespace) -> None:
 
 
 def _table(args: argparse.Namespace, modes: dict[str, Mode]) -> None:
+    from attnscope.training.budget import median_and_error
+
     first = modes["a"].training
     first.step()  # warm-up (allocations, first-call costs)
     t0 = time.perf_counter()
@@ -405,7 +406,7 @@ def _table(args: argparse.Namespace, modes: dict[str, Mode]) -> None:
         # machine's speed drifts by several % over minutes, a round's windows share it.
         ratios = [r["steps_per_s"] / p["steps_per_s"]
                   for r, p in zip(runs[mode], runs["a"], strict=True)]
-        middle, error = median_and_error(ratios)
+        middle, error = median_and_error(ratios)  # as the dashboard's slowdown figure
         snaps = sum(r.get("snapshots", 0) for r in runs[mode])
         lags = [r["loop_lag_s"] for r in runs[mode] if r.get("loop_lag_s") is not None]
         lag = f"{1e3 * max(lags):.0f} ms" if lags else "-"
@@ -417,18 +418,6 @@ def _table(args: argparse.Namespace, modes: dict[str, Mode]) -> None:
               f"{100 * (base / rate - 1):+.1f} % | {said} | {measured} | "
               f"{middle:.3f}x ± {error:.3f} ({min(ratios):.3f}-{max(ratios):.3f}) | "
               f"{cpu:.0f} | {lag} |")
-
-
-def median_and_error(values: list[float]) -> tuple[float, float]:
-    """The median and its standard error estimated from the median absolute deviation
-    (x 1.4826 x 1.25 / sqrt(n)), as the dashboard's own slowdown figure.
-
-    >>> median_and_error([0.97, 0.99, 1.0, 0.98, 1.01])
-    (0.99, 0.0083)
-    """
-    middle = statistics.median(values)
-    mad = statistics.median(abs(v - middle) for v in values)
-    return middle, round(1.25 * 1.4826 * mad / len(values) ** 0.5, 4)
 
 
 def profile(args: argparse.Namespace) -> None:

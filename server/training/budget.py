@@ -191,12 +191,21 @@ class SlowdownProbe:
         n = len(self.samples)
         if n < PROBE_MIN:
             return None
-        median = _median(list(self.samples))
-        # the spread as the median absolute deviation (one stray sample, a step that met a
-        # garbage collection, does not make the figure useless), scaled to a standard
-        # deviation (1.4826) and to the median's error (1.25 / sqrt(n))
-        mad = _median([abs(x - median) for x in self.samples])
-        return median, 1.25 * 1.4826 * mad / math.sqrt(n), n
+        return (*median_and_error(list(self.samples)), n)
+
+
+def median_and_error(values: list[float]) -> tuple[float, float]:
+    """The median of ``values`` and its standard error, estimated from their median
+    absolute deviation (one stray sample, a step that met a garbage collection, does not
+    make the figure useless), scaled to a standard deviation (1.4826) and to the median's
+    error (1.25 / sqrt(n)).
+
+    >>> [round(x, 4) for x in median_and_error([0.97, 0.99, 1.0, 0.98, 1.01])]
+    [0.99, 0.0083]
+    """
+    median = _median(values)
+    mad = _median([abs(x - median) for x in values])
+    return median, 1.25 * 1.4826 * mad / math.sqrt(len(values))
 
 
 def _median(values: list[float]) -> float:
@@ -635,4 +644,5 @@ def _percent(fraction: float) -> str:
     return f"{value:g}" if value >= 1 or value == 0 else f"{value:.1f}"
 
 
-__all__ = ["COMPONENTS", "KNOBS", "Budget", "FakeClock", "Knob", "overhead_from_env"]
+__all__ = ["COMPONENTS", "KNOBS", "Budget", "FakeClock", "Knob", "median_and_error",
+           "overhead_from_env"]
