@@ -80,6 +80,28 @@ def test_a_closed_run_is_listed_by_a_later_server_and_opens_with_its_history(tmp
         assert "known runs: toy" in error["message"]
 
 
+def test_a_run_whose_statistics_were_thinned_reopens_at_its_last_step(tmp_path):
+    """Statistics every 8 steps (the budget thinned them): the last recorded row is step 16,
+    but the run ended at step 19, and a later server says so."""
+    model = small_encoder(EventDispatcher())
+    registry = RunRegistry()
+    run = registry.add(Run(model, run_id="thin", max_overhead=None))
+    run.budget.levels["stats"] = 3  # every 8 steps
+    with Served(registry, data_dir=tmp_path, **SETTINGS) as s:
+        for step in range(STEPS):
+            with torch.no_grad():
+                model(torch.randn(2, 6, 8))
+            run.step(step, loss=1.0)
+        run.close()
+        assert s.app.state.history.flush()
+        store = s.app.state.history.store
+        rows = [r.step for r in store.stats(store.latest_session("thin").id)]
+        assert rows[-1] < STEPS - 1, rows
+    with Served(RunRegistry(), data_dir=tmp_path, **SETTINGS) as s:
+        [listed] = s.http.get("/api/v1/runs").json()
+        assert (listed["id"], listed["status"], listed["step"]) == ("thin", "ended", STEPS - 1)
+
+
 def test_serve_data_dir_lists_the_recorded_runs(tmp_path):
     record_local_run(tmp_path / "runs", "alice/lr3e-4")
     port = _free_port()

@@ -47,8 +47,12 @@ class RecordedRun(RemoteRun):
                          meta.get("host"))
         self.session = session["session"]
         self.started = _parse_time(session["started"]) or self.started
+        # Its last step: as said when it ended, else the last recorded one.
         last = service.store.stat_at(self.session, None)
-        self.step_index = last.step if last is not None else session["last_step"]
+        steps = [s for s in (meta.get("ended_at_step"), session["last_step"],
+                             None if last is None else last.step)
+                 if isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**62]
+        self.step_index = max(steps, default=None)
         self._service = service
         self._scalars: ScalarHistory | None = None
 

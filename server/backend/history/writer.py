@@ -57,6 +57,7 @@ class HistoryWriter:
         self._logged: set[tuple[str, str]] = set()
         self._queue: queue.Queue = queue.Queue(self.config.queue_size)
         self._registry: RunRegistry | None = None
+        self._ended: dict[str, int] = {}  # session -> the last step said ended (see _sync)
         self._closed = False
         self._queued_bytes = 0  # bytes of tensors waiting for the writer
         self._bytes_lock = threading.Lock()
@@ -107,9 +108,23 @@ class HistoryWriter:
             return
         # Runs recorded here: those with a model in this process (a remote run's
         # publisher records it and sends the records to its inbox).
-        recorded = {run.id for run in registry.list() if self._attach(run) is not None}
+        runs = registry.list()
+        recorded = {run.id for run in runs if self._attach(run) is not None}
         for run_id in [r for r in self.recorders if r not in recorded]:
             self.detach(run_id)
+        for run in runs:
+            if run.status == "ended" and run.step_index is not None:
+                self._mark_ended(run.id, run.step_index)
+
+    def _mark_ended(self, run_id: str, step: int) -> None:
+        """Keep an ended run's last step in its session (``ended_at_step``): the statistics
+        the budget thinned may have skipped it, and the run, browsed after its process is
+        gone (:mod:`.browse`), shows it."""
+        session = self.session_of(run_id)
+        if session is None or self._ended.get(session) == step:
+            return
+        self._ended[session] = step
+        self.store.update_meta(session, ended_at_step=int(step))
 
     def new_session(self, run_id: str, name: str | None, meta: dict[str, Any], *,
                     remote: bool = False) -> str:
